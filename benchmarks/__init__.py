@@ -1,0 +1,1 @@
+"""Runnable benchmarks: `python -m benchmarks` lists them; results go in benchmarks/README.md."""

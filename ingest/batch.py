@@ -1,0 +1,104 @@
+"""Group items into registration requests by count, by bytes and by age.
+
+``BatchBuilder`` is pure (the caller passes ``now``); ``run_batcher`` is the thin async loop around
+it that moves items from one bounded queue to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from ingest.model import ItemPlan
+
+# The request envelope around the items ({"items": [...], "dataset_slug": ..., ...}) plus commas.
+ENVELOPE_OVERHEAD_BYTES = 512
+
+
+def item_bytes(item: ItemPlan) -> int:
+    return item.size_hint or len(orjson.dumps(item.payload))
+
+
+@dataclass
+class BatchBuilder:
+    """Accumulates items; a batch is ready when full by count or bytes, or when its oldest item
+    has waited ``max_wait_s`` (so a trickle of objects still registers promptly)."""
+
+    max_items: int
+    max_bytes: int
+    max_wait_s: float
+    _items: list[ItemPlan] = field(default_factory=list)
+    _bytes: int = ENVELOPE_OVERHEAD_BYTES
+    _opened_at: float | None = None
+
+    def add(self, item: ItemPlan, now: float) -> list[list[ItemPlan]]:
+        """Add one item; return the batches that became ready (0, 1 or 2)."""
+        ready: list[list[ItemPlan]] = []
+        size = item_bytes(item) + 1
+        if self._items and self._bytes + size > self.max_bytes:
+            ready.append(self._take())
+        if not self._items:
+            self._opened_at = now
+        self._items.append(item)
+        self._bytes += size
+        if len(self._items) >= self.max_items or self._bytes >= self.max_bytes:
+            ready.append(self._take())
+        return ready
+
+    def deadline(self) -> float | None:
+        """When the pending partial batch must be flushed, or None if nothing is pending."""
+        return None if self._opened_at is None else self._opened_at + self.max_wait_s
+
+    def flush_due(self, now: float) -> list[ItemPlan] | None:
+        d = self.deadline()
+        if d is not None and now >= d:
+            return self._take()
+        return None
+
+    def flush(self) -> list[ItemPlan] | None:
+        return self._take() if self._items else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _take(self) -> list[ItemPlan]:
+        out, self._items = self._items, []
+        self._bytes = ENVELOPE_OVERHEAD_BYTES
+        self._opened_at = None
+        return out
+
+
+async def run_batcher(
+    inbox: asyncio.Queue[ItemPlan | None],
+    outbox: asyncio.Queue[list[ItemPlan] | None],
+    builder: BatchBuilder,
+    clock: Callable[[], float],
+) -> None:
+    """Move items from ``inbox`` into batches on ``outbox`` until a ``None`` arrives.
+
+    Both queues are bounded, so a slow registrar slows the listing behind it.
+    """
+    while True:
+        deadline = builder.deadline()
+        try:
+            if deadline is None:
+                item = await inbox.get()
+            else:
+                # asyncio.timeout cancels the get() in place: an item is never lost to the timeout.
+                async with asyncio.timeout(max(deadline - clock(), 0)):
+                    item = await inbox.get()
+        except TimeoutError:
+            batch = builder.flush_due(clock())
+            if batch:
+                await outbox.put(batch)
+            continue
+        if item is None:
+            rest = builder.flush()
+            if rest:
+                await outbox.put(rest)
+            return
+        for batch in builder.add(item, clock()):
+            await outbox.put(batch)

@@ -1,0 +1,305 @@
+"""`ingest`: the command line. Every command reads a TOML config (see config/) plus overrides.
+
+Exit codes: 0 everything registered (or skipped / already there before us and not ours);
+2 bad configuration or a failed preflight check; 3 the run finished but some items failed or
+were blocked; 4 a fatal error stopped the run (e.g. the key was revoked); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ingest import __version__, config
+from ingest.errors import ConfigError, IngestError, PreflightError, V7Error
+from ingest.log import register_secret, setup
+from ingest.stats import Stats
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_INCOMPLETE = 3
+EXIT_FATAL = 4
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("ingest")
+
+
+# --- argument parsing ----------------------------------------------------------------------------
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML config file (see config/*.toml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set rate.requests_per_s=5 (repeatable)",
+    )
+    p.add_argument("--dataset", help="override v7.dataset")
+    p.add_argument("--storage", help="override v7.storage")
+    p.add_argument("--bucket", help="override source.bucket")
+    p.add_argument("--prefix", help="override source.prefix")
+    p.add_argument("--endpoint-url", help="override source.endpoint_url (S3-compatible store)")
+    p.add_argument("--base-url", help="override v7.base_url (default $DARWIN_BASE_URL or V7)")
+    p.add_argument("--ledger", help="override ledger.path")
+    p.add_argument("--rate", type=float, help="override rate.requests_per_s")
+    p.add_argument("--batch-size", type=int, help="override batch.max_items")
+    p.add_argument("--log-format", choices=["auto", "json", "text"], help="override output.log_format")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line")
+
+
+_FLAG_FIELDS = {
+    "dataset": "v7.dataset",
+    "storage": "v7.storage",
+    "bucket": "source.bucket",
+    "prefix": "source.prefix",
+    "endpoint_url": "source.endpoint_url",
+    "base_url": "v7.base_url",
+    "ledger": "ledger.path",
+    "rate": "rate.requests_per_s",
+    "batch_size": "batch.max_items",
+    "log_format": "output.log_format",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ingest",
+        description="Register objects already in S3 / GCS / Azure Blob as V7 Darwin dataset items.",
+    )
+    parser.add_argument("--version", action="version", version=f"ingest {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="one-off migration of a bucket prefix into a dataset",
+        description="List the bucket prefix, plan items, register them within V7's rate limits. "
+        "Resumable: run it again after a crash and it continues; what is done is never re-sent.",
+    )
+    _common(p)
+
+    p = sub.add_parser(
+        "plan",
+        help="dry run: write the exact request payloads it would send (JSONL); sends nothing",
+        description="List and plan like `run`, but send nothing and write nothing to the ledger. "
+        "Each output line is one request: {\"endpoint\", \"body\"}. Items the ledger already "
+        "records as done are left out.",
+    )
+    _common(p)
+    p.add_argument("--output", "-o", help="JSONL file to write ('-' = stdout; default plan.jsonl)")
+    p.add_argument(
+        "--readonly",
+        action="store_true",
+        help="plan for a read-only storage configuration when V7 is not reachable to ask",
+    )
+
+    p = sub.add_parser(
+        "status",
+        help="what the ledger knows: counts per state, last runs, failures by reason",
+        description="Summarise the ledger of this job. Reads only the ledger; no network.",
+    )
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser(
+        "report",
+        help="one row per object: key, state, item name/path, V7 item id, reason",
+        description="Export the ledger, one row per object, streamed (constant memory).",
+    )
+    _common(p)
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--output", "-o", default="-", help="file to write ('-' = stdout)")
+    p.add_argument("--state", action="append", help="only rows in this state (repeatable)")
+
+    p = sub.add_parser(
+        "retry",
+        help="re-queue failed objects and send them again",
+        description="Move FAILED items (and, with --blocked, BLOCKED items with that reason) back "
+        "to PLANNED and register them; no listing.",
+    )
+    _common(p)
+    p.add_argument("--blocked", metavar="REASON", help="also retry items blocked with REASON")
+
+    p = sub.add_parser(
+        "emulator",
+        help="run the local V7 API emulator (for dry runs, tests and benchmarks)",
+        description="A local implementation of V7's registration API (see docs/v7-contract.md), "
+        "with a configurable rate limit, latency and faults.",
+    )
+    from ingest.emulator.server import add_arguments
+
+    add_arguments(p)
+    return parser
+
+
+def load_config(ns: argparse.Namespace) -> config.Config:
+    overrides = list(ns.overrides or [])
+    for attr, where in _FLAG_FIELDS.items():
+        value = getattr(ns, attr, None)
+        if value is not None:
+            overrides.append(f"{where}={value}")
+    if getattr(ns, "no_progress", False):
+        overrides.append("output.progress=false")
+    return config.load(ns.config, overrides)
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def _exit_code(stats: Stats, stopped_early: bool) -> int:
+    if stopped_early:
+        return EXIT_INTERRUPTED
+    return EXIT_INCOMPLETE if (stats.failed or stats.blocked) else EXIT_OK
+
+
+def _summary(stats: Stats, ledger_status: Any, out: Callable[[str], None]) -> None:
+    elapsed = stats.elapsed_s()
+    out(
+        f"done in {elapsed:.1f} s: listed {stats.listed:,}, registered {stats.registered:,}, "
+        f"blocked {stats.blocked:,}, failed {stats.failed:,}, skipped {stats.skipped:,}; "
+        f"{stats.requests:,} requests, {stats.rate_limited:,} answered 429, "
+        f"{stats.retries:,} retries; {stats.registered / elapsed:,.1f} items/s"
+    )
+    for reason, n in stats.blocked_by_reason.most_common(5):
+        out(f"  blocked {n:,}: {reason}")
+    for reason, n in stats.failures_by_reason.most_common(5):
+        out(f"  failed {n:,}: {reason}")
+    if ledger_status is not None:
+        out(f"ledger totals: {_fmt_counts(ledger_status.objects_by_state)}")
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())) or "empty"
+
+
+async def _run(cfg: config.Config, *, retry_blocked: str | None, retry: bool) -> int:
+    from ingest.engine import open_engine
+
+    async with open_engine(cfg) as engine:
+        if retry:
+            n = engine.ledger.requeue_failed(retry_blocked)
+            log.info("re-queued items", extra={"count": n})
+        result = await engine.run("retry" if retry else "run", list_bucket=not retry)
+        _summary(engine.stats, engine.ledger.status(), print)
+        return _exit_code(engine.stats, result.stopped_early)
+
+
+async def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
+    from ingest.engine import plan_only
+
+    out = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+    try:
+        n_requests, n_items, n_skipped = await plan_only(cfg, out, readonly_hint=readonly_flag)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    where = "stdout" if output == "-" else output
+    print(
+        f"planned {n_items:,} items in {n_requests:,} requests ({n_skipped:,} objects skipped) "
+        f"→ {where}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _status(cfg: config.Config, as_json: bool) -> int:
+    from ingest.ledger import Ledger
+
+    if not Path(cfg.ledger.path).exists():
+        print(f"no ledger at {cfg.ledger.path}: nothing has run for this config yet")
+        return EXIT_OK
+    with Ledger(cfg.ledger.path, cfg.job) as ledger:
+        st = ledger.status()
+    doc = st.as_dict() if hasattr(st, "as_dict") else vars(st)
+    if as_json:
+        print(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK
+    print(f"job: {cfg.job}")
+    print(f"objects: {_fmt_counts(st.objects_by_state)}")
+    print(f"items:   {_fmt_counts(st.items_by_state)}")
+    for run in st.last_runs:
+        print(f"run {run}")
+    for reason, n in st.failures_by_reason:
+        print(f"  {n:,} × {reason}")
+    return EXIT_OK
+
+
+def _report(cfg: config.Config, fmt: str, output: str, states: list[str] | None) -> int:
+    from ingest.ledger import Ledger
+
+    if not Path(cfg.ledger.path).exists():
+        raise ConfigError(f"no ledger at {cfg.ledger.path}: run `ingest run` first")
+    wanted = {s.upper() for s in states} if states else None
+    fields = ["key", "state", "item_path", "item_name", "v7_id", "reason", "etag", "size"]
+    with Ledger(cfg.ledger.path, cfg.job) as ledger:
+        out = sys.stdout if output == "-" else open(output, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        try:
+            writer = csv.writer(out) if fmt == "csv" else None
+            if writer:
+                writer.writerow(fields)
+            for row in ledger.report_rows():
+                values = [getattr(row, f) for f in fields]
+                if wanted and str(row.state) not in wanted:
+                    continue
+                if writer:
+                    writer.writerow(values)
+                else:
+                    out.write(orjson.dumps(dict(zip(fields, values, strict=True))).decode() + "\n")
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "emulator":
+        from ingest.emulator.server import main_from_args
+
+        setup("text")
+        return main_from_args(ns)
+    try:
+        cfg = load_config(ns)
+        register_secret(cfg.api_key)
+        setup(cfg.output.log_format)
+        if ns.command in ("run", "retry"):
+            config.require_for_run(cfg)
+            return _asyncio_run(_run(cfg, retry_blocked=getattr(ns, "blocked", None), retry=ns.command == "retry"))
+        if ns.command == "plan":
+            return _asyncio_run(_plan(cfg, ns.output or cfg.output.plan_output, ns.readonly))
+        if ns.command == "status":
+            return _status(cfg, ns.json)
+        if ns.command == "report":
+            return _report(cfg, ns.format, ns.output, ns.state)
+    except (ConfigError, PreflightError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (V7Error, IngestError) as e:
+        print(f"fatal: {e}", file=sys.stderr)
+        return EXIT_FATAL
+    parser.error(f"unknown command {ns.command}")
+    return EXIT_CONFIG
+
+
+def _asyncio_run(coro: Any) -> int:
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        runner = asyncio.run
+    if os.environ.get("INGEST_NO_UVLOOP"):
+        runner = asyncio.run
+    return int(runner(coro))

@@ -1,0 +1,96 @@
+"""Logging: human text on a terminal, one JSON object per line otherwise; never a secret.
+
+Every record carries the run id. A redaction filter replaces any registered secret that slips
+into a message or its arguments, as a last line of defence (code must not log secrets anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+_SECRETS: set[str] = set()
+_RUN_ID = {"value": ""}
+REDACTED = "[REDACTED]"
+
+# Attributes every LogRecord has; anything else came from `extra=` and goes into the JSON.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def register_secret(value: str) -> None:
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+
+
+def set_run_id(run_id: str) -> None:
+    _RUN_ID["value"] = run_id
+
+
+def redact(text: str) -> str:
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+class _RedactFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _SECRETS:
+            record.msg = redact(record.getMessage())
+            record.args = None
+            for k, v in list(vars(record).items()):
+                if k not in _STANDARD and isinstance(v, str):
+                    setattr(record, k, redact(v))
+        record.run_id = _RUN_ID["value"]
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in vars(record).items():
+            if k not in _STANDARD:
+                doc[k] = v
+        if record.exc_info:
+            doc["exc"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(doc, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(
+            f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and k != "run_id"
+        )
+        line = f"{record.levelname.lower():7s} {record.getMessage()}"
+        if extras:
+            line += f"  {extras}"
+        if record.exc_info:
+            line += "\n" + redact(self.formatException(record.exc_info))
+        return line
+
+
+def setup(log_format: str = "auto", level: int = logging.INFO) -> bool:
+    """Configure the root logger on stderr. Returns True when logs are JSON."""
+    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    handler.addFilter(_RedactFilter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Libraries are chatty at INFO (botocore credential discovery, aiohttp access logs).
+    for noisy in ("botocore", "aiobotocore", "aiohttp.access", "urllib3", "azure", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return use_json

@@ -1,0 +1,284 @@
+"""The run: listing → planning → ledger → batching → registration, as bounded async stages.
+
+Every arrow is a bounded asyncio.Queue, so the slowest stage sets the pace and memory stays flat
+however many objects the bucket holds. The ledger is written from this one event loop only.
+
+Exactly-once: a page's items and its listing checkpoint are committed in one transaction; an
+item is marked SENT (committed) before its request goes out; on restart, PLANNED and SENT items
+are re-queued first and the listing resumes from the last checkpoint. ``ALREADY_EXISTS`` for an
+item we had sent before is success (the registrar decides that from the attempt count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ingest.batch import BatchBuilder, run_batcher
+from ingest.config import Config
+from ingest.ledger import Ledger
+from ingest.model import ItemPlan, ObjectInfo, Outcome, Skip, State
+from ingest.planner import ShardPlanner, make_shard_planner
+from ingest.sources import Page, Shard, Source
+from ingest.sources.fanout import ShardPage, discover_shards, list_shards
+from ingest.sources.globs import compile_filter
+from ingest.stats import Stats
+
+log = logging.getLogger("ingest.pipeline")
+
+ITEM_QUEUE_BATCHES = 4  # item queue holds this many batches' worth per in-flight request
+PAGE_QUEUE_PAGES = 8
+
+
+class Register(Protocol):
+    async def register(
+        self, items: Sequence[ItemPlan], sent_before: Iterable[tuple[str, str]]
+    ) -> list[Outcome]: ...
+
+
+# Called with each planned page; returns the items to send now.
+PageSink = Callable[[Shard, Page, bool, list[ItemPlan | Skip], str], list[ItemPlan]]
+
+
+@dataclass
+class RunResult:
+    run_id: int = 0
+    stopped_early: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class Planning:
+    """Filters and plans each shard's pages; one stateful planner per shard (held folders)."""
+
+    def __init__(self, cfg: Config, source: Source, readonly: bool) -> None:
+        self._cfg = cfg
+        self._source = source
+        self._readonly = readonly
+        self._filter = compile_filter(cfg.source.include, cfg.source.exclude)
+        self._planners: dict[str, ShardPlanner] = {}
+
+    def plan_page(self, sp: ShardPage) -> tuple[list[ItemPlan | Skip], str]:
+        """Plans for one page and the checkpoint that is safe to store after it ("" = keep the
+        previous one: the planner still holds objects of an unfinished folder)."""
+        planner = self._planners.get(sp.shard.id)
+        if planner is None:
+            planner = make_shard_planner(self._cfg, self._source.storage_key, self._readonly)
+            self._planners[sp.shard.id] = planner
+        kept: list[ObjectInfo] = []
+        plans: list[ItemPlan | Skip] = []
+        for obj in sp.page.objects:
+            reason = self._filter(obj.key)
+            if reason is None:
+                kept.append(obj)
+            else:
+                plans.append(Skip(obj, reason))
+        plans.extend(planner.feed(kept))
+        if sp.last:
+            plans.extend(planner.finish())
+            del self._planners[sp.shard.id]
+            return plans, sp.page.checkpoint
+        return plans, (sp.page.checkpoint if not planner.holding else "")
+
+
+def _sent_before(attempts: dict[tuple[str, str], int]) -> set[tuple[str, str]]:
+    return {k for k, n in attempts.items() if n > 1}
+
+
+class Pipeline:
+    """One `ingest run` (or `retry`): owns the queues and tasks of a single pass."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        source: Source,
+        ledger: Ledger,
+        registrar: Register,
+        stats: Stats,
+        *,
+        readonly: bool,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.ledger = ledger
+        self.registrar = registrar
+        self.stats = stats
+        self.readonly = readonly
+        self._clock = clock or asyncio.get_event_loop().time
+        n = cfg.rate.max_in_flight
+        self.items: asyncio.Queue[ItemPlan | None] = asyncio.Queue(
+            max(cfg.batch.max_items * n * ITEM_QUEUE_BATCHES, 64)
+        )
+        self.batches: asyncio.Queue[list[ItemPlan] | None] = asyncio.Queue(n)
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """Graceful stop: no new listing; what is queued is still sent; the ledger stays valid."""
+        self._stop.set()
+
+    async def run(self, kind: str = "run", *, list_bucket: bool = True) -> RunResult:
+        run = self.ledger.start_run(kind)
+        result = RunResult(run_id=run.run_id)
+        log.info("run started", extra={"run": run.run_id, "resume_listing": run.resume_listing})
+        status = "failed"
+        try:
+            await self._run_stages(run.resume_listing, list_bucket)
+            result.stopped_early = self._stop.is_set()
+            if list_bucket and not result.stopped_early:
+                self.ledger.mark_listing_complete()
+            status = "interrupted" if result.stopped_early else "completed"
+        except asyncio.CancelledError:
+            status = "interrupted"
+            raise
+        finally:
+            result.counts = self.counts()
+            self.ledger.finish_run(run.run_id, status, result.counts)
+        return result
+
+    def counts(self) -> dict[str, int]:
+        s = self.stats
+        return {
+            "listed": s.listed,
+            "planned": s.planned,
+            "skipped": s.skipped,
+            "registered": s.registered,
+            "blocked": s.blocked,
+            "failed": s.failed,
+            "requests": s.requests,
+            "rate_limited": s.rate_limited,
+        }
+
+    async def _run_stages(self, resume_listing: bool, list_bucket: bool) -> None:
+        builder = BatchBuilder(
+            self.cfg.batch.max_items, self.cfg.batch.max_bytes, self.cfg.batch.max_wait_s
+        )
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._produce(resume_listing, list_bucket), name="produce")
+            tg.create_task(
+                run_batcher(self.items, self.batches, builder, self._clock), name="batcher"
+            )
+            senders = [
+                tg.create_task(self._send_loop(), name=f"sender-{i}")
+                for i in range(self.cfg.rate.max_in_flight)
+            ]
+            await asyncio.gather(*senders)
+
+    async def _produce(self, resume_listing: bool, list_bucket: bool) -> None:
+        try:
+            # Recovery first: items left PLANNED or SENT by an earlier, interrupted run.
+            for item, _attempts in self.ledger.pending_items():
+                if self._stop.is_set():
+                    return
+                await self.items.put(item)
+            if list_bucket and not self._stop.is_set():
+                await self._list_and_plan(resume_listing)
+        finally:
+            # Always release the batcher, even when failing: the TaskGroup cancels the rest.
+            try:
+                self.items.put_nowait(None)
+            except asyncio.QueueFull:
+                await self.items.put(None)
+
+    async def _list_and_plan(self, resume_listing: bool) -> None:
+        cfg = self.cfg
+        checkpoints = self.ledger.checkpoints() if resume_listing else {}
+        done = {sid for sid, (_cp, is_done) in checkpoints.items() if is_done}
+        resume = {sid: cp for sid, (cp, _d) in checkpoints.items() if cp}
+        shards = await discover_shards(self.source, cfg.source.prefix, cfg.source.fanout_depth)
+        pages: asyncio.Queue[ShardPage | None] = asyncio.Queue(PAGE_QUEUE_PAGES)
+        planning = Planning(cfg, self.source, self.readonly)
+
+        async def consume() -> None:
+            while (sp := await pages.get()) is not None:
+                plans, checkpoint = planning.plan_page(sp)
+                self.stats.listed += len(sp.page.objects)
+                new = self.ledger.record_page(
+                    sp.shard.id, checkpoint, sp.last, sp.page.objects, plans
+                )
+                self.stats.skipped += sum(1 for p in plans if isinstance(p, Skip))
+                self.stats.planned += len(new)
+                for item in new:
+                    await self.items.put(item)
+                if self._stop.is_set():
+                    raise _Stopped
+
+        lister = asyncio.create_task(
+            list_shards(self.source, shards, resume, done, cfg.source.list_concurrency, pages)
+        )
+        consumer = asyncio.create_task(consume())
+        try:
+            await asyncio.wait({lister, consumer}, return_when=asyncio.FIRST_EXCEPTION)
+            if lister.done() and lister.exception() is None and not consumer.done():
+                await pages.put(None)
+            await consumer
+            await lister
+        except _Stopped:
+            lister.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lister
+        finally:
+            for t in (lister, consumer):
+                t.cancel()
+
+    async def _send_loop(self) -> None:
+        while (batch := await self.batches.get()) is not None:
+            await self._send(batch)
+        # Let the other senders see the end too.
+        await self.batches.put(None)
+
+    async def _send(self, batch: list[ItemPlan]) -> None:
+        attempts = self.ledger.mark_sent(batch)  # committed before the POST
+        self.stats.in_flight += 1
+        try:
+            outcomes = await self.registrar.register(batch, _sent_before(attempts))
+        finally:
+            self.stats.in_flight -= 1
+        self.ledger.record_outcomes(outcomes)
+        for o in outcomes:
+            if o.state is State.REGISTERED:
+                self.stats.registered += 1
+            elif o.state is State.BLOCKED:
+                self.stats.blocked += 1
+                self.stats.blocked_by_reason[o.reason] += 1
+            else:
+                self.stats.failed += 1
+                self.stats.failures_by_reason[o.reason.split(":")[0][:80]] += 1
+
+
+class _Stopped(Exception):
+    """Internal: the listing stopped because a graceful stop was requested."""
+
+
+async def with_signals(
+    coro: Awaitable[Any], on_first: Callable[[], None], on_second: Callable[[], None]
+) -> Any:
+    """Run ``coro``; SIGINT/SIGTERM once → ``on_first`` (graceful), twice → ``on_second``."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    seen = {"n": 0}
+
+    def handler() -> None:
+        seen["n"] += 1
+        if seen["n"] == 1:
+            log.warning("stop requested: finishing in-flight work (signal again to abort)")
+            on_first()
+        else:
+            on_second()
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, handler)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        return await coro
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,34 @@
+"""Open the configured source adapter. Imports are lazy so an S3-only install needs no GCS/Azure."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+
+from ingest.config import Config
+from ingest.errors import ConfigError
+from ingest.sources import Source
+
+
+@asynccontextmanager
+async def open_source(cfg: Config) -> AsyncIterator[Source]:
+    provider = cfg.source.provider
+    source: Source
+    if provider == "aws":
+        from ingest.sources.s3 import S3Source
+
+        source = S3Source(cfg.source)
+    elif provider == "gcp":
+        from ingest.sources.gcs import GCSSource
+
+        source = GCSSource(cfg.source)
+    elif provider == "azure":
+        from ingest.sources.azure import AzureSource
+
+        source = AzureSource(cfg.source)
+    else:
+        raise ConfigError(f"config: source.provider = {provider!r} is not supported yet")
+    try:
+        yield source
+    finally:
+        await source.close()
