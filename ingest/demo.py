@@ -1,0 +1,173 @@
+"""`./dev demo`: the whole job end to end on this machine, nothing to set up by hand.
+
+Starts a local S3 (moto server) and the V7 emulator (rate limited like V7), creates a sample
+bucket (images, videos, PDFs, a DICOM series, files V7 can't take), runs `ingest run` on it as a
+user would, runs it a second time to show that nothing is sent twice, and prints what the
+emulator holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+BUCKET = "demo-bucket"
+API_KEY = "emulator-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sample_keys(n_images: int) -> list[str]:
+    keys = [f"photos/{2020 + i % 5}/img_{i:05d}.jpg" for i in range(n_images)]
+    keys += [f"photos/scans/page_{i:03d}.PNG" for i in range(20)]
+    keys += [f"videos/clip_{i:02d}.mp4" for i in range(5)] + ["videos/raw/take_1.MOV"]
+    keys += [f"docs/report_{i}.pdf" for i in range(5)]
+    keys += [f"dicom/patient_1/slice_{i:03d}.dcm" for i in range(12)]
+    keys += ["misc/notes.txt", "misc/.DS_Store", "misc/archive.zip"]
+    return keys
+
+
+def seed(endpoint: str, keys: list[str]) -> None:
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    s3.create_bucket(Bucket=BUCKET)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=BUCKET, Key=k, Body=b"x" * 64), keys))
+
+
+def start_emulator(port: int, rate: float) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest", "emulator", "--host", "127.0.0.1", "--port", str(port),
+         "--rate", str(rate)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if "listening" in line:
+            return proc
+    proc.kill()
+    raise SystemExit("error: the V7 emulator did not start")
+
+
+def emulator_state(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/_emulator/state", timeout=10) as r:
+        return dict(orjson.loads(r.read()))
+
+
+def write_config(path: Path, s3_url: str, v7_url: str, ledger: Path) -> None:
+    path.write_text(
+        f"""# Written by `./dev demo`.
+[v7]
+base_url = "{v7_url}"
+dataset = "demo-dataset"
+storage = "s3-rw"
+
+[source]
+provider = "aws"
+bucket = "{BUCKET}"
+prefix = ""
+endpoint_url = "{s3_url}"
+exclude = ["**/.DS_Store"]
+
+[rate]
+requests_per_s = 20
+max_in_flight = 8
+
+[ledger]
+path = "{ledger}"
+""",
+        encoding="utf-8",
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=600, help="sample images to create")
+    ap.add_argument("--rate", type=float, default=20, help="emulator rate limit, requests/s")
+    ns = ap.parse_args()
+
+    from moto.server import ThreadedMotoServer
+
+    work = Path(".demo")
+    work.mkdir(exist_ok=True)
+    ledger = work / "ledger.sqlite"
+    for p in work.glob("ledger.sqlite*"):
+        p.unlink()
+    s3_port, v7_port = free_port(), free_port()
+    s3_url, v7_url = f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{v7_port}"
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    moto.start()
+    emulator = start_emulator(v7_port, ns.rate)
+    try:
+        keys = sample_keys(ns.images)
+        print(f"== seeding s3://{BUCKET} on {s3_url} with {len(keys)} objects", flush=True)
+        seed(s3_url, keys)
+        cfg = work / "demo.toml"
+        write_config(cfg, s3_url, v7_url, ledger)
+        env = dict(os.environ, DARWIN_API_KEY=API_KEY, AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        cmd = [sys.executable, "-m", "ingest", "run", "--config", str(cfg)]
+        print(f"== ingest run --config {cfg}   (V7 emulator at {v7_url}, {ns.rate:g} req/s)",
+              flush=True)
+        first = subprocess.run(cmd, env=env, check=False)
+        before = emulator_state(v7_url)
+        print("== the same command again: everything is in the ledger, nothing is re-sent",
+              flush=True)
+        second = subprocess.run(cmd, env=env, check=False)
+        after = emulator_state(v7_url)
+        print("== ingest status", flush=True)
+        subprocess.run([sys.executable, "-m", "ingest", "status", "--config", str(cfg)],
+                       env=env, check=False)
+        counters = after.get("counters", after)
+        sent_again = _register_requests(after) - _register_requests(before)
+        print(
+            f"== emulator: {counters.get('items_registered', '?')} items registered, "
+            f"{_register_requests(after)} register requests, "
+            f"{counters.get('rate_limited', counters.get('requests_429', '?'))} answered 429; "
+            f"second run sent {sent_again} register requests",
+            flush=True,
+        )
+        print(f"exit codes: first run {first.returncode}, second run {second.returncode}")
+        return 0 if first.returncode in (0, 3) and sent_again == 0 else 1
+    finally:
+        emulator.terminate()
+        emulator.wait(10)
+        moto.stop()
+
+
+def _register_requests(state: dict[str, Any]) -> int:
+    counters = state.get("counters", state)
+    value = counters.get("register_requests", 0)
+    return int(value) if isinstance(value, int | float) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

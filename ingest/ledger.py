@@ -1,0 +1,503 @@
+"""The ledger: the engine's memory across runs and crashes (SQLite, WAL, batched transactions).
+
+Durability: WAL with ``synchronous=NORMAL`` — a committed transaction survives the process being
+killed (our threat model: kill -9, OOM, pod eviction); only an OS crash or power loss may lose
+the last transactions, after which a re-run re-sends them and V7 answers ALREADY_EXISTS, which
+the registrar counts as success for items sent before.
+
+Every query that could return many rows streams with keyset pagination (``WHERE id > ? LIMIT``)
+so memory never grows with the number of objects, and rows updated while a stream is open are
+never seen twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ingest.model import ItemPlan, ObjectInfo, Outcome, Skip, State
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    job TEXT NOT NULL,
+    path TEXT NOT NULL,
+    name TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    keys BLOB NOT NULL,
+    state TEXT NOT NULL,
+    v7_id TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    run_id INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    UNIQUE (job, path, name)
+);
+CREATE INDEX IF NOT EXISTS items_pending ON items (job, state, id);
+CREATE TABLE IF NOT EXISTS objects (
+    job TEXT NOT NULL,
+    key TEXT NOT NULL,
+    etag TEXT NOT NULL DEFAULT '',
+    size INTEGER NOT NULL DEFAULT 0,
+    last_modified TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    item_id INTEGER,
+    reason TEXT NOT NULL DEFAULT '',
+    changed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS listing (
+    job TEXT NOT NULL,
+    shard_id TEXT NOT NULL,
+    checkpoint TEXT NOT NULL DEFAULT '',
+    done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, shard_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS jobs (
+    job TEXT PRIMARY KEY,
+    listing_complete INTEGER NOT NULL DEFAULT 1
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    job TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    status TEXT NOT NULL,
+    counts BLOB
+);
+"""
+
+CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: int
+    resume_listing: bool
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    key: str
+    state: str
+    item_path: str
+    item_name: str
+    v7_id: str
+    reason: str
+    etag: str
+    size: int
+
+
+@dataclass
+class Status:
+    job: str
+    objects_by_state: dict[str, int] = field(default_factory=dict)
+    items_by_state: dict[str, int] = field(default_factory=dict)
+    failures_by_reason: list[tuple[str, int]] = field(default_factory=list)
+    last_runs: list[dict[str, Any]] = field(default_factory=list)
+    changed_objects: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "objects_by_state": self.objects_by_state,
+            "items_by_state": self.items_by_state,
+            "failures_by_reason": [{"reason": r, "count": n} for r, n in self.failures_by_reason],
+            "last_runs": self.last_runs,
+            "changed_objects": self.changed_objects,
+        }
+
+
+class Ledger:
+    """One SQLite file; one job (a dataset + storage + bucket + prefix) per ``Ledger`` object."""
+
+    def __init__(self, path: str | Path, job: str) -> None:
+        self.path = Path(path)
+        self.job = job
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.execute("PRAGMA temp_store=MEMORY")
+        self._migrate()
+        self._run_id = 0
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"ledger {self.path} was written by a newer version (schema {version})"
+            )
+        with self._tx():
+            self.db.executescript(_SCHEMA) if version == 0 else None
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _tx(self) -> _Tx:
+        return _Tx(self.db)
+
+    # --- runs and listing checkpoints -------------------------------------------------------------
+
+    def start_run(self, kind: str) -> RunInfo:
+        now = time.time()
+        with self._tx():
+            self.db.execute(
+                "UPDATE runs SET status='interrupted', finished_at=? "
+                "WHERE job=? AND status='running'",
+                (now, self.job),
+            )
+            row = self.db.execute(
+                "SELECT listing_complete FROM jobs WHERE job=?", (self.job,)
+            ).fetchone()
+            resume = row is not None and not row[0]
+            if not resume:
+                self.db.execute("DELETE FROM listing WHERE job=?", (self.job,))
+            self.db.execute(
+                "INSERT INTO jobs(job, listing_complete) VALUES (?, 0) "
+                "ON CONFLICT(job) DO UPDATE SET listing_complete=0",
+                (self.job,),
+            )
+            cur = self.db.execute(
+                "INSERT INTO runs(job, kind, started_at, status) VALUES (?,?,?,'running')",
+                (self.job, kind, now),
+            )
+        self._run_id = int(cur.lastrowid or 0)
+        return RunInfo(self._run_id, resume)
+
+    def finish_run(self, run_id: int, status: str, counts: dict[str, int]) -> None:
+        with self._tx():
+            self.db.execute(
+                "UPDATE runs SET status=?, finished_at=?, counts=? WHERE id=?",
+                (status, time.time(), orjson.dumps(counts), run_id),
+            )
+
+    def mark_listing_complete(self) -> None:
+        with self._tx():
+            self.db.execute("UPDATE jobs SET listing_complete=1 WHERE job=?", (self.job,))
+            self.db.execute("DELETE FROM listing WHERE job=?", (self.job,))
+
+    def checkpoints(self) -> dict[str, tuple[str, bool]]:
+        rows = self.db.execute(
+            "SELECT shard_id, checkpoint, done FROM listing WHERE job=?", (self.job,)
+        )
+        return {sid: (cp, bool(done)) for sid, cp, done in rows}
+
+    # --- listing → items ----------------------------------------------------------------------
+
+    def record_page(
+        self,
+        shard_id: str,
+        checkpoint: str,
+        shard_done: bool,
+        objects: Sequence[ObjectInfo],
+        plans: Sequence[ItemPlan | Skip],
+    ) -> list[ItemPlan]:
+        """Store one listed page and its plans in ONE transaction; return the items new to the
+        ledger (an item already known, in any state, is either done or recovered elsewhere).
+
+        ``checkpoint`` "" keeps the stored one (the planner still holds part of a folder)."""
+        now = time.time()
+        new: list[ItemPlan] = []
+        job = self.job
+        with self._tx():
+            db = self.db
+            # Objects: insert new ones; an existing one keeps its row, a new ETag is flagged.
+            db.executemany(
+                "INSERT INTO objects(job, key, etag, size, last_modified, state) "
+                "VALUES (?,?,?,?,?,'DISCOVERED') ON CONFLICT(job, key) DO UPDATE SET "
+                "changed = changed OR (objects.etag != excluded.etag AND objects.etag != '')",
+                [(job, o.key, o.etag, o.size, o.last_modified) for o in objects],
+            )
+            skips: list[tuple[str, str, str]] = []
+            for p in plans:
+                if isinstance(p, Skip):
+                    skips.append((p.reason, job, p.obj.key))
+                    continue
+                cur = db.execute(
+                    "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at) "
+                    "VALUES (?,?,?,?,?,'PLANNED',?,?) ON CONFLICT(job, path, name) DO NOTHING",
+                    (job, p.path, p.name, orjson.dumps(p.payload), orjson.dumps(list(p.keys)),
+                     self._run_id, now),
+                )
+                if cur.rowcount == 1:
+                    item_id = cur.lastrowid
+                    new.append(p)
+                else:
+                    row = db.execute(
+                        "SELECT id FROM items WHERE job=? AND path=? AND name=?",
+                        (job, p.path, p.name),
+                    ).fetchone()
+                    item_id = row[0]
+                db.executemany(
+                    "UPDATE objects SET state='PLANNED', item_id=? "
+                    "WHERE job=? AND key=? AND item_id IS NULL",
+                    [(item_id, job, k) for k in p.keys],
+                )
+            if skips:
+                db.executemany(
+                    "UPDATE objects SET state='SKIPPED', reason=? WHERE job=? AND key=? "
+                    "AND item_id IS NULL",
+                    skips,
+                )
+            if checkpoint or shard_done:
+                db.execute(
+                    "INSERT INTO listing(job, shard_id, checkpoint, done) VALUES (?,?,?,?) "
+                    "ON CONFLICT(job, shard_id) DO UPDATE SET "
+                    "checkpoint = CASE WHEN excluded.checkpoint != '' THEN excluded.checkpoint "
+                    "ELSE listing.checkpoint END, done = excluded.done",
+                    (job, shard_id, checkpoint, int(shard_done)),
+                )
+        return new
+
+    def add_failed_item(self, plan: ItemPlan, reason: str) -> None:
+        """An item that can never be sent (e.g. a manifest key missing from the bucket)."""
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO items(job, path, name, payload, keys, state, reason, run_id, "
+                "updated_at) VALUES (?,?,?,?,?,'FAILED',?,?,?) "
+                "ON CONFLICT(job, path, name) DO NOTHING",
+                (self.job, plan.path, plan.name, orjson.dumps(plan.payload),
+                 orjson.dumps(list(plan.keys)), reason, self._run_id, time.time()),
+            )
+
+    def pending_items(self, batch: int = CHUNK) -> Iterator[tuple[ItemPlan, int]]:
+        """Items left PLANNED or SENT (crash recovery), oldest first. Only items that existed
+        when the stream started are returned, so items planned meanwhile are not seen twice."""
+        top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0]
+        last = 0
+        while True:
+            rows = self.db.execute(
+                "SELECT id, path, name, payload, keys, attempts FROM items "
+                "WHERE job=? AND state IN ('PLANNED','SENT') AND id > ? AND id <= ? "
+                "ORDER BY id LIMIT ?",
+                (self.job, last, top, batch),
+            ).fetchall()
+            if not rows:
+                return
+            for item_id, path, name, payload, keys, attempts in rows:
+                plan = ItemPlan(path, name, orjson.loads(payload), tuple(orjson.loads(keys)))
+                yield plan, int(attempts)
+                last = item_id
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def mark_sent(self, items: Sequence[ItemPlan]) -> dict[tuple[str, str], int]:
+        """Mark SENT and count the attempt; committed before returning (before the POST)."""
+        now = time.time()
+        out: dict[tuple[str, str], int] = {}
+        with self._tx():
+            for it in items:
+                row = self.db.execute(
+                    "UPDATE items SET state='SENT', attempts=attempts+1, updated_at=? "
+                    "WHERE job=? AND path=? AND name=? RETURNING attempts",
+                    (now, self.job, it.path, it.name),
+                ).fetchone()
+                out[(it.path, it.name)] = int(row[0]) if row else 1
+        return out
+
+    def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        now = time.time()
+        with self._tx():
+            self.db.executemany(
+                "UPDATE items SET state=?, v7_id=?, reason=?, updated_at=? "
+                "WHERE job=? AND path=? AND name=?",
+                [(str(o.state), o.v7_id, o.reason, now, self.job, o.path, o.name)
+                 for o in outcomes],
+            )
+
+    def requeue_failed(self, blocked_reason: str | None = None) -> int:
+        with self._tx():
+            n = self.db.execute(
+                "UPDATE items SET state='PLANNED', reason='' WHERE job=? AND state='FAILED'",
+                (self.job,),
+            ).rowcount
+            if blocked_reason:
+                n += self.db.execute(
+                    "UPDATE items SET state='PLANNED', reason='' "
+                    "WHERE job=? AND state='BLOCKED' AND reason=?",
+                    (self.job, blocked_reason),
+                ).rowcount
+        return int(n)
+
+    def item_state(self, path: str, name: str) -> State | None:
+        row = self.db.execute(
+            "SELECT state FROM items WHERE job=? AND path=? AND name=?", (self.job, path, name)
+        ).fetchone()
+        return State(row[0]) if row else None
+
+    # --- reading ---------------------------------------------------------------------------
+
+    _EFFECTIVE = "COALESCE(i.state, o.state)"
+
+    def status(self, runs: int = 5) -> Status:
+        st = Status(self.job)
+        st.objects_by_state = dict(
+            self.db.execute(
+                f"SELECT {self._EFFECTIVE} AS s, count(*) FROM objects o "
+                "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=? GROUP BY s",
+                (self.job,),
+            ).fetchall()
+        )
+        st.items_by_state = dict(
+            self.db.execute(
+                "SELECT state, count(*) FROM items WHERE job=? GROUP BY state", (self.job,)
+            ).fetchall()
+        )
+        st.failures_by_reason = [
+            (f"{s}: {r}", int(n))
+            for s, r, n in self.db.execute(
+                "SELECT state, reason, count(*) AS n FROM items WHERE job=? "
+                "AND state IN ('FAILED','BLOCKED') GROUP BY state, reason ORDER BY n DESC "
+                "LIMIT 20",
+                (self.job,),
+            )
+        ] + [
+            (f"SKIPPED: {r}", int(n))
+            for r, n in self.db.execute(
+                "SELECT reason, count(*) AS n FROM objects WHERE job=? AND state='SKIPPED' "
+                "GROUP BY reason ORDER BY n DESC LIMIT 20",
+                (self.job,),
+            )
+        ]
+        st.changed_objects = int(
+            self.db.execute(
+                "SELECT count(*) FROM objects WHERE job=? AND changed=1", (self.job,)
+            ).fetchone()[0]
+        )
+        for rid, kind, started, finished, status, counts in self.db.execute(
+            "SELECT id, kind, started_at, finished_at, status, counts FROM runs WHERE job=? "
+            "ORDER BY id DESC LIMIT ?",
+            (self.job, runs),
+        ):
+            st.last_runs.append(
+                {
+                    "id": rid,
+                    "kind": kind,
+                    "started_at": _iso(started),
+                    "finished_at": _iso(finished) if finished else None,
+                    "status": status,
+                    "counts": orjson.loads(counts) if counts else {},
+                }
+            )
+        return st
+
+    def report_rows(self, batch: int = CHUNK) -> Iterator[ReportRow]:
+        """One row per object in key order, streamed."""
+        last = ""
+        first = True
+        while True:
+            rows = self.db.execute(
+                f"SELECT o.key, {self._EFFECTIVE}, COALESCE(i.path,''), COALESCE(i.name,''), "
+                "COALESCE(i.v7_id,''), CASE WHEN o.item_id IS NULL THEN o.reason "
+                "ELSE COALESCE(i.reason,'') END, o.etag, o.size FROM objects o "
+                "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=? AND (? OR o.key > ?) "
+                "ORDER BY o.key LIMIT ?",
+                (self.job, first, last, batch),
+            ).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield ReportRow(*r)
+            last, first = rows[-1][0], False
+
+    def iter_keys(self, after: str = "", batch: int = CHUNK) -> Iterator[tuple[str, str]]:
+        """(key, etag) in key order from ``after``: one side of a listing/ledger merge."""
+        last = after
+        while True:
+            rows = self.db.execute(
+                "SELECT key, etag FROM objects WHERE job=? AND key > ? ORDER BY key LIMIT ?",
+                (self.job, last, batch),
+            ).fetchall()
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1][0]
+
+    # --- manifests -----------------------------------------------------------------------
+
+    def stage_manifest(self, rows: Iterable[tuple[str, str, str, str]]) -> int:
+        """(item_name, slot_name, key, path) rows into a staging table, in chunked transactions."""
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS manifest (job TEXT, item_name TEXT, slot_name TEXT, "
+            "key TEXT, path TEXT, seq INTEGER)"
+        )
+        self.db.execute(
+            "CREATE INDEX IF NOT EXISTS manifest_item ON manifest (job, item_name, seq)"
+        )
+        with self._tx():
+            self.db.execute("DELETE FROM manifest WHERE job=?", (self.job,))
+        n = 0
+        chunk: list[tuple[str, str, str, str, str, int]] = []
+        for item_name, slot_name, key, path in rows:
+            chunk.append((self.job, item_name, slot_name, key, path, n))
+            n += 1
+            if len(chunk) >= CHUNK:
+                self._insert_manifest(chunk)
+                chunk = []
+        if chunk:
+            self._insert_manifest(chunk)
+        return n
+
+    def _insert_manifest(self, chunk: list[tuple[str, str, str, str, str, int]]) -> None:
+        with self._tx():
+            self.db.executemany("INSERT INTO manifest VALUES (?,?,?,?,?,?)", chunk)
+
+    def iter_manifest_items(self) -> Iterator[tuple[str, str, list[tuple[str, str]]]]:
+        """(item_name, path, [(slot_name, key), ...]) grouped by item, in item order, streamed."""
+        current: tuple[str, str] | None = None
+        slots: list[tuple[str, str]] = []
+        last = (-1, "")
+        while True:
+            rows = self.db.execute(
+                "SELECT item_name, path, slot_name, key, seq FROM manifest WHERE job=? AND "
+                "(item_name > ? OR (item_name = ? AND seq > ?)) ORDER BY item_name, seq LIMIT ?",
+                (self.job, last[1], last[1], last[0], CHUNK),
+            ).fetchall()
+            if not rows:
+                break
+            for item_name, path, slot_name, key, seq in rows:
+                if current is not None and current[0] != item_name:
+                    yield current[0], current[1], slots
+                    slots = []
+                if current is None or current[0] != item_name:
+                    current = (item_name, path)
+                slots.append((slot_name, key))
+                last = (seq, item_name)
+        if current is not None:
+            yield current[0], current[1], slots
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class _Tx:
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

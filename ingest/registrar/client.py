@@ -1,0 +1,303 @@
+"""The only code that talks HTTP to V7 (see docs/v7-contract.md).
+
+One ``aiohttp.ClientSession`` with keep-alive (a bounded ``TCPConnector``) and explicit timeouts;
+bodies are serialised and parsed with orjson. Every failure is mapped onto ``ingest.errors`` so
+callers decide from the exception class alone. A session can be injected (tests, or a caller
+that owns one): then the client never closes it.
+
+The API key is sent in the ``Authorization`` header and nowhere else: it is never formatted into
+an exception, a log line or a repr, and any text that comes back from the server is scrubbed
+of it before it is quoted (a server that echoes headers must not leak it either). Exceptions
+are raised ``from None`` so the aiohttp exception (whose request info carries the headers) is
+not chained into tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import math
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from ingest import USER_AGENT
+from ingest.errors import (
+    AuthError,
+    NotFoundError,
+    QuotaError,
+    RateLimited,
+    RejectedError,
+    ServerError,
+    TransportError,
+    V7Error,
+)
+
+log = logging.getLogger("ingest.registrar.client")
+
+QUOTA_CODE = "INSUFFICIENT_REMAINING_STORAGE"
+MAX_DETAIL_CHARS = 500
+REDACTED = "[REDACTED]"
+
+# What aiohttp raises when no (complete) response arrived.
+_TRANSPORT_ERRORS = (
+    aiohttp.ClientConnectionError,  # refused, reset, ServerDisconnectedError, socket timeouts
+    aiohttp.ClientPayloadError,  # body cut short
+    asyncio.TimeoutError,  # total / connect timeouts
+)
+
+
+def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds (int or float) or an HTTP-date.
+
+    ``now_epoch`` is the current wall-clock time (seconds since the epoch), used for dates.
+    Returns None when the header is absent or unreadable; never a negative number.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT
+        return None
+    return max(when.timestamp() - now_epoch, 0.0)
+
+
+def _team(team: str) -> str:
+    return quote(team, safe="")
+
+
+class V7Client:
+    """Async client for the parts of V7's REST API the engine uses."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        connect_timeout_s: float = 10.0,
+        request_timeout_s: float = 60.0,
+        user_agent: str = USER_AGENT,
+        max_connections: int = 10,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_root = f"{self.base_url}/api/"
+        self.__key = api_key
+        self._user_agent = user_agent
+        self._timeout = aiohttp.ClientTimeout(
+            total=request_timeout_s,
+            connect=connect_timeout_s,
+            sock_connect=connect_timeout_s,
+            sock_read=request_timeout_s,
+        )
+        self._max_connections = max(1, max_connections)
+        self._session = session
+        self._owns_session = session is None
+
+    def __repr__(self) -> str:
+        return f"V7Client(base_url={self.base_url!r})"
+
+    async def __aenter__(self) -> V7Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None and not self._session.closed:
+            await self._session.close()
+        if self._owns_session:
+            self._session = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or (self._owns_session and self._session.closed):
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                limit_per_host=self._max_connections,
+                keepalive_timeout=30.0,
+            )
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            self._owns_session = True
+        return self._session
+
+    # --- endpoints -------------------------------------------------------------------------
+
+    async def token_info(self) -> dict[str, Any]:
+        return self._expect_dict("users/token_info", await self._request("GET", "users/token_info"))
+
+    async def datasets(self) -> list[dict[str, Any]]:
+        return self._expect_list("datasets", await self._request("GET", "datasets"))
+
+    async def storage_configs(self, team: str) -> list[dict[str, Any]]:
+        path = f"teams/{_team(team)}/storage"
+        return self._expect_list(path, await self._request("GET", path))
+
+    async def register(self, team: str, readonly: bool, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a register_existing(_readonly) request; the parsed 200 response."""
+        endpoint = "register_existing_readonly" if readonly else "register_existing"
+        path = f"v2/teams/{_team(team)}/items/{endpoint}"
+        return self._expect_dict(path, await self._request("POST", path, body=body))
+
+    async def list_items(
+        self, team: str, dataset_id: int, page_size: int = 500, page_from: str | None = None
+    ) -> dict[str, Any]:
+        """One page of a dataset's items (``page[from]`` is the cursor of the previous page)."""
+        path = f"v2/teams/{_team(team)}/items"
+        params: list[tuple[str, str]] = [
+            ("page[size]", str(page_size)),
+            ("dataset_ids[]", str(dataset_id)),
+        ]
+        if page_from:
+            params.append(("page[from]", page_from))
+        return self._expect_dict(path, await self._request("GET", path, params=params))
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _headers(self, *, with_body: bool) -> dict[str, str]:
+        headers = {
+            "Authorization": f"ApiKey {self.__key}",
+            "Accept": "application/json",
+            "User-Agent": self._user_agent,
+        }
+        if with_body:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    def _scrub(self, text: str) -> str:
+        if self.__key and self.__key in text:
+            text = text.replace(self.__key, REDACTED)
+        return text
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        params: list[tuple[str, str]] | None = None,
+    ) -> Any:
+        session = self._get_session()
+        data = orjson.dumps(body) if body is not None else None
+        where = f"{method} {path}"
+        started = time.monotonic()
+        try:
+            async with session.request(
+                method,
+                self._api_root + path,
+                data=data,
+                params=params,
+                headers=self._headers(with_body=data is not None),
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+                retry_after = resp.headers.get("Retry-After")
+        except _TRANSPORT_ERRORS as e:
+            detail = self._scrub(str(e)) or "no detail"
+            log.debug("V7 %s failed: %s: %s", where, type(e).__name__, detail)
+            raise TransportError(f"{where}: {type(e).__name__}: {detail}"[:1000]) from None
+        log.debug(
+            "V7 %s -> %d in %.3f s (%d bytes)", where, status, time.monotonic() - started, len(raw)
+        )
+        if 200 <= status < 300:
+            try:
+                return orjson.loads(raw) if raw else {}
+            except orjson.JSONDecodeError:
+                raise ServerError(
+                    f"{where}: HTTP {status} with a body that is not JSON", status=status
+                ) from None
+        raise self._error(where, status, raw, retry_after)
+
+    def _error(self, where: str, status: int, raw: bytes, retry_after: str | None) -> V7Error:
+        doc = _json_or_none(raw)
+        detail = self._scrub(_detail(doc, raw))
+        msg = f"{where}: HTTP {status}: {detail}" if detail else f"{where}: HTTP {status}"
+        delay = parse_retry_after(retry_after, time.time())
+        if status in (401, 403):
+            return AuthError(f"{where}: HTTP {status}: the API key was refused", status=status)
+        if status == 404:
+            return NotFoundError(msg, status=status)
+        if status == 429:
+            if _error_code(doc) == QUOTA_CODE:
+                return QuotaError(msg, status=status)
+            return RateLimited(msg, status=status, delay_s=delay)
+        if status == 408 or status >= 500:
+            return ServerError(msg, status=status, delay_s=delay)
+        return RejectedError(msg, status=status, detail=detail or f"HTTP {status}")
+
+    @staticmethod
+    def _expect_dict(path: str, doc: Any) -> dict[str, Any]:
+        if not isinstance(doc, dict):
+            raise ServerError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+        return doc
+
+    @staticmethod
+    def _expect_list(path: str, doc: Any) -> list[dict[str, Any]]:
+        if not isinstance(doc, list):
+            raise ServerError(f"{path}: expected a JSON array, got {type(doc).__name__}")
+        return [d for d in doc if isinstance(d, dict)]
+
+
+def _json_or_none(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _error_code(doc: Any) -> str:
+    if isinstance(doc, dict):
+        errors = doc.get("errors")
+        if isinstance(errors, dict):
+            return str(errors.get("code", ""))
+        if isinstance(errors, list):
+            for e in errors:
+                if isinstance(e, dict) and e.get("code"):
+                    return str(e["code"])
+        if doc.get("code"):
+            return str(doc["code"])
+    return ""
+
+
+def _detail(doc: Any, raw: bytes) -> str:
+    """The server's explanation, short: errors.message, message, error, or the body itself."""
+    text = ""
+    if isinstance(doc, dict):
+        errors = doc.get("errors")
+        if isinstance(errors, dict) and isinstance(errors.get("message"), str):
+            text = errors["message"]
+            if errors.get("code"):
+                text = f"{errors['code']}: {text}"
+        elif errors is not None:
+            text = orjson.dumps(errors).decode()
+        else:
+            for key in ("message", "error", "detail"):
+                if isinstance(doc.get(key), str):
+                    text = doc[key]
+                    break
+            else:
+                text = orjson.dumps(doc).decode()
+    elif doc is not None:
+        text = orjson.dumps(doc).decode()
+    else:
+        text = raw.decode("utf-8", "replace").strip()
+    text = " ".join(text.split())
+    return text[:MAX_DETAIL_CHARS] + ("…" if len(text) > MAX_DETAIL_CHARS else "")

@@ -1,0 +1,281 @@
+"""Registration of batches: one request per batch, paced, retried, bisected, turned into outcomes.
+
+``Registrar.register(items, sent_before)`` returns exactly one ``Outcome`` per input item, in
+input order:
+
+- listed in the response's ``items`` → REGISTERED with its V7 id;
+- in ``blocked_items`` with ``ALREADY_EXISTS``, and we may have created it ourselves (it was
+  sent by an earlier run, see ``sent_before``, or an earlier attempt of this call ended without
+  a clear answer: 5xx, timeout, reset) → REGISTERED (no id), reason
+  ``ALREADY_EXISTS after an earlier attempt of ours``; otherwise BLOCKED ``ALREADY_EXISTS``;
+- blocked for any other reason → BLOCKED with that reason;
+- neither → FAILED ``missing from V7 response`` (retryable);
+- the batch refused as a whole (400/413/422) → the batch is bisected, each half sent on its
+  own, down to single items: only the bad ones fail (with the server's message);
+- 429 → the limiter pauses every sender and slows down; 5xx / transport errors → full-jitter
+  retries; when the retry budget runs out → FAILED (retryable) with the last error;
+- 401 / 404 / quota → ``AuthError`` / ``NotFoundError`` / ``QuotaError`` propagate: the run
+  cannot go on.
+
+Every attempt takes a token from the limiter. The only waits are the limiter's.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from ingest.errors import RateLimited, RejectedError, Retry, ServerError, TransportError
+from ingest.model import ItemPlan, Outcome, State
+from ingest.registrar.rate import Limiter
+from ingest.registrar.retry import RetryPolicy
+from ingest.stats import Stats
+
+log = logging.getLogger("ingest.registrar")
+
+ALREADY_EXISTS = "ALREADY_EXISTS"
+OURS = "ALREADY_EXISTS after an earlier attempt of ours"
+MISSING = "missing from V7 response"
+
+Key = tuple[str, str]  # (path, name)
+
+
+class RegisterApi(Protocol):
+    async def register(self, team: str, readonly: bool, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class Rng(Protocol):
+    def random(self) -> float: ...
+
+
+def norm_path(path: object) -> str:
+    """A dataset folder as V7 compares it: leading slash, no trailing slash, "/" when empty."""
+    p = str(path or "/").strip()
+    if not p.startswith("/"):
+        p = "/" + p
+    return p.rstrip("/") or "/"
+
+
+def item_key(path: object, name: object) -> Key:
+    return norm_path(path), str(name)
+
+
+def _blocked_reasons(entry: dict[str, Any]) -> list[str]:
+    reasons: list[str] = []
+    for slot in entry.get("slots") or []:
+        if isinstance(slot, dict) and slot.get("reason"):
+            reasons.append(str(slot["reason"]))
+    if entry.get("reason"):
+        reasons.append(str(entry["reason"]))
+    unique = list(dict.fromkeys(r.upper() for r in reasons))
+    return unique or ["UNKNOWN"]
+
+
+class Registrar:
+    """Sends batches of item plans to V7's register endpoint and reports what became of each."""
+
+    def __init__(
+        self,
+        client: RegisterApi,
+        limiter: Limiter,
+        retry_policy: RetryPolicy,
+        stats: Stats,
+        *,
+        team: str,
+        dataset_slug: str,
+        storage_slug: str,
+        readonly: bool,
+        options: dict[str, Any] | None = None,
+        clock: Callable[[], float] | None = None,
+        rng: Rng | None = None,
+    ) -> None:
+        self.client = client
+        self.limiter = limiter
+        self.retry_policy = retry_policy
+        self.stats = stats
+        self.team = team
+        self.dataset_slug = dataset_slug
+        self.storage_slug = storage_slug
+        self.readonly = readonly
+        self.options = dict(options) if options else None
+        self._clock = clock or limiter.now
+        self._rng: Rng = rng or random.Random()
+
+    def envelope(self, items: Sequence[ItemPlan]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "items": [p.payload for p in items],
+            "dataset_slug": self.dataset_slug,
+            "storage_slug": self.storage_slug,
+        }
+        if self.options:
+            body["options"] = self.options
+        return body
+
+    async def register(
+        self, items: Sequence[ItemPlan], sent_before: Iterable[tuple[str, str]]
+    ) -> list[Outcome]:
+        """One Outcome per item, in order. Raises AuthError / NotFoundError / QuotaError."""
+        call = _Call(
+            items=list(items),
+            sent_before={item_key(p, n) for p, n in sent_before},
+            results=[None] * len(items),
+        )
+        if items:
+            await self._send(call, list(range(len(items))))
+        out: list[Outcome] = []
+        for plan, result in zip(call.items, call.results, strict=True):
+            # Unreachable unless a bug: never drop an item silently.
+            out.append(result or self._failed(plan, "not resolved by the registrar", True))
+        return out
+
+    # --- one batch (or half of one), with its retries --------------------------------------
+
+    async def _send(self, call: _Call, indices: list[int]) -> None:
+        plans = [call.items[i] for i in indices]
+        body = self.envelope(plans)
+        keys = [item_key(p.path, p.name) for p in plans]
+        started = self._clock()
+        attempt = 0
+        while True:
+            sent_at: float | None = None
+            error: Retry
+            try:
+                async with self.limiter.slot() as sent_at:
+                    self.stats.requests += 1
+                    if attempt:
+                        self.stats.retries += 1
+                    self.stats.in_flight += 1
+                    try:
+                        response = await self.client.register(self.team, self.readonly, body)
+                    finally:
+                        self.stats.in_flight -= 1
+            except RateLimited as e:
+                self.stats.rate_limited += 1
+                self.limiter.rate_limited(sent_at, e.delay_s)
+                error = e
+            except RejectedError as e:
+                self.limiter.success(sent_at)  # answered: the rate was fine
+                self._update_rate()
+                await self._rejected(call, indices, e)
+                return
+            except (ServerError, TransportError, Retry) as e:
+                if isinstance(e, TransportError):
+                    self.stats.transport_errors += 1
+                else:
+                    self.stats.server_errors += 1
+                # No clear answer: the server may have stored the items before failing.
+                call.maybe_committed.update(keys)
+                error = e
+            else:
+                self.limiter.success(sent_at)
+                self._update_rate()
+                self._resolve(call, indices, response)
+                return
+            self._update_rate()
+            attempt += 1
+            elapsed = self._clock() - started
+            delay = self.retry_policy.next_delay(
+                attempt - 1, elapsed, self._rng.random(), error.delay_s
+            )
+            if delay is None:
+                reason = f"gave up after {attempt} attempts over {elapsed:.1f} s: {error}"
+                log.warning("batch failed", extra={"items": len(indices), "reason": reason[:300]})
+                for i in indices:
+                    call.results[i] = self._failed(call.items[i], reason, True)
+                return
+            log.debug(
+                "retrying batch",
+                extra={
+                    "items": len(indices),
+                    "attempt": attempt,
+                    "delay_s": round(delay, 3),
+                    "error": str(error)[:200],
+                },
+            )
+            await self.limiter.sleep(delay)
+
+    def _update_rate(self) -> None:
+        self.stats.current_rate_per_s = self.limiter.rate
+
+    async def _rejected(self, call: _Call, indices: list[int], error: RejectedError) -> None:
+        """400/413/422: nothing was stored. Split until the bad items stand alone."""
+        if len(indices) == 1:
+            status = error.status if error.status is not None else "?"
+            reason = f"rejected by V7 (HTTP {status}): {error.detail}"
+            call.results[indices[0]] = self._failed(call.items[indices[0]], reason, False)
+            return
+        half = len(indices) // 2
+        log.debug(
+            "bisecting a refused batch",
+            extra={"items": len(indices), "status": error.status, "detail": error.detail[:200]},
+        )
+        await self._send(call, indices[:half])
+        await self._send(call, indices[half:])
+
+    # --- outcomes --------------------------------------------------------------------------
+
+    def _resolve(self, call: _Call, indices: list[int], response: dict[str, Any]) -> None:
+        pending: dict[Key, list[int]] = {}
+        for i in indices:
+            plan = call.items[i]
+            pending.setdefault(item_key(plan.path, plan.name), []).append(i)
+
+        def take(entry: object) -> tuple[int, dict[str, Any]] | None:
+            if not isinstance(entry, dict) or "name" not in entry:
+                return None
+            waiting = pending.get(item_key(entry.get("path"), entry["name"]))
+            if not waiting:
+                log.debug("V7 answered for an item we did not send in this request")
+                return None
+            return waiting.pop(0), entry
+
+        for entry in response.get("items") or []:
+            hit = take(entry)
+            if hit is not None:
+                i, doc = hit
+                plan = call.items[i]
+                call.results[i] = Outcome(
+                    plan.path, plan.name, State.REGISTERED, v7_id=str(doc.get("id") or "")
+                )
+        for entry in response.get("blocked_items") or []:
+            hit = take(entry)
+            if hit is None:
+                continue
+            i, doc = hit
+            plan = call.items[i]
+            key = item_key(plan.path, plan.name)
+            reasons = _blocked_reasons(doc)
+            if ALREADY_EXISTS in reasons:
+                if key in call.sent_before or key in call.maybe_committed:
+                    call.results[i] = Outcome(plan.path, plan.name, State.REGISTERED, reason=OURS)
+                else:
+                    call.results[i] = Outcome(
+                        plan.path, plan.name, State.BLOCKED, reason=ALREADY_EXISTS
+                    )
+            else:
+                call.results[i] = Outcome(
+                    plan.path, plan.name, State.BLOCKED, reason=",".join(reasons)
+                )
+        for waiting in pending.values():
+            for i in waiting:
+                call.results[i] = self._failed(call.items[i], MISSING, True)
+
+    @staticmethod
+    def _failed(plan: ItemPlan, reason: str, retryable: bool) -> Outcome:
+        return Outcome(plan.path, plan.name, State.FAILED, reason=reason, retryable=retryable)
+
+
+class _Call:
+    """State shared by the requests of one ``register`` call (its bisections and retries)."""
+
+    __slots__ = ("items", "maybe_committed", "results", "sent_before")
+
+    def __init__(
+        self, items: list[ItemPlan], sent_before: set[Key], results: list[Outcome | None]
+    ) -> None:
+        self.items = items
+        self.sent_before = sent_before
+        self.results = results
+        self.maybe_committed: set[Key] = set()

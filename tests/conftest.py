@@ -1,0 +1,53 @@
+"""Shared fixtures: one moto S3 server per test session (each test uses its own bucket) and a
+V7 emulator process per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.support.e2e import Emulator, emulator_process, free_port
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def s3_client(url: str) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )
+
+
+def seed_bucket(url: str, bucket: str, keys: list[str], body: bytes = b"x" * 32) -> None:
+    s3 = s3_client(url)
+    s3.create_bucket(Bucket=bucket)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=body), keys))
+
+
+@pytest.fixture
+def bucket_name() -> str:
+    return f"b-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    with emulator_process() as emu:
+        yield emu
