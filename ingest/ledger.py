@@ -139,8 +139,9 @@ class Ledger:
             raise RuntimeError(
                 f"ledger {self.path} was written by a newer version (schema {version})"
             )
-        with self._tx():
-            self.db.executescript(_SCHEMA) if version == 0 else None
+        if version == 0:
+            # executescript runs its own transaction; CREATE ... IF NOT EXISTS is idempotent.
+            self.db.executescript(_SCHEMA)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
