@@ -32,7 +32,7 @@ from ingest.registrar.registrar import Registrar
 from ingest.registrar.retry import RetryPolicy
 from ingest.sources import Source
 from ingest.sources.factory import open_source
-from ingest.sources.fanout import ShardPage, discover_shards, list_shards
+from ingest.sources.fanout import discover_shards, iter_shard_pages
 from ingest.stats import Stats
 
 log = logging.getLogger("ingest.engine")
@@ -165,28 +165,27 @@ async def plan_only(cfg: Config, out: IO[bytes], *, readonly_hint: bool = False)
             await check_source(source)
             planning = Planning(cfg, source, readonly)
             shards = await discover_shards(source, cfg.source.prefix, cfg.source.fanout_depth)
-            pages: asyncio.Queue[ShardPage | None] = asyncio.Queue(8)
-            lister = asyncio.create_task(
-                list_shards(source, shards, {}, set(), cfg.source.list_concurrency, pages)
+            listing = iter_shard_pages(
+                source, shards, {}, set(), cfg.source.list_concurrency
             )
-            lister.add_done_callback(lambda t: pages.put_nowait(None) if not t.cancelled() and t.exception() is None else None)
-            while (sp := await pages.get()) is not None:
-                plans, _cp = planning.plan_page(sp)
-                for p in plans:
-                    if isinstance(p, Skip):
-                        n_skipped += 1
-                        continue
-                    if done is not None and done.item_state(p.path, p.name) in (
-                        State.REGISTERED, State.BLOCKED
-                    ):
-                        continue
-                    # Order is all that matters in a dry run: the clock never flushes early.
-                    for batch in builder.add(p, 0.0):
-                        emit(batch)
+            async with contextlib.aclosing(listing) as pages:
+                async for sp in pages:
+                    plans, _cp = planning.plan_page(sp)
+                    for p in plans:
+                        if isinstance(p, Skip):
+                            n_skipped += 1
+                            continue
+                        if done is not None and done.item_state(p.path, p.name) in (
+                            State.REGISTERED,
+                            State.BLOCKED,
+                        ):
+                            continue
+                        # Order is all that matters in a dry run: no clock, no early flush.
+                        for batch in builder.add(p, 0.0):
+                            emit(batch)
             rest = builder.flush()
             if rest:
                 emit(rest)
-            await lister
     finally:
         if done is not None:
             done.close()

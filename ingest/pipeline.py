@@ -24,7 +24,7 @@ from ingest.ledger import Ledger
 from ingest.model import ItemPlan, ObjectInfo, Outcome, Skip, State
 from ingest.planner import ShardPlanner, make_shard_planner
 from ingest.sources import Page, Shard, Source
-from ingest.sources.fanout import ShardPage, discover_shards, list_shards
+from ingest.sources.fanout import ShardPage, discover_shards, iter_shard_pages
 from ingest.sources.globs import compile_filter
 from ingest.stats import Stats
 
@@ -189,11 +189,12 @@ class Pipeline:
         done = {sid for sid, (_cp, is_done) in checkpoints.items() if is_done}
         resume = {sid: cp for sid, (cp, _d) in checkpoints.items() if cp}
         shards = await discover_shards(self.source, cfg.source.prefix, cfg.source.fanout_depth)
-        pages: asyncio.Queue[ShardPage | None] = asyncio.Queue(PAGE_QUEUE_PAGES)
         planning = Planning(cfg, self.source, self.readonly)
-
-        async def consume() -> None:
-            while (sp := await pages.get()) is not None:
+        listing = iter_shard_pages(
+            self.source, shards, resume, done, cfg.source.list_concurrency, PAGE_QUEUE_PAGES
+        )
+        async with contextlib.aclosing(listing) as pages:
+            async for sp in pages:
                 plans, checkpoint = planning.plan_page(sp)
                 self.stats.listed += len(sp.page.objects)
                 new = self.ledger.record_page(
@@ -204,25 +205,7 @@ class Pipeline:
                 for item in new:
                     await self.items.put(item)
                 if self._stop.is_set():
-                    raise _Stopped
-
-        lister = asyncio.create_task(
-            list_shards(self.source, shards, resume, done, cfg.source.list_concurrency, pages)
-        )
-        consumer = asyncio.create_task(consume())
-        try:
-            await asyncio.wait({lister, consumer}, return_when=asyncio.FIRST_EXCEPTION)
-            if lister.done() and lister.exception() is None and not consumer.done():
-                await pages.put(None)
-            await consumer
-            await lister
-        except _Stopped:
-            lister.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lister
-        finally:
-            for t in (lister, consumer):
-                t.cancel()
+                    return
 
     async def _send_loop(self) -> None:
         while (batch := await self.batches.get()) is not None:
@@ -247,10 +230,6 @@ class Pipeline:
             else:
                 self.stats.failed += 1
                 self.stats.failures_by_reason[o.reason.split(":")[0][:80]] += 1
-
-
-class _Stopped(Exception):
-    """Internal: the listing stopped because a graceful stop was requested."""
 
 
 async def with_signals(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +53,9 @@ class FakeV7:
     seen: list[Seen] = field(default_factory=list)
 
 
-def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    doc: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=orjson.dumps(doc), status=status, headers=headers, content_type="application/json"
     )
@@ -134,8 +137,11 @@ async def test_get_sends_auth_accept_and_user_agent(v7: FakeV7, client: V7Client
 
 async def test_register_posts_orjson_to_the_right_endpoint(v7: FakeV7, client: V7Client) -> None:
     v7.handler = answer({"items": [{"id": "1", "name": "a.jpg", "path": "/"}], "blocked_items": []})
-    body = {"items": [{"path": "/", "name": "a.jpg", "storage_key": "k/a.jpg", "type": "image"}],
-            "dataset_slug": "ds", "storage_slug": "st"}
+    body = {
+        "items": [{"path": "/", "name": "a.jpg", "storage_key": "k/a.jpg", "type": "image"}],
+        "dataset_slug": "ds",
+        "storage_slug": "st",
+    }
     out = await client.register("my team", False, body)
     await client.register("acme", True, body)
     assert out["items"][0]["id"] == "1"
@@ -213,15 +219,20 @@ async def test_client_can_be_reopened_after_close(v7: FakeV7) -> None:
         (502, None, ServerError),
         (503, {"message": "maintenance"}, ServerError),
         (429, {"errors": {"message": "slow down"}}, RateLimited),
-        (429, {"errors": {"code": "INSUFFICIENT_REMAINING_STORAGE", "message": "full"}}, QuotaError),
+        (429, {"errors": {"code": "INSUFFICIENT_REMAINING_STORAGE"}}, QuotaError),
     ],
 )
 async def test_status_maps_to_the_error_hierarchy(
-    v7: FakeV7, client: V7Client, caplog: pytest.LogCaptureFixture,
-    status: int, doc: Any, cls: type[V7Error],
+    v7: FakeV7,
+    client: V7Client,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    doc: Any,
+    cls: type[V7Error],
 ) -> None:
     caplog.set_level(logging.DEBUG)
     if doc is None:
+
         async def handler(_: web.Request) -> web.StreamResponse:
             return web.Response(status=status, text="<html>Bad Gateway</html>")
 
@@ -267,8 +278,7 @@ async def test_429_carries_retry_after(
 
 
 async def test_429_retry_after_as_http_date(v7: FakeV7, client: V7Client) -> None:
-    loop = asyncio.get_running_loop()
-    when = email.utils.formatdate(loop.time() * 0 + __import__("time").time() + 30, usegmt=True)
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
     v7.handler = answer({}, 429, {"Retry-After": when})
     with pytest.raises(RateLimited) as info:
         await client.register("acme", False, {"items": []})
@@ -296,6 +306,20 @@ async def test_wrong_json_shape_is_a_server_error(v7: FakeV7, client: V7Client) 
     v7.handler = answer({"not": "a list"})
     with pytest.raises(ServerError, match="expected a JSON array"):
         await client.datasets()
+
+
+async def test_a_redirect_is_not_followed_and_says_what_to_fix(
+    v7: FakeV7, client: V7Client
+) -> None:
+    async def handler(_: web.Request) -> web.StreamResponse:
+        return web.Response(status=301, headers={"Location": "https://v7.example/api/datasets"})
+
+    v7.handler = handler
+    with pytest.raises(V7Error, match="redirects to https://v7.example/api/datasets") as info:
+        await client.datasets()
+    assert not info.value.retryable
+    assert type(info.value) is V7Error  # neither retried nor bisected: fatal for a run
+    assert len(v7.seen) == 1
 
 
 # --- transport failures ---------------------------------------------------------------------------
@@ -433,7 +457,7 @@ def test_client_repr_has_no_key() -> None:
     assert KEY not in str(c)
 
 
-# --- Retry-After parsing (pure) --------------------------------------------------------------------
+# --- Retry-After parsing (pure) ----------------------------------------------------------------
 
 
 def test_parse_retry_after() -> None:

@@ -421,19 +421,19 @@ def simulate(
             ok, retry_after = server.hit(now)
             at(now + latency_s / 2, "answer", w, data[0], ok, retry_after)
         else:
-            sent_at, ok, retry_after = data
+            sent_at, accepted, wait = data
             assert isinstance(sent_at, float)
-            if ok:
+            if accepted:
                 run.accepted.append(now)
                 ctl.on_success(now, sent_at)
                 attempts[w] = 0
                 at(now, "acquire", w)
             else:
-                assert retry_after is None or isinstance(retry_after, float)
+                assert wait is None or isinstance(wait, float)
                 run.limited.append(now)
-                run.pauses.append((now, retry_after or 0.0))
-                ctl.on_rate_limited(now, retry_after, sent_at)
-                delay = policy.next_delay(attempts[w], 0.0, rng.random(), retry_after)
+                run.pauses.append((now, wait or 0.0))
+                ctl.on_rate_limited(now, wait, sent_at)
+                delay = policy.next_delay(attempts[w], 0.0, rng.random(), wait)
                 attempts[w] += 1
                 at(now + (delay or 0.0), "acquire", w)
             run.rates.append((now, ctl.rate))
@@ -448,9 +448,7 @@ JITTER_S = 0.0005  # arrival jitter at the server: timers and the network are ne
 @pytest.mark.parametrize("retry_after", ["float", "ceil", "none"])
 @pytest.mark.parametrize("burst", [1, 2, 5])
 @pytest.mark.parametrize("latency_s", LATENCIES)
-def test_sim_configured_at_the_server_rate(
-    retry_after: str, burst: int, latency_s: float
-) -> None:
+def test_sim_configured_at_the_server_rate(retry_after: str, burst: int, latency_s: float) -> None:
     run = simulate(
         RateController(R),
         Server(R, burst, retry_after),

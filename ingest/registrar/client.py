@@ -208,6 +208,7 @@ class V7Client:
                 status = resp.status
                 raw = await resp.read()
                 retry_after = resp.headers.get("Retry-After")
+                location = resp.headers.get("Location", "")
         except _TRANSPORT_ERRORS as e:
             detail = self._scrub(str(e)) or "no detail"
             log.debug("V7 %s failed: %s: %s", where, type(e).__name__, detail)
@@ -222,6 +223,13 @@ class V7Client:
                 raise ServerError(
                     f"{where}: HTTP {status} with a body that is not JSON", status=status
                 ) from None
+        if 300 <= status < 400:
+            # Not followed: a POST must not turn into a GET, nor the key go to another host.
+            raise V7Error(
+                f"{where}: HTTP {status}: V7 redirects to {self._scrub(location)[:200] or '?'}: "
+                "set v7.base_url (or DARWIN_BASE_URL) to the final address",
+                status=status,
+            )
         raise self._error(where, status, raw, retry_after)
 
     def _error(self, where: str, status: int, raw: bytes, retry_after: str | None) -> V7Error:

@@ -102,6 +102,7 @@ class Registrar:
         self.options = dict(options) if options else None
         self._clock = clock or limiter.now
         self._rng: Rng = rng or random.Random()
+        stats.current_rate_per_s = limiter.rate
 
     def envelope(self, items: Sequence[ItemPlan]) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -1,0 +1,243 @@
+"""From listed objects to dataset items — pure: no I/O, no clock, deterministic.
+
+The same key always plans to the same ``(path, name)``: that identity is what makes re-runs and
+crash recovery safe. One ``ShardPlanner`` per listing shard, fed pages in key order.
+
+Grouping (multi-slot folders, DICOM series) holds a folder's objects until the listing has moved
+past the folder: all keys under ``a/b/`` are contiguous in key order, so only the chain of
+ancestor folders of the current key is ever held, and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ingest.config import Config, PlanConfig
+from ingest.model import ItemPlan, ItemType, ObjectInfo, Skip
+
+# What darwin-py accepts (darwin/datatypes.py: SUPPORTED_IMAGE/VIDEO_EXTENSIONS), lower-cased,
+# plus mkv/hevc/m4v which V7's video pipeline reads. Matching is case-insensitive.
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpeg", ".jpg", ".jfif", ".jpe", ".tif", ".tiff", ".bmp", ".svs", ".webp",
+     ".ndpi", ".rvg", ".qoi"}
+)
+VIDEO_EXTENSIONS = frozenset({".avi", ".bpm", ".mov", ".mp4", ".mkv", ".hevc", ".m4v"})
+PDF_EXTENSIONS = frozenset({".pdf"})
+DICOM_EXTENSIONS = frozenset({".dcm"})
+MAX_DICOM_SLICES = 10_000
+
+ROOT_ITEM_NAME = "root"  # name of a folder item made from files directly under the prefix
+
+
+def file_type(key: str) -> ItemType | None:
+    ext = posixpath.splitext(key)[1].lower()
+    if ext in IMAGE_EXTENSIONS:
+        return ItemType.IMAGE
+    if ext in VIDEO_EXTENSIONS:
+        return ItemType.VIDEO
+    if ext in PDF_EXTENSIONS:
+        return ItemType.PDF
+    if ext in DICOM_EXTENSIONS:
+        return ItemType.DICOM
+    return None
+
+
+def join_path(*parts: str) -> str:
+    """A dataset folder path: leading '/', no trailing '/', no empty segments."""
+    segs = [s for p in parts for s in p.split("/") if s]
+    return "/" + "/".join(segs)
+
+
+def request_options(plan: PlanConfig) -> dict[str, Any] | None:
+    return {"ignore_dicom_layout": True} if plan.ignore_dicom_layout else None
+
+
+def _fps(plan: PlanConfig) -> float | int | str:
+    if plan.fps == "native":
+        return "native"
+    v = float(plan.fps)
+    return int(v) if v.is_integer() else v
+
+
+@dataclass
+class _Group:
+    folder: str  # the folder's key prefix, "" or ending in "/"
+    members: list[ObjectInfo] = field(default_factory=list)
+    overflow: bool = False
+
+
+class ShardPlanner:
+    """Plans one shard's objects, fed in key order page by page."""
+
+    def __init__(
+        self,
+        plan: PlanConfig,
+        storage_key: Callable[[str], str],
+        *,
+        readonly: bool = False,
+        strip: str = "",
+    ) -> None:
+        self.plan = plan
+        self.storage_key = storage_key
+        self.readonly = readonly
+        self.strip = strip
+        self._stack: list[_Group] = []
+        self._fps = _fps(plan)
+
+    @property
+    def holding(self) -> bool:
+        """True while objects of an unfinished folder are held (not yet emitted)."""
+        return bool(self._stack)
+
+    # --- naming ---------------------------------------------------------------------------
+
+    def _rel(self, key: str) -> str:
+        return key[len(self.strip):] if self.strip and key.startswith(self.strip) else key
+
+    def _folder_path(self, rel_folder: str) -> str:
+        if not self.plan.preserve_folders:
+            return join_path(self.plan.root_path)
+        return join_path(self.plan.root_path, rel_folder)
+
+    def path_name(self, key: str) -> tuple[str, str]:
+        rel = self._rel(key)
+        folder, _, name = rel.rpartition("/")
+        return self._folder_path(folder), name
+
+    # --- feeding --------------------------------------------------------------------------
+
+    def feed(self, objs: Iterable[ObjectInfo]) -> list[ItemPlan | Skip]:
+        out: list[ItemPlan | Skip] = []
+        for obj in objs:
+            self._close_until(obj.key, out)
+            self._one(obj, out)
+        return out
+
+    def finish(self) -> list[ItemPlan | Skip]:
+        out: list[ItemPlan | Skip] = []
+        while self._stack:
+            self._emit_group(self._stack.pop(), out)
+        return out
+
+    def _close_until(self, key: str, out: list[ItemPlan | Skip]) -> None:
+        while self._stack and not key.startswith(self._stack[-1].folder):
+            self._emit_group(self._stack.pop(), out)
+
+    def _reject(self, obj: ObjectInfo) -> str | None:
+        if obj.key.endswith("/"):
+            return "folder marker"
+        if obj.key.startswith("/"):
+            return "key starts with '/': V7 storage keys cannot"
+        t = file_type(obj.key)
+        if t is None:
+            ext = posixpath.splitext(obj.key)[1]
+            return f"unsupported file type '{ext}'" if ext else "no file extension"
+        if obj.size == 0:
+            return "empty object (0 bytes)"
+        if self.readonly:
+            if t is ItemType.DICOM:
+                return "read-only storage: V7 does not accept DICOM; convert to images first"
+            if t is ItemType.VIDEO:
+                return "read-only storage: videos need local processing (not available yet)"
+            if t is ItemType.PDF:
+                return "read-only storage: PDFs need sections (not available yet)"
+            return "read-only storage: thumbnails and sizes are not produced yet"
+        return None
+
+    def _one(self, obj: ObjectInfo, out: list[ItemPlan | Skip]) -> None:
+        reason = self._reject(obj)
+        if reason is not None:
+            out.append(Skip(obj, reason))
+            return
+        t = file_type(obj.key)
+        grouped = self.plan.slots == "folder" or (
+            t is ItemType.DICOM and self.plan.dicom_series
+        )
+        if not grouped:
+            out.append(self._single(obj, t))  # type: ignore[arg-type]
+            return
+        folder = obj.key.rpartition("/")[0]
+        folder = folder + "/" if folder else ""
+        if not self._stack or self._stack[-1].folder != folder:
+            self._stack.append(_Group(folder))
+        g = self._stack[-1]
+        limit = MAX_DICOM_SLICES if self.plan.slots != "folder" else self.plan.max_slots
+        if g.overflow:
+            out.append(Skip(obj, self._overflow_reason(limit)))
+            return
+        g.members.append(obj)
+        if len(g.members) > limit:
+            g.overflow = True
+            out.extend(Skip(m, self._overflow_reason(limit)) for m in g.members)
+            g.members = []
+
+    def _overflow_reason(self, limit: int) -> str:
+        return f"folder has more than {limit} files for one item (plan.max_slots)"
+
+    # --- payloads ---------------------------------------------------------------------------
+
+    def _single(self, obj: ObjectInfo, t: ItemType) -> ItemPlan:
+        path, name = self.path_name(obj.key)
+        skey = self.storage_key(obj.key)
+        payload: dict[str, Any]
+        if t is ItemType.DICOM:
+            payload = {"path": path, "name": name, "slots": [self._slot(obj, t, "0")]}
+        else:
+            payload = {"path": path, "type": str(t), "storage_key": skey, "name": name}
+            if t is ItemType.VIDEO:
+                payload["fps"] = self._fps
+        return _item(path, name, payload, (obj.key,))
+
+    def _slot(self, obj: ObjectInfo, t: ItemType, slot_name: str) -> dict[str, Any]:
+        slot: dict[str, Any] = {
+            "slot_name": slot_name,
+            "type": str(t),
+            "storage_key": self.storage_key(obj.key),
+            "file_name": obj.key.rpartition("/")[2],
+        }
+        if t is ItemType.VIDEO:
+            slot["fps"] = self._fps
+        if t is ItemType.DICOM and self.plan.extract_views and slot_name == "0":
+            slot["extract_views"] = "true"
+        return slot
+
+    def _emit_group(self, g: _Group, out: list[ItemPlan | Skip]) -> None:
+        if not g.members:
+            return
+        rel_folder = self._rel(g.folder).rstrip("/")
+        parent, _, base = rel_folder.rpartition("/")
+        name = base or ROOT_ITEM_NAME
+        path = self._folder_path(parent)
+        slots: list[dict[str, Any]] = []
+        used: set[str] = set()
+        for m in g.members:
+            t = file_type(m.key)
+            assert t is not None
+            if t is ItemType.DICOM and self.plan.dicom_series:
+                slot_name = "0"  # slices of one series share slot "0"
+            else:
+                slot_name = m.key.rpartition("/")[2]
+                n = 1
+                base_name = slot_name
+                while slot_name in used or slot_name == "0":
+                    slot_name = f"{base_name}_{n}"
+                    n += 1
+            used.add(slot_name)
+            slots.append(self._slot(m, t, slot_name))
+        payload = {"path": path, "name": name, "slots": slots}
+        out.append(_item(path, name, payload, tuple(m.key for m in g.members)))
+
+
+def _item(path: str, name: str, payload: dict[str, Any], keys: tuple[str, ...]) -> ItemPlan:
+    return ItemPlan(path, name, payload, keys, size_hint=len(orjson.dumps(payload)))
+
+
+def make_shard_planner(
+    cfg: Config, storage_key: Callable[[str], str], readonly: bool
+) -> ShardPlanner:
+    return ShardPlanner(cfg.plan, storage_key, readonly=readonly, strip=cfg.strip)

@@ -1,0 +1,199 @@
+"""Amazon S3 (and any S3-compatible store) through aiobotocore.
+
+One client for the whole run, with explicit timeouts, bounded retries and a connection pool
+sized for the listing fan-out. Credentials come from the AWS default chain or a named profile;
+they never appear in messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiobotocore.session import AioSession
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from ingest.config import SourceConfig
+from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
+from ingest.model import ObjectInfo
+from ingest.sources import Page, Shard
+
+MULTIPART_THRESHOLD_BYTES = 64 * 1024 * 1024
+PART_BYTES = 16 * 1024 * 1024
+_NOT_FOUND = {"NoSuchBucket", "404", "NotFound"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+
+
+class S3Source:
+    provider = "aws"
+
+    def __init__(
+        self,
+        cfg: SourceConfig,
+        *,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+    ) -> None:
+        self.bucket = cfg.bucket
+        self.cfg = cfg
+        self._creds = (aws_access_key_id, aws_secret_access_key)
+        self._client: Any = None
+        self._ctx: Any = None
+        self._lock = asyncio.Lock()
+
+    def storage_key(self, key: str) -> str:
+        return key
+
+    async def _s3(self) -> Any:
+        async with self._lock:
+            if self._client is None:
+                session = AioSession(profile=self.cfg.profile or None)
+                boto_cfg = BotoConfig(
+                    connect_timeout=10,
+                    read_timeout=60,
+                    retries={"mode": "standard", "max_attempts": 5},
+                    max_pool_connections=max(10, self.cfg.list_concurrency * 2),
+                )
+                kwargs: dict[str, Any] = {"region_name": self.cfg.region or None, "config": boto_cfg}
+                if self.cfg.endpoint_url:
+                    kwargs["endpoint_url"] = self.cfg.endpoint_url
+                if self._creds[0]:
+                    kwargs["aws_access_key_id"] = self._creds[0]
+                    kwargs["aws_secret_access_key"] = self._creds[1]
+                self._ctx = session.create_client("s3", **kwargs)
+                self._client = await self._ctx.__aenter__()
+            return self._client
+
+    async def close(self) -> None:
+        if self._ctx is not None:
+            await self._ctx.__aexit__(None, None, None)
+            self._ctx = self._client = None
+
+    def _where(self) -> str:
+        return f" at {self.cfg.endpoint_url}" if self.cfg.endpoint_url else ""
+
+    def _map(self, e: Exception, what: str) -> SourceError:
+        if isinstance(e, ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code == "NoSuchKey":
+                return ObjectNotFound(f"{what}: no such object in bucket '{self.bucket}'")
+            if code in _NOT_FOUND:
+                return BucketNotFound(f"bucket '{self.bucket}' does not exist{self._where()}")
+            if code in _DENIED or status == 403:
+                return AccessDenied(
+                    f"access denied to bucket '{self.bucket}'{self._where()} ({code}): check the "
+                    "AWS credentials and the bucket policy"
+                )
+            return SourceRetryable(f"{what}: S3 error {code or status}")
+        if isinstance(e, EndpointConnectionError):
+            return SourceRetryable(f"cannot reach S3{self._where()}")
+        return SourceRetryable(f"{what}: {type(e).__name__}")
+
+    async def check_access(self) -> None:
+        s3 = await self._s3()
+        try:
+            await s3.head_bucket(Bucket=self.bucket)
+            await s3.list_objects_v2(Bucket=self.bucket, MaxKeys=1, Prefix=self.cfg.prefix)
+        except (ClientError, BotoCoreError) as e:
+            raise self._map(e, "check access") from None
+
+    async def list_pages(self, shard: Shard, checkpoint: str = "") -> AsyncIterator[Page]:
+        s3 = await self._s3()
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": shard.prefix,
+            "MaxKeys": self.cfg.page_size,
+        }
+        if not shard.recursive:
+            params["Delimiter"] = "/"
+        if checkpoint:
+            params["StartAfter"] = checkpoint
+        last = checkpoint
+        while True:
+            try:
+                resp = await s3.list_objects_v2(**params)
+            except (ClientError, BotoCoreError) as e:
+                raise self._map(e, f"list '{shard.prefix}'") from None
+            objects = [
+                ObjectInfo(
+                    key=o["Key"],
+                    size=int(o.get("Size", 0)),
+                    etag=str(o.get("ETag", "")).strip('"'),
+                    last_modified=o["LastModified"].isoformat() if "LastModified" in o else "",
+                )
+                for o in resp.get("Contents", [])
+            ]
+            prefixes = [p["Prefix"] for p in resp.get("CommonPrefixes", [])]
+            if objects:
+                last = objects[-1].key
+            truncated = bool(resp.get("IsTruncated"))
+            yield Page(objects, prefixes, last)
+            if not truncated:
+                return
+            params.pop("StartAfter", None)
+            params["ContinuationToken"] = resp["NextContinuationToken"]
+
+    async def read_range(self, key: str, start: int, end: int) -> bytes:
+        s3 = await self._s3()
+        try:
+            resp = await s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+            async with resp["Body"] as body:
+                return bytes(await body.read())
+        except (ClientError, BotoCoreError) as e:
+            raise self._map(e, f"read '{key}'") from None
+
+    async def download(self, key: str, dest: Path) -> None:
+        s3 = await self._s3()
+        try:
+            resp = await s3.get_object(Bucket=self.bucket, Key=key)
+            async with resp["Body"] as body:
+                with open(dest, "wb") as f:
+                    while chunk := await body.content.read(1024 * 1024):
+                        f.write(chunk)
+        except (ClientError, BotoCoreError) as e:
+            raise self._map(e, f"download '{key}'") from None
+
+    async def upload(
+        self,
+        key: str,
+        data: bytes | Path,
+        content_type: str,
+        content_encoding: str | None = None,
+    ) -> None:
+        s3 = await self._s3()
+        extra: dict[str, Any] = {"ContentType": content_type}
+        if content_encoding:
+            extra["ContentEncoding"] = content_encoding
+        try:
+            if isinstance(data, Path) and data.stat().st_size > MULTIPART_THRESHOLD_BYTES:
+                await self._multipart(s3, key, data, extra)
+                return
+            body = data.read_bytes() if isinstance(data, Path) else data
+            await s3.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
+        except (ClientError, BotoCoreError) as e:
+            raise self._map(e, f"upload '{key}'") from None
+
+    async def _multipart(self, s3: Any, key: str, path: Path, extra: dict[str, Any]) -> None:
+        mpu = await s3.create_multipart_upload(Bucket=self.bucket, Key=key, **extra)
+        parts = []
+        try:
+            with open(path, "rb") as f:
+                n = 1
+                while chunk := f.read(PART_BYTES):
+                    r = await s3.upload_part(
+                        Bucket=self.bucket, Key=key, UploadId=mpu["UploadId"], PartNumber=n,
+                        Body=chunk,
+                    )
+                    parts.append({"ETag": r["ETag"], "PartNumber": n})
+                    n += 1
+            await s3.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=mpu["UploadId"],
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            await s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=mpu["UploadId"])
+            raise
