@@ -1,0 +1,385 @@
+"""The emulator's HTTP side (aiohttp): auth, rate limiting, latency, faults, counters, admin API.
+
+Admin endpoints (no auth), for tests and benchmarks:
+  GET  /_emulator/state            counters and settings
+  POST /_emulator/reset            forget items and counters
+  POST /_emulator/config           change settings at run time: {"rate_per_s": 20, ...}
+  POST /_emulator/faults           queue faults for the next register requests:
+                                   {"kind": "5xx"|"reset"|"stall"|"commit_then_fail"|"429", "count": N}
+  POST /_emulator/datasets         {"slug": "...", "name"?: "..."}
+  POST /_emulator/storage          {"name", "provider", "bucket", "prefix", "readonly", "default"}
+  GET  /_emulator/items?dataset=S  every item of a dataset (name, path, slots)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ingest.emulator.store import Invalid, NotFound, StorageConfig, Store
+
+FAULT_KINDS = ("5xx", "reset", "stall", "commit_then_fail", "429")
+
+
+@dataclass
+class EmulatorConfig:
+    api_key: str = "emulator-key"
+    team: str = "emulator-team"
+    rate_per_s: float = 0.0  # register requests per second per key; 0 = unlimited
+    burst: float = 1.0  # token bucket depth
+    rate_all_endpoints: bool = False  # since 2025 V7 limits every endpoint; off by default
+    retry_after: str = "ceil"  # "ceil" (integer seconds, as HTTP says), "exact", "none", or N
+    latency_ms: float = 0.0  # added before every answer
+    jitter_ms: float = 0.0  # uniform extra latency
+    p_5xx: float = 0.0  # probabilities per register request
+    p_reset: float = 0.0
+    p_stall: float = 0.0
+    p_commit_then_fail: float = 0.0
+    stall_s: float = 30.0
+    max_items_per_request: int = 500
+    max_body_bytes: int = 5_000_000
+    quota_exceeded: bool = False  # answer 429 INSUFFICIENT_REMAINING_STORAGE to registrations
+    seed: int = 0
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, max(burst, 1.0)
+        self.tokens, self.at = self.burst, now
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken, else seconds until one is available."""
+        if self.rate <= 0:
+            return 0.0
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class Emulator:
+    def __init__(self, cfg: EmulatorConfig, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.store = store or Store.default()
+        self.store.team = cfg.team
+        self.store.max_items_per_request = cfg.max_items_per_request
+        self.rng = random.Random(cfg.seed)
+        self.started = time.monotonic()
+        self.fault_queue: collections.deque[str] = collections.deque()
+        self.reset_counters()
+        self.bucket = TokenBucket(cfg.rate_per_s, cfg.burst, time.monotonic())
+
+    def reset_counters(self) -> None:
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.blocked: collections.Counter[str] = collections.Counter()
+        self.register_requests = 0
+        self.rate_limited = 0
+        self.items_registered = 0
+        self.items_received = 0
+        self.timeline: collections.deque[tuple[float, int]] = collections.deque(maxlen=500_000)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.cfg),
+            "counters": {
+                "register_requests": self.register_requests,
+                "rate_limited": self.rate_limited,
+                "items_registered": self.items_registered,
+                "items_received": self.items_received,
+                "items_stored": len(self.store.items),
+                "items_blocked": dict(self.blocked),
+                "faults": dict(self.faults),
+                "requests": dict(self.requests),
+            },
+            "timeline": list(self.timeline),
+        }
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+        return web.Response(body=orjson.dumps(doc), status=status, headers=headers,
+                            content_type="application/json")
+
+    def _error(self, status: int, code: str, message: str, field: str = "",
+               headers: dict[str, str] | None = None) -> web.Response:
+        err: dict[str, Any] = {"code": code, "message": message}
+        if field:
+            err["field"] = field
+        return self._json({"errors": err}, status, headers)
+
+    def _retry_after(self, wait_s: float) -> dict[str, str]:
+        mode = self.cfg.retry_after
+        if mode == "none":
+            return {}
+        if mode == "ceil":
+            return {"Retry-After": str(max(1, math.ceil(wait_s)))}
+        if mode == "exact":
+            return {"Retry-After": f"{wait_s:.3f}"}
+        return {"Retry-After": mode}
+
+    async def _latency(self) -> None:
+        d = self.cfg.latency_ms + (self.rng.uniform(0, self.cfg.jitter_ms) if self.cfg.jitter_ms else 0)
+        if d > 0:
+            await asyncio.sleep(d / 1000)
+
+    # --- middleware: auth, rate limit, latency, counters ------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/_emulator/"):
+            return await handler(request)  # type: ignore[no-any-return]
+        register = request.path.endswith(("/register_existing", "/register_existing_readonly"))
+        label = request.path.rsplit("/", 1)[-1] if register else request.path
+        now = time.monotonic()
+        if register:
+            self.register_requests += 1
+        resp: web.StreamResponse
+        if request.headers.get("Authorization") != f"ApiKey {self.cfg.api_key}":
+            resp = self._error(401, "UNAUTHORIZED", "invalid API key")
+        elif (register or self.cfg.rate_all_endpoints) and (wait := self.bucket.take(now)) > 0:
+            self.rate_limited += 1
+            resp = self._error(429, "RATE_LIMITED", "rate limit exceeded",
+                               headers=self._retry_after(wait))
+        else:
+            resp = await handler(request)
+        await self._latency()
+        self.requests[f"{request.method} {label} {resp.status}"] += 1
+        if register:
+            self.timeline.append((round(now - self.started, 4), resp.status))
+        return resp
+
+    # --- V7 endpoints ---------------------------------------------------------------------
+
+    def _team_ok(self, request: web.Request) -> web.Response | None:
+        if request.match_info["team"] != self.cfg.team:
+            return self._error(404, "NOT_FOUND", f"team '{request.match_info['team']}' not found")
+        return None
+
+    async def token_info(self, request: web.Request) -> web.Response:
+        return self._json({"selected_team": {"slug": self.cfg.team},
+                           "user": {"id": 1, "email": "emulator@example.com"}})
+
+    async def datasets(self, request: web.Request) -> web.Response:
+        return self._json([d.public() for d in self.store.datasets.values()])
+
+    async def storage(self, request: web.Request) -> web.Response:
+        if (bad := self._team_ok(request)) is not None:
+            return bad
+        return self._json([s.public() for s in self.store.storage.values()])
+
+    async def register(self, request: web.Request) -> web.StreamResponse:
+        if (bad := self._team_ok(request)) is not None:
+            return bad
+        readonly = request.path.endswith("_readonly")
+        if request.content_length and request.content_length > self.cfg.max_body_bytes:
+            return self._error(413, "PAYLOAD_TOO_LARGE", "request body too large")
+        raw = await request.read()
+        if len(raw) > self.cfg.max_body_bytes:
+            return self._error(413, "PAYLOAD_TOO_LARGE", "request body too large")
+        if self.cfg.quota_exceeded:
+            return self._error(429, "INSUFFICIENT_REMAINING_STORAGE", "storage quota exceeded")
+        fault = self._fault()
+        if fault == "429":
+            self.rate_limited += 1
+            return self._error(429, "RATE_LIMITED", "rate limit exceeded",
+                               headers=self._retry_after(1.0 / max(self.cfg.rate_per_s, 1.0)))
+        if fault == "5xx":
+            return self._error(self.rng.choice((500, 502, 503)), "SERVER_ERROR", "injected")
+        if fault == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("injected reset")
+        if fault == "stall":
+            await asyncio.sleep(self.cfg.stall_s)
+            return self._error(503, "SERVER_ERROR", "stalled")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return self._error(400, "BAD_REQUEST", "request body is not valid JSON")
+        try:
+            ds, items = self.store.check_envelope(body, readonly)
+        except Invalid as e:
+            return self._error(e.status, "VALIDATION_ERROR", e.message, e.field)
+        except NotFound as e:
+            return self._error(404, "NOT_FOUND", str(e))
+        self.items_received += len(items)
+        result = self.store.register(ds, items)
+        self.items_registered += len(result["items"])
+        for b in result["blocked_items"]:
+            for s in b["slots"]:
+                self.blocked[s["reason"]] += 1
+        if fault == "commit_then_fail":
+            return self._error(502, "BAD_GATEWAY", "injected failure after commit")
+        return self._json(result)
+
+    def _fault(self) -> str | None:
+        if self.fault_queue:
+            kind = self.fault_queue.popleft()
+        else:
+            r = self.rng.random()
+            kind = None
+            for name, p in (("5xx", self.cfg.p_5xx), ("reset", self.cfg.p_reset),
+                            ("stall", self.cfg.p_stall),
+                            ("commit_then_fail", self.cfg.p_commit_then_fail)):
+                if r < p:
+                    kind = name
+                    break
+                r -= p
+        if kind:
+            self.faults[kind] += 1
+        return kind
+
+    async def list_items(self, request: web.Request) -> web.Response:
+        if (bad := self._team_ok(request)) is not None:
+            return bad
+        q = request.query
+        try:
+            size = int(q.get("page[size]", "100"))
+            start = int(q.get("page[from]", "0") or 0)
+            ids = [int(v) for v in q.getall("dataset_ids[]", [])] or [
+                d.id for d in self.store.datasets.values()
+            ]
+        except ValueError:
+            return self._error(422, "VALIDATION_ERROR", "bad paging parameters", "page")
+        return self._json(self.store.list_items(ids[0], min(size, 500), start))
+
+    # --- admin ---------------------------------------------------------------------------
+
+    async def admin_state(self, request: web.Request) -> web.Response:
+        return self._json(self.state())
+
+    async def admin_reset(self, request: web.Request) -> web.Response:
+        self.store.clear_items()
+        self.reset_counters()
+        self.fault_queue.clear()
+        return self._json({"ok": True})
+
+    async def admin_config(self, request: web.Request) -> web.Response:
+        patch = orjson.loads(await request.read() or b"{}")
+        names = {f.name: f.type for f in fields(EmulatorConfig)}
+        for k, v in patch.items():
+            if k not in names:
+                return self._error(422, "VALIDATION_ERROR", f"unknown setting {k!r}", k)
+            setattr(self.cfg, k, v)
+        self.bucket = TokenBucket(self.cfg.rate_per_s, self.cfg.burst, time.monotonic())
+        self.store.max_items_per_request = self.cfg.max_items_per_request
+        return self._json(asdict(self.cfg))
+
+    async def admin_faults(self, request: web.Request) -> web.Response:
+        doc = orjson.loads(await request.read())
+        if doc.get("kind") not in FAULT_KINDS:
+            return self._error(422, "VALIDATION_ERROR", f"kind must be one of {FAULT_KINDS}", "kind")
+        self.fault_queue.extend([doc["kind"]] * int(doc.get("count", 1)))
+        return self._json({"queued": len(self.fault_queue)})
+
+    async def admin_datasets(self, request: web.Request) -> web.Response:
+        doc = orjson.loads(await request.read())
+        return self._json(self.store.add_dataset(doc["slug"], doc.get("name", "")).public())
+
+    async def admin_storage(self, request: web.Request) -> web.Response:
+        doc = orjson.loads(await request.read())
+        known = {f.name for f in fields(StorageConfig)}
+        self.store.add_storage(StorageConfig(**{k: v for k, v in doc.items() if k in known}))
+        return self._json({"ok": True})
+
+    async def admin_items(self, request: web.Request) -> web.Response:
+        ds = self.store.datasets.get(request.query.get("dataset", "demo-dataset"))
+        if ds is None:
+            return self._error(404, "NOT_FOUND", "dataset not found")
+        return self._json({"items": self.store.order.get(ds.id, [])})
+
+
+def make_app(cfg: EmulatorConfig | None = None, store: Store | None = None) -> web.Application:
+    emu = Emulator(cfg or EmulatorConfig(), store)
+    app = web.Application(middlewares=[emu.middleware], client_max_size=64 * 1024 * 1024)
+    app["emulator"] = emu
+    r = app.router
+    r.add_get("/api/users/token_info", emu.token_info)
+    r.add_get("/api/datasets", emu.datasets)
+    r.add_get("/api/teams/{team}/storage", emu.storage)
+    r.add_post("/api/v2/teams/{team}/items/register_existing", emu.register)
+    r.add_post("/api/v2/teams/{team}/items/register_existing_readonly", emu.register)
+    r.add_get("/api/v2/teams/{team}/items", emu.list_items)
+    r.add_get("/_emulator/state", emu.admin_state)
+    r.add_post("/_emulator/reset", emu.admin_reset)
+    r.add_post("/_emulator/config", emu.admin_config)
+    r.add_post("/_emulator/faults", emu.admin_faults)
+    r.add_post("/_emulator/datasets", emu.admin_datasets)
+    r.add_post("/_emulator/storage", emu.admin_storage)
+    r.add_get("/_emulator/items", emu.admin_items)
+    return app
+
+
+async def serve(cfg: EmulatorConfig, host: str, port: int) -> None:
+    runner = web.AppRunner(make_app(cfg), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    print(f"emulator listening on http://{host}:{port}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="register requests per second (token bucket); 0 = unlimited")
+    p.add_argument("--burst", type=float, default=1.0, help="token bucket depth (requests)")
+    p.add_argument("--retry-after", default="ceil",
+                   help="Retry-After on 429: ceil (integer seconds), exact, none, or a number")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
+    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--p-5xx", type=float, default=0.0, help="probability of a 5xx per request")
+    p.add_argument("--p-reset", type=float, default=0.0, help="probability of a connection reset")
+    p.add_argument("--p-stall", type=float, default=0.0, help="probability of a stall")
+    p.add_argument("--stall-s", type=float, default=30.0)
+    p.add_argument("--p-commit-then-fail", type=float, default=0.0,
+                   help="probability of storing the items and answering 502")
+    p.add_argument("--max-items", type=int, default=500, help="items allowed per request")
+    p.add_argument("--api-key", default="emulator-key")
+    p.add_argument("--team", default="emulator-team")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
+    return EmulatorConfig(
+        api_key=ns.api_key, team=ns.team, rate_per_s=ns.rate, burst=ns.burst,
+        retry_after=ns.retry_after, latency_ms=ns.latency_ms, jitter_ms=ns.jitter_ms,
+        p_5xx=ns.p_5xx, p_reset=ns.p_reset, p_stall=ns.p_stall, stall_s=ns.stall_s,
+        p_commit_then_fail=ns.p_commit_then_fail, max_items_per_request=ns.max_items,
+        seed=ns.seed,
+    )
+
+
+def main_from_args(ns: argparse.Namespace) -> int:
+    cfg = config_from_args(ns)
+    try:
+        try:
+            import uvloop
+
+            uvloop.run(serve(cfg, ns.host, ns.port))
+        except ImportError:  # pragma: no cover
+            asyncio.run(serve(cfg, ns.host, ns.port))
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        print(f"error: cannot listen on {ns.host}:{ns.port}: {e.strerror}", file=sys.stderr)
+        return 2
+    return 0
