@@ -85,7 +85,9 @@ def make_app(ks: Keyspace) -> web.Application:
                 j += 1
                 count += 1
             truncated = j < ks.n and ks.key(j).startswith(prefix)
-        token = f"<NextContinuationToken>{escape(last)}</NextContinuationToken>" if truncated else ""
+        token = (
+            f"<NextContinuationToken>{escape(last)}</NextContinuationToken>" if truncated else ""
+        )
         body = (
             '<?xml version="1.0" encoding="UTF-8"?>'
             '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'

@@ -35,6 +35,7 @@ log = logging.getLogger("ingest")
 
 # --- argument parsing ----------------------------------------------------------------------------
 
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="TOML config file (see config/*.toml)")
     p.add_argument(
@@ -54,7 +55,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ledger", help="override ledger.path")
     p.add_argument("--rate", type=float, help="override rate.requests_per_s")
     p.add_argument("--batch-size", type=int, help="override batch.max_items")
-    p.add_argument("--log-format", choices=["auto", "json", "text"], help="override output.log_format")
+    p.add_argument(
+        "--log-format", choices=["auto", "json", "text"], help="override output.log_format"
+    )
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
 
 
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         help="dry run: write the exact request payloads it would send (JSONL); sends nothing",
         description="List and plan like `run`, but send nothing and write nothing to the ledger. "
-        "Each output line is one request: {\"endpoint\", \"body\"}. Items the ledger already "
+        'Each output line is one request: {"endpoint", "body"}. Items the ledger already '
         "records as done are left out.",
     )
     _common(p)
@@ -155,6 +158,7 @@ def load_config(ns: argparse.Namespace) -> config.Config:
 
 # --- commands ------------------------------------------------------------------------------------
 
+
 def _exit_code(stats: Stats, stopped_early: bool) -> int:
     if stopped_early:
         return EXIT_INTERRUPTED
@@ -193,15 +197,21 @@ async def _run(cfg: config.Config, *, retry_blocked: str | None, retry: bool) ->
         return _exit_code(engine.stats, result.stopped_early)
 
 
-async def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
+def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
     from ingest.engine import plan_only
+    from ingest.ledger import Ledger
 
-    out = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+    done = Ledger(cfg.ledger.path, cfg.job) if Path(cfg.ledger.path).exists() else None
+    out = sys.stdout.buffer if output == "-" else Path(output).open("wb")  # noqa: SIM115
     try:
-        n_requests, n_items, n_skipped = await plan_only(cfg, out, readonly_hint=readonly_flag)
+        n_requests, n_items, n_skipped = _loop_runner()(
+            plan_only(cfg, out, readonly_hint=readonly_flag, ledger=done)
+        )
     finally:
         if out is not sys.stdout.buffer:
             out.close()
+        if done is not None:
+            done.close()
     where = "stdout" if output == "-" else output
     print(
         f"planned {n_items:,} items in {n_requests:,} requests ({n_skipped:,} objects skipped) "
@@ -229,7 +239,7 @@ def _status(cfg: config.Config, as_json: bool) -> int:
     for run in st.last_runs:
         print(f"run {run}")
     for reason, n in st.failures_by_reason:
-        print(f"  {n:,} × {reason}")
+        print(f"  {n:,} x {reason}")
     return EXIT_OK
 
 
@@ -274,9 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup(cfg.output.log_format)
         if ns.command in ("run", "retry"):
             config.require_for_run(cfg)
-            return _asyncio_run(_run(cfg, retry_blocked=getattr(ns, "blocked", None), retry=ns.command == "retry"))
+            return _asyncio_run(
+                _run(cfg, retry_blocked=getattr(ns, "blocked", None), retry=ns.command == "retry")
+            )
         if ns.command == "plan":
-            return _asyncio_run(_plan(cfg, ns.output or cfg.output.plan_output, ns.readonly))
+            return _plan(cfg, ns.output or cfg.output.plan_output, ns.readonly)
         if ns.command == "status":
             return _status(cfg, ns.json)
         if ns.command == "report":
@@ -293,13 +305,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_CONFIG
 
 
-def _asyncio_run(coro: Any) -> int:
+def _loop_runner() -> Any:
+    """uvloop's runner where available (INGEST_NO_UVLOOP=1 forces asyncio's own loop)."""
+    if os.environ.get("INGEST_NO_UVLOOP"):
+        return asyncio.run
     try:
         import uvloop
-
-        runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        runner = asyncio.run
-    if os.environ.get("INGEST_NO_UVLOOP"):
-        runner = asyncio.run
-    return int(runner(coro))
+        return asyncio.run
+    return uvloop.run
+
+
+def _asyncio_run(coro: Any) -> int:
+    return int(_loop_runner()(coro))

@@ -54,7 +54,9 @@ class SourceConfig:
 class PlanConfig:
     root_path: str = "/"  # dataset folder everything lands under
     preserve_folders: bool = True  # mirror the key's folders below root_path
-    strip_prefix: str = ""  # removed from the key before folders are derived; "auto" = source.prefix
+    strip_prefix: str = (
+        ""  # removed from the key before folders are derived; "auto" = source.prefix
+    )
     slots: SlotGrouping = "none"  # none: one item per object; folder: one item per folder
     manifest: str = ""  # CSV/JSONL with item_name, slot_name, key (slots = "manifest")
     dicom_series: bool = True  # .dcm files of one folder become slices of one series (slot "0")
@@ -125,7 +127,9 @@ class Config:
         return self.source.prefix if self.plan.strip_prefix == "auto" else self.plan.strip_prefix
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "api_key"}  # type: ignore[misc]
+SECTIONS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(Config) if f.name != "api_key"
+)
 
 
 def _coerce(section: str, name: str, typ: Any, value: Any) -> Any:
@@ -134,7 +138,9 @@ def _coerce(section: str, name: str, typ: Any, value: Any) -> Any:
     if origin is Literal:
         allowed = get_args(typ)
         if value not in allowed:
-            raise ConfigError(f"config: {where} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(
+                f"config: {where} = {value!r} is not one of {', '.join(map(repr, allowed))}"
+            )
         return value
     if typ is bool:
         if isinstance(value, bool):
@@ -178,9 +184,7 @@ def _apply(cfg: Config, section: str, values: dict[str, Any]) -> None:
     hints = get_type_hints(type(target))
     for name, value in values.items():
         if name not in hints:
-            raise ConfigError(
-                f"config: unknown field {section}.{name} (known: {', '.join(hints)})"
-            )
+            raise ConfigError(f"config: unknown field {section}.{name} (known: {', '.join(hints)})")
         setattr(target, name, _coerce(section, name, hints[name], value))
 
 
@@ -218,12 +222,14 @@ def validate(cfg: Config) -> None:
                 raise ValueError
         except ValueError:
             raise ConfigError(
-                f"config: plan.fps must be \"native\" or a number >= 0, got {cfg.plan.fps!r}"
+                f'config: plan.fps must be "native" or a number >= 0, got {cfg.plan.fps!r}'
             ) from None
     if not cfg.plan.root_path.startswith("/"):
         raise ConfigError(f"config: plan.root_path must start with '/', got {cfg.plan.root_path!r}")
     if cfg.plan.slots == "manifest" and not cfg.plan.manifest:
-        raise ConfigError("config: plan.slots = \"manifest\" needs plan.manifest = <path to CSV/JSONL>")
+        raise ConfigError(
+            'config: plan.slots = "manifest" needs plan.manifest = <path to CSV/JSONL>'
+        )
     if cfg.batch.max_items < 1:
         raise ConfigError("config: batch.max_items must be >= 1")
     if cfg.batch.max_bytes < 1024:

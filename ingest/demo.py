@@ -58,8 +58,18 @@ def seed(endpoint: str, keys: list[str]) -> None:
 
 def start_emulator(port: int, rate: float) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ingest", "emulator", "--host", "127.0.0.1", "--port", str(port),
-         "--rate", str(rate)],
+        [
+            sys.executable,
+            "-m",
+            "ingest",
+            "emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--rate",
+            str(rate),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -132,20 +142,29 @@ def main() -> int:
         seed(s3_url, keys)
         cfg = work / "demo.toml"
         write_config(cfg, s3_url, v7_url, ledger)
-        env = dict(os.environ, DARWIN_API_KEY=API_KEY, AWS_ACCESS_KEY_ID="testing",
-                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        env = dict(
+            os.environ,
+            DARWIN_API_KEY=API_KEY,
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         cmd = [sys.executable, "-m", "ingest", "run", "--config", str(cfg)]
-        print(f"== ingest run --config {cfg}   (V7 emulator at {v7_url}, {ns.rate:g} req/s)",
-              flush=True)
+        print(
+            f"== ingest run --config {cfg}   (V7 emulator at {v7_url}, {ns.rate:g} req/s)",
+            flush=True,
+        )
         first = subprocess.run(cmd, env=env, check=False)
         before = emulator_state(v7_url)
-        print("== the same command again: everything is in the ledger, nothing is re-sent",
-              flush=True)
+        print(
+            "== the same command again: everything is in the ledger, nothing is re-sent", flush=True
+        )
         second = subprocess.run(cmd, env=env, check=False)
         after = emulator_state(v7_url)
         print("== ingest status", flush=True)
-        subprocess.run([sys.executable, "-m", "ingest", "status", "--config", str(cfg)],
-                       env=env, check=False)
+        subprocess.run(
+            [sys.executable, "-m", "ingest", "status", "--config", str(cfg)], env=env, check=False
+        )
         counters = after.get("counters", after)
         sent_again = _register_requests(after) - _register_requests(before)
         print(

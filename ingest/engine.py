@@ -11,7 +11,6 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 import orjson
@@ -113,16 +112,16 @@ async def open_engine(cfg: Config) -> AsyncIterator[Engine]:
             stats = Stats()
             registrar = make_registrar(cfg, client, target, stats)
             with Ledger(cfg.ledger.path, cfg.job) as ledger:
-                pipeline = Pipeline(
-                    cfg, source, ledger, registrar, stats, readonly=target.readonly
-                )
+                pipeline = Pipeline(cfg, source, ledger, registrar, stats, readonly=target.readonly)
                 set_run_id(f"{cfg.job}")
                 yield Engine(cfg, source, ledger, target, stats, pipeline)
     finally:
         await client.close()
 
 
-async def plan_only(cfg: Config, out: IO[bytes], *, readonly_hint: bool = False) -> tuple[int, int, int]:
+async def plan_only(
+    cfg: Config, out: IO[bytes], *, readonly_hint: bool = False, ledger: Ledger | None = None
+) -> tuple[int, int, int]:
     """`ingest plan`: list and plan, write one JSONL line per request it would send.
 
     Sends nothing and writes nothing to the ledger. When V7 is reachable (a key is set) the
@@ -137,13 +136,9 @@ async def plan_only(cfg: Config, out: IO[bytes], *, readonly_hint: bool = False)
             team, readonly = target.team, target.readonly
         finally:
             await client.close()
-    endpoint = (
-        f"v2/teams/{team}/items/register_existing" + ("_readonly" if readonly else "")
-    )
+    endpoint = f"v2/teams/{team}/items/register_existing" + ("_readonly" if readonly else "")
     options = request_options(cfg.plan)
-    done: Ledger | None = None
-    if Path(cfg.ledger.path).exists():
-        done = Ledger(cfg.ledger.path, cfg.job)
+    done = ledger
     n_requests = n_items = n_skipped = 0
 
     def emit(batch: list[ItemPlan]) -> None:
@@ -160,33 +155,27 @@ async def plan_only(cfg: Config, out: IO[bytes], *, readonly_hint: bool = False)
         n_items += len(batch)
 
     builder = BatchBuilder(cfg.batch.max_items, cfg.batch.max_bytes, cfg.batch.max_wait_s)
-    try:
-        async with open_source(cfg) as source:
-            await check_source(source)
-            planning = Planning(cfg, source, readonly)
-            shards = await discover_shards(source, cfg.source.prefix, cfg.source.fanout_depth)
-            listing = iter_shard_pages(
-                source, shards, {}, set(), cfg.source.list_concurrency
-            )
-            async with contextlib.aclosing(listing) as pages:
-                async for sp in pages:
-                    plans, _cp = planning.plan_page(sp)
-                    for p in plans:
-                        if isinstance(p, Skip):
-                            n_skipped += 1
-                            continue
-                        if done is not None and done.item_state(p.path, p.name) in (
-                            State.REGISTERED,
-                            State.BLOCKED,
-                        ):
-                            continue
-                        # Order is all that matters in a dry run: no clock, no early flush.
-                        for batch in builder.add(p, 0.0):
-                            emit(batch)
-            rest = builder.flush()
-            if rest:
-                emit(rest)
-    finally:
-        if done is not None:
-            done.close()
+    async with open_source(cfg) as source:
+        await check_source(source)
+        planning = Planning(cfg, source, readonly)
+        shards = await discover_shards(source, cfg.source.prefix, cfg.source.fanout_depth)
+        listing = iter_shard_pages(source, shards, {}, set(), cfg.source.list_concurrency)
+        async with contextlib.aclosing(listing) as pages:
+            async for sp in pages:
+                plans, _cp = planning.plan_page(sp)
+                for p in plans:
+                    if isinstance(p, Skip):
+                        n_skipped += 1
+                        continue
+                    if done is not None and done.item_state(p.path, p.name) in (
+                        State.REGISTERED,
+                        State.BLOCKED,
+                    ):
+                        continue
+                    # Order is all that matters in a dry run: no clock, no early flush.
+                    for batch in builder.add(p, 0.0):
+                        emit(batch)
+        rest = builder.flush()
+        if rest:
+            emit(rest)
     return n_requests, n_items, n_skipped

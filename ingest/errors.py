@@ -2,7 +2,8 @@
 
 A caller decides what to do from the class alone:
 
-- ``ConfigError`` / ``PreflightError``: fatal before any work; the message is one line naming the fix.
+- ``ConfigError`` / ``PreflightError``: fatal before any work; the message is one line naming
+  the fix.
 - ``V7Error`` subclasses split into *retryable* (``Retry`` and its children: rate limit, 5xx,
   transport) and *final* (auth, not found, quota, rejected payload).
 - ``SourceError`` for the bucket side, same split.

@@ -236,8 +236,15 @@ class Ledger:
                 cur = db.execute(
                     "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at) "
                     "VALUES (?,?,?,?,?,'PLANNED',?,?) ON CONFLICT(job, path, name) DO NOTHING",
-                    (job, p.path, p.name, orjson.dumps(p.payload), orjson.dumps(list(p.keys)),
-                     self._run_id, now),
+                    (
+                        job,
+                        p.path,
+                        p.name,
+                        orjson.dumps(p.payload),
+                        orjson.dumps(list(p.keys)),
+                        self._run_id,
+                        now,
+                    ),
                 )
                 if cur.rowcount == 1:
                     item_id = cur.lastrowid
@@ -276,8 +283,16 @@ class Ledger:
                 "INSERT INTO items(job, path, name, payload, keys, state, reason, run_id, "
                 "updated_at) VALUES (?,?,?,?,?,'FAILED',?,?,?) "
                 "ON CONFLICT(job, path, name) DO NOTHING",
-                (self.job, plan.path, plan.name, orjson.dumps(plan.payload),
-                 orjson.dumps(list(plan.keys)), reason, self._run_id, time.time()),
+                (
+                    self.job,
+                    plan.path,
+                    plan.name,
+                    orjson.dumps(plan.payload),
+                    orjson.dumps(list(plan.keys)),
+                    reason,
+                    self._run_id,
+                    time.time(),
+                ),
             )
 
     def pending_items(self, batch: int = CHUNK) -> Iterator[tuple[ItemPlan, int]]:
@@ -321,8 +336,10 @@ class Ledger:
             self.db.executemany(
                 "UPDATE items SET state=?, v7_id=?, reason=?, updated_at=? "
                 "WHERE job=? AND path=? AND name=?",
-                [(str(o.state), o.v7_id, o.reason, now, self.job, o.path, o.name)
-                 for o in outcomes],
+                [
+                    (str(o.state), o.v7_id, o.reason, now, self.job, o.path, o.name)
+                    for o in outcomes
+                ],
             )
 
     def requeue_failed(self, blocked_reason: str | None = None) -> int:

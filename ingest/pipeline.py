@@ -158,14 +158,16 @@ class Pipeline:
         )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._produce(resume_listing, list_bucket), name="produce")
-            tg.create_task(
-                run_batcher(self.items, self.batches, builder, self._clock), name="batcher"
-            )
+            tg.create_task(self._batch(builder), name="batcher")
             senders = [
                 tg.create_task(self._send_loop(), name=f"sender-{i}")
                 for i in range(self.cfg.rate.max_in_flight)
             ]
             await asyncio.gather(*senders)
+
+    async def _batch(self, builder: BatchBuilder) -> None:
+        await run_batcher(self.items, self.batches, builder, self._clock)
+        await self.batches.put(None)  # the senders stop when they see it
 
     async def _produce(self, resume_listing: bool, list_bucket: bool) -> None:
         try:

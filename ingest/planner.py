@@ -23,8 +23,21 @@ from ingest.model import ItemPlan, ItemType, ObjectInfo, Skip
 # What darwin-py accepts (darwin/datatypes.py: SUPPORTED_IMAGE/VIDEO_EXTENSIONS), lower-cased,
 # plus mkv/hevc/m4v which V7's video pipeline reads. Matching is case-insensitive.
 IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpeg", ".jpg", ".jfif", ".jpe", ".tif", ".tiff", ".bmp", ".svs", ".webp",
-     ".ndpi", ".rvg", ".qoi"}
+    {
+        ".png",
+        ".jpeg",
+        ".jpg",
+        ".jfif",
+        ".jpe",
+        ".tif",
+        ".tiff",
+        ".bmp",
+        ".svs",
+        ".webp",
+        ".ndpi",
+        ".rvg",
+        ".qoi",
+    }
 )
 VIDEO_EXTENSIONS = frozenset({".avi", ".bpm", ".mov", ".mp4", ".mkv", ".hevc", ".m4v"})
 PDF_EXTENSIONS = frozenset({".pdf"})
@@ -97,7 +110,7 @@ class ShardPlanner:
     # --- naming ---------------------------------------------------------------------------
 
     def _rel(self, key: str) -> str:
-        return key[len(self.strip):] if self.strip and key.startswith(self.strip) else key
+        return key[len(self.strip) :] if self.strip and key.startswith(self.strip) else key
 
     def _folder_path(self, rel_folder: str) -> str:
         if not self.plan.preserve_folders:
@@ -155,9 +168,7 @@ class ShardPlanner:
             out.append(Skip(obj, reason))
             return
         t = file_type(obj.key)
-        grouped = self.plan.slots == "folder" or (
-            t is ItemType.DICOM and self.plan.dicom_series
-        )
+        grouped = self.plan.slots == "folder" or (t is ItemType.DICOM and self.plan.dicom_series)
         if not grouped:
             out.append(self._single(obj, t))  # type: ignore[arg-type]
             return

@@ -85,12 +85,12 @@ async def check_v7(cfg: Config, api: V7Api) -> Target:
     if cfg.v7.mode == "readwrite" and readonly:
         raise PreflightError(
             f"storage configuration '{cfg.v7.storage}' is read-only in V7 but v7.mode = "
-            "\"readwrite\": use mode \"readonly\" (or \"auto\")"
+            '"readwrite": use mode "readonly" (or "auto")'
         )
     if cfg.v7.mode == "readonly" and not readonly:
         raise PreflightError(
             f"storage configuration '{cfg.v7.storage}' is read-write in V7 but v7.mode = "
-            "\"readonly\": use mode \"readwrite\" (or \"auto\")"
+            '"readonly": use mode "readwrite" (or "auto")'
         )
     provider = str(sc.get("provider", ""))
     if provider and cfg.source.provider != "local" and provider != cfg.source.provider:

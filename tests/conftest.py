@@ -3,6 +3,7 @@ V7 emulator process per test."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,10 @@ from typing import Any
 import pytest
 
 from tests.support.e2e import Emulator, emulator_process, free_port
+
+
+# moto's server logs every request through werkzeug: keep test output readable.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +35,11 @@ def s3_client(url: str) -> Any:
     import boto3
 
     return boto3.client(
-        "s3", endpoint_url=url, region_name="us-east-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
 
 

@@ -315,7 +315,7 @@ async def test_a_redirect_is_not_followed_and_says_what_to_fix(
         return web.Response(status=301, headers={"Location": "https://v7.example/api/datasets"})
 
     v7.handler = handler
-    with pytest.raises(V7Error, match="redirects to https://v7.example/api/datasets") as info:
+    with pytest.raises(V7Error, match=r"redirects to https://v7\.example/api/datasets") as info:
         await client.datasets()
     assert not info.value.retryable
     assert type(info.value) is V7Error  # neither retried nor bisected: fatal for a run

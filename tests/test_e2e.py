@@ -28,8 +28,9 @@ pytestmark = pytest.mark.timeout(300)
 
 def _storage(emulator: Emulator, bucket: str, *, readonly: bool = False) -> str:
     name = f"{'ro' if readonly else 'rw'}-{bucket}"
-    emulator.add_storage(name=name, provider="aws", bucket=bucket, readonly=readonly,
-                         prefix="thumbs", default=False)
+    emulator.add_storage(
+        name=name, provider="aws", bucket=bucket, readonly=readonly, prefix="thumbs", default=False
+    )
     return name
 
 
@@ -48,15 +49,21 @@ def test_run_registers_everything_once_and_rerun_sends_nothing(
     other = ["set/clip.MP4", "set/doc.pdf", "set/notes.txt", "set/Upper.PNG"]
     seed_bucket(moto_url, bucket_name, images + other)
     storage = _storage(emulator, bucket_name)
-    cfg = write_config(tmp_path / "c.toml", v7_url=emulator.url, s3_url=moto_url,
-                       bucket=bucket_name, ledger=tmp_path / "l.sqlite", storage=storage,
-                       extra="[rate]\nrequests_per_s = 200\n")
+    cfg = write_config(
+        tmp_path / "c.toml",
+        v7_url=emulator.url,
+        s3_url=moto_url,
+        bucket=bucket_name,
+        ledger=tmp_path / "l.sqlite",
+        storage=storage,
+        extra="[rate]\nrequests_per_s = 200\n",
+    )
 
     first = run_cli("run", "--config", str(cfg))
     assert first.returncode == 0, first.stderr[-3000:]
     registered = emulator.items()
     assert sorted(_keys_of(registered)) == sorted(
-        images + ["set/clip.MP4", "set/doc.pdf", "set/Upper.PNG"]
+        [*images, "set/clip.MP4", "set/doc.pdf", "set/Upper.PNG"]
     )
     by_name = {i["name"]: i for i in registered}
     assert by_name["img_0077.jpg"]["path"] == "/set/1"
@@ -101,9 +108,15 @@ def test_kill_dash_nine_at_several_points_then_exactly_once(
     storage = _storage(emulator, bucket_name)
     emulator.configure(latency_ms=20)
     ledger = tmp_path / "l.sqlite"
-    cfg = write_config(tmp_path / "c.toml", v7_url=emulator.url, s3_url=moto_url,
-                       bucket=bucket_name, ledger=ledger, storage=storage,
-                       extra="[rate]\nrequests_per_s = 60\nmax_in_flight = 4\n")
+    cfg = write_config(
+        tmp_path / "c.toml",
+        v7_url=emulator.url,
+        s3_url=moto_url,
+        bucket=bucket_name,
+        ledger=ledger,
+        storage=storage,
+        extra="[rate]\nrequests_per_s = 60\nmax_in_flight = 4\n",
+    )
     kills = 0
     for threshold in (1, 40, 90, 140):
         # Every other kill lands right after a commit-then-fail: items stored, 502 answered.
@@ -111,11 +124,14 @@ def test_kill_dash_nine_at_several_points_then_exactly_once(
             emulator.queue_fault("commit_then_fail", 1)
         proc = subprocess.Popen(
             [sys.executable, "-m", "ingest", "run", "--config", str(cfg)],
-            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         reached = _wait_for(
-            lambda t=threshold: emulator.counters()["register_requests"] >= t
-            or proc.poll() is not None,
+            lambda t=threshold, p=proc: (
+                emulator.counters()["register_requests"] >= t or p.poll() is not None
+            ),
             60,
         )
         assert reached
@@ -141,19 +157,39 @@ def test_unsupported_and_odd_keys(
     tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
 ) -> None:
     long_key = "odd/" + "l" * 990 + ".jpg"
-    keys = ["odd/with space.jpg", "odd/ünïcødé 画像.png", long_key, "odd/weird+%20name.jpeg",
-            "/odd/leading-slash.jpg", "odd/data.xyz", "odd/UPPER.JPG"]
+    keys = [
+        "odd/with space.jpg",
+        "odd/ünïcødé 画像.png",
+        long_key,
+        "odd/weird+%20name.jpeg",
+        "/odd/leading-slash.jpg",
+        "odd/data.xyz",
+        "odd/UPPER.JPG",
+    ]
     seed_bucket(moto_url, bucket_name, keys)
     storage = _storage(emulator, bucket_name)
-    cfg = write_config(tmp_path / "c.toml", v7_url=emulator.url, s3_url=moto_url,
-                       bucket=bucket_name, ledger=tmp_path / "l.sqlite", storage=storage)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        v7_url=emulator.url,
+        s3_url=moto_url,
+        bucket=bucket_name,
+        ledger=tmp_path / "l.sqlite",
+        storage=storage,
+    )
     res = run_cli("run", "--config", str(cfg))
     assert res.returncode == 0, res.stderr[-3000:]
     stored = set(_keys_of(emulator.items()))
-    assert stored == {"odd/with space.jpg", "odd/ünïcødé 画像.png", long_key,
-                      "odd/weird+%20name.jpeg", "odd/UPPER.JPG"}
-    rows = {r["key"]: r for r in map(orjson.loads, run_cli(
-        "report", "--config", str(cfg)).stdout.splitlines())}
+    assert stored == {
+        "odd/with space.jpg",
+        "odd/ünïcødé 画像.png",
+        long_key,
+        "odd/weird+%20name.jpeg",
+        "odd/UPPER.JPG",
+    }
+    rows = {
+        r["key"]: r
+        for r in map(orjson.loads, run_cli("report", "--config", str(cfg)).stdout.splitlines())
+    }
     assert rows["odd/data.xyz"]["state"] == "SKIPPED"
     assert "xyz" in rows["odd/data.xyz"]["reason"]
     assert rows["/odd/leading-slash.jpg"]["state"] == "SKIPPED"
@@ -163,11 +199,26 @@ def test_unsupported_and_odd_keys(
 # --- bad input: one clear line, non-zero exit, before any work ---------------------------------
 
 
-def _bad(tmp_path: Path, moto_url: str, emulator: Emulator, bucket: str, *, storage: str,
-         dataset_override: str | None = None, env: dict[str, str] | None = None,
-         extra: str = "") -> subprocess.CompletedProcess[str]:
-    cfg = write_config(tmp_path / "c.toml", v7_url=emulator.url, s3_url=moto_url, bucket=bucket,
-                       ledger=tmp_path / "l.sqlite", storage=storage, extra=extra)
+def _bad(
+    tmp_path: Path,
+    moto_url: str,
+    emulator: Emulator,
+    bucket: str,
+    *,
+    storage: str,
+    dataset_override: str | None = None,
+    env: dict[str, str] | None = None,
+    extra: str = "",
+) -> subprocess.CompletedProcess[str]:
+    cfg = write_config(
+        tmp_path / "c.toml",
+        v7_url=emulator.url,
+        s3_url=moto_url,
+        bucket=bucket,
+        ledger=tmp_path / "l.sqlite",
+        storage=storage,
+        extra=extra,
+    )
     args = ["run", "--config", str(cfg)]
     if dataset_override:
         args += ["--dataset", dataset_override]
@@ -188,49 +239,77 @@ def seeded(moto_url: str, bucket_name: str, emulator: Emulator) -> str:
     return _storage(emulator, bucket_name)
 
 
-def test_wrong_api_key(tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator,
-                       seeded: str) -> None:
-    res = _bad(tmp_path, moto_url, emulator, bucket_name, storage=seeded,
-               env=cli_env(DARWIN_API_KEY="wrong-key-123456"))
+def test_wrong_api_key(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator, seeded: str
+) -> None:
+    res = _bad(
+        tmp_path,
+        moto_url,
+        emulator,
+        bucket_name,
+        storage=seeded,
+        env=cli_env(DARWIN_API_KEY="wrong-key-123456"),
+    )
     _one_line_error(res, "401", "DARWIN_API_KEY")
     assert "wrong-key-123456" not in res.stderr + res.stdout
     assert emulator.counters()["register_requests"] == 0
 
 
-def test_missing_api_key(tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator,
-                         seeded: str) -> None:
+def test_missing_api_key(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator, seeded: str
+) -> None:
     env = cli_env()
     del env["DARWIN_API_KEY"]
-    _one_line_error(_bad(tmp_path, moto_url, emulator, bucket_name, storage=seeded, env=env),
-                    "DARWIN_API_KEY")
+    _one_line_error(
+        _bad(tmp_path, moto_url, emulator, bucket_name, storage=seeded, env=env), "DARWIN_API_KEY"
+    )
 
 
-def test_unknown_dataset(tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator,
-                         seeded: str) -> None:
-    res = _bad(tmp_path, moto_url, emulator, bucket_name, storage=seeded,
-               dataset_override="no-such-dataset")
+def test_unknown_dataset(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator, seeded: str
+) -> None:
+    res = _bad(
+        tmp_path,
+        moto_url,
+        emulator,
+        bucket_name,
+        storage=seeded,
+        dataset_override="no-such-dataset",
+    )
     _one_line_error(res, "no-such-dataset", DATASET)
 
 
-def test_unknown_storage(tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator,
-                         seeded: str) -> None:
-    _one_line_error(_bad(tmp_path, moto_url, emulator, bucket_name, storage="nope"),
-                    "storage configuration 'nope'")
+def test_unknown_storage(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator, seeded: str
+) -> None:
+    _one_line_error(
+        _bad(tmp_path, moto_url, emulator, bucket_name, storage="nope"),
+        "storage configuration 'nope'",
+    )
 
 
-def test_readonly_storage_with_readwrite_mode(tmp_path: Path, moto_url: str, bucket_name: str,
-                                              emulator: Emulator, seeded: str) -> None:
+def test_readonly_storage_with_readwrite_mode(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator, seeded: str
+) -> None:
     ro = _storage(emulator, bucket_name, readonly=True)
-    cfg = write_config(tmp_path / "c.toml", v7_url=emulator.url, s3_url=moto_url,
-                       bucket=bucket_name, ledger=tmp_path / "l.sqlite", storage=ro)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        v7_url=emulator.url,
+        s3_url=moto_url,
+        bucket=bucket_name,
+        ledger=tmp_path / "l.sqlite",
+        storage=ro,
+    )
     res = run_cli("run", "--config", str(cfg), "--set", "v7.mode=readwrite")
     _one_line_error(res, "read-only", "mode")
 
 
 def test_missing_bucket(tmp_path: Path, moto_url: str, emulator: Emulator) -> None:
     storage = _storage(emulator, "no-such-bucket-xyz")
-    _one_line_error(_bad(tmp_path, moto_url, emulator, "no-such-bucket-xyz", storage=storage),
-                    "no-such-bucket-xyz")
+    _one_line_error(
+        _bad(tmp_path, moto_url, emulator, "no-such-bucket-xyz", storage=storage),
+        "no-such-bucket-xyz",
+    )
 
 
 def test_malformed_config(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ Admin endpoints (no auth), for tests and benchmarks:
   POST /_emulator/reset            forget items and counters
   POST /_emulator/config           change settings at run time: {"rate_per_s": 20, ...}
   POST /_emulator/faults           queue faults for the next register requests:
-                                   {"kind": "5xx"|"reset"|"stall"|"commit_then_fail"|"429", "count": N}
+                                   {"kind": "5xx"|"reset"|"stall"|"commit_then_fail"|"429",
+                                    "count": N}
   POST /_emulator/datasets         {"slug": "...", "name"?: "..."}
   POST /_emulator/storage          {"name", "provider", "bucket", "prefix", "readonly", "default"}
   GET  /_emulator/items?dataset=S  every item of a dataset (name, path, slots)
@@ -111,11 +112,18 @@ class Emulator:
 
     @staticmethod
     def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-        return web.Response(body=orjson.dumps(doc), status=status, headers=headers,
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(doc), status=status, headers=headers, content_type="application/json"
+        )
 
-    def _error(self, status: int, code: str, message: str, field: str = "",
-               headers: dict[str, str] | None = None) -> web.Response:
+    def _error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
         err: dict[str, Any] = {"code": code, "message": message}
         if field:
             err["field"] = field
@@ -132,7 +140,9 @@ class Emulator:
         return {"Retry-After": mode}
 
     async def _latency(self) -> None:
-        d = self.cfg.latency_ms + (self.rng.uniform(0, self.cfg.jitter_ms) if self.cfg.jitter_ms else 0)
+        d = self.cfg.latency_ms + (
+            self.rng.uniform(0, self.cfg.jitter_ms) if self.cfg.jitter_ms else 0
+        )
         if d > 0:
             await asyncio.sleep(d / 1000)
 
@@ -152,8 +162,9 @@ class Emulator:
             resp = self._error(401, "UNAUTHORIZED", "invalid API key")
         elif (register or self.cfg.rate_all_endpoints) and (wait := self.bucket.take(now)) > 0:
             self.rate_limited += 1
-            resp = self._error(429, "RATE_LIMITED", "rate limit exceeded",
-                               headers=self._retry_after(wait))
+            resp = self._error(
+                429, "RATE_LIMITED", "rate limit exceeded", headers=self._retry_after(wait)
+            )
         else:
             resp = await handler(request)
         await self._latency()
@@ -170,8 +181,12 @@ class Emulator:
         return None
 
     async def token_info(self, request: web.Request) -> web.Response:
-        return self._json({"selected_team": {"slug": self.cfg.team},
-                           "user": {"id": 1, "email": "emulator@example.com"}})
+        return self._json(
+            {
+                "selected_team": {"slug": self.cfg.team},
+                "user": {"id": 1, "email": "emulator@example.com"},
+            }
+        )
 
     async def datasets(self, request: web.Request) -> web.Response:
         return self._json([d.public() for d in self.store.datasets.values()])
@@ -195,8 +210,12 @@ class Emulator:
         fault = self._fault()
         if fault == "429":
             self.rate_limited += 1
-            return self._error(429, "RATE_LIMITED", "rate limit exceeded",
-                               headers=self._retry_after(1.0 / max(self.cfg.rate_per_s, 1.0)))
+            return self._error(
+                429,
+                "RATE_LIMITED",
+                "rate limit exceeded",
+                headers=self._retry_after(1.0 / max(self.cfg.rate_per_s, 1.0)),
+            )
         if fault == "5xx":
             return self._error(self.rng.choice((500, 502, 503)), "SERVER_ERROR", "injected")
         if fault == "reset":
@@ -232,9 +251,12 @@ class Emulator:
         else:
             r = self.rng.random()
             kind = None
-            for name, p in (("5xx", self.cfg.p_5xx), ("reset", self.cfg.p_reset),
-                            ("stall", self.cfg.p_stall),
-                            ("commit_then_fail", self.cfg.p_commit_then_fail)):
+            for name, p in (
+                ("5xx", self.cfg.p_5xx),
+                ("reset", self.cfg.p_reset),
+                ("stall", self.cfg.p_stall),
+                ("commit_then_fail", self.cfg.p_commit_then_fail),
+            ):
                 if r < p:
                     kind = name
                     break
@@ -282,7 +304,9 @@ class Emulator:
     async def admin_faults(self, request: web.Request) -> web.Response:
         doc = orjson.loads(await request.read())
         if doc.get("kind") not in FAULT_KINDS:
-            return self._error(422, "VALIDATION_ERROR", f"kind must be one of {FAULT_KINDS}", "kind")
+            return self._error(
+                422, "VALIDATION_ERROR", f"kind must be one of {FAULT_KINDS}", "kind"
+            )
         self.fault_queue.extend([doc["kind"]] * int(doc.get("count", 1)))
         return self._json({"queued": len(self.fault_queue)})
 
@@ -339,19 +363,30 @@ async def serve(cfg: EmulatorConfig, host: str, port: int) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--rate", type=float, default=0.0,
-                   help="register requests per second (token bucket); 0 = unlimited")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="register requests per second (token bucket); 0 = unlimited",
+    )
     p.add_argument("--burst", type=float, default=1.0, help="token bucket depth (requests)")
-    p.add_argument("--retry-after", default="ceil",
-                   help="Retry-After on 429: ceil (integer seconds), exact, none, or a number")
+    p.add_argument(
+        "--retry-after",
+        default="ceil",
+        help="Retry-After on 429: ceil (integer seconds), exact, none, or a number",
+    )
     p.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
     p.add_argument("--jitter-ms", type=float, default=0.0)
     p.add_argument("--p-5xx", type=float, default=0.0, help="probability of a 5xx per request")
     p.add_argument("--p-reset", type=float, default=0.0, help="probability of a connection reset")
     p.add_argument("--p-stall", type=float, default=0.0, help="probability of a stall")
     p.add_argument("--stall-s", type=float, default=30.0)
-    p.add_argument("--p-commit-then-fail", type=float, default=0.0,
-                   help="probability of storing the items and answering 502")
+    p.add_argument(
+        "--p-commit-then-fail",
+        type=float,
+        default=0.0,
+        help="probability of storing the items and answering 502",
+    )
     p.add_argument("--max-items", type=int, default=500, help="items allowed per request")
     p.add_argument("--api-key", default="emulator-key")
     p.add_argument("--team", default="emulator-team")
@@ -360,10 +395,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
     return EmulatorConfig(
-        api_key=ns.api_key, team=ns.team, rate_per_s=ns.rate, burst=ns.burst,
-        retry_after=ns.retry_after, latency_ms=ns.latency_ms, jitter_ms=ns.jitter_ms,
-        p_5xx=ns.p_5xx, p_reset=ns.p_reset, p_stall=ns.p_stall, stall_s=ns.stall_s,
-        p_commit_then_fail=ns.p_commit_then_fail, max_items_per_request=ns.max_items,
+        api_key=ns.api_key,
+        team=ns.team,
+        rate_per_s=ns.rate,
+        burst=ns.burst,
+        retry_after=ns.retry_after,
+        latency_ms=ns.latency_ms,
+        jitter_ms=ns.jitter_ms,
+        p_5xx=ns.p_5xx,
+        p_reset=ns.p_reset,
+        p_stall=ns.p_stall,
+        stall_s=ns.stall_s,
+        p_commit_then_fail=ns.p_commit_then_fail,
+        max_items_per_request=ns.max_items,
         seed=ns.seed,
     )
 

@@ -17,15 +17,37 @@ KNOWN_TYPES = {"image", "video", "pdf", "dicom"}
 READONLY_TYPES = {"image", "video", "pdf"}
 EXT_TYPES = {
     **dict.fromkeys(
-        [".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".tif", ".tiff", ".bmp", ".svs", ".webp",
-         ".ndpi", ".rvg", ".qoi"], "image"),
+        [
+            ".png",
+            ".jpg",
+            ".jpeg",
+            ".jfif",
+            ".jpe",
+            ".tif",
+            ".tiff",
+            ".bmp",
+            ".svs",
+            ".webp",
+            ".ndpi",
+            ".rvg",
+            ".qoi",
+        ],
+        "image",
+    ),
     **dict.fromkeys([".avi", ".bpm", ".mov", ".mp4", ".mkv", ".hevc", ".m4v"], "video"),
     ".pdf": "pdf",
     ".dcm": "dicom",
 }
 READONLY_VIDEO_REQUIRED = (
-    "width", "height", "native_fps", "visible_frames", "total_frames", "hls_segments",
-    "storage_sections_key_prefix", "storage_thumbnail_key", "storage_frames_manifest_key",
+    "width",
+    "height",
+    "native_fps",
+    "visible_frames",
+    "total_frames",
+    "hls_segments",
+    "storage_sections_key_prefix",
+    "storage_thumbnail_key",
+    "storage_frames_manifest_key",
 )
 
 
@@ -65,8 +87,7 @@ class Dataset:
     name: str = ""
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "slug": self.slug, "name": self.name or self.slug,
-                "num_items": 0}
+        return {"id": self.id, "slug": self.slug, "name": self.name or self.slug, "num_items": 0}
 
 
 @dataclass
@@ -120,7 +141,9 @@ class Store:
         if st is None:
             raise NotFound(f"storage configuration '{st_slug}' not found")
         if st.readonly and not readonly_endpoint:
-            raise Invalid("storage_slug", f"'{st_slug}' is read-only: use register_existing_readonly")
+            raise Invalid(
+                "storage_slug", f"'{st_slug}' is read-only: use register_existing_readonly"
+            )
         if not st.readonly and readonly_endpoint:
             raise Invalid("storage_slug", f"'{st_slug}' is read-write: use register_existing")
         if "options" in body and not isinstance(body["options"], dict):
@@ -180,7 +203,9 @@ class Store:
             ext = posixpath.splitext(file_name)[1].lower() if isinstance(file_name, str) else ""
             t = EXT_TYPES.get(ext)
             if t is None:
-                raise Invalid(f"{where}.type", "is required when the file name has no known extension")
+                raise Invalid(
+                    f"{where}.type", "is required when the file name has no known extension"
+                )
         if t not in KNOWN_TYPES:
             raise Invalid(f"{where}.type", f"unknown type {t!r}")
         if readonly and t == "dicom":
@@ -191,12 +216,16 @@ class Store:
             fps = d["fps"]
             if t != "video":
                 raise Invalid(f"{where}.fps", "only allowed for videos")
-            ok = fps == "native" or (isinstance(fps, int | float) and not isinstance(fps, bool)
-                                     and fps >= 0)
+            ok = fps == "native" or (
+                isinstance(fps, int | float) and not isinstance(fps, bool) and fps >= 0
+            )
             if not ok:
-                raise Invalid(f"{where}.fps", "must be a number >= 0 or \"native\"")
+                raise Invalid(f"{where}.fps", 'must be a number >= 0 or "native"')
         if readonly and t == "image":
-            if not isinstance(d.get("storage_thumbnail_key"), str) or not d["storage_thumbnail_key"]:
+            if (
+                not isinstance(d.get("storage_thumbnail_key"), str)
+                or not d["storage_thumbnail_key"]
+            ):
                 raise Invalid(f"{where}.storage_thumbnail_key", "is required for read-only images")
             for dim in ("height", "width"):
                 v = d.get(dim)
@@ -217,26 +246,40 @@ class Store:
             path = item.get("path", "/")
             name = item["name"]
             slots = item.get("slots") or [
-                {"slot_name": "0", "storage_key": item["storage_key"],
-                 "type": item.get("type"), "file_name": name}
+                {
+                    "slot_name": "0",
+                    "storage_key": item["storage_key"],
+                    "type": item.get("type"),
+                    "file_name": name,
+                }
             ]
             k = (ds.id, path, name)
             if k in self.items:
-                blocked.append({
-                    "name": name, "path": path,
-                    "slots": [{"slot_name": s.get("slot_name", "0"), "reason": "ALREADY_EXISTS"}
-                              for s in slots],
-                })
+                blocked.append(
+                    {
+                        "name": name,
+                        "path": path,
+                        "slots": [
+                            {"slot_name": s.get("slot_name", "0"), "reason": "ALREADY_EXISTS"}
+                            for s in slots
+                        ],
+                    }
+                )
                 continue
             doc = {
                 "id": str(uuid.UUID(int=next(self._ids) | (0x0190 << 112))),
                 "name": name,
                 "path": path,
                 "dataset_id": ds.id,
-                "slots": [{"slot_name": s.get("slot_name", "0"),
-                           "storage_key": s.get("storage_key"),
-                           "type": s.get("type"),
-                           "file_name": s.get("file_name", name)} for s in slots],
+                "slots": [
+                    {
+                        "slot_name": s.get("slot_name", "0"),
+                        "storage_key": s.get("storage_key"),
+                        "type": s.get("type"),
+                        "file_name": s.get("file_name", name),
+                    }
+                    for s in slots
+                ],
                 "created_at": now,
             }
             self.items[k] = doc

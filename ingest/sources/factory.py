@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from ingest.config import Config
 from ingest.errors import ConfigError
@@ -18,14 +18,6 @@ async def open_source(cfg: Config) -> AsyncIterator[Source]:
         from ingest.sources.s3 import S3Source
 
         source = S3Source(cfg.source)
-    elif provider == "gcp":
-        from ingest.sources.gcs import GCSSource
-
-        source = GCSSource(cfg.source)
-    elif provider == "azure":
-        from ingest.sources.azure import AzureSource
-
-        source = AzureSource(cfg.source)
     else:
         raise ConfigError(f"config: source.provider = {provider!r} is not supported yet")
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from ingest.sources import Page, Shard, Source
@@ -86,7 +86,7 @@ async def iter_shard_pages(
     done: set[str],
     concurrency: int,
     queue_pages: int = 8,
-) -> AsyncIterator[ShardPage]:
+) -> AsyncGenerator[ShardPage, None]:
     """The pages of ``list_shards`` as an async iterator; a listing error is raised here.
 
     Use with ``contextlib.aclosing`` so that leaving the loop early stops the listers."""

@@ -23,8 +23,15 @@ from ingest.sources import Page, Shard
 
 MULTIPART_THRESHOLD_BYTES = 64 * 1024 * 1024
 PART_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
 _NOT_FOUND = {"NoSuchBucket", "404", "NotFound"}
-_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+_DENIED = {
+    "AccessDenied",
+    "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+}
 
 
 class S3Source:
@@ -57,7 +64,10 @@ class S3Source:
                     retries={"mode": "standard", "max_attempts": 5},
                     max_pool_connections=max(10, self.cfg.list_concurrency * 2),
                 )
-                kwargs: dict[str, Any] = {"region_name": self.cfg.region or None, "config": boto_cfg}
+                kwargs: dict[str, Any] = {
+                    "region_name": self.cfg.region or None,
+                    "config": boto_cfg,
+                }
                 if self.cfg.endpoint_url:
                     kwargs["endpoint_url"] = self.cfg.endpoint_url
                 if self._creds[0]:
@@ -140,7 +150,9 @@ class S3Source:
     async def read_range(self, key: str, start: int, end: int) -> bytes:
         s3 = await self._s3()
         try:
-            resp = await s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+            resp = await s3.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+            )
             async with resp["Body"] as body:
                 return bytes(await body.read())
         except (ClientError, BotoCoreError) as e:
@@ -151,9 +163,12 @@ class S3Source:
         try:
             resp = await s3.get_object(Bucket=self.bucket, Key=key)
             async with resp["Body"] as body:
-                with open(dest, "wb") as f:
-                    while chunk := await body.content.read(1024 * 1024):
-                        f.write(chunk)
+                f = await asyncio.to_thread(dest.open, "wb")
+                try:
+                    while chunk := await body.content.read(CHUNK_BYTES):
+                        await asyncio.to_thread(f.write, chunk)
+                finally:
+                    await asyncio.to_thread(f.close)
         except (ClientError, BotoCoreError) as e:
             raise self._map(e, f"download '{key}'") from None
 
@@ -169,10 +184,14 @@ class S3Source:
         if content_encoding:
             extra["ContentEncoding"] = content_encoding
         try:
-            if isinstance(data, Path) and data.stat().st_size > MULTIPART_THRESHOLD_BYTES:
-                await self._multipart(s3, key, data, extra)
-                return
-            body = data.read_bytes() if isinstance(data, Path) else data
+            if isinstance(data, Path):
+                size = (await asyncio.to_thread(data.stat)).st_size
+                if size > MULTIPART_THRESHOLD_BYTES:
+                    await self._multipart(s3, key, data, extra)
+                    return
+                body = await asyncio.to_thread(data.read_bytes)
+            else:
+                body = data
             await s3.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
         except (ClientError, BotoCoreError) as e:
             raise self._map(e, f"upload '{key}'") from None
@@ -181,17 +200,25 @@ class S3Source:
         mpu = await s3.create_multipart_upload(Bucket=self.bucket, Key=key, **extra)
         parts = []
         try:
-            with open(path, "rb") as f:
+            f = await asyncio.to_thread(path.open, "rb")
+            try:
                 n = 1
-                while chunk := f.read(PART_BYTES):
+                while chunk := await asyncio.to_thread(f.read, PART_BYTES):
                     r = await s3.upload_part(
-                        Bucket=self.bucket, Key=key, UploadId=mpu["UploadId"], PartNumber=n,
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=mpu["UploadId"],
+                        PartNumber=n,
                         Body=chunk,
                     )
                     parts.append({"ETag": r["ETag"], "PartNumber": n})
                     n += 1
+            finally:
+                await asyncio.to_thread(f.close)
             await s3.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=mpu["UploadId"],
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=mpu["UploadId"],
                 MultipartUpload={"Parts": parts},
             )
         except BaseException:

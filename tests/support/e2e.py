@@ -39,7 +39,9 @@ class Emulator:
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else orjson.dumps(body)
         req = urllib.request.Request(
-            f"{self.url}/_emulator/{path}", data=data, method=method,
+            f"{self.url}/_emulator/{path}",
+            data=data,
+            method=method,
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=10) as r:
@@ -73,9 +75,20 @@ class Emulator:
 def emulator_process(*args: str) -> Iterator[Emulator]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ingest", "emulator", "--host", "127.0.0.1", "--port", str(port),
-         *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ingest",
+            "emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
@@ -100,8 +113,17 @@ def emulator_process(*args: str) -> Iterator[Emulator]:
             proc.kill()
 
 
-def write_config(path: Path, *, v7_url: str, s3_url: str, bucket: str, ledger: Path,
-                 extra: str = "", prefix: str = "", storage: str = STORAGE_RW) -> Path:
+def write_config(
+    path: Path,
+    *,
+    v7_url: str,
+    s3_url: str,
+    bucket: str,
+    ledger: Path,
+    extra: str = "",
+    prefix: str = "",
+    storage: str = STORAGE_RW,
+) -> Path:
     path.write_text(
         f"""
 [v7]
@@ -143,9 +165,14 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ingest", *args], env=env or cli_env(), capture_output=True,
-        text=True, timeout=timeout, check=False,
+        [sys.executable, "-m", "ingest", *args],
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
