@@ -76,29 +76,39 @@ async def run_batcher(
     outbox: asyncio.Queue[list[ItemPlan] | None],
     builder: BatchBuilder,
     clock: Callable[[], float],
+    *,
+    split: Callable[[ItemPlan], bool] | None = None,
 ) -> None:
     """Move items from ``inbox`` into batches on ``outbox`` until a ``None`` arrives.
 
-    Both queues are bounded, so a slow registrar slows the listing behind it.
+    Both queues are bounded, so a slow registrar slows the listing behind it. With ``split``,
+    items for which it is true are batched apart (another builder with the same limits): used
+    to keep the two register endpoints out of one request.
     """
+    other = BatchBuilder(builder.max_items, builder.max_bytes, builder.max_wait_s)
+    builders = (builder, other)
     while True:
-        deadline = builder.deadline()
+        deadlines = [d for b in builders if (d := b.deadline()) is not None]
         try:
-            if deadline is None:
+            if not deadlines:
                 item = await inbox.get()
             else:
                 # asyncio.timeout cancels the get() in place: an item is never lost to the timeout.
-                async with asyncio.timeout(max(deadline - clock(), 0)):
+                async with asyncio.timeout(max(min(deadlines) - clock(), 0)):
                     item = await inbox.get()
         except TimeoutError:
-            batch = builder.flush_due(clock())
-            if batch:
-                await outbox.put(batch)
+            now = clock()
+            for b in builders:
+                batch = b.flush_due(now)
+                if batch:
+                    await outbox.put(batch)
             continue
         if item is None:
-            rest = builder.flush()
-            if rest:
-                await outbox.put(rest)
+            for b in builders:
+                rest = b.flush()
+                if rest:
+                    await outbox.put(rest)
             return
-        for batch in builder.add(item, clock()):
+        target = other if split is not None and split(item) else builder
+        for batch in target.add(item, clock()):
             await outbox.put(batch)

@@ -43,6 +43,15 @@ class SourceConfig:
     endpoint_url: str = ""  # S3-compatible / emulator endpoint
     region: str = "us-east-1"
     profile: str = ""  # AWS profile name ("" = default chain)
+    # GCS service-account JSON key file; "" = GOOGLE_APPLICATION_CREDENTIALS, then workload
+    # identity / the metadata server. Not read when endpoint_url (an emulator) is set.
+    credentials_file: str = ""
+    # Azure: https://<account>.blob.core.windows.net (used with $AZURE_STORAGE_KEY or, without
+    # it, DefaultAzureCredential); ignored when the connection-string variable is set.
+    account_url: str = ""
+    # Azure: name of the env variable holding a connection string (the string holds a key, so
+    # it never goes in the file itself).
+    connection_string_env: str = "AZURE_STORAGE_CONNECTION_STRING"
     include: list[str] = field(default_factory=list)  # globs on the key; empty = everything
     exclude: list[str] = field(default_factory=list)
     page_size: int = 1000  # keys per listing page (S3 max 1000)
@@ -98,6 +107,32 @@ class OutputConfig:
     plan_output: str = "plan.jsonl"  # `ingest plan` writes here ("-" = stdout)
 
 
+VideoProcessing = Literal["auto", "local", "server"]
+
+
+@dataclass
+class MediaConfig:
+    """Read-only images (thumbnails, sizes) and locally processed videos."""
+
+    # Bucket key prefix for thumbnails and video artifacts; "" = the V7 storage configuration's
+    # prefix (its container segment dropped for Azure), or "thumbnails" when that is empty too.
+    artifact_prefix: str = ""
+    thumbnail_workers: int = 0  # decoder processes; 0 = one per core
+    thumbnail_concurrency: int = 16  # images fetched / thumbnailed / uploaded at once
+    max_image_bytes: int = 512 * 1024 * 1024  # larger images are FAILED, not loaded
+    max_image_pixels: int = 300_000_000  # decompression-bomb guard
+    # "auto": local for read-only storage (required there), server-side for read-write.
+    video_processing: VideoProcessing = "auto"
+    video_workers: int = 0  # ffmpeg processes at once; 0 = derived from the core count
+    video_threads_per_worker: int = 0  # ffmpeg -threads; 0 = cores / workers
+    video_time_limit_s: float = 3600.0  # one video's processing time limit
+    segment_length_s: int = 2  # HLS segment length (darwin-py: segment_length)
+    extract_preview_frames: bool = True  # low-quality preview frames (darwin-py name)
+    primary_frames_quality: int = 1  # 1 = PNG frames, 2..31 = JPEG -q:v (darwin-py name)
+    upload_concurrency: int = 8  # artifact uploads at once per video
+    temp_dir: str = ""  # where videos are downloaded and cut; "" = the system temp dir
+
+
 @dataclass
 class Config:
     v7: V7Config = field(default_factory=V7Config)
@@ -107,6 +142,7 @@ class Config:
     rate: RateConfig = field(default_factory=RateConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     # Not from the file: the secret, from the environment only. Excluded from repr.
     api_key: str = field(default="", repr=False)
 
@@ -242,6 +278,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: rate.max_in_flight must be >= 1")
     if cfg.source.page_size < 1 or cfg.source.page_size > 1000:
         raise ConfigError("config: source.page_size must be between 1 and 1000")
+    m = cfg.media
+    if not 1 <= m.primary_frames_quality <= 31:
+        raise ConfigError("config: media.primary_frames_quality must be 1 (PNG) or 2..31 (JPEG)")
+    if m.segment_length_s < 1:
+        raise ConfigError("config: media.segment_length_s must be >= 1")
+    if m.thumbnail_concurrency < 1 or m.upload_concurrency < 1:
+        raise ConfigError("config: media.*_concurrency must be >= 1")
+    if m.video_time_limit_s <= 0:
+        raise ConfigError("config: media.video_time_limit_s must be > 0")
     if cfg.source.list_concurrency < 1:
         raise ConfigError("config: source.list_concurrency must be >= 1")
 

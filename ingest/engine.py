@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import orjson
@@ -18,11 +20,13 @@ import orjson
 from ingest import USER_AGENT
 from ingest.batch import BatchBuilder
 from ingest.config import Config
+from ingest.errors import PreflightError
 from ingest.ledger import Ledger
 from ingest.log import set_run_id
+from ingest.media.stage import MediaStage, provider_artifact_prefix
 from ingest.model import ItemPlan, Skip, State
 from ingest.pipeline import Pipeline, Planning, RunResult, with_signals
-from ingest.planner import request_options
+from ingest.planner import request_options, video_local
 from ingest.preflight import Target, check_source, check_v7
 from ingest.progress import run_progress
 from ingest.registrar.client import V7Client
@@ -107,16 +111,96 @@ async def open_engine(cfg: Config) -> AsyncIterator[Engine]:
     client = make_client(cfg)
     try:
         target = await check_v7(cfg, client)
-        async with open_source(cfg) as source:
+        await check_media(cfg, target.readonly)
+        async with open_source(cfg) as source, contextlib.AsyncExitStack() as stack:
             await check_source(source)
             stats = Stats()
             registrar = make_registrar(cfg, client, target, stats)
-            with Ledger(cfg.ledger.path, cfg.job) as ledger:
-                pipeline = Pipeline(cfg, source, ledger, registrar, stats, readonly=target.readonly)
-                set_run_id(f"{cfg.job}")
-                yield Engine(cfg, source, ledger, target, stats, pipeline)
+            ledger = stack.enter_context(Ledger(cfg.ledger.path, cfg.job))
+            media = await open_media(cfg, target, source, ledger, stack)
+            pipeline = Pipeline(
+                cfg,
+                source,
+                ledger,
+                registrar,
+                stats,
+                readonly=target.readonly,
+                media=media,
+                image_workers=cfg.media.thumbnail_concurrency,
+                video_workers=video_workers(cfg),
+            )
+            set_run_id(f"{cfg.job}")
+            yield Engine(cfg, source, ledger, target, stats, pipeline)
     finally:
         await client.close()
+
+
+def video_workers(cfg: Config) -> int:
+    """ffmpeg processes at once: configured, or half the cores (each uses several threads)."""
+    return cfg.media.video_workers or max(1, (os.cpu_count() or 2) // 2)
+
+
+async def check_media(cfg: Config, readonly: bool) -> None:
+    """Preflight for media work: the mode is consistent and ffmpeg is there when needed."""
+    if readonly and cfg.media.video_processing == "server":
+        raise PreflightError(
+            "the storage configuration is read-only, so videos must be processed locally: "
+            'set media.video_processing = "local" (or "auto")'
+        )
+    if video_local(cfg, readonly):
+        from ingest.media.video import check_ffmpeg
+
+        await check_ffmpeg()
+
+
+async def open_media(
+    cfg: Config, target: Target, source: Source, ledger: Ledger, stack: contextlib.AsyncExitStack
+) -> MediaStage | None:
+    """The media stage when this run needs one (read-only storage, or local video)."""
+    vlocal = video_local(cfg, target.readonly)
+    if not (target.readonly or vlocal):
+        return None
+    m = cfg.media
+    thumbnails = None
+    if target.readonly:
+        from ingest.media.thumbnail import ThumbnailPool
+
+        thumbnails = await stack.enter_async_context(
+            ThumbnailPool(workers=m.thumbnail_workers, max_pending=m.thumbnail_concurrency)
+        )
+    videos = None
+    options = None
+    if vlocal:
+        from ingest.media.video import VideoOptions, VideoPool
+
+        workers = video_workers(cfg)
+        threads = m.video_threads_per_worker or max(1, (os.cpu_count() or 2) // workers)
+        videos = VideoPool(
+            workers=workers,
+            threads_per_worker=threads,
+            time_limit_s=m.video_time_limit_s,
+            upload_concurrency=m.upload_concurrency,
+            temp_dir=Path(m.temp_dir) if m.temp_dir else None,
+        )
+        fps = 0.0 if cfg.plan.fps == "native" else float(cfg.plan.fps)
+        options = VideoOptions(
+            fps=fps,
+            segment_length=m.segment_length_s,
+            extract_preview_frames=m.extract_preview_frames,
+            primary_frames_quality=m.primary_frames_quality,
+        )
+    prefix = provider_artifact_prefix(m.artifact_prefix, target.storage, cfg.source.provider)
+    return MediaStage(
+        source,
+        ledger,
+        artifact_prefix=prefix,
+        storage_name=target.storage_name,
+        thumbnails=thumbnails,
+        videos=videos,
+        video_options=options,
+        max_image_bytes=m.max_image_bytes,
+        temp_dir=Path(m.temp_dir) if m.temp_dir else None,
+    )
 
 
 async def plan_only(

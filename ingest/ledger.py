@@ -21,9 +21,9 @@ from typing import Any
 
 import orjson
 
-from ingest.model import ItemPlan, ObjectInfo, Outcome, Skip, State
+from ingest.model import ItemPlan, Media, ObjectInfo, Outcome, Skip, State
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS items (
     attempts INTEGER NOT NULL DEFAULT 0,
     run_id INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL,
+    media TEXT NOT NULL DEFAULT '',
+    readonly_endpoint INTEGER NOT NULL DEFAULT 0,
     UNIQUE (job, path, name)
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items (job, state, id);
@@ -64,6 +66,14 @@ CREATE TABLE IF NOT EXISTS listing (
 CREATE TABLE IF NOT EXISTS jobs (
     job TEXT PRIMARY KEY,
     listing_complete INTEGER NOT NULL DEFAULT 1
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS media_cache (
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    result BLOB NOT NULL,
+    PRIMARY KEY (bucket, key, etag, kind)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
@@ -139,7 +149,13 @@ class Ledger:
             raise RuntimeError(
                 f"ledger {self.path} was written by a newer version (schema {version})"
             )
-        if version == 0:
+        if version == 1:
+            # Schema 1 had no media columns: add them, then create what is missing.
+            self.db.executescript(
+                "ALTER TABLE items ADD COLUMN media TEXT NOT NULL DEFAULT '';"
+                "ALTER TABLE items ADD COLUMN readonly_endpoint INTEGER NOT NULL DEFAULT 0;"
+            )
+        if version < SCHEMA_VERSION:
             # executescript runs its own transaction; CREATE ... IF NOT EXISTS is idempotent.
             self.db.executescript(_SCHEMA)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -234,8 +250,9 @@ class Ledger:
                     skips.append((p.reason, job, p.obj.key))
                     continue
                 cur = db.execute(
-                    "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at) "
-                    "VALUES (?,?,?,?,?,'PLANNED',?,?) ON CONFLICT(job, path, name) DO NOTHING",
+                    "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at, "
+                    "media, readonly_endpoint) VALUES (?,?,?,?,?,'PLANNED',?,?,?,?) "
+                    "ON CONFLICT(job, path, name) DO NOTHING",
                     (
                         job,
                         p.path,
@@ -244,6 +261,8 @@ class Ledger:
                         orjson.dumps(list(p.keys)),
                         self._run_id,
                         now,
+                        str(p.media),
+                        int(p.readonly_endpoint),
                     ),
                 )
                 if cur.rowcount == 1:
@@ -296,23 +315,88 @@ class Ledger:
             )
 
     def pending_items(self, batch: int = CHUNK) -> Iterator[tuple[ItemPlan, int]]:
-        """Items left PLANNED or SENT (crash recovery), oldest first. Only items that existed
-        when the stream started are returned, so items planned meanwhile are not seen twice."""
+        """Items left PLANNED, PROCESSING or SENT (crash recovery), oldest first. Only items
+        that existed when the stream started are returned, so items planned meanwhile are not
+        seen twice. An item whose media work was not finished comes back with ``media`` set."""
         top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0]
         last = 0
         while True:
             rows = self.db.execute(
-                "SELECT id, path, name, payload, keys, attempts FROM items "
-                "WHERE job=? AND state IN ('PLANNED','SENT') AND id > ? AND id <= ? "
-                "ORDER BY id LIMIT ?",
+                "SELECT id, path, name, payload, keys, attempts, media, readonly_endpoint "
+                "FROM items WHERE job=? AND state IN ('PLANNED','PROCESSING','SENT') "
+                "AND id > ? AND id <= ? ORDER BY id LIMIT ?",
                 (self.job, last, top, batch),
             ).fetchall()
             if not rows:
                 return
-            for item_id, path, name, payload, keys, attempts in rows:
-                plan = ItemPlan(path, name, orjson.loads(payload), tuple(orjson.loads(keys)))
+            for item_id, path, name, payload, keys, attempts, media, ro in rows:
+                plan = ItemPlan(
+                    path,
+                    name,
+                    orjson.loads(payload),
+                    tuple(orjson.loads(keys)),
+                    media=Media(media),
+                    readonly_endpoint=bool(ro),
+                )
                 yield plan, int(attempts)
                 last = item_id
+
+    # --- media (thumbnails, local video processing) ------------------------------------------
+
+    def mark_processing(self, item: ItemPlan) -> None:
+        """The item's media work started (committed: a crash leaves it PROCESSING, re-done)."""
+        with self._tx():
+            self.db.execute(
+                "UPDATE items SET state='PROCESSING', updated_at=? WHERE job=? AND path=? "
+                "AND name=?",
+                (time.time(), self.job, item.path, item.name),
+            )
+
+    def media_done(self, item: ItemPlan) -> None:
+        """Store the completed payload; the item is ready to send (PLANNED, no media left)."""
+        with self._tx():
+            self.db.execute(
+                "UPDATE items SET state='PLANNED', payload=?, media='', updated_at=? "
+                "WHERE job=? AND path=? AND name=?",
+                (orjson.dumps(item.payload), time.time(), self.job, item.path, item.name),
+            )
+
+    def media_failed(self, item: ItemPlan, reason: str) -> None:
+        """Media work failed for good (corrupt image, no video stream...): FAILED with reason.
+        ``media`` stays set, so ``ingest retry`` processes the item again."""
+        with self._tx():
+            self.db.execute(
+                "UPDATE items SET state='FAILED', reason=?, updated_at=? "
+                "WHERE job=? AND path=? AND name=?",
+                (reason, time.time(), self.job, item.path, item.name),
+            )
+
+    def cached_media(self, bucket: str, key: str, etag: str, kind: str) -> Any:
+        """A media result made earlier for this exact object version (any job), or None."""
+        if not etag:
+            return None
+        row = self.db.execute(
+            "SELECT result FROM media_cache WHERE bucket=? AND key=? AND etag=? AND kind=?",
+            (bucket, key, etag, kind),
+        ).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def cache_media(self, bucket: str, key: str, etag: str, kind: str, result: Any) -> None:
+        if not etag:
+            return
+        with self._tx():
+            self.db.execute(
+                "INSERT OR REPLACE INTO media_cache(bucket, key, etag, kind, result) "
+                "VALUES (?,?,?,?,?)",
+                (bucket, key, etag, kind, orjson.dumps(result)),
+            )
+
+    def object_meta(self, key: str) -> tuple[str, int]:
+        """(etag, size) of a listed object; ("", 0) when the ledger never saw it."""
+        row = self.db.execute(
+            "SELECT etag, size FROM objects WHERE job=? AND key=?", (self.job, key)
+        ).fetchone()
+        return (str(row[0]), int(row[1])) if row else ("", 0)
 
     # --- sending ---------------------------------------------------------------------------
 

@@ -26,6 +26,14 @@ class State(enum.StrEnum):
 TERMINAL_STATES = frozenset({State.REGISTERED, State.BLOCKED, State.FAILED, State.SKIPPED})
 
 
+class Media(enum.StrEnum):
+    """Work an item needs before it is sent (stored in the ledger; "" = none)."""
+
+    NONE = ""
+    IMAGE = "image"
+    VIDEO = "video"
+
+
 class ItemType(enum.StrEnum):
     IMAGE = "image"
     VIDEO = "video"
@@ -66,6 +74,11 @@ class ItemPlan:
     # Serialized size estimate, used by the batcher's byte limit; 0 = compute lazily.
     size_hint: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Media work still to do before the item can be sent: "" none, "image" (thumbnails and
+    # sizes for read-only storage), "video" (local ffmpeg processing, maybe images too).
+    media: Media = Media.NONE
+    # Send through register_existing_readonly (read-only storage, or locally processed video).
+    readonly_endpoint: bool = False
 
 
 @dataclass(frozen=True, slots=True)

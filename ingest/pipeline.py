@@ -21,7 +21,8 @@ from typing import Any, Protocol
 from ingest.batch import BatchBuilder, run_batcher
 from ingest.config import Config
 from ingest.ledger import Ledger
-from ingest.model import ItemPlan, ObjectInfo, Outcome, Skip, State
+from ingest.media import MediaError
+from ingest.model import ItemPlan, Media, ObjectInfo, Outcome, Skip, State
 from ingest.planner import ShardPlanner, make_shard_planner
 from ingest.sources import Page, Shard, Source
 from ingest.sources.fanout import ShardPage, discover_shards, iter_shard_pages
@@ -36,8 +37,18 @@ PAGE_QUEUE_PAGES = 8
 
 class Register(Protocol):
     async def register(
-        self, items: Sequence[ItemPlan], sent_before: Iterable[tuple[str, str]]
+        self,
+        items: Sequence[ItemPlan],
+        sent_before: Iterable[tuple[str, str]],
+        *,
+        readonly: bool | None = None,
     ) -> list[Outcome]: ...
+
+
+class Prepare(Protocol):
+    """The media stage (ingest.media.stage.MediaStage): raises MediaError for a bad object."""
+
+    async def prepare(self, item: ItemPlan) -> ItemPlan: ...
 
 
 # Called with each planned page; returns the items to send now.
@@ -84,6 +95,10 @@ class Planning:
         return plans, (sp.page.checkpoint if not planner.holding else "")
 
 
+def _uses_readonly_endpoint(item: ItemPlan) -> bool:
+    return item.readonly_endpoint
+
+
 def _sent_before(attempts: dict[tuple[str, str], int]) -> set[tuple[str, str]]:
     return {k for k, n in attempts.items() if n > 1}
 
@@ -101,6 +116,9 @@ class Pipeline:
         *,
         readonly: bool,
         clock: Callable[[], float] | None = None,
+        media: Prepare | None = None,
+        image_workers: int = 16,
+        video_workers: int = 2,
     ) -> None:
         self.cfg = cfg
         self.source = source
@@ -115,6 +133,15 @@ class Pipeline:
         )
         self.batches: asyncio.Queue[list[ItemPlan] | None] = asyncio.Queue(n)
         self._stop = asyncio.Event()
+        # Media work: its own bounded queues and workers, beside registration.
+        self.media = media
+        self._media_workers = {
+            Media.IMAGE: max(1, image_workers),
+            Media.VIDEO: max(1, video_workers),
+        }
+        self._media_queues: dict[Media, asyncio.Queue[ItemPlan | None]] = {
+            kind: asyncio.Queue(2 * n_workers) for kind, n_workers in self._media_workers.items()
+        }
 
     def request_stop(self) -> None:
         """Graceful stop: no new listing; what is queued is still sent; the ledger stays valid."""
@@ -157,7 +184,7 @@ class Pipeline:
             self.cfg.batch.max_items, self.cfg.batch.max_bytes, self.cfg.batch.max_wait_s
         )
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._produce(resume_listing, list_bucket), name="produce")
+            tg.create_task(self._feed(resume_listing, list_bucket, tg), name="produce")
             tg.create_task(self._batch(builder), name="batcher")
             senders = [
                 tg.create_task(self._send_loop(), name=f"sender-{i}")
@@ -166,24 +193,72 @@ class Pipeline:
             await asyncio.gather(*senders)
 
     async def _batch(self, builder: BatchBuilder) -> None:
-        await run_batcher(self.items, self.batches, builder, self._clock)
+        # Requests for the two register endpoints never mix in one batch.
+        await run_batcher(
+            self.items, self.batches, builder, self._clock, split=_uses_readonly_endpoint
+        )
         await self.batches.put(None)  # the senders stop when they see it
 
-    async def _produce(self, resume_listing: bool, list_bucket: bool) -> None:
+    async def _feed(self, resume_listing: bool, list_bucket: bool, tg: asyncio.TaskGroup) -> None:
+        """Listing and recovery, then the media workers drain, then the batcher is told."""
+        workers = [
+            tg.create_task(self._media_loop(kind), name=f"media-{kind}-{i}")
+            for kind, n in self._media_workers.items()
+            if self.media is not None
+            for i in range(n)
+        ]
         try:
-            # Recovery first: items left PLANNED or SENT by an earlier, interrupted run.
-            for item, _attempts in self.ledger.pending_items():
-                if self._stop.is_set():
-                    return
-                await self.items.put(item)
-            if list_bucket and not self._stop.is_set():
-                await self._list_and_plan(resume_listing)
+            await self._produce(resume_listing, list_bucket)
         finally:
+            for kind, n in self._media_workers.items():
+                if self.media is not None:
+                    for _ in range(n):
+                        await self._media_queues[kind].put(None)
+            await asyncio.gather(*workers, return_exceptions=True)
             # Always release the batcher, even when failing: the TaskGroup cancels the rest.
+            await self.items.put(None)
+
+    async def _produce(self, resume_listing: bool, list_bucket: bool) -> None:
+        # Recovery first: items left PLANNED, PROCESSING or SENT by an interrupted run.
+        for item, _attempts in self.ledger.pending_items():
+            if self._stop.is_set():
+                return
+            await self._route(item)
+        if list_bucket and not self._stop.is_set():
+            await self._list_and_plan(resume_listing)
+
+    async def _route(self, item: ItemPlan) -> None:
+        """Items with media work go to the media workers first; the rest straight on."""
+        if item.media is Media.NONE:
+            await self.items.put(item)
+        elif self.media is None:
+            reason = "needs media processing, which this run cannot do"
+            self.ledger.media_failed(item, reason)
+            self._count_failure(reason)
+        else:
+            await self._media_queues[item.media].put(item)
+
+    async def _media_loop(self, kind: Media) -> None:
+        assert self.media is not None
+        queue = self._media_queues[kind]
+        while (item := await queue.get()) is not None:
+            self.ledger.mark_processing(item)
+            self.stats.processing += 1
             try:
-                self.items.put_nowait(None)
-            except asyncio.QueueFull:
-                await self.items.put(None)
+                ready = await self.media.prepare(item)
+            except MediaError as e:
+                self.ledger.media_failed(item, e.reason)
+                self._count_failure(e.reason)
+                continue
+            finally:
+                self.stats.processing -= 1
+            self.ledger.media_done(ready)
+            self.stats.media_done += 1
+            await self.items.put(ready)
+
+    def _count_failure(self, reason: str) -> None:
+        self.stats.failed += 1
+        self.stats.failures_by_reason[reason.split(":")[0][:80]] += 1
 
     async def _list_and_plan(self, resume_listing: bool) -> None:
         cfg = self.cfg
@@ -205,7 +280,7 @@ class Pipeline:
                 self.stats.skipped += sum(1 for p in plans if isinstance(p, Skip))
                 self.stats.planned += len(new)
                 for item in new:
-                    await self.items.put(item)
+                    await self._route(item)
                 if self._stop.is_set():
                     return
 
@@ -219,7 +294,9 @@ class Pipeline:
         attempts = self.ledger.mark_sent(batch)  # committed before the POST
         self.stats.in_flight += 1
         try:
-            outcomes = await self.registrar.register(batch, _sent_before(attempts))
+            outcomes = await self.registrar.register(
+                batch, _sent_before(attempts), readonly=batch[0].readonly_endpoint
+            )
         finally:
             self.stats.in_flight -= 1
         self.ledger.record_outcomes(outcomes)
@@ -230,8 +307,7 @@ class Pipeline:
                 self.stats.blocked += 1
                 self.stats.blocked_by_reason[o.reason] += 1
             else:
-                self.stats.failed += 1
-                self.stats.failures_by_reason[o.reason.split(":")[0][:80]] += 1
+                self._count_failure(o.reason)
 
 
 async def with_signals(

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from ingest.config import Config, PlanConfig
-from ingest.model import ItemPlan, ItemType, ObjectInfo, Skip
+from ingest.model import ItemPlan, ItemType, Media, ObjectInfo, Skip
 
 # What darwin-py accepts (darwin/datatypes.py: SUPPORTED_IMAGE/VIDEO_EXTENSIONS), lower-cased,
 # plus mkv/hevc/m4v which V7's video pipeline reads. Matching is case-insensitive.
@@ -94,11 +94,15 @@ class ShardPlanner:
         *,
         readonly: bool = False,
         strip: str = "",
+        video_local: bool = False,
     ) -> None:
         self.plan = plan
         self.storage_key = storage_key
         self.readonly = readonly
         self.strip = strip
+        # Videos are cut locally with ffmpeg and registered through the read-only endpoint
+        # (always so on read-only storage, where V7 cannot write its own artifacts).
+        self.video_local = video_local or readonly
         self._stack: list[_Group] = []
         self._fps = _fps(plan)
 
@@ -155,11 +159,8 @@ class ShardPlanner:
         if self.readonly:
             if t is ItemType.DICOM:
                 return "read-only storage: V7 does not accept DICOM; convert to images first"
-            if t is ItemType.VIDEO:
-                return "read-only storage: videos need local processing (not available yet)"
             if t is ItemType.PDF:
-                return "read-only storage: PDFs need sections (not available yet)"
-            return "read-only storage: thumbnails and sizes are not produced yet"
+                return "read-only storage: PDFs need page sections (not supported yet)"
         return None
 
     def _one(self, obj: ObjectInfo, out: list[ItemPlan | Skip]) -> None:
@@ -198,11 +199,38 @@ class ShardPlanner:
         payload: dict[str, Any]
         if t is ItemType.DICOM:
             payload = {"path": path, "name": name, "slots": [self._slot(obj, t, "0")]}
+        elif t is ItemType.VIDEO and self.video_local:
+            # A placeholder slot: the video stage replaces it with the processed slot.
+            slot = {"slot_name": name, "file_name": name, "type": "video", "storage_key": skey}
+            payload = {"path": path, "name": name, "slots": [slot]}
         else:
             payload = {"path": path, "type": str(t), "storage_key": skey, "name": name}
             if t is ItemType.VIDEO:
                 payload["fps"] = self._fps
-        return _item(path, name, payload, (obj.key,))
+        return self._item(path, name, payload, (obj.key,), {t})
+
+    def _item(
+        self,
+        path: str,
+        name: str,
+        payload: dict[str, Any],
+        keys: tuple[str, ...],
+        types: set[ItemType],
+    ) -> ItemPlan:
+        media = Media.NONE
+        if ItemType.VIDEO in types and self.video_local:
+            media = Media.VIDEO
+        elif ItemType.IMAGE in types and self.readonly:
+            media = Media.IMAGE
+        return ItemPlan(
+            path,
+            name,
+            payload,
+            keys,
+            size_hint=len(orjson.dumps(payload)),
+            media=media,
+            readonly_endpoint=self.readonly or media is Media.VIDEO,
+        )
 
     def _slot(self, obj: ObjectInfo, t: ItemType, slot_name: str) -> dict[str, Any]:
         slot: dict[str, Any] = {
@@ -211,7 +239,7 @@ class ShardPlanner:
             "storage_key": self.storage_key(obj.key),
             "file_name": obj.key.rpartition("/")[2],
         }
-        if t is ItemType.VIDEO:
+        if t is ItemType.VIDEO and not self.video_local:
             slot["fps"] = self._fps
         if t is ItemType.DICOM and self.plan.extract_views and slot_name == "0":
             slot["extract_views"] = "true"
@@ -226,9 +254,11 @@ class ShardPlanner:
         path = self._folder_path(parent)
         slots: list[dict[str, Any]] = []
         used: set[str] = set()
+        types: set[ItemType] = set()
         for m in g.members:
             t = file_type(m.key)
             assert t is not None
+            types.add(t)
             if t is ItemType.DICOM and self.plan.dicom_series:
                 slot_name = "0"  # slices of one series share slot "0"
             else:
@@ -241,14 +271,22 @@ class ShardPlanner:
             used.add(slot_name)
             slots.append(self._slot(m, t, slot_name))
         payload = {"path": path, "name": name, "slots": slots}
-        out.append(_item(path, name, payload, tuple(m.key for m in g.members)))
+        out.append(self._item(path, name, payload, tuple(m.key for m in g.members), types))
 
 
-def _item(path: str, name: str, payload: dict[str, Any], keys: tuple[str, ...]) -> ItemPlan:
-    return ItemPlan(path, name, payload, keys, size_hint=len(orjson.dumps(payload)))
+def video_local(cfg: Config, readonly: bool) -> bool:
+    """Are videos cut locally? Always on read-only storage; on read-write when configured."""
+    mode = cfg.media.video_processing
+    return readonly or mode == "local"
 
 
 def make_shard_planner(
     cfg: Config, storage_key: Callable[[str], str], readonly: bool
 ) -> ShardPlanner:
-    return ShardPlanner(cfg.plan, storage_key, readonly=readonly, strip=cfg.strip)
+    return ShardPlanner(
+        cfg.plan,
+        storage_key,
+        readonly=readonly,
+        strip=cfg.strip,
+        video_local=video_local(cfg, readonly),
+    )

@@ -144,8 +144,8 @@ class Store:
             raise Invalid(
                 "storage_slug", f"'{st_slug}' is read-only: use register_existing_readonly"
             )
-        if not st.readonly and readonly_endpoint:
-            raise Invalid("storage_slug", f"'{st_slug}' is read-write: use register_existing")
+        # The read-only endpoint is also how locally processed videos are registered on
+        # read-write storage (v7-contract.md, "Locally processed video"): both are accepted.
         if "options" in body and not isinstance(body["options"], dict):
             raise Invalid("options", "must be an object")
         items = body.get("items")

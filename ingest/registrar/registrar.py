@@ -115,14 +115,22 @@ class Registrar:
         return body
 
     async def register(
-        self, items: Sequence[ItemPlan], sent_before: Iterable[tuple[str, str]]
+        self,
+        items: Sequence[ItemPlan],
+        sent_before: Iterable[tuple[str, str]],
+        *,
+        readonly: bool | None = None,
     ) -> list[Outcome]:
-        """One Outcome per item, in order. Raises AuthError / NotFoundError / QuotaError."""
+        """One Outcome per item, in order. Raises AuthError / NotFoundError / QuotaError.
+
+        ``readonly`` picks the endpoint for this batch (locally processed videos go through
+        register_existing_readonly even on read-write storage); None = the storage's mode."""
         call = _Call(
             items=list(items),
             sent_before={item_key(p, n) for p, n in sent_before},
             results=[None] * len(items),
         )
+        call.readonly = self.readonly if readonly is None else readonly
         if items:
             await self._send(call, list(range(len(items))))
         out: list[Outcome] = []
@@ -149,7 +157,7 @@ class Registrar:
                         self.stats.retries += 1
                     self.stats.in_flight += 1
                     try:
-                        response = await self.client.register(self.team, self.readonly, body)
+                        response = await self.client.register(self.team, call.readonly, body)
                     finally:
                         self.stats.in_flight -= 1
             except RateLimited as e:
@@ -271,7 +279,7 @@ class Registrar:
 class _Call:
     """State shared by the requests of one ``register`` call (its bisections and retries)."""
 
-    __slots__ = ("items", "maybe_committed", "results", "sent_before")
+    __slots__ = ("items", "maybe_committed", "readonly", "results", "sent_before")
 
     def __init__(
         self, items: list[ItemPlan], sent_before: set[Key], results: list[Outcome | None]
@@ -280,3 +288,4 @@ class _Call:
         self.sent_before = sent_before
         self.results = results
         self.maybe_committed: set[Key] = set()
+        self.readonly = False
