@@ -87,6 +87,9 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 CHUNK = 1000
+# Rows per multi-row INSERT / UPDATE ... FROM (VALUES ...): well under SQLite's bound-variable
+# limit (32766 since 3.32) at 9 columns, and large enough to amortise the statement.
+_ROWS_PER_INSERT = 500
 
 
 @dataclass(frozen=True)
@@ -245,15 +248,18 @@ class Ledger:
                 [(job, o.key, o.etag, o.size, o.last_modified) for o in objects],
             )
             skips: list[tuple[str, str, str]] = []
+            items = [p for p in plans if not isinstance(p, Skip)]
             for p in plans:
                 if isinstance(p, Skip):
                     skips.append((p.reason, job, p.obj.key))
-                    continue
-                cur = db.execute(
-                    "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at, "
-                    "media, readonly_endpoint) VALUES (?,?,?,?,?,'PLANNED',?,?,?,?) "
-                    "ON CONFLICT(job, path, name) DO NOTHING",
-                    (
+            # Items: multi-row INSERT ... RETURNING (one statement per chunk, not one per item);
+            # the first plan of a (path, name) that got inserted is new, any other is known.
+            inserted: dict[tuple[str, str], int] = {}
+            for i in range(0, len(items), _ROWS_PER_INSERT):
+                chunk = items[i : i + _ROWS_PER_INSERT]
+                args: list[Any] = []
+                for p in chunk:
+                    args += (
                         job,
                         p.path,
                         p.name,
@@ -263,10 +269,19 @@ class Ledger:
                         now,
                         str(p.media),
                         int(p.readonly_endpoint),
-                    ),
-                )
-                if cur.rowcount == 1:
-                    item_id = cur.lastrowid
+                    )
+                rows = db.execute(
+                    "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at, "
+                    "media, readonly_endpoint) VALUES "
+                    + ",".join(["(?,?,?,?,?,'PLANNED',?,?,?,?)"] * len(chunk))
+                    + " ON CONFLICT(job, path, name) DO NOTHING RETURNING id, path, name",
+                    args,
+                ).fetchall()
+                inserted.update(((path, name), item_id) for item_id, path, name in rows)
+            links: list[tuple[int, str, str]] = []
+            for p in items:
+                item_id = inserted.pop((p.path, p.name), None)
+                if item_id is not None:
                     new.append(p)
                 else:
                     row = db.execute(
@@ -274,11 +289,12 @@ class Ledger:
                         (job, p.path, p.name),
                     ).fetchone()
                     item_id = row[0]
-                db.executemany(
-                    "UPDATE objects SET state='PLANNED', item_id=? "
-                    "WHERE job=? AND key=? AND item_id IS NULL",
-                    [(item_id, job, k) for k in p.keys],
-                )
+                links += ((item_id, job, k) for k in p.keys)
+            db.executemany(
+                "UPDATE objects SET state='PLANNED', item_id=? "
+                "WHERE job=? AND key=? AND item_id IS NULL",
+                links,
+            )
             if skips:
                 db.executemany(
                     "UPDATE objects SET state='SKIPPED', reason=? WHERE job=? AND key=? "
@@ -295,10 +311,11 @@ class Ledger:
                 )
         return new
 
-    def add_failed_item(self, plan: ItemPlan, reason: str) -> None:
-        """An item that can never be sent (e.g. a manifest key missing from the bucket)."""
+    def add_failed_item(self, plan: ItemPlan, reason: str) -> bool:
+        """An item that can never be sent (e.g. a manifest key missing from the bucket); its
+        listed objects point at it so a report shows why. True when it is new."""
         with self._tx():
-            self.db.execute(
+            cur = self.db.execute(
                 "INSERT INTO items(job, path, name, payload, keys, state, reason, run_id, "
                 "updated_at) VALUES (?,?,?,?,?,'FAILED',?,?,?) "
                 "ON CONFLICT(job, path, name) DO NOTHING",
@@ -313,6 +330,14 @@ class Ledger:
                     time.time(),
                 ),
             )
+            if cur.rowcount != 1:
+                return False
+            self.db.executemany(
+                "UPDATE objects SET state='PLANNED', item_id=? "
+                "WHERE job=? AND key=? AND item_id IS NULL",
+                [(cur.lastrowid, self.job, k) for k in plan.keys],
+            )
+        return True
 
     def pending_items(self, batch: int = CHUNK) -> Iterator[tuple[ItemPlan, int]]:
         """Items left PLANNED, PROCESSING or SENT (crash recovery), oldest first. Only items
@@ -393,10 +418,8 @@ class Ledger:
 
     def object_meta(self, key: str) -> tuple[str, int]:
         """(etag, size) of a listed object; ("", 0) when the ledger never saw it."""
-        row = self.db.execute(
-            "SELECT etag, size FROM objects WHERE job=? AND key=?", (self.job, key)
-        ).fetchone()
-        return (str(row[0]), int(row[1])) if row else ("", 0)
+        info = self.object_info(key)
+        return (info.etag, info.size) if info else ("", 0)
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -404,27 +427,63 @@ class Ledger:
         """Mark SENT and count the attempt; committed before returning (before the POST)."""
         now = time.time()
         out: dict[tuple[str, str], int] = {}
+        keys = [(it.path, it.name) for it in items]
         with self._tx():
-            for it in items:
-                row = self.db.execute(
-                    "UPDATE items SET state='SENT', attempts=attempts+1, updated_at=? "
-                    "WHERE job=? AND path=? AND name=? RETURNING attempts",
-                    (now, self.job, it.path, it.name),
-                ).fetchone()
-                out[(it.path, it.name)] = int(row[0]) if row else 1
-        return out
+            if len(set(keys)) < len(keys):  # the same item twice: count each attempt, in order
+                for path, name in keys:
+                    row = self.db.execute(
+                        "UPDATE items SET state='SENT', attempts=attempts+1, updated_at=? "
+                        "WHERE job=? AND path=? AND name=? RETURNING attempts",
+                        (now, self.job, path, name),
+                    ).fetchone()
+                    out[(path, name)] = int(row[0]) if row else 1
+                return out
+            # One UPDATE ... FROM (VALUES ...) RETURNING per chunk instead of one per item.
+            for i in range(0, len(keys), _ROWS_PER_INSERT):
+                chunk = keys[i : i + _ROWS_PER_INSERT]
+                rows = self.db.execute(
+                    "UPDATE items SET state='SENT', attempts=attempts+1, updated_at=? FROM "
+                    f"(VALUES {','.join(['(?,?)'] * len(chunk))}) AS v "
+                    "WHERE items.job=? AND items.path=v.column1 AND items.name=v.column2 "
+                    "RETURNING items.path, items.name, items.attempts",
+                    [now, *(x for key in chunk for x in key), self.job],
+                ).fetchall()
+                out.update(((path, name), int(n)) for path, name, n in rows)
+        for key in keys:
+            out.setdefault(key, 1)  # no such row: a first attempt, as far as we know
+        return {key: out[key] for key in keys}
 
     def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         now = time.time()
         with self._tx():
-            self.db.executemany(
-                "UPDATE items SET state=?, v7_id=?, reason=?, updated_at=? "
-                "WHERE job=? AND path=? AND name=?",
-                [
-                    (str(o.state), o.v7_id, o.reason, now, self.job, o.path, o.name)
-                    for o in outcomes
-                ],
-            )
+            if len({(o.path, o.name) for o in outcomes}) < len(outcomes):
+                # The same item twice: apply in order, the last outcome wins.
+                self.db.executemany(
+                    "UPDATE items SET state=?, v7_id=?, reason=?, updated_at=? "
+                    "WHERE job=? AND path=? AND name=?",
+                    [
+                        (str(o.state), o.v7_id, o.reason, now, self.job, o.path, o.name)
+                        for o in outcomes
+                    ],
+                )
+                return
+            # One UPDATE ... FROM (VALUES ...) per chunk instead of one statement per item.
+            for i in range(0, len(outcomes), _ROWS_PER_INSERT):
+                chunk = outcomes[i : i + _ROWS_PER_INSERT]
+                self.db.execute(
+                    "UPDATE items SET state=v.column1, v7_id=v.column2, reason=v.column3, "
+                    f"updated_at=? FROM (VALUES {','.join(['(?,?,?,?,?)'] * len(chunk))}) AS v "
+                    "WHERE items.job=? AND items.path=v.column4 AND items.name=v.column5",
+                    [
+                        now,
+                        *(
+                            x
+                            for o in chunk
+                            for x in (str(o.state), o.v7_id, o.reason, o.path, o.name)
+                        ),
+                        self.job,
+                    ],
+                )
 
     def requeue_failed(self, blocked_reason: str | None = None) -> int:
         with self._tx():
@@ -543,8 +602,9 @@ class Ledger:
             "key TEXT, path TEXT, seq INTEGER)"
         )
         self.db.execute(
-            "CREATE INDEX IF NOT EXISTS manifest_item ON manifest (job, item_name, seq)"
+            "CREATE INDEX IF NOT EXISTS manifest_item ON manifest (job, path, item_name, seq)"
         )
+        self.db.execute("CREATE INDEX IF NOT EXISTS manifest_key ON manifest (job, key)")
         with self._tx():
             self.db.execute("DELETE FROM manifest WHERE job=?", (self.job,))
         n = 0
@@ -564,28 +624,41 @@ class Ledger:
             self.db.executemany("INSERT INTO manifest VALUES (?,?,?,?,?,?)", chunk)
 
     def iter_manifest_items(self) -> Iterator[tuple[str, str, list[tuple[str, str]]]]:
-        """(item_name, path, [(slot_name, key), ...]) grouped by item, in item order, streamed."""
+        """(item_name, path, [(slot_name, key), ...]) grouped by item (path + name), in file
+        order within an item, streamed with keyset pagination."""
         current: tuple[str, str] | None = None
         slots: list[tuple[str, str]] = []
-        last = (-1, "")
+        last: tuple[str, str, int] = ("", "", -1)
         while True:
             rows = self.db.execute(
-                "SELECT item_name, path, slot_name, key, seq FROM manifest WHERE job=? AND "
-                "(item_name > ? OR (item_name = ? AND seq > ?)) ORDER BY item_name, seq LIMIT ?",
-                (self.job, last[1], last[1], last[0], CHUNK),
+                "SELECT path, item_name, seq, slot_name, key FROM manifest WHERE job=? AND "
+                "(path, item_name, seq) > (?, ?, ?) ORDER BY path, item_name, seq LIMIT ?",
+                (self.job, *last, CHUNK),
             ).fetchall()
             if not rows:
                 break
-            for item_name, path, slot_name, key, seq in rows:
-                if current is not None and current[0] != item_name:
-                    yield current[0], current[1], slots
-                    slots = []
-                if current is None or current[0] != item_name:
-                    current = (item_name, path)
+            for path, item_name, seq, slot_name, key in rows:
+                if current != (item_name, path):
+                    if current is not None:
+                        yield current[0], current[1], slots
+                    current, slots = (item_name, path), []
                 slots.append((slot_name, key))
-                last = (seq, item_name)
+                last = (path, item_name, seq)
         if current is not None:
             yield current[0], current[1], slots
+
+    def in_manifest(self, key: str) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM manifest WHERE job=? AND key=? LIMIT 1", (self.job, key)
+        ).fetchone()
+        return row is not None
+
+    def object_info(self, key: str) -> ObjectInfo | None:
+        """The object as last listed, or None when the listing never saw it."""
+        row = self.db.execute(
+            "SELECT etag, size, last_modified FROM objects WHERE job=? AND key=?", (self.job, key)
+        ).fetchone()
+        return ObjectInfo(key, int(row[1]), str(row[0]), str(row[2])) if row else None
 
 
 def _iso(ts: float) -> str:

@@ -21,9 +21,10 @@ from typing import Any, Protocol
 from ingest.batch import BatchBuilder, run_batcher
 from ingest.config import Config
 from ingest.ledger import Ledger
+from ingest.manifest import read_manifest
 from ingest.media import MediaError
 from ingest.model import ItemPlan, Media, ObjectInfo, Outcome, Skip, State
-from ingest.planner import ShardPlanner, make_shard_planner
+from ingest.planner import ShardPlanner, make_shard_planner, plan_manifest_item
 from ingest.sources import Page, Shard, Source
 from ingest.sources.fanout import ShardPage, discover_shards, iter_shard_pages
 from ingest.sources.globs import compile_filter
@@ -65,24 +66,40 @@ class RunResult:
 class Planning:
     """Filters and plans each shard's pages; one stateful planner per shard (held folders)."""
 
-    def __init__(self, cfg: Config, source: Source, readonly: bool) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        source: Source,
+        readonly: bool,
+        in_manifest: Callable[[str], bool] | None = None,
+    ) -> None:
         self._cfg = cfg
         self._source = source
         self._readonly = readonly
         self._filter = compile_filter(cfg.source.include, cfg.source.exclude)
         self._planners: dict[str, ShardPlanner] = {}
+        # Manifest mode: listed keys named in the manifest wait for the manifest's items
+        # (planned after the listing); every other key is skipped.
+        self._in_manifest = in_manifest
+
+    def new_planner(self) -> ShardPlanner:
+        return make_shard_planner(self._cfg, self._source.storage_key, self._readonly)
 
     def plan_page(self, sp: ShardPage) -> tuple[list[ItemPlan | Skip], str]:
         """Plans for one page and the checkpoint that is safe to store after it ("" = keep the
         previous one: the planner still holds objects of an unfinished folder)."""
         planner = self._planners.get(sp.shard.id)
         if planner is None:
-            planner = make_shard_planner(self._cfg, self._source.storage_key, self._readonly)
+            planner = self.new_planner()
             self._planners[sp.shard.id] = planner
         kept: list[ObjectInfo] = []
         plans: list[ItemPlan | Skip] = []
         for obj in sp.page.objects:
             reason = self._filter(obj.key)
+            if reason is None and self._in_manifest is not None:
+                if self._in_manifest(obj.key):
+                    continue
+                reason = "not named in the manifest (plan.manifest)"
             if reason is None:
                 kept.append(obj)
             else:
@@ -265,8 +282,14 @@ class Pipeline:
         checkpoints = self.ledger.checkpoints() if resume_listing else {}
         done = {sid for sid, (_cp, is_done) in checkpoints.items() if is_done}
         resume = {sid: cp for sid, (cp, _d) in checkpoints.items() if cp}
+        manifest = cfg.plan.slots == "manifest"
+        if manifest:
+            n = self.ledger.stage_manifest(read_manifest(cfg.plan.manifest))
+            log.info("manifest staged", extra={"rows": n, "file": cfg.plan.manifest})
         shards = await discover_shards(self.source, cfg.source.prefix, cfg.source.fanout_depth)
-        planning = Planning(cfg, self.source, self.readonly)
+        planning = Planning(
+            cfg, self.source, self.readonly, self.ledger.in_manifest if manifest else None
+        )
         listing = iter_shard_pages(
             self.source, shards, resume, done, cfg.source.list_concurrency, PAGE_QUEUE_PAGES
         )
@@ -283,6 +306,24 @@ class Pipeline:
                     await self._route(item)
                 if self._stop.is_set():
                     return
+        if manifest:
+            await self._plan_manifest(planning.new_planner())
+
+    async def _plan_manifest(self, planner: ShardPlanner) -> None:
+        """After the listing: one item per manifest item, its keys checked against what was
+        listed. Items already in the ledger are neither re-planned nor re-sent."""
+        for item_name, rel_path, slots in self.ledger.iter_manifest_items():
+            if self._stop.is_set():
+                return
+            objs = [(slot, self.ledger.object_info(key), key) for slot, key in slots]
+            plan, problem = plan_manifest_item(planner, item_name, rel_path, objs)
+            if problem:
+                if self.ledger.add_failed_item(plan, problem):
+                    self._count_failure(problem)
+                continue
+            for item in self.ledger.record_page("manifest", "", False, [], [plan]):
+                self.stats.planned += 1
+                await self._route(item)
 
     async def _send_loop(self) -> None:
         while (batch := await self.batches.get()) is not None:

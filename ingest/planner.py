@@ -274,6 +274,39 @@ class ShardPlanner:
         out.append(self._item(path, name, payload, tuple(m.key for m in g.members), types))
 
 
+def plan_manifest_item(
+    planner: ShardPlanner,
+    item_name: str,
+    rel_path: str,
+    slots: list[tuple[str, ObjectInfo | None, str]],
+) -> tuple[ItemPlan, str]:
+    """One item of a user's manifest: ``slots`` are (slot_name, listed object or None, key).
+
+    Returns the plan and "" when it can be sent, or the plan and the reason it cannot (a key
+    missing from the bucket, an unsupported or empty file, a repeated slot name): the caller
+    records it FAILED with that reason. Pure."""
+    path = join_path(planner.plan.root_path, rel_path)
+    payload_slots: list[dict[str, Any]] = []
+    types: set[ItemType] = set()
+    problems: list[str] = []
+    seen: set[str] = set()
+    for slot_name, obj, key in slots:
+        if slot_name in seen:
+            problems.append(f"slot name '{slot_name}' used twice")
+        seen.add(slot_name)
+        info = obj or ObjectInfo(key, 0)
+        reason = "not in the bucket listing" if obj is None else planner._reject(info)
+        if reason is not None:
+            problems.append(f"{key}: {reason}")
+        t = file_type(key) or ItemType.IMAGE
+        types.add(t)
+        payload_slots.append(planner._slot(info, t, slot_name))
+    payload = {"path": path, "name": item_name, "slots": payload_slots}
+    keys = tuple(k for _s, _o, k in slots)
+    plan = planner._item(path, item_name, payload, keys, types)
+    return plan, "; ".join(problems)[:500]
+
+
 def video_local(cfg: Config, readonly: bool) -> bool:
     """Are videos cut locally? Always on read-only storage; on read-write when configured."""
     mode = cfg.media.video_processing
