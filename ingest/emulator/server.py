@@ -277,6 +277,8 @@ class Emulator:
             ]
         except ValueError:
             return self._error(422, "VALIDATION_ERROR", "bad paging parameters", "page")
+        if not ids or ids[0] not in self.store.order:
+            return self._error(404, "NOT_FOUND", f"dataset {ids[0] if ids else ''} not found")
         return self._json(self.store.list_items(ids[0], min(size, 500), start))
 
     # --- admin ---------------------------------------------------------------------------
