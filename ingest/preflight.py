@@ -96,15 +96,28 @@ async def check_v7(cfg: Config, api: V7Api) -> Target:
     if provider and cfg.source.provider != "local" and provider != cfg.source.provider:
         raise PreflightError(
             f"storage configuration '{cfg.v7.storage}' is for provider '{provider}' but "
-            f"source.provider = '{cfg.source.provider}'"
+            f"source.provider = '{cfg.source.provider}': set source.provider = '{provider}' "
+            "or pick another v7.storage"
         )
     v7_bucket = str(sc.get("bucket", ""))
-    # For Azure, V7's `bucket` is the storage account, not the container: not comparable here.
+    # For Azure, V7's `bucket` is the storage account, not the container: compared below.
     if v7_bucket and cfg.source.provider in ("aws", "gcp") and v7_bucket != cfg.source.bucket:
         raise PreflightError(
             f"storage configuration '{cfg.v7.storage}' points at bucket '{v7_bucket}' but "
-            f"source.bucket = '{cfg.source.bucket}': V7 could not read these objects"
+            f"source.bucket = '{cfg.source.bucket}': V7 could not read these objects (fix "
+            "source.bucket or v7.storage)"
         )
+    if v7_bucket and cfg.source.provider == "azure":
+        # V7's `bucket` is the storage account; ours comes from the credentials (names only).
+        from ingest.sources.azure import account_name
+
+        account = account_name(cfg.source)
+        if account and account != v7_bucket:
+            raise PreflightError(
+                f"storage configuration '{cfg.v7.storage}' is for Azure storage account "
+                f"'{v7_bucket}' but the source credentials point at account '{account}': fix "
+                "source.account_url / the connection string, or v7.storage"
+            )
     return Target(
         team=team,
         dataset_id=int(ds.get("id", 0)),

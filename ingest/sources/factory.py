@@ -1,4 +1,4 @@
-"""Open the configured source adapter. Imports are lazy so an S3-only install needs no GCS/Azure."""
+"""Open the configured source adapter. Imports are lazy: a run only loads its own provider's SDK."""
 
 from __future__ import annotations
 
@@ -18,6 +18,18 @@ async def open_source(cfg: Config) -> AsyncIterator[Source]:
         from ingest.sources.s3 import S3Source
 
         source = S3Source(cfg.source)
+    elif provider == "gcp":
+        from ingest.sources.gcs import GCSSource
+
+        source = GCSSource(cfg.source)
+    elif provider == "azure":
+        from ingest.sources.azure import AzureSource
+
+        source = AzureSource(cfg.source)
+    elif provider == "local":
+        from ingest.sources.local import LocalSource
+
+        source = LocalSource(cfg.source)
     else:
         raise ConfigError(f"config: source.provider = {provider!r} is not supported yet")
     try:

@@ -1,0 +1,227 @@
+"""Google Cloud Storage through gcloud-aio-storage (aiohttp).
+
+Credentials: ``source.credentials_file``, else GOOGLE_APPLICATION_CREDENTIALS, else the metadata
+server (GKE workload identity / GCE), all through gcloud-aio's ``Token``. With an emulator
+(``source.endpoint_url`` or STORAGE_EMULATOR_HOST) no credentials are sent at all.
+
+Checkpoint: the last object key of the page. A resume lists with ``startOffset`` = that key
+(inclusive, so the key itself is dropped): exact, and valid for as long as the bucket exists,
+unlike a page token.
+
+Reads ask for the *stored* bytes (``Accept-Encoding: gzip``): without it GCS transcodes objects
+uploaded with ``Content-Encoding: gzip`` and range offsets would not match the stored object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from gcloud.aio.storage import Storage
+
+from ingest.config import SourceConfig
+from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
+from ingest.model import ObjectInfo
+from ingest.sources import Page, Shard
+
+EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+CHUNK_BYTES = 1024 * 1024
+# Above this a file goes up as one resumable upload streamed from disk; below, in one request.
+STREAM_UPLOAD_BYTES = 5 * 1024 * 1024
+REQUEST_TIMEOUT_S = 60
+# Seconds added per MiB to an upload's timeout (gcloud-aio's is for the whole request).
+UPLOAD_S_PER_MIB = 1
+_RAW = {"Accept-Encoding": "gzip"}
+
+
+class GCSSource:
+    provider = "gcp"
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.bucket = cfg.bucket
+        self.cfg = cfg
+        self._root = cfg.endpoint_url or os.environ.get(EMULATOR_ENV, "")
+        self._storage: Storage | None = None
+        self._lock = asyncio.Lock()
+
+    def storage_key(self, key: str) -> str:
+        return key
+
+    async def _gcs(self) -> Storage:
+        async with self._lock:
+            if self._storage is None:
+                if self._root:
+                    root = self._root if "://" in self._root else f"http://{self._root}"
+                    self._storage = Storage(api_root=root.rstrip("/"), api_is_dev=True)
+                else:
+                    self._storage = Storage(service_file=self.cfg.credentials_file or None)
+            return self._storage
+
+    async def close(self) -> None:
+        if self._storage is not None:
+            await self._storage.close()
+            self._storage = None
+
+    def _where(self) -> str:
+        return f" at {self._root}" if self._root else ""
+
+    def _map(self, e: Exception, what: str, *, bucket_level: bool = False) -> SourceError:
+        if isinstance(e, aiohttp.ClientResponseError):
+            if e.status == 404:
+                if bucket_level:
+                    return BucketNotFound(
+                        f"GCS bucket '{self.bucket}' does not exist{self._where()}"
+                    )
+                return ObjectNotFound(f"{what}: no such object in GCS bucket '{self.bucket}'")
+            if e.status in (401, 403):
+                return AccessDenied(
+                    f"access denied to GCS bucket '{self.bucket}'{self._where()} ({e.status}): "
+                    "check GOOGLE_APPLICATION_CREDENTIALS / workload identity and the bucket's "
+                    "IAM (storage.objects.list and storage.objects.get)"
+                )
+            return SourceRetryable(f"{what}: GCS error {e.status}")
+        if isinstance(e, aiohttp.ClientConnectionError):
+            return SourceRetryable(f"cannot reach GCS{self._where()}")
+        if isinstance(e, TimeoutError):
+            return SourceRetryable(f"{what}: GCS request timed out")
+        return SourceRetryable(f"{what}: {type(e).__name__}")
+
+    async def check_access(self) -> None:
+        """Lists one key: objectViewer-style roles may list and read but not get the bucket."""
+        gcs = await self._gcs()
+        try:
+            await gcs.list_objects(
+                self.bucket,
+                params={"maxResults": "1", "prefix": self.cfg.prefix},
+                timeout=REQUEST_TIMEOUT_S,
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._map(e, "check access", bucket_level=True) from None
+
+    async def list_pages(self, shard: Shard, checkpoint: str = "") -> AsyncIterator[Page]:
+        gcs = await self._gcs()
+        params: dict[str, str] = {"maxResults": str(self.cfg.page_size)}
+        if shard.prefix:
+            params["prefix"] = shard.prefix
+        if not shard.recursive:
+            params["delimiter"] = "/"
+        if checkpoint:
+            params["startOffset"] = checkpoint
+        last = checkpoint
+        # fake-gcs-server repeats a sub-prefix on several pages (it pages by objects only):
+        # duplicates would become duplicate shards, so each prefix is reported once.
+        seen: set[str] = set()
+        while True:
+            try:
+                resp = await gcs.list_objects(
+                    self.bucket, params=dict(params), timeout=REQUEST_TIMEOUT_S
+                )
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise self._map(e, f"list '{shard.prefix}'", bucket_level=True) from None
+            objects = [
+                ObjectInfo(
+                    key=o["name"],
+                    size=int(o.get("size", 0)),
+                    etag=str(o.get("etag") or o.get("md5Hash") or ""),
+                    last_modified=str(o.get("updated", "")),
+                )
+                for o in resp.get("items", [])
+                # startOffset is inclusive: the checkpoint key itself was already yielded.
+                if not (checkpoint and o["name"] == checkpoint)
+            ]
+            if objects:
+                last = objects[-1].key
+            token = resp.get("nextPageToken")
+            prefixes = [p for p in resp.get("prefixes", []) if p not in seen]
+            seen.update(prefixes)
+            yield Page(objects, prefixes, last)
+            if not token:
+                return
+            params["pageToken"] = str(token)
+
+    async def read_range(self, key: str, start: int, end: int) -> bytes:
+        gcs = await self._gcs()
+        try:
+            return await gcs.download(
+                self.bucket,
+                key,
+                headers={**_RAW, "Range": f"bytes={start}-{end - 1}"},
+                timeout=REQUEST_TIMEOUT_S,
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._map(e, f"read '{key}'") from None
+
+    async def download(self, key: str, dest: Path) -> None:
+        gcs = await self._gcs()
+        try:
+            stream = await gcs.download_stream(
+                self.bucket, key, headers=dict(_RAW), timeout=REQUEST_TIMEOUT_S
+            )
+            async with stream:
+                f = await asyncio.to_thread(dest.open, "wb")
+                try:
+                    while chunk := await stream.read(CHUNK_BYTES):
+                        await asyncio.to_thread(f.write, chunk)
+                finally:
+                    await asyncio.to_thread(f.close)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._map(e, f"download '{key}'") from None
+
+    async def upload(
+        self,
+        key: str,
+        data: bytes | Path,
+        content_type: str,
+        content_encoding: str | None = None,
+    ) -> None:
+        gcs = await self._gcs()
+        metadata: dict[str, Any] | None = (
+            {"contentEncoding": content_encoding} if content_encoding else None
+        )
+        try:
+            if isinstance(data, bytes):
+                await gcs.upload(
+                    self.bucket,
+                    key,
+                    data,
+                    content_type=content_type,
+                    metadata=metadata,
+                    timeout=self._upload_timeout(len(data)),
+                )
+                return
+            size = (await asyncio.to_thread(data.stat)).st_size
+            if size <= STREAM_UPLOAD_BYTES:
+                body = await asyncio.to_thread(data.read_bytes)
+                await gcs.upload(
+                    self.bucket,
+                    key,
+                    body,
+                    content_type=content_type,
+                    metadata=metadata,
+                    timeout=self._upload_timeout(size),
+                )
+                return
+            # Resumable upload of the open file: aiohttp reads it in its executor, in chunks.
+            f = await asyncio.to_thread(data.open, "rb")
+            try:
+                await gcs.upload(
+                    self.bucket,
+                    key,
+                    f,
+                    content_type=content_type,
+                    metadata=metadata,
+                    force_resumable_upload=True,
+                    timeout=self._upload_timeout(size),
+                )
+            finally:
+                await asyncio.to_thread(f.close)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._map(e, f"upload '{key}'") from None
+
+    @staticmethod
+    def _upload_timeout(size: int) -> int:
+        return REQUEST_TIMEOUT_S + UPLOAD_S_PER_MIB * (size // (1024 * 1024))
