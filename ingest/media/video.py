@@ -37,6 +37,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -496,6 +497,7 @@ class VideoPool:
         upload_concurrency: int = 8,
         temp_dir: Path | None = None,
         max_pending_bytes: int = 512 * 1024 * 1024,
+        on_pause: Callable[[], None] | None = None,
     ) -> None:
         cores = os.cpu_count() or 2
         self.workers = workers if workers > 0 else default_workers()
@@ -506,6 +508,8 @@ class VideoPool:
         self.upload_concurrency = max(1, upload_concurrency)
         self.temp_dir = temp_dir
         self.max_pending_bytes = max(1, max_pending_bytes)
+        self.on_pause = on_pause
+        self.pauses = 0
         self._slots = asyncio.Semaphore(self.workers)
         self.last_stats: dict[str, Any] = {}
 
@@ -601,6 +605,9 @@ class VideoPool:
                 if not paused and streamer.backlog_bytes > self.max_pending_bytes:
                     os.kill(proc.pid, signal.SIGSTOP)
                     paused = True
+                    self.pauses += 1
+                    if self.on_pause is not None:
+                        self.on_pause()
                 elif paused and streamer.backlog_bytes <= self.max_pending_bytes // 2:
                     os.kill(proc.pid, signal.SIGCONT)
                     paused = False
