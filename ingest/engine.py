@@ -128,11 +128,23 @@ async def open_engine(cfg: Config) -> AsyncIterator[Engine]:
                 media=media,
                 image_workers=cfg.media.thumbnail_concurrency,
                 video_workers=video_workers(cfg),
+                ignore_prefixes=artifact_prefixes(cfg, target, media),
             )
             set_run_id(f"{cfg.job}")
             yield Engine(cfg, source, ledger, target, stats, pipeline)
     finally:
         await client.close()
+
+
+def artifact_prefixes(cfg: Config, target: Target, media: MediaStage | None) -> list[str]:
+    """Bucket prefixes the listing ignores: where V7 writes its own thumbnails (the storage
+    configuration's prefix) and where we write ours and the video artifacts."""
+    found = set()
+    if str(target.storage.get("prefix") or "").strip("/"):
+        found.add(provider_artifact_prefix("", target.storage, cfg.source.provider))
+    if media is not None:
+        found.add(media.prefix)
+    return sorted(found)
 
 
 def video_workers(cfg: Config) -> int:
@@ -166,7 +178,11 @@ async def open_media(
         from ingest.media.thumbnail import ThumbnailPool
 
         thumbnails = await stack.enter_async_context(
-            ThumbnailPool(workers=m.thumbnail_workers, max_pending=m.thumbnail_concurrency)
+            ThumbnailPool(
+                workers=m.thumbnail_workers,
+                max_pending=m.thumbnail_concurrency,
+                max_pixels=m.max_image_pixels,
+            )
         )
     videos = None
     options = None

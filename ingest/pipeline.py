@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from ingest.batch import BatchBuilder, run_batcher
 from ingest.config import Config
+from ingest.errors import SourceRetryable
 from ingest.ledger import Ledger
 from ingest.manifest import read_manifest
 from ingest.media import MediaError
@@ -136,6 +137,7 @@ class Pipeline:
         media: Prepare | None = None,
         image_workers: int = 16,
         video_workers: int = 2,
+        ignore_prefixes: Sequence[str] = (),
     ) -> None:
         self.cfg = cfg
         self.source = source
@@ -150,6 +152,9 @@ class Pipeline:
         )
         self.batches: asyncio.Queue[list[ItemPlan] | None] = asyncio.Queue(n)
         self._stop = asyncio.Event()
+        # Where thumbnails and video artifacts are written (by us, or by V7 on read-write
+        # storage): never registered, never recorded, or every run would find them anew.
+        self.ignore_prefixes = tuple(p.rstrip("/") + "/" for p in ignore_prefixes if p.strip("/"))
         # Media work: its own bounded queues and workers, beside registration.
         self.media = media
         self._media_workers = {
@@ -267,6 +272,17 @@ class Pipeline:
                 self.ledger.media_failed(item, e.reason)
                 self._count_failure(e.reason)
                 continue
+            except SourceRetryable as e:
+                reason = f"storage error, retry later: {e}"
+                self.ledger.media_failed(item, reason)
+                self._count_failure(reason)
+                continue
+            except Exception as e:  # a bug must not sink the run: record it, go on
+                log.exception("media processing failed", extra={"item": item.name})
+                reason = f"internal error: {type(e).__name__}: {e}"[:300]
+                self.ledger.media_failed(item, reason)
+                self._count_failure(reason)
+                continue
             finally:
                 self.stats.processing -= 1
             self.ledger.media_done(ready)
@@ -295,6 +311,8 @@ class Pipeline:
         )
         async with contextlib.aclosing(listing) as pages:
             async for sp in pages:
+                if self.ignore_prefixes:
+                    sp = self._without_artifacts(sp)
                 plans, checkpoint = planning.plan_page(sp)
                 self.stats.listed += len(sp.page.objects)
                 new = self.ledger.record_page(
@@ -308,6 +326,13 @@ class Pipeline:
                     return
         if manifest:
             await self._plan_manifest(planning.new_planner())
+
+    def _without_artifacts(self, sp: ShardPage) -> ShardPage:
+        kept = [o for o in sp.page.objects if not o.key.startswith(self.ignore_prefixes)]
+        if len(kept) == len(sp.page.objects):
+            return sp
+        self.stats.artifacts_ignored += len(sp.page.objects) - len(kept)
+        return ShardPage(sp.shard, Page(kept, sp.page.prefixes, sp.page.checkpoint), sp.last)
 
     async def _plan_manifest(self, planner: ShardPlanner) -> None:
         """After the listing: one item per manifest item, its keys checked against what was

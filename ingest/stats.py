@@ -27,6 +27,7 @@ class Stats:
     current_rate_per_s: float = 0.0  # the rate controller's allowed rate now
     in_flight: int = 0
     processing: int = 0  # items in the media stage now (thumbnails, videos)
+    artifacts_ignored: int = 0  # listed keys under the thumbnail / artifact prefix
     media_done: int = 0  # items whose media work finished this run
     failures_by_reason: Counter[str] = field(default_factory=Counter)
     blocked_by_reason: Counter[str] = field(default_factory=Counter)

@@ -247,9 +247,8 @@ class Store:
             name = item["name"]
             slots = item.get("slots") or [
                 {
+                    **{f: v for f, v in item.items() if f not in ("path", "name")},
                     "slot_name": "0",
-                    "storage_key": item["storage_key"],
-                    "type": item.get("type"),
                     "file_name": name,
                 }
             ]
@@ -271,10 +270,12 @@ class Store:
                 "name": name,
                 "path": path,
                 "dataset_id": ds.id,
+                # Every field as received (read-only sizes, thumbnails, video artifacts), so a
+                # test can check what V7 would have been told.
                 "slots": [
                     {
+                        **s,
                         "slot_name": s.get("slot_name", "0"),
-                        "storage_key": s.get("storage_key"),
                         "type": s.get("type"),
                         "file_name": s.get("file_name", name),
                     }

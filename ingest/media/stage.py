@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any, Protocol
 
 from ingest.errors import ObjectNotFound, SourceError
 from ingest.media import MediaError
+from ingest.media.thumbnail import thumbnail_key
 from ingest.model import ItemPlan, Media
 from ingest.sources import Source
 
@@ -108,15 +108,6 @@ class SourceUploader:
         await self._source.upload(self._keys.to_provider(key), data, content_type, content_encoding)
 
 
-def thumbnail_provider_key(prefix: str, key: str) -> str:
-    """Deterministic and collision-free: the same object always gets the same thumbnail key,
-    so a re-run overwrites instead of leaving orphans. The readable tail helps people browsing
-    the bucket; the digest makes ``a/b.jpg`` and ``a_b.jpg`` differ."""
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
-    stem = Path(key.rpartition("/")[2]).stem[:80] or "image"
-    return f"{prefix}/{digest[:2]}/{digest}/{stem}_thumbnail.jpg"
-
-
 class MediaStage:
     """Prepares items that need media work. One instance per run; safe to call concurrently."""
 
@@ -185,7 +176,7 @@ class MediaStage:
             )
         data = await self._read(key, size)
         thumb = await self.thumbnails.make(data)
-        tkey = thumbnail_provider_key(self.prefix, key)
+        tkey = thumbnail_key(key, self.prefix)
         await self._upload(tkey, thumb.jpeg, "image/jpeg")
         result = {
             "storage_thumbnail_key": self.keys.to_storage(tkey),

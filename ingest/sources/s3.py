@@ -165,7 +165,7 @@ class S3Source:
             async with resp["Body"] as body:
                 f = await asyncio.to_thread(dest.open, "wb")
                 try:
-                    while chunk := await body.content.read(CHUNK_BYTES):
+                    while chunk := await body.read(CHUNK_BYTES):
                         await asyncio.to_thread(f.write, chunk)
                 finally:
                     await asyncio.to_thread(f.close)

@@ -1,0 +1,184 @@
+"""Read-only storage and local video processing end to end: the CLI against moto S3 and the V7
+emulator, real images made with Pillow, a real clip made with ffmpeg."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from PIL import Image
+
+from tests.conftest import s3_client
+from tests.support.e2e import DATASET, Emulator, run_cli, write_config
+
+pytestmark = pytest.mark.timeout(300)
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+
+
+def _jpeg(w: int, h: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png16(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("I;16", (w, h), 40000).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _clip(tmp: Path) -> bytes:
+    out = tmp / "clip.mp4"
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=160x120:rate=10:duration=2",
+            "-pix_fmt",
+            "yuv420p",
+            str(out),
+        ],
+        check=True,
+    )
+    return out.read_bytes()
+
+
+def _put(url: str, bucket: str, objects: dict[str, bytes]) -> Any:
+    s3 = s3_client(url)
+    s3.create_bucket(Bucket=bucket)
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return s3
+
+
+def _slot(items: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    item = next(i for i in items if i["name"] == name)
+    return dict(item["slots"][0])
+
+
+@needs_ffmpeg
+def test_read_only_migration_makes_thumbnails_sizes_and_video_artifacts(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    objects = {
+        "set/wide.jpg": _jpeg(1200, 300),
+        "set/tall.JPG": _jpeg(300, 900),
+        "set/tiny.jpg": _jpeg(40, 20),
+        "set/deep.png": _png16(500, 400),
+        "set/broken.jpg": _jpeg(800, 600)[:700],
+        "set/clip.mp4": _clip(tmp_path),
+        "set/scan.dcm": b"DICM" * 40,
+        "set/doc.pdf": b"%PDF-1.4 " * 20,
+    }
+    s3 = _put(moto_url, bucket_name, objects)
+    storage = f"ro-{bucket_name}"
+    emulator.add_storage(
+        name=storage, provider="aws", bucket=bucket_name, readonly=True, prefix="v7-thumbs"
+    )
+    cfg = write_config(
+        tmp_path / "c.toml",
+        v7_url=emulator.url,
+        s3_url=moto_url,
+        bucket=bucket_name,
+        ledger=tmp_path / "l.sqlite",
+        storage=storage,
+        extra="[media]\nthumbnail_workers = 1\nvideo_workers = 1\n",
+    )
+    first = run_cli("run", "--config", str(cfg))
+    assert first.returncode == 3, first.stderr  # broken.jpg fails; the run goes on
+
+    items = emulator.items(DATASET)
+    assert sorted(i["name"] for i in items) == [
+        "clip.mp4",
+        "deep.png",
+        "tall.JPG",
+        "tiny.jpg",
+        "wide.jpg",
+    ]
+    # Exact sizes, and thumbnails that exist in the bucket, fit 356x200, never enlarged.
+    expected = {
+        "wide.jpg": (1200, 300),
+        "tall.JPG": (300, 900),
+        "tiny.jpg": (40, 20),
+        "deep.png": (500, 400),
+    }
+    for name, (w, h) in expected.items():
+        slot = _slot(items, name)
+        assert (slot["width"], slot["height"]) == (w, h)
+        key = slot["storage_thumbnail_key"]
+        assert key.startswith("v7-thumbs/")
+        body = s3.get_object(Bucket=bucket_name, Key=key)
+        assert body["ContentType"] == "image/jpeg"
+        thumb = Image.open(io.BytesIO(body["Body"].read()))
+        assert thumb.format == "JPEG"
+        assert thumb.width <= 356 and thumb.height <= 200
+        assert thumb.width <= w and thumb.height <= h
+    assert Image.open(
+        io.BytesIO(
+            s3.get_object(
+                Bucket=bucket_name, Key=_slot(items, "tiny.jpg")["storage_thumbnail_key"]
+            )["Body"].read()
+        )
+    ).size == (40, 20)
+
+    video = _slot(items, "clip.mp4")
+    assert video["storage_key"] == "set/clip.mp4"  # points at the listed object, not a copy
+    assert (video["width"], video["height"]) == (160, 120)
+    assert video["total_frames"] == 20 and video["visible_frames"] == 20
+    for field in ("storage_thumbnail_key", "storage_frames_manifest_key"):
+        s3.head_object(Bucket=bucket_name, Key=video[field])  # uploaded
+    assert video["storage_thumbnail_key"].startswith("v7-thumbs/")
+
+    report = run_cli("report", "--config", str(cfg), "--format", "jsonl")
+    rows = {r["key"]: r for r in map(orjson.loads, report.stdout.splitlines())}
+    assert rows["set/broken.jpg"]["state"] == "FAILED"
+    assert "truncated" in rows["set/broken.jpg"]["reason"]
+    assert rows["set/scan.dcm"]["state"] == "SKIPPED"
+    assert "DICOM" in rows["set/scan.dcm"]["reason"]
+    assert rows["set/doc.pdf"]["state"] == "SKIPPED"
+
+    # A re-run sends nothing new and re-makes nothing.
+    requests = emulator.counters()["register_requests"]
+    again = run_cli("run", "--config", str(cfg))
+    assert again.returncode in (0, 3), again.stderr
+    assert emulator.counters()["register_requests"] == requests
+
+
+@needs_ffmpeg
+def test_read_write_with_local_video_uses_the_readonly_endpoint_for_videos_only(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    _put(moto_url, bucket_name, {"v/clip.mp4": _clip(tmp_path), "v/pic.jpg": _jpeg(64, 48)})
+    storage = f"rw-{bucket_name}"
+    emulator.add_storage(name=storage, provider="aws", bucket=bucket_name, readonly=False)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        v7_url=emulator.url,
+        s3_url=moto_url,
+        bucket=bucket_name,
+        ledger=tmp_path / "l.sqlite",
+        storage=storage,
+        extra='[media]\nvideo_processing = "local"\nvideo_workers = 1\n',
+    )
+    result = run_cli("run", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    requests = emulator.counters()["requests"]
+    assert requests.get("POST register_existing_readonly 200") == 1, requests
+    assert requests.get("POST register_existing 200") == 1, requests
+    items = emulator.items(DATASET)
+    pic = _slot(items, "pic.jpg")
+    assert "storage_thumbnail_key" not in pic  # read-write: V7 makes its own
+    video = _slot(items, "clip.mp4")
+    assert video["hls_segments"]["high_quality"]["bitrate"] > 0
+    assert video["storage_thumbnail_key"].startswith("thumbnails/")  # no storage prefix: default
