@@ -23,10 +23,11 @@ from ingest.config import Config
 from ingest.errors import PreflightError
 from ingest.ledger import Ledger
 from ingest.log import set_run_id
+from ingest.manifest import read_manifest
 from ingest.media.stage import MediaStage, provider_artifact_prefix
 from ingest.model import ItemPlan, Skip, State
 from ingest.pipeline import Pipeline, Planning, RunResult, with_signals
-from ingest.planner import request_options, video_local
+from ingest.planner import plan_manifest_item, request_options, video_local
 from ingest.preflight import Target, check_source, check_v7
 from ingest.progress import run_progress
 from ingest.registrar.client import V7Client
@@ -236,13 +237,13 @@ async def plan_only(
             team, readonly = target.team, target.readonly
         finally:
             await client.close()
-    endpoint = f"v2/teams/{team}/items/register_existing" + ("_readonly" if readonly else "")
     options = request_options(cfg.plan)
     done = ledger
     n_requests = n_items = n_skipped = 0
 
     def emit(batch: list[ItemPlan]) -> None:
         nonlocal n_requests, n_items
+        ro = batch[0].readonly_endpoint
         body: dict[str, object] = {
             "items": [i.payload for i in batch],
             "dataset_slug": cfg.v7.dataset,
@@ -250,32 +251,78 @@ async def plan_only(
         }
         if options:
             body["options"] = options
-        out.write(orjson.dumps({"endpoint": endpoint, "body": body}) + b"\n")
+        line: dict[str, object] = {
+            "endpoint": f"v2/teams/{team}/items/register_existing" + ("_readonly" if ro else ""),
+            "body": body,
+        }
+        # Thumbnails, sizes and video artifacts are made by `run`, not by a dry run: say which
+        # items would get them, so the payloads above are read as the planned skeleton.
+        pending = [
+            {"path": i.path, "name": i.name, "media": str(i.media)} for i in batch if i.media
+        ]
+        if pending:
+            line["media_pending"] = pending
+        out.write(orjson.dumps(line) + b"\n")
         n_requests += 1
         n_items += len(batch)
 
-    builder = BatchBuilder(cfg.batch.max_items, cfg.batch.max_bytes, cfg.batch.max_wait_s)
-    async with open_source(cfg) as source:
-        await check_source(source)
-        planning = Planning(cfg, source, readonly)
-        shards = await discover_shards(source, cfg.source.prefix, cfg.source.fanout_depth)
-        listing = iter_shard_pages(source, shards, {}, set(), cfg.source.list_concurrency)
-        async with contextlib.aclosing(listing) as pages:
-            async for sp in pages:
-                plans, _cp = planning.plan_page(sp)
-                for p in plans:
-                    if isinstance(p, Skip):
-                        n_skipped += 1
-                        continue
-                    if done is not None and done.item_state(p.path, p.name) in (
-                        State.REGISTERED,
-                        State.BLOCKED,
-                    ):
-                        continue
-                    # Order is all that matters in a dry run: no clock, no early flush.
-                    for batch in builder.add(p, 0.0):
-                        emit(batch)
-        rest = builder.flush()
+    builders = {
+        ro: BatchBuilder(cfg.batch.max_items, cfg.batch.max_bytes, cfg.batch.max_wait_s)
+        for ro in (False, True)
+    }
+
+    def add(p: ItemPlan) -> None:
+        if done is not None and done.item_state(p.path, p.name) in (
+            State.REGISTERED,
+            State.BLOCKED,
+        ):
+            return
+        # Order is all that matters in a dry run: no clock, no early flush.
+        for batch in builders[p.readonly_endpoint].add(p, 0.0):
+            emit(batch)
+
+    manifest = cfg.plan.slots == "manifest"
+    # Manifest mode needs the listing remembered: a throwaway ledger in memory, never the
+    # user's file.
+    scratch = Ledger(":memory:", cfg.job) if manifest else None
+    try:
+        async with open_source(cfg) as source:
+            await check_source(source)
+            if scratch is not None:
+                scratch.stage_manifest(read_manifest(cfg.plan.manifest))
+            planning = Planning(
+                cfg, source, readonly, scratch.in_manifest if scratch is not None else None
+            )
+            shards = await discover_shards(source, cfg.source.prefix, cfg.source.fanout_depth)
+            listing = iter_shard_pages(source, shards, {}, set(), cfg.source.list_concurrency)
+            async with contextlib.aclosing(listing) as pages:
+                async for sp in pages:
+                    plans, _cp = planning.plan_page(sp)
+                    if scratch is not None:
+                        scratch.record_page(sp.shard.id, "", False, sp.page.objects, [])
+                    for p in plans:
+                        if isinstance(p, Skip):
+                            n_skipped += 1
+                        else:
+                            add(p)
+            if scratch is not None:
+                planner = planning.new_planner()
+                for name, rel_path, slots in scratch.iter_manifest_items():
+                    objs = [(slot, scratch.object_info(key), key) for slot, key in slots]
+                    plan, problem = plan_manifest_item(planner, name, rel_path, objs)
+                    if problem:
+                        n_skipped += len(slots)
+                        log.warning(
+                            "manifest item cannot be registered",
+                            extra={"item": name, "reason": problem},
+                        )
+                    else:
+                        add(plan)
+    finally:
+        if scratch is not None:
+            scratch.close()
+    for b in builders.values():
+        rest = b.flush()
         if rest:
             emit(rest)
     return n_requests, n_items, n_skipped

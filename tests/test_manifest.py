@@ -141,6 +141,13 @@ def test_manifest_run_end_to_end(
         storage=storage,
         extra=f'[plan]\nslots = "manifest"\nmanifest = "{manifest}"\n',
     )
+    planned = run_cli("plan", "--config", str(cfg), "--output", "-")
+    assert planned.returncode == 0, planned.stderr
+    lines = [orjson.loads(line) for line in planned.stdout.splitlines()]
+    assert [[i["name"] for i in line["body"]["items"]] for line in lines] == [["car-1"]]
+    assert lines[0]["endpoint"].endswith("/items/register_existing")
+    assert emulator.counters()["register_requests"] == 0  # a dry run sends nothing
+
     first = run_cli("run", "--config", str(cfg))
     assert first.returncode == 3, first.stderr  # car-2 cannot be registered
     items = emulator.items(DATASET)

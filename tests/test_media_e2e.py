@@ -95,6 +95,16 @@ def test_read_only_migration_makes_thumbnails_sizes_and_video_artifacts(
         storage=storage,
         extra="[media]\nthumbnail_workers = 1\nvideo_workers = 1\n",
     )
+    planned = run_cli("plan", "--config", str(cfg), "--output", "-")
+    assert planned.returncode == 0, planned.stderr
+    lines = [orjson.loads(line) for line in planned.stdout.splitlines()]
+    assert {line["endpoint"].rsplit("/", 1)[1] for line in lines} == {
+        "register_existing_readonly"
+    }
+    pending = {p["name"]: p["media"] for line in lines for p in line.get("media_pending", [])}
+    assert pending["clip.mp4"] == "video" and pending["wide.jpg"] == "image"
+    assert "scan.dcm" not in pending and "doc.pdf" not in pending
+
     first = run_cli("run", "--config", str(cfg))
     assert first.returncode == 3, first.stderr  # broken.jpg fails; the run goes on
 
