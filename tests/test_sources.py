@@ -20,8 +20,14 @@ from typing import Any
 
 import pytest
 
-from ingest.config import Config, SourceConfig
-from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, PreflightError
+from ingest.config import Config, SourceConfig, load
+from ingest.errors import (
+    AccessDenied,
+    BucketNotFound,
+    ConfigError,
+    ObjectNotFound,
+    PreflightError,
+)
 from ingest.preflight import check_v7
 from ingest.sources import Page, Shard, Source
 from ingest.sources.azure import AzureSource, account_name
@@ -33,6 +39,7 @@ from tests.conftest import s3_client
 from tests.support.e2e import free_port
 from tests.support.emulators import (
     AZURITE_ACCOUNT,
+    AZURITE_KEY,
     AzuriteServer,
     azure_create_container,
     azure_seed,
@@ -508,3 +515,53 @@ async def test_preflight_checks_provider_bucket_and_azure_account(
     monkeypatch.setenv("X_CONN", f"AccountName=acct;AccountKey={secret};")
     target = await check_v7(az, _V7({"provider": "azure", "bucket": "acct"}))
     assert target.storage_name == "st"
+
+
+# --- credentials and configuration ---------------------------------------------------------------
+
+
+async def test_gcs_emulator_from_env(
+    fake_gcs_url: str, bucket_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STORAGE_EMULATOR_HOST alone (no endpoint_url) points the adapter at the emulator."""
+    gcs_create_bucket(fake_gcs_url, bucket_name)
+    gcs_seed(fake_gcs_url, bucket_name, {"k/1": b"1"})
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs_url)
+    async with opened(GCSSource(SourceConfig(provider="gcp", bucket=bucket_name))) as src:
+        await src.check_access()
+        assert keys_of(await pages(src, Shard(""))) == ["k/1"]
+
+
+async def test_azure_account_url_and_key(
+    azurite: AzuriteServer, bucket_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """account_url + $AZURE_STORAGE_KEY, no connection string; a wrong key is AccessDenied."""
+    azure_create_container(azurite, bucket_name)
+    azure_seed(azurite, bucket_name, {"k/1": b"1"})
+    monkeypatch.setenv("AZURE_STORAGE_KEY", AZURITE_KEY)
+    cfg = SourceConfig(
+        provider="azure",
+        bucket=bucket_name,
+        account_url=azurite.blob_url,
+        connection_string_env="UNSET_VAR_X",
+    )
+    async with opened(AzureSource(cfg)) as src:
+        await src.check_access()
+        assert keys_of(await pages(src, Shard(""))) == ["k/1"]
+    monkeypatch.setenv("AZURE_STORAGE_KEY", "B" * 86 + "==")
+    async with opened(AzureSource(cfg)) as src:
+        with pytest.raises(AccessDenied, match=AZURITE_ACCOUNT) as e:
+            await src.check_access()
+    assert "B" * 20 not in str(e.value)
+
+
+async def test_azure_without_credentials_is_a_config_error() -> None:
+    cfg = SourceConfig(provider="azure", bucket="c", connection_string_env="UNSET_VAR_X")
+    with pytest.raises(ConfigError, match=r"source\.account_url"):
+        await AzureSource(cfg).check_access()
+
+
+@pytest.mark.parametrize("name", ["gcs-readwrite.toml", "azure-readonly.toml"])
+def test_example_configs_load(name: str) -> None:
+    cfg = load(Path(__file__).resolve().parents[1] / "config" / name)
+    assert cfg.source.provider in ("gcp", "azure") and cfg.source.bucket

@@ -36,6 +36,8 @@ REQUEST_TIMEOUT_S = 60
 # Seconds added per MiB to an upload's timeout (gcloud-aio's is for the whole request).
 UPLOAD_S_PER_MIB = 1
 _RAW = {"Accept-Encoding": "gzip"}
+# Partial response: a listing page shrinks to the fields an ObjectInfo needs.
+_FIELDS = "nextPageToken,prefixes,items(name,size,etag,md5Hash,updated)"
 
 
 class GCSSource:
@@ -104,7 +106,7 @@ class GCSSource:
 
     async def list_pages(self, shard: Shard, checkpoint: str = "") -> AsyncIterator[Page]:
         gcs = await self._gcs()
-        params: dict[str, str] = {"maxResults": str(self.cfg.page_size)}
+        params: dict[str, str] = {"maxResults": str(self.cfg.page_size), "fields": _FIELDS}
         if shard.prefix:
             params["prefix"] = shard.prefix
         if not shard.recursive:
