@@ -123,8 +123,18 @@ def engine_run(objects: int, profile: str = "") -> dict[str, Any]:
         )
         cmd = c.ingest_cmd(cfg)
         if profile:
-            cmd = [str(c.ROOT / ".venv/bin/py-spy"), "record", "-o", profile, "--format", "raw",
-                   "-r", "100", "--", *cmd]
+            cmd = [
+                str(c.ROOT / ".venv/bin/py-spy"),
+                "record",
+                "-o",
+                profile,
+                "--format",
+                "raw",
+                "-r",
+                "100",
+                "--",
+                *cmd,
+            ]
         run = c.run_child(cmd, log=d / f"ingest-{objects}.log")
         state = c.emulator_state(v7)
     registered = c.counter(state, "items_stored")
@@ -162,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"== engine overhead and memory: {small:,} and {large:,} keys ({c.load_note()})")
     list_rate, list_rss = listing_baseline(large)
-    print(f"listing baseline (aiobotocore only): {list_rate:,.0f} keys/s, peak RSS {list_rss:.0f} MB")
+    print(
+        f"listing baseline (aiobotocore only): {list_rate:,.0f} keys/s, peak RSS {list_rss:.0f} MB"
+    )
     fast_rate, _ = listing_baseline(large, fast=True)
     print(f"listing, fast timestamp parse:       {fast_rate:,.0f} keys/s")
     runs = []
@@ -199,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{runs[0]['peak_rss_mb']:.0f} → {big['peak_rss_mb']:.0f} MB (x{growth:.2f})"
     )
     target = "met" if big["keys_per_s"] >= TARGET_KEYS_PER_S else "NOT met"
-    print(f"target >= {TARGET_KEYS_PER_S:,} keys/s: {target}; all stored: "
-          f"{all(r['ok'] for r in runs)}")
+    print(
+        f"target >= {TARGET_KEYS_PER_S:,} keys/s: {target}; all stored: "
+        f"{all(r['ok'] for r in runs)}"
+    )
     return 0 if all(r["ok"] for r in runs) else 1
 
 
