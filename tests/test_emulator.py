@@ -536,3 +536,14 @@ async def test_admin_can_add_dataset_and_storage(api: Api) -> None:
         "GET", f"/api/v2/teams/{TEAM}/items?dataset_ids[]={ids['demo-dataset']}"
     )
     assert page["items"] == []
+
+
+async def test_seed_set_at_run_time_makes_faults_reproducible(api: Api) -> None:
+    async def statuses() -> list[int]:
+        await api.call("POST", "/_emulator/reset", {}, headers={})
+        await api.call("POST", "/_emulator/config", {"seed": 11, "p_5xx": 0.5}, headers={})
+        return [(await api.register([img(f"{i}.jpg")]))[0] for i in range(20)]
+
+    first = await statuses()
+    assert 0 < sum(s >= 500 for s in first) < 20
+    assert await statuses() == first

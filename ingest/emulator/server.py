@@ -301,6 +301,8 @@ class Emulator:
             setattr(self.cfg, k, v)
         self.bucket = TokenBucket(self.cfg.rate_per_s, self.cfg.burst, time.monotonic())
         self.store.max_items_per_request = self.cfg.max_items_per_request
+        if "seed" in patch:
+            self.rng = random.Random(self.cfg.seed)  # faults drawn from the new seed
         return self._json(asdict(self.cfg))
 
     async def admin_faults(self, request: web.Request) -> web.Response:
