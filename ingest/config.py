@@ -143,6 +143,9 @@ class Config:
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
+    # The bucket local files are uploaded to when source.provider = "local" (the bucket of
+    # the V7 storage configuration). Same fields as [source]; its prefix is unused.
+    upload: SourceConfig = field(default_factory=lambda: SourceConfig(provider="aws"))
     # Not from the file: the secret, from the environment only. Excluded from repr.
     api_key: str = field(default="", repr=False)
 
@@ -159,13 +162,16 @@ class Config:
         return f"{self.v7.dataset}:{self.v7.storage}:{s.provider}:{s.bucket}:{s.prefix}"
 
     @property
+    def bucket_source(self) -> SourceConfig:
+        """The bucket V7 reads from: the source, or the upload destination of a local source."""
+        return self.upload if self.source.provider == "local" else self.source
+
+    @property
     def strip(self) -> str:
         return self.source.prefix if self.plan.strip_prefix == "auto" else self.plan.strip_prefix
 
 
-SECTIONS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(Config) if f.name != "api_key"
-)
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "api_key")
 
 
 def _coerce(section: str, name: str, typ: Any, value: Any) -> Any:
@@ -293,6 +299,14 @@ def validate(cfg: Config) -> None:
 
 def require_for_run(cfg: Config) -> None:
     """Fields a run against V7 cannot do without."""
+    if cfg.source.provider == "local":
+        if not cfg.upload.bucket:
+            raise ConfigError(
+                'config: source.provider = "local" needs [upload] bucket (and provider): the '
+                "bucket of the V7 storage configuration that the local files are uploaded to"
+            )
+        if cfg.upload.provider == "local":
+            raise ConfigError("config: upload.provider must be a cloud bucket (aws, gcp, azure)")
     if not cfg.api_key:
         raise ConfigError(f"{API_KEY_ENV} is not set: export your V7 API key in the environment")
     for where, value in (

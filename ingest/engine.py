@@ -35,7 +35,7 @@ from ingest.registrar.rate import Limiter, RateController
 from ingest.registrar.registrar import Registrar
 from ingest.registrar.retry import RetryPolicy
 from ingest.sources import Source
-from ingest.sources.factory import open_source
+from ingest.sources.factory import open_bucket, open_source
 from ingest.sources.fanout import discover_shards, iter_shard_pages
 from ingest.stats import Stats
 
@@ -115,10 +115,14 @@ async def open_engine(cfg: Config) -> AsyncIterator[Engine]:
         await check_media(cfg, target.readonly)
         async with open_source(cfg) as source, contextlib.AsyncExitStack() as stack:
             await check_source(source)
+            destination = None
+            if cfg.source.provider == "local":
+                destination = await stack.enter_async_context(open_bucket(cfg.upload))
+                await check_source(destination)
             stats = Stats()
             registrar = make_registrar(cfg, client, target, stats)
             ledger = stack.enter_context(Ledger(cfg.ledger.path, cfg.job))
-            media = await open_media(cfg, target, source, ledger, stack)
+            media = await open_media(cfg, target, source, ledger, stack, destination)
             pipeline = Pipeline(
                 cfg,
                 source,
@@ -142,7 +146,7 @@ def artifact_prefixes(cfg: Config, target: Target, media: MediaStage | None) -> 
     configuration's prefix) and where we write ours and the video artifacts."""
     found = set()
     if str(target.storage.get("prefix") or "").strip("/"):
-        found.add(provider_artifact_prefix("", target.storage, cfg.source.provider))
+        found.add(provider_artifact_prefix("", target.storage, cfg.bucket_source.provider))
     if media is not None:
         found.add(media.prefix)
     return sorted(found)
@@ -167,11 +171,16 @@ async def check_media(cfg: Config, readonly: bool) -> None:
 
 
 async def open_media(
-    cfg: Config, target: Target, source: Source, ledger: Ledger, stack: contextlib.AsyncExitStack
+    cfg: Config,
+    target: Target,
+    source: Source,
+    ledger: Ledger,
+    stack: contextlib.AsyncExitStack,
+    destination: Source | None = None,
 ) -> MediaStage | None:
-    """The media stage when this run needs one (read-only storage, or local video)."""
+    """The media stage when this run needs one (read-only storage, local video, local files)."""
     vlocal = video_local(cfg, target.readonly)
-    if not (target.readonly or vlocal):
+    if not (target.readonly or vlocal or destination is not None):
         return None
     m = cfg.media
     thumbnails = None
@@ -206,7 +215,7 @@ async def open_media(
             extract_preview_frames=m.extract_preview_frames,
             primary_frames_quality=m.primary_frames_quality,
         )
-    prefix = provider_artifact_prefix(m.artifact_prefix, target.storage, cfg.source.provider)
+    prefix = provider_artifact_prefix(m.artifact_prefix, target.storage, cfg.bucket_source.provider)
     return MediaStage(
         source,
         ledger,
@@ -217,6 +226,7 @@ async def open_media(
         video_options=options,
         max_image_bytes=m.max_image_bytes,
         temp_dir=Path(m.temp_dir) if m.temp_dir else None,
+        destination=destination,
     )
 
 

@@ -32,6 +32,7 @@ class Media(enum.StrEnum):
     NONE = ""
     IMAGE = "image"
     VIDEO = "video"
+    UPLOAD = "upload"  # local files: uploaded to the bucket first (then thumbnails if read-only)
 
 
 class ItemType(enum.StrEnum):

@@ -258,7 +258,9 @@ class Pipeline:
             self.ledger.media_failed(item, reason)
             self._count_failure(reason)
         else:
-            await self._media_queues[item.media].put(item)
+            # Uploads of local files are I/O like thumbnails: same workers.
+            kind = Media.VIDEO if item.media is Media.VIDEO else Media.IMAGE
+            await self._media_queues[kind].put(item)
 
     async def _media_loop(self, kind: Media) -> None:
         assert self.media is not None

@@ -95,6 +95,7 @@ class ShardPlanner:
         readonly: bool = False,
         strip: str = "",
         video_local: bool = False,
+        local_files: bool = False,
     ) -> None:
         self.plan = plan
         self.storage_key = storage_key
@@ -102,7 +103,9 @@ class ShardPlanner:
         self.strip = strip
         # Videos are cut locally with ffmpeg and registered through the read-only endpoint
         # (always so on read-only storage, where V7 cannot write its own artifacts).
-        self.video_local = video_local or readonly
+        self.video_local = video_local or readonly or local_files
+        # Files from a local directory are uploaded to the bucket before registration.
+        self.local_files = local_files
         self._stack: list[_Group] = []
         self._fps = _fps(plan)
 
@@ -220,6 +223,8 @@ class ShardPlanner:
         media = Media.NONE
         if ItemType.VIDEO in types and self.video_local:
             media = Media.VIDEO
+        elif self.local_files:
+            media = Media.UPLOAD
         elif ItemType.IMAGE in types and self.readonly:
             media = Media.IMAGE
         return ItemPlan(
@@ -310,7 +315,7 @@ def plan_manifest_item(
 def video_local(cfg: Config, readonly: bool) -> bool:
     """Are videos cut locally? Always on read-only storage; on read-write when configured."""
     mode = cfg.media.video_processing
-    return readonly or mode == "local"
+    return readonly or mode == "local" or cfg.source.provider == "local"
 
 
 def make_shard_planner(
@@ -322,4 +327,5 @@ def make_shard_planner(
         readonly=readonly,
         strip=cfg.strip,
         video_local=video_local(cfg, readonly),
+        local_files=cfg.source.provider == "local",
     )

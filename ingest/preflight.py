@@ -93,25 +93,28 @@ async def check_v7(cfg: Config, api: V7Api) -> Target:
             '"readonly": use mode "readwrite" (or "auto")'
         )
     provider = str(sc.get("provider", ""))
-    if provider and cfg.source.provider != "local" and provider != cfg.source.provider:
+    # The bucket V7 reads: the source's, or for a local directory the upload destination's.
+    where = "upload" if cfg.source.provider == "local" else "source"
+    bucket_cfg = cfg.bucket_source
+    if provider and provider != bucket_cfg.provider:
         raise PreflightError(
             f"storage configuration '{cfg.v7.storage}' is for provider '{provider}' but "
-            f"source.provider = '{cfg.source.provider}': set source.provider = '{provider}' "
+            f"{where}.provider = '{bucket_cfg.provider}': set {where}.provider = '{provider}' "
             "or pick another v7.storage"
         )
     v7_bucket = str(sc.get("bucket", ""))
     # For Azure, V7's `bucket` is the storage account, not the container: compared below.
-    if v7_bucket and cfg.source.provider in ("aws", "gcp") and v7_bucket != cfg.source.bucket:
+    if v7_bucket and bucket_cfg.provider in ("aws", "gcp") and v7_bucket != bucket_cfg.bucket:
         raise PreflightError(
             f"storage configuration '{cfg.v7.storage}' points at bucket '{v7_bucket}' but "
-            f"source.bucket = '{cfg.source.bucket}': V7 could not read these objects (fix "
-            "source.bucket or v7.storage)"
+            f"{where}.bucket = '{bucket_cfg.bucket}': V7 could not read these objects (fix "
+            f"{where}.bucket or v7.storage)"
         )
-    if v7_bucket and cfg.source.provider == "azure":
+    if v7_bucket and bucket_cfg.provider == "azure":
         # V7's `bucket` is the storage account; ours comes from the credentials (names only).
         from ingest.sources.azure import account_name
 
-        account = account_name(cfg.source)
+        account = account_name(bucket_cfg)
         if account and account != v7_bucket:
             raise PreflightError(
                 f"storage configuration '{cfg.v7.storage}' is for Azure storage account "

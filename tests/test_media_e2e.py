@@ -98,9 +98,7 @@ def test_read_only_migration_makes_thumbnails_sizes_and_video_artifacts(
     planned = run_cli("plan", "--config", str(cfg), "--output", "-")
     assert planned.returncode == 0, planned.stderr
     lines = [orjson.loads(line) for line in planned.stdout.splitlines()]
-    assert {line["endpoint"].rsplit("/", 1)[1] for line in lines} == {
-        "register_existing_readonly"
-    }
+    assert {line["endpoint"].rsplit("/", 1)[1] for line in lines} == {"register_existing_readonly"}
     pending = {p["name"]: p["media"] for line in lines for p in line.get("media_pending", [])}
     assert pending["clip.mp4"] == "video" and pending["wide.jpg"] == "image"
     assert "scan.dcm" not in pending and "doc.pdf" not in pending
@@ -192,3 +190,54 @@ def test_read_write_with_local_video_uses_the_readonly_endpoint_for_videos_only(
     video = _slot(items, "clip.mp4")
     assert video["hls_segments"]["high_quality"]["bitrate"] > 0
     assert video["storage_thumbnail_key"].startswith("thumbnails/")  # no storage prefix: default
+
+
+@needs_ffmpeg
+def test_local_directory_files_are_uploaded_with_their_artifacts(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    """darwin-py's register_locally_processed: local files go to the bucket, then register."""
+    local = tmp_path / "local"
+    (local / "cams").mkdir(parents=True)
+    (local / "cams" / "front.mp4").write_bytes(_clip(tmp_path))
+    (local / "cams" / "still.jpg").write_bytes(_jpeg(640, 480))
+    s3 = _put(moto_url, bucket_name, {})
+    storage = f"ro-{bucket_name}"
+    emulator.add_storage(
+        name=storage, provider="aws", bucket=bucket_name, readonly=True, prefix="v7"
+    )
+    cfg = write_config(
+        tmp_path / "c.toml",
+        v7_url=emulator.url,
+        s3_url=moto_url,
+        bucket=bucket_name,
+        ledger=tmp_path / "l.sqlite",
+        storage=storage,
+        extra=f'[upload]\nprovider = "aws"\nbucket = "{bucket_name}"\n'
+        f'endpoint_url = "{moto_url}"\n[media]\nvideo_workers = 1\nthumbnail_workers = 1\n',
+    )
+    text = cfg.read_text(encoding="utf-8").replace(
+        'provider = "aws"\nbucket = "'
+        + bucket_name
+        + '"\nprefix = ""\nendpoint_url = "'
+        + moto_url
+        + '"',
+        f'provider = "local"\nbucket = "{local}"',
+        1,
+    )
+    cfg.write_text(text, encoding="utf-8")
+    result = run_cli("run", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    items = emulator.items(DATASET)
+    video = _slot(items, "front.mp4")
+    # Uploaded beside its artifacts, under one deterministic prefix.
+    assert video["storage_key"].startswith("v7/") and video["storage_key"].endswith("/front.mp4")
+    prefix = video["storage_key"].rsplit("/", 1)[0]
+    assert video["storage_frames_manifest_key"].startswith(prefix + "/")
+    head = s3.head_object(Bucket=bucket_name, Key=video["storage_key"])
+    assert head["ContentLength"] == (local / "cams" / "front.mp4").stat().st_size
+    still = _slot(items, "still.jpg")
+    assert (still["width"], still["height"]) == (640, 480)
+    body = s3.get_object(Bucket=bucket_name, Key=still["storage_key"])["Body"].read()
+    assert body == (local / "cams" / "still.jpg").read_bytes()
+    s3.head_object(Bucket=bucket_name, Key=still["storage_thumbnail_key"])

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import mimetypes
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -30,6 +32,7 @@ log = logging.getLogger("ingest.media")
 
 DEFAULT_ARTIFACT_PREFIX = "thumbnails"
 THUMBNAIL_KIND = "thumbnail/v1"
+UPLOAD_KIND = "upload/v1"
 
 
 class MediaCache(Protocol):
@@ -123,10 +126,15 @@ class MediaStage:
         video_options: Any,
         max_image_bytes: int,
         temp_dir: Path | None = None,
+        destination: Source | None = None,
     ) -> None:
         self.source = source
+        # Where uploads go and what V7 reads: the source bucket itself, or for a local
+        # directory the bucket of the storage configuration.
+        self.destination = destination or source
+        self.local = destination is not None and destination is not source
         self.cache = cache
-        self.keys = KeyMap.of(source)
+        self.keys = KeyMap.of(self.destination)
         self.prefix = artifact_prefix
         self.storage_name = storage_name
         self.thumbnails = thumbnails
@@ -135,7 +143,7 @@ class MediaStage:
         self.max_image_bytes = max_image_bytes
         self.temp_dir = temp_dir
         self._bucket_id = f"{source.provider}:{source.bucket}"
-        self._uploader = SourceUploader(source, self.keys)
+        self._uploader = SourceUploader(self.destination, self.keys)
 
     async def prepare(self, item: ItemPlan) -> ItemPlan:
         """The item with every slot filled in (thumbnail keys and sizes, processed video
@@ -154,10 +162,14 @@ class MediaStage:
         kind = slot.get("type")
         if kind == "video" and item.media is Media.VIDEO:
             return await self._video(slot)
+        # The key to read the file from: a local path, or the bucket key behind storage_key.
+        key = str(slot["storage_key"]) if self.local else self.keys.to_provider(slot["storage_key"])
+        if self.local:
+            slot["storage_key"] = await self._upload_original(key, str(slot.get("file_name", "")))
         if not item.readonly_endpoint:
             return slot
         if kind == "image":
-            slot.update(await self._image(self.keys.to_provider(str(slot["storage_key"]))))
+            slot.update(await self._image(key))
             return slot
         raise MediaError(f"{kind} files cannot be registered through read-only storage")
 
@@ -186,6 +198,31 @@ class MediaStage:
         self.cache.cache_media(self._bucket_id, key, etag, THUMBNAIL_KIND, result)
         return result
 
+    async def _upload_original(self, key: str, file_name: str) -> str:
+        """A local file into the bucket, under a key derived from its path (a re-run
+        overwrites it); returns its storage key."""
+        etag, _size = self.cache.object_meta(key)
+        cached = self.cache.cached_media(self._bucket_id, key, etag, UPLOAD_KIND)
+        if isinstance(cached, str):
+            return cached
+        name = file_name or key.rpartition("/")[2]
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        dest = f"{self.prefix}/files/{digest}/{name}"
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        try:
+            await self.destination.upload(dest, self.source_path(key), content_type)
+        except SourceError as e:
+            raise MediaError(f"cannot upload to the bucket: {e}") from None
+        storage_key = self.keys.to_storage(dest)
+        self.cache.cache_media(self._bucket_id, key, etag, UPLOAD_KIND, storage_key)
+        return storage_key
+
+    def source_path(self, key: str) -> Path:
+        root = getattr(self.source, "root", None)
+        if not isinstance(root, Path):
+            raise MediaError("only a local directory source has files to upload")
+        return root / key
+
     async def _read(self, key: str, size: int) -> bytes:
         try:
             if size <= 0:
@@ -198,7 +235,7 @@ class MediaStage:
 
     async def _upload(self, key: str, data: bytes, content_type: str) -> None:
         try:
-            await self.source.upload(key, data, content_type)
+            await self.destination.upload(key, data, content_type)
         except SourceError as e:
             raise MediaError(f"cannot upload to the bucket: {e}") from None
 
@@ -210,7 +247,7 @@ class MediaStage:
         from ingest.media.video import artifact_prefix
 
         storage_key = str(slot["storage_key"])
-        key = self.keys.to_provider(storage_key)
+        key = storage_key if self.local else self.keys.to_provider(storage_key)
         etag, size = self.cache.object_meta(key)
         opts_kind = f"video/v1:{self.video_options!r}"
         cached = self.cache.cached_media(self._bucket_id, key, etag, opts_kind)
@@ -231,7 +268,8 @@ class MediaStage:
                 prefix=prefix,
                 file_name=str(slot["file_name"]),
                 uploader=self._uploader,
-                source_storage_key=storage_key,
+                # A local file is uploaded beside its artifacts; a bucket object stays put.
+                source_storage_key=None if self.local else storage_key,
                 size_bytes=size,
                 opts=self.video_options,
             )

@@ -5,31 +5,38 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from ingest.config import Config
+from ingest.config import Config, SourceConfig
 from ingest.errors import ConfigError
 from ingest.sources import Source
 
 
 @asynccontextmanager
 async def open_source(cfg: Config) -> AsyncIterator[Source]:
-    provider = cfg.source.provider
+    async with open_bucket(cfg.source) as source:
+        yield source
+
+
+@asynccontextmanager
+async def open_bucket(sc: SourceConfig) -> AsyncIterator[Source]:
+    """An adapter for any bucket config ([source], or [upload] for a local source)."""
+    provider = sc.provider
     source: Source
     if provider == "aws":
         from ingest.sources.s3 import S3Source
 
-        source = S3Source(cfg.source)
+        source = S3Source(sc)
     elif provider == "gcp":
         from ingest.sources.gcs import GCSSource
 
-        source = GCSSource(cfg.source)
+        source = GCSSource(sc)
     elif provider == "azure":
         from ingest.sources.azure import AzureSource
 
-        source = AzureSource(cfg.source)
+        source = AzureSource(sc)
     elif provider == "local":
         from ingest.sources.local import LocalSource
 
-        source = LocalSource(cfg.source)
+        source = LocalSource(sc)
     else:
         raise ConfigError(f"config: source.provider = {provider!r} is not supported yet")
     try:
