@@ -87,7 +87,13 @@ class Dataset:
     name: str = ""
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "slug": self.slug, "name": self.name or self.slug, "num_items": 0}
+        return {
+            "id": self.id,
+            "slug": self.slug,
+            "name": self.name or self.slug,
+            "num_items": 0,
+            "progress": 0.0,  # darwin-py reads it when it lists datasets
+        }
 
 
 @dataclass
