@@ -39,7 +39,7 @@ class Page:
 
 @runtime_checkable
 class Source(Protocol):
-    """What the engine needs from a bucket. Adapters: s3 (aiobotocore); gcs and azure later."""
+    """What the engine needs from a bucket. Adapters: s3, gcs, azure, local."""
 
     provider: str  # "aws" | "gcp" | "azure" | "local"
     bucket: str
