@@ -159,10 +159,13 @@ def load_config(ns: argparse.Namespace) -> config.Config:
 # --- commands ------------------------------------------------------------------------------------
 
 
-def _exit_code(stats: Stats, stopped_early: bool) -> int:
+def _exit_code(stats: Stats, stopped_early: bool, ledger_status: Any = None) -> int:
+    """3 when this run failed or blocked items, or when the ledger still holds FAILED items
+    from earlier runs (a nightly job must not turn green while failures wait for `retry`)."""
     if stopped_early:
         return EXIT_INTERRUPTED
-    return EXIT_INCOMPLETE if (stats.failed or stats.blocked) else EXIT_OK
+    left = ledger_status.items_by_state.get("FAILED", 0) if ledger_status is not None else 0
+    return EXIT_INCOMPLETE if (stats.failed or stats.blocked or left) else EXIT_OK
 
 
 def _summary(stats: Stats, ledger_status: Any, out: Callable[[str], None]) -> None:
@@ -173,6 +176,11 @@ def _summary(stats: Stats, ledger_status: Any, out: Callable[[str], None]) -> No
         f"{stats.requests:,} requests, {stats.rate_limited:,} answered 429, "
         f"{stats.retries:,} retries; {stats.registered / elapsed:,.1f} items/s"
     )
+    if stats.media_done or stats.artifacts_ignored:
+        out(
+            f"  media: {stats.media_done:,} items got thumbnails / video artifacts; "
+            f"{stats.artifacts_ignored:,} listed artifacts ignored"
+        )
     for reason, n in stats.blocked_by_reason.most_common(5):
         out(f"  blocked {n:,}: {reason}")
     for reason, n in stats.failures_by_reason.most_common(5):
@@ -193,8 +201,9 @@ async def _run(cfg: config.Config, *, retry_blocked: str | None, retry: bool) ->
             n = engine.ledger.requeue_failed(retry_blocked)
             log.info("re-queued items", extra={"count": n})
         result = await engine.run("retry" if retry else "run", list_bucket=not retry)
-        _summary(engine.stats, engine.ledger.status(), print)
-        return _exit_code(engine.stats, result.stopped_early)
+        status = engine.ledger.status()
+        _summary(engine.stats, status, print)
+        return _exit_code(engine.stats, result.stopped_early, status)
 
 
 def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:

@@ -285,10 +285,18 @@ class Ledger:
                     new.append(p)
                 else:
                     row = db.execute(
-                        "SELECT id FROM items WHERE job=? AND path=? AND name=?",
+                        "SELECT id, keys FROM items WHERE job=? AND path=? AND name=?",
                         (job, p.path, p.name),
                     ).fetchone()
                     item_id = row[0]
+                    known = set(orjson.loads(row[1]))
+                    # Another object planned to the same (path, name): it would never be sent,
+                    # so say why instead of showing it as part of someone else's item.
+                    for k in p.keys:
+                        if k not in known:
+                            skips.append((_collision(p, next(iter(known), "")), job, k))
+                    links += ((item_id, job, k) for k in p.keys if k in known)
+                    continue
                 links += ((item_id, job, k) for k in p.keys)
             db.executemany(
                 "UPDATE objects SET state='PLANNED', item_id=? "
@@ -659,6 +667,14 @@ class Ledger:
             "SELECT etag, size, last_modified FROM objects WHERE job=? AND key=?", (self.job, key)
         ).fetchone()
         return ObjectInfo(key, int(row[1]), str(row[0]), str(row[2])) if row else None
+
+
+def _collision(plan: ItemPlan, other_key: str) -> str:
+    where = plan.path.rstrip("/") + "/" + plan.name
+    return (
+        f"name collision: item '{where}' already comes from '{other_key}' (rename one, or "
+        "change plan.preserve_folders / plan.slots)"
+    )[:300]
 
 
 def _iso(ts: float) -> str:

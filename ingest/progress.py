@@ -18,6 +18,7 @@ def progress_line(stats: Stats) -> str:
         f"failed {stats.failed:,}  skipped {stats.skipped:,}  "
         f"{stats.items_per_s():,.0f} items/s  rate {stats.current_rate_per_s:.1f} req/s  "
         f"429s {stats.rate_limited:,}  in flight {stats.in_flight}"
+        + (f"  processing {stats.processing}" if stats.processing else "")
     )
 
 
@@ -49,6 +50,7 @@ async def run_progress(
                         "items_per_s": round(stats.items_per_s(), 1),
                         "rate_per_s": round(stats.current_rate_per_s, 2),
                         "rate_limited": stats.rate_limited,
+                        "processing": stats.processing,
                     },
                 )
     finally:

@@ -324,3 +324,20 @@ def test_streams_use_bounded_memory_over_200k_rows(big_ledger: Path) -> None:
     assert pending_peak < all_peak / 20, (pending_peak, all_peak)
     assert report_peak < all_peak / 20, (report_peak, all_peak)
     assert max(pending_peak, report_peak) < 8_000_000
+
+
+def test_a_name_collision_is_skipped_with_its_reason_not_hidden(ledger: Ledger) -> None:
+    """Two keys planned to one (path, name) (e.g. preserve_folders = false): the second can
+    never be sent, so it must not show as part of the first one's item."""
+    first = ItemPlan("/", "x.jpg", {"path": "/", "name": "x.jpg"}, ("a/x.jpg",))
+    second = ItemPlan("/", "x.jpg", {"path": "/", "name": "x.jpg"}, ("b/x.jpg",))
+    new = ledger.record_page("s0", "", False, [o("a/x.jpg"), o("b/x.jpg")], [first, second])
+    assert [i.keys for i in new] == [("a/x.jpg",)]
+    rows = report(ledger)
+    assert rows["a/x.jpg"] == ("PLANNED", "")
+    state, reason = rows["b/x.jpg"]
+    assert state == "SKIPPED"
+    assert "name collision" in reason and "a/x.jpg" in reason
+    # Re-listing the first object keeps it linked to its item.
+    assert ledger.record_page("s0", "", False, [o("a/x.jpg")], [first]) == []
+    assert report(ledger)["a/x.jpg"] == ("PLANNED", "")
