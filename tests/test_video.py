@@ -15,9 +15,9 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 from PIL import Image, ImageChops
 
@@ -285,7 +285,8 @@ def test_frames_equal_a_plain_reference_dump(
         with Image.open(ref[n]) as theirs:
             assert ours.mode == theirs.mode and ours.size == theirs.size
             diff = ImageChops.difference(ours.convert("RGB"), theirs.convert("RGB"))
-            assert max(hi for _, hi in diff.getextrema()) <= 2
+            extrema = cast(tuple[tuple[int, int], ...], diff.getextrema())
+            assert max(hi for _, hi in extrema) <= 2
 
 
 # --- options ----------------------------------------------------------------------------------
