@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,13 @@ STORAGE = "s3-rw"
 BUCKET = "demo-bucket"  # the emulator's default storage configuration points here
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench"
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # so that `finally` stops the servers this process started
+
+
+signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def free_port() -> int:

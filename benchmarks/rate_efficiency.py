@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ RATE = 20.0
 BATCH = 10
 LATENCIES_MS = (0, 50, 200)
 DARWIN_SLEEP_S = 60.0
+BURST = 1.0  # the emulator's token bucket depth (--burst)
 
 
 @dataclass
@@ -66,6 +68,13 @@ class Timeline:
         ev = [s for t, s in self.events if t >= start]
         return sum(1 for s in ev if s == 429) / max(len(ev), 1)
 
+    def gap_ms(self, q: float) -> float:
+        """Quantile ``q`` of the gaps between consecutive register requests as the emulator
+        saw them (ms): pacing at R/s gives 1000/R; a loaded machine bunches them."""
+        t = [x for x, _ in self.events]
+        gaps = sorted(b - a for a, b in itertools.pairwise(t))
+        return 1000 * gaps[min(int(q * len(gaps)), len(gaps) - 1)] if gaps else 0.0
+
     def settle_s(self, threshold: float = 0.01) -> float:
         """Seconds from the first request until, from then on, < ``threshold`` of requests
         were answered 429 (a suffix scan over the timeline)."""
@@ -81,11 +90,15 @@ class Timeline:
         return settle - t0
 
 
+def emulator_args(latency_ms: float) -> list[str]:
+    return ["--rate", str(RATE), "--burst", str(BURST), "--latency-ms", str(latency_ms)]
+
+
 def engine_run(
     s3_url: str, objects: int, latency_ms: float, configured_rate: float
 ) -> dict[str, Any]:
     d = c.workdir("rate")
-    with c.emulator("--rate", str(RATE), "--latency-ms", str(latency_ms)) as v7:
+    with c.emulator(*emulator_args(latency_ms)) as v7:
         cfg = c.write_config(
             d / "rate.toml",
             v7_url=v7,
@@ -98,6 +111,8 @@ def engine_run(
         run = c.run_child(c.ingest_cmd(cfg), log=d / f"ingest-L{latency_ms:g}.log")
         state = c.emulator_state(v7)
     tl = Timeline.of(state)
+    name = f"timeline-L{latency_ms:g}-R{configured_rate:g}.json"
+    (d / name).write_bytes(orjson.dumps(tl.events))  # for a closer look
     stored = c.counter(state, "items_stored")
     mid = (tl.events[0][0] + tl.events[-1][0]) / 2 if tl.events else 0.0
     return {
@@ -114,6 +129,8 @@ def engine_run(
         "eff_2nd_half": tl.items_per_s(mid) / (RATE * BATCH),
         "frac429_2nd_half": tl.fraction_429(mid),
         "settle_s": tl.settle_s(),
+        "gap_p1": tl.gap_ms(0.01),
+        "gap_p50": tl.gap_ms(0.5),
     }
 
 
@@ -165,7 +182,7 @@ def darwin_like(v7_url: str, items: int, sleep_s: float) -> dict[str, Any]:
 
 
 def baseline_run(items: int, latency_ms: float, sleep_s: float) -> dict[str, Any]:
-    with c.emulator("--rate", str(RATE), "--latency-ms", str(latency_ms)) as v7:
+    with c.emulator(*emulator_args(latency_ms)) as v7:
         r = darwin_like(v7, items, sleep_s)
         stored = c.counter(c.emulator_state(v7), "items_stored")
     real = r["seconds"] + r["n429"] * (DARWIN_SLEEP_S - sleep_s)
@@ -186,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=int, default=0, help="items the baseline sends (1,000)")
     ap.add_argument("--baseline-sleep", type=float, default=0.25, help="its sleep on 429 (s)")
     ap.add_argument("--latencies", default=",".join(map(str, LATENCIES_MS)))
+    ap.add_argument("--burst", type=float, default=1.0, help="the emulator's bucket depth")
     ns = ap.parse_args(argv)
+    global BURST
+    BURST = ns.burst
     objects = ns.objects or (4_000 if ns.quick else 20_000)
     base_items = ns.baseline or (400 if ns.quick else 1_000)
     latencies = [float(x) for x in ns.latencies.split(",") if x]
     print(
-        f"== rate efficiency: {objects:,} objects, emulator {RATE:g} req/s (burst 1), "
+        f"== rate efficiency: {objects:,} objects, emulator {RATE:g} req/s (burst {BURST:g}), "
         f"batch {BATCH} ({c.load_note()})"
     )
     known: list[dict[str, Any]] = []
@@ -203,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"engine, rate known, L={lat:g} ms: efficiency {r['eff']:.3f} "
                 f"(wall {r['eff_wall']:.3f}), 429 {r['n429']}/{r['requests']}, "
-                f"stored {r['stored']:,}",
+                f"stored {r['stored']:,}; arrival gaps p1 {r['gap_p1']:.1f} ms, "
+                f"median {r['gap_p50']:.1f} ms",
                 flush=True,
             )
             b = baseline_run(base_items, lat, ns.baseline_sleep)
