@@ -19,19 +19,15 @@ from tests.support.e2e import (
     DATASET,
     Emulator,
     cli_env,
+    job_config,
     run_cli,
-    write_config,
 )
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def _storage(emulator: Emulator, bucket: str, *, readonly: bool = False) -> str:
-    name = f"{'ro' if readonly else 'rw'}-{bucket}"
-    emulator.add_storage(
-        name=name, provider="aws", bucket=bucket, readonly=readonly, prefix="thumbs", default=False
-    )
-    return name
+    return emulator.storage_for(bucket, readonly=readonly)
 
 
 def _keys_of(items: list[dict[str, object]]) -> list[str]:
@@ -49,14 +45,8 @@ def test_run_registers_everything_once_and_rerun_sends_nothing(
     other = ["set/clip.MP4", "set/doc.pdf", "set/notes.txt", "set/Upper.PNG"]
     seed_bucket(moto_url, bucket_name, images + other)
     storage = _storage(emulator, bucket_name)
-    cfg = write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket_name,
-        ledger=tmp_path / "l.sqlite",
-        storage=storage,
-        extra="[rate]\nrequests_per_s = 200\n",
+    cfg = job_config(
+        tmp_path, emulator, moto_url, bucket_name, storage, extra="[rate]\nrequests_per_s = 200\n"
     )
 
     first = run_cli("run", "--config", str(cfg))
@@ -108,14 +98,14 @@ def test_kill_dash_nine_at_several_points_then_exactly_once(
     storage = _storage(emulator, bucket_name)
     emulator.configure(latency_ms=20)
     ledger = tmp_path / "l.sqlite"
-    cfg = write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket_name,
-        ledger=ledger,
-        storage=storage,
+    cfg = job_config(
+        tmp_path,
+        emulator,
+        moto_url,
+        bucket_name,
+        storage,
         extra="[rate]\nrequests_per_s = 60\nmax_in_flight = 4\n",
+        ledger=ledger,
     )
     kills = 0
     for threshold in (1, 40, 90, 140):
@@ -168,14 +158,7 @@ def test_unsupported_and_odd_keys(
     ]
     seed_bucket(moto_url, bucket_name, keys)
     storage = _storage(emulator, bucket_name)
-    cfg = write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket_name,
-        ledger=tmp_path / "l.sqlite",
-        storage=storage,
-    )
+    cfg = job_config(tmp_path, emulator, moto_url, bucket_name, storage)
     res = run_cli("run", "--config", str(cfg))
     assert res.returncode == 0, res.stderr[-3000:]
     stored = set(_keys_of(emulator.items()))
@@ -210,15 +193,7 @@ def _bad(
     env: dict[str, str] | None = None,
     extra: str = "",
 ) -> subprocess.CompletedProcess[str]:
-    cfg = write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket,
-        ledger=tmp_path / "l.sqlite",
-        storage=storage,
-        extra=extra,
-    )
+    cfg = job_config(tmp_path, emulator, moto_url, bucket, storage, extra=extra)
     args = ["run", "--config", str(cfg)]
     if dataset_override:
         args += ["--dataset", dataset_override]
@@ -292,14 +267,7 @@ def test_readonly_storage_with_readwrite_mode(
     tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator, seeded: str
 ) -> None:
     ro = _storage(emulator, bucket_name, readonly=True)
-    cfg = write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket_name,
-        ledger=tmp_path / "l.sqlite",
-        storage=ro,
-    )
+    cfg = job_config(tmp_path, emulator, moto_url, bucket_name, ro)
     res = run_cli("run", "--config", str(cfg), "--set", "v7.mode=readwrite")
     _one_line_error(res, "read-only", "mode")
 

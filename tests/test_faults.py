@@ -14,15 +14,13 @@ import orjson
 import pytest
 
 from tests.conftest import seed_bucket
-from tests.support.e2e import Emulator, run_cli, write_config
+from tests.support.e2e import Emulator, job_config, run_cli
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def _storage(emulator: Emulator, bucket: str) -> str:
-    name = f"rw-{bucket}"
-    emulator.add_storage(name=name, provider="aws", bucket=bucket, readonly=False, prefix="t")
-    return name
+    return emulator.storage_for(bucket, prefix="t")
 
 
 def _setup(
@@ -34,15 +32,7 @@ def _setup(
     extra: str,
 ) -> Path:
     seed_bucket(moto_url, bucket, keys)
-    return write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket,
-        ledger=tmp_path / "l.sqlite",
-        storage=_storage(emulator, bucket),
-        extra=extra,
-    )
+    return job_config(tmp_path, emulator, moto_url, bucket, _storage(emulator, bucket), extra=extra)
 
 
 def _run(cfg: Path) -> None:
@@ -206,14 +196,7 @@ def test_bad_input_keys_each_get_a_clear_outcome(
         "bad/archive.tar.gz": "'.gz'",
     }
     seed_bucket(moto_url, bucket_name, [*good, *skipped])
-    cfg = write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket_name,
-        ledger=tmp_path / "l.sqlite",
-        storage=_storage(emulator, bucket_name),
-    )
+    cfg = job_config(tmp_path, emulator, moto_url, bucket_name, _storage(emulator, bucket_name))
     _run(cfg)
     rows = _report(cfg)
     assert set(rows) == set(good) | set(skipped)

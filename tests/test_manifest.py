@@ -13,7 +13,7 @@ from ingest.manifest import read_manifest
 from ingest.model import Media, ObjectInfo
 from ingest.planner import ShardPlanner, plan_manifest_item
 from tests.conftest import seed_bucket
-from tests.support.e2e import DATASET, Emulator, run_cli, write_config
+from tests.support.e2e import DATASET, Emulator, job_config, run_cli
 
 
 def test_csv_and_jsonl_give_the_same_rows(tmp_path: Path) -> None:
@@ -121,8 +121,7 @@ def test_manifest_run_end_to_end(
 ) -> None:
     keys = ["cars/1/front.jpg", "cars/1/back.jpg", "cars/2/front.jpg", "other/stray.jpg"]
     seed_bucket(moto_url, bucket_name, keys)
-    storage = f"rw-{bucket_name}"
-    emulator.add_storage(name=storage, provider="aws", bucket=bucket_name, readonly=False)
+    storage = emulator.storage_for(bucket_name)
     manifest = tmp_path / "m.csv"
     manifest.write_text(
         "item_name,slot_name,key,path\n"
@@ -132,13 +131,12 @@ def test_manifest_run_end_to_end(
         "car-2,back,cars/2/missing.jpg,fleet\n",
         encoding="utf-8",
     )
-    cfg = write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket_name,
-        ledger=tmp_path / "l.sqlite",
-        storage=storage,
+    cfg = job_config(
+        tmp_path,
+        emulator,
+        moto_url,
+        bucket_name,
+        storage,
         extra=f'[plan]\nslots = "manifest"\nmanifest = "{manifest}"\n',
     )
     planned = run_cli("plan", "--config", str(cfg), "--output", "-")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import s3_client
-from tests.support.e2e import DATASET, Emulator, run_cli, write_config
+from tests.support.e2e import DATASET, Emulator, job_config, run_cli, write_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -82,17 +82,13 @@ def test_read_only_migration_makes_thumbnails_sizes_and_video_artifacts(
         "set/doc.pdf": b"%PDF-1.4 " * 20,
     }
     s3 = _put(moto_url, bucket_name, objects)
-    storage = f"ro-{bucket_name}"
-    emulator.add_storage(
-        name=storage, provider="aws", bucket=bucket_name, readonly=True, prefix="v7-thumbs"
-    )
-    cfg = write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket_name,
-        ledger=tmp_path / "l.sqlite",
-        storage=storage,
+    storage = emulator.storage_for(bucket_name, readonly=True, prefix="v7-thumbs")
+    cfg = job_config(
+        tmp_path,
+        emulator,
+        moto_url,
+        bucket_name,
+        storage,
         extra="[media]\nthumbnail_workers = 1\nvideo_workers = 1\n",
     )
     planned = run_cli("plan", "--config", str(cfg), "--output", "-")
@@ -168,15 +164,13 @@ def test_read_write_with_local_video_uses_the_readonly_endpoint_for_videos_only(
     tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
 ) -> None:
     _put(moto_url, bucket_name, {"v/clip.mp4": _clip(tmp_path), "v/pic.jpg": _jpeg(64, 48)})
-    storage = f"rw-{bucket_name}"
-    emulator.add_storage(name=storage, provider="aws", bucket=bucket_name, readonly=False)
-    cfg = write_config(
-        tmp_path / "c.toml",
-        v7_url=emulator.url,
-        s3_url=moto_url,
-        bucket=bucket_name,
-        ledger=tmp_path / "l.sqlite",
-        storage=storage,
+    storage = emulator.storage_for(bucket_name, prefix="")
+    cfg = job_config(
+        tmp_path,
+        emulator,
+        moto_url,
+        bucket_name,
+        storage,
         extra='[media]\nvideo_processing = "local"\nvideo_workers = 1\n',
     )
     result = run_cli("run", "--config", str(cfg))
@@ -202,10 +196,7 @@ def test_local_directory_files_are_uploaded_with_their_artifacts(
     (local / "cams" / "front.mp4").write_bytes(_clip(tmp_path))
     (local / "cams" / "still.jpg").write_bytes(_jpeg(640, 480))
     s3 = _put(moto_url, bucket_name, {})
-    storage = f"ro-{bucket_name}"
-    emulator.add_storage(
-        name=storage, provider="aws", bucket=bucket_name, readonly=True, prefix="v7"
-    )
+    storage = emulator.storage_for(bucket_name, readonly=True, prefix="v7")
     cfg = write_config(
         tmp_path / "c.toml",
         v7_url=emulator.url,

@@ -70,6 +70,12 @@ class Emulator:
     def add_storage(self, **cfg: Any) -> None:
         self._call("POST", "storage", cfg)
 
+    def storage_for(self, bucket: str, *, readonly: bool = False, prefix: str = "thumbs") -> str:
+        """A V7 storage configuration for an S3 bucket; returns its name."""
+        name = f"{'ro' if readonly else 'rw'}-{bucket}"
+        self.add_storage(name=name, provider="aws", bucket=bucket, readonly=readonly, prefix=prefix)
+        return name
+
 
 @contextmanager
 def emulator_process(*args: str) -> Iterator[Emulator]:
@@ -175,4 +181,26 @@ def run_cli(
         text=True,
         timeout=timeout,
         check=False,
+    )
+
+
+def job_config(
+    tmp_path: Path,
+    emulator: Emulator,
+    s3_url: str,
+    bucket: str,
+    storage: str,
+    *,
+    extra: str = "",
+    ledger: Path | None = None,
+) -> Path:
+    """``write_config`` for the usual test job: c.toml and l.sqlite in ``tmp_path``."""
+    return write_config(
+        tmp_path / "c.toml",
+        v7_url=emulator.url,
+        s3_url=s3_url,
+        bucket=bucket,
+        ledger=ledger or tmp_path / "l.sqlite",
+        storage=storage,
+        extra=extra,
     )
