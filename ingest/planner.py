@@ -37,6 +37,7 @@ IMAGE_EXTENSIONS = frozenset(
         ".ndpi",
         ".rvg",
         ".qoi",
+        ".gif",  # not in darwin-py's list; registered as an image (its first frame)
     }
 )
 VIDEO_EXTENSIONS = frozenset({".avi", ".bpm", ".mov", ".mp4", ".mkv", ".hevc", ".m4v"})

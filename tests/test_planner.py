@@ -163,7 +163,7 @@ def test_file_type_covers_what_darwin_py_accepts_and_nothing_else() -> None:
         assert file_type(f"k.{ext}") == "video"
     assert file_type("k.pdf") == "pdf"
     assert file_type("k.dcm") == "dicom"
-    for bad in ("k.txt", "k.gif", "k.jpg.bak", "k", "dir.jpg/k", ".png", "k.", "k.mp3"):
+    for bad in ("k.txt", "k.jpg.bak", "k", "dir.jpg/k", ".png", "k.", "k.mp3"):
         assert file_type(bad) is None, bad
 
 

@@ -31,6 +31,7 @@ EXT_TYPES = {
             ".ndpi",
             ".rvg",
             ".qoi",
+            ".gif",
         ],
         "image",
     ),
