@@ -255,6 +255,24 @@ def run_child(
     return ChildRun(proc.returncode, wall, peak_kb / 1024, text, samples)
 
 
+def servers_usage() -> dict[str, tuple[float, float]]:
+    """CPU seconds and RSS (MB) of the servers this process started, by role."""
+    import psutil
+
+    out: dict[str, tuple[float, float]] = {}
+    for child in psutil.Process().children():
+        try:
+            cmd = " ".join(child.cmdline())
+            cpu = child.cpu_times()
+            rss = child.memory_info().rss / 2**20
+        except psutil.Error:
+            continue
+        role = "emulator" if " emulator " in cmd else "s3" if "synthetic_s3" in cmd else ""
+        if role:
+            out[role] = (cpu.user + cpu.system, rss)
+    return out
+
+
 def ingest_cmd(config: Path, *more: str) -> list[str]:
     return [sys.executable, "-m", "ingest", "run", "--config", str(config), *more]
 

@@ -167,6 +167,7 @@ def engine_run(objects: int, profile: str = "", fast_parse: bool = False) -> dic
             ]
         run = c.run_child(cmd, log=d / f"ingest-{objects}.log")
         state = c.emulator_state(v7)
+        servers = c.servers_usage()
     registered = c.counter(state, "items_stored")
     ok = run.returncode == 0 and registered == objects
     # RSS when about 10 % and 100 % of the run had passed (sampled every 0.5 s).
@@ -181,6 +182,9 @@ def engine_run(objects: int, profile: str = "", fast_parse: bool = False) -> dic
         "peak_rss_mb": run.peak_rss_mb,
         "rss_at_10pct_mb": max(early),
         "requests": c.counter(state, "register_requests"),
+        "emulator_cpu_s": servers.get("emulator", (0.0, 0.0))[0],
+        "emulator_rss_mb": servers.get("emulator", (0.0, 0.0))[1],
+        "s3_cpu_s": servers.get("s3", (0.0, 0.0))[0],
         "summary": next((ln for ln in run.output.splitlines() if ln.startswith("done in")), ""),
     }
 
@@ -216,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(r)
         print(
             f"engine {n:,} keys: {r['wall_s']:.1f} s, {r['keys_per_s']:,.0f} keys/s, peak RSS "
-            f"{r['peak_rss_mb']:.0f} MB, stored {r['registered']:,}, exit {r['returncode']}"
+            f"{r['peak_rss_mb']:.0f} MB, stored {r['registered']:,}, exit {r['returncode']}; "
+            f"CPU of the servers: emulator {r['emulator_cpu_s']:.1f} s "
+            f"(RSS {r['emulator_rss_mb']:.0f} MB), synthetic S3 {r['s3_cpu_s']:.1f} s"
         )
     big = runs[-1]
     what_if = engine_run(large, fast_parse=True)

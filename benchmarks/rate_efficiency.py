@@ -40,6 +40,7 @@ BATCH = 10
 LATENCIES_MS = (0, 50, 200)
 DARWIN_SLEEP_S = 60.0
 BURST = 1.0  # the emulator's token bucket depth (--burst)
+ENGINE_SET: list[str] = []  # --set overrides passed to `ingest run` (--engine-set)
 
 
 @dataclass
@@ -108,7 +109,8 @@ def engine_run(
             max_in_flight=8,
             max_items=BATCH,
         )
-        run = c.run_child(c.ingest_cmd(cfg), log=d / f"ingest-L{latency_ms:g}.log")
+        more = [x for kv in ENGINE_SET for x in ("--set", kv)]
+        run = c.run_child(c.ingest_cmd(cfg, *more), log=d / f"ingest-L{latency_ms:g}.log")
         state = c.emulator_state(v7)
     tl = Timeline.of(state)
     name = f"timeline-L{latency_ms:g}-R{configured_rate:g}.json"
@@ -204,15 +206,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-sleep", type=float, default=0.25, help="its sleep on 429 (s)")
     ap.add_argument("--latencies", default=",".join(map(str, LATENCIES_MS)))
     ap.add_argument("--burst", type=float, default=1.0, help="the emulator's bucket depth")
+    ap.add_argument(
+        "--engine-set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="config override for `ingest run` (diagnosis), e.g. source.page_size=100",
+    )
     ns = ap.parse_args(argv)
     global BURST
     BURST = ns.burst
+    ENGINE_SET[:] = ns.engine_set
     objects = ns.objects or (4_000 if ns.quick else 20_000)
     base_items = ns.baseline or (400 if ns.quick else 1_000)
     latencies = [float(x) for x in ns.latencies.split(",") if x]
     print(
         f"== rate efficiency: {objects:,} objects, emulator {RATE:g} req/s (burst {BURST:g}), "
         f"batch {BATCH} ({c.load_note()})"
+        + (f"; engine overrides: {' '.join(ENGINE_SET)}" if ENGINE_SET else "")
     )
     known: list[dict[str, Any]] = []
     base: list[dict[str, Any]] = []
