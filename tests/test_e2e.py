@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests.support.e2e import (
     cli_env,
     job_config,
     run_cli,
+    wait_for,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,16 +80,6 @@ def test_run_registers_everything_once_and_rerun_sends_nothing(
     assert img["state"] == "REGISTERED" and img["v7_id"]
 
 
-def _wait_for(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
-    """Poll a condition on external state (not a sleep-as-synchronisation: we wait for a fact)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_kill_dash_nine_at_several_points_then_exactly_once(
     tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
 ) -> None:
@@ -118,7 +108,7 @@ def test_kill_dash_nine_at_several_points_then_exactly_once(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        reached = _wait_for(
+        reached = wait_for(
             lambda t=threshold, p=proc: (
                 emulator.counters()["register_requests"] >= t or p.poll() is not None
             ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,15 @@ import pytest
 from PIL import Image
 
 from tests.conftest import s3_client
-from tests.support.e2e import DATASET, Emulator, job_config, run_cli, write_config
+from tests.support.e2e import (
+    DATASET,
+    Emulator,
+    cli_env,
+    job_config,
+    run_cli,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -232,3 +241,69 @@ def test_local_directory_files_are_uploaded_with_their_artifacts(
     body = s3.get_object(Bucket=bucket_name, Key=still["storage_key"])["Body"].read()
     assert body == (local / "cams" / "still.jpg").read_bytes()
     s3.head_object(Bucket=bucket_name, Key=still["storage_thumbnail_key"])
+
+
+@needs_ffmpeg
+def test_crash_mid_video_upload_then_rerun_leaves_no_orphans_and_registers_once(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    """kill -9 while a video's artifacts stream to the bucket; the re-run cuts it again under
+    the same prefix (overwriting), registers it once, and nothing lies under other prefixes."""
+    out = tmp_path / "long.mp4"
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=30:duration=6",
+            "-pix_fmt",
+            "yuv420p",
+            str(out),
+        ],
+        check=True,
+    )
+    s3 = _put(moto_url, bucket_name, {"v/long.mp4": out.read_bytes()})
+    storage = emulator.storage_for(bucket_name, readonly=True, prefix="art")
+    cfg = job_config(
+        tmp_path,
+        emulator,
+        moto_url,
+        bucket_name,
+        storage,
+        extra="[media]\nvideo_workers = 1\nupload_concurrency = 1\n",
+    )
+
+    def artifacts() -> list[str]:
+        listing = s3.list_objects_v2(Bucket=bucket_name, Prefix="art/")
+        return [o["Key"] for o in listing.get("Contents", [])]
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest", "run", "--config", str(cfg)],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_for(lambda: len(artifacts()) >= 20 or proc.poll() is not None, 120)
+        crashed_mid_upload = proc.poll() is None
+        proc.kill()
+    finally:
+        proc.wait(30)
+    partial = artifacts()
+    assert crashed_mid_upload, "the run finished before it could be killed mid-upload"
+    assert emulator.counters()["items_registered"] == 0
+
+    again = run_cli("run", "--config", str(cfg))
+    assert again.returncode == 0, again.stderr[-3000:]
+    items = emulator.items(DATASET)
+    assert [i["name"] for i in items] == ["long.mp4"]
+    slot = items[0]["slots"][0]
+    prefix = slot["storage_frames_manifest_key"].rsplit("/", 1)[0]
+    final = artifacts()
+    assert all(k.startswith(prefix + "/") for k in final), "artifacts outside the one prefix"
+    assert set(partial) <= set(final)  # the partial upload was overwritten, not orphaned
+    assert len([k for k in final if "/sections/high/" in k]) == slot["visible_frames"] == 180
