@@ -132,10 +132,13 @@ def run_engine(keys: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global LATENCY_MS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="500 keys instead of 2,000")
     ap.add_argument("--keys", type=int, default=0)
+    ap.add_argument("--latency-ms", type=float, default=LATENCY_MS, help="emulator latency")
     ns = ap.parse_args(argv)
+    LATENCY_MS = ns.latency_ms
     keys = ns.keys or (500 if ns.quick else 2_000)
     py = ensure_venv()
     print(
