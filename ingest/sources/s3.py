@@ -8,13 +8,16 @@ they never appear in messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
@@ -32,6 +35,17 @@ _DENIED = {
     "SignatureDoesNotMatch",
     "AllAccessDisabled",
 }
+
+
+def fast_timestamp(value: Any) -> datetime:
+    """botocore's timestamp parser, with a fast path for S3's ISO 8601 strings."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is not None:
+                return parsed
+    result: datetime = DEFAULT_TIMESTAMP_PARSER(value)
+    return result
 
 
 class S3Source:
@@ -58,6 +72,12 @@ class S3Source:
         async with self._lock:
             if self._client is None:
                 session = AioSession(profile=self.cfg.profile or None)
+                # botocore parses every LastModified through dateutil: a quarter of the
+                # engine's CPU at a million keys. S3 sends ISO 8601, which the standard
+                # library parses ~20x faster; anything else goes to botocore's own parser.
+                session.get_component("response_parser_factory").set_parser_defaults(
+                    timestamp_parser=fast_timestamp
+                )
                 boto_cfg = BotoConfig(
                     connect_timeout=10,
                     read_timeout=60,
