@@ -20,6 +20,7 @@ from tests.support.e2e import (
     Emulator,
     cli_env,
     job_config,
+    make_clip,
     run_cli,
     wait_for,
     write_config,
@@ -43,24 +44,7 @@ def _png16(w: int, h: int) -> bytes:
 
 
 def _clip(tmp: Path) -> bytes:
-    out = tmp / "clip.mp4"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=160x120:rate=10:duration=2",
-            "-pix_fmt",
-            "yuv420p",
-            str(out),
-        ],
-        check=True,
-    )
-    return out.read_bytes()
+    return make_clip(tmp / "clip.mp4")
 
 
 def _put(url: str, bucket: str, objects: dict[str, bytes]) -> Any:
@@ -250,22 +234,7 @@ def test_crash_mid_video_upload_then_rerun_leaves_no_orphans_and_registers_once(
     """kill -9 while a video's artifacts stream to the bucket; the re-run cuts it again under
     the same prefix (overwriting), registers it once, and nothing lies under other prefixes."""
     out = tmp_path / "long.mp4"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x240:rate=30:duration=6",
-            "-pix_fmt",
-            "yuv420p",
-            str(out),
-        ],
-        check=True,
-    )
+    make_clip(out, size="320x240", rate=30, duration_s=6)
     s3 = _put(moto_url, bucket_name, {"v/long.mp4": out.read_bytes()})
     storage = emulator.storage_for(bucket_name, readonly=True, prefix="art")
     cfg = job_config(

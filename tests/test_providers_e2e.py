@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from tests.support.e2e import DATASET, Emulator, cli_env, run_cli
+from tests.support.e2e import DATASET, Emulator, cli_env, make_clip, run_cli
 from tests.support.emulators import (
     AZURITE_ACCOUNT,
     AzuriteServer,
@@ -56,24 +55,7 @@ def _animated(fmt: str) -> bytes:
 
 
 def _clip(tmp: Path) -> bytes:
-    out = tmp / "clip.mp4"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=128x96:rate=10:duration=1",
-            "-pix_fmt",
-            "yuv420p",
-            str(out),
-        ],
-        check=True,
-    )
-    return out.read_bytes()
+    return make_clip(tmp / "clip.mp4", size="128x96", duration_s=1)
 
 
 def _objects(tmp: Path) -> dict[str, bytes]:

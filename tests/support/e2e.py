@@ -215,3 +215,25 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def make_clip(path: Path, *, size: str = "160x120", rate: int = 10, duration_s: float = 2) -> bytes:
+    """A real H.264 test clip made by ffmpeg (no audio); returns its bytes."""
+    source = f"testsrc2=size={size}:rate={rate}:duration={duration_s}"
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            source,
+            "-pix_fmt",
+            "yuv420p",
+            str(path),
+        ],
+        check=True,
+    )
+    return path.read_bytes()
