@@ -24,7 +24,8 @@ from typing import Any
 
 import orjson
 
-API_KEY = "emulator-key"
+from ingest.emulator import local_env
+
 DATASET = "demo-dataset"
 STORAGE = "s3-rw"
 BUCKET = "demo-bucket"  # the emulator's default storage configuration points here
@@ -190,16 +191,7 @@ log_format = "json"
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DARWIN_API_KEY=API_KEY,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    env.pop("DARWIN_BASE_URL", None)
-    env.update(extra)
-    return env
+    return local_env(**extra)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from benchmarks import _common as c
+from ingest.emulator import API_KEY
 
 RATE = 20.0
 BATCH = 10
@@ -142,7 +143,7 @@ def darwin_like(v7_url: str, items: int, sleep_s: float) -> dict[str, Any]:
     u = urlsplit(v7_url)
     path = "/api/v2/teams/emulator-team/items/register_existing"
     headers = {
-        "Authorization": f"ApiKey {c.API_KEY}",
+        "Authorization": f"ApiKey {API_KEY}",
         "Content-Type": "application/json",
         "Accept": "application/json",
         "Connection": "close",

@@ -46,7 +46,6 @@ from typing import Any
 from PIL import Image
 
 from benchmarks._common import (
-    API_KEY,
     ChildRun,
     admin,
     cli_env,
@@ -58,6 +57,7 @@ from benchmarks._common import (
     table,
     workdir,
 )
+from ingest.emulator import API_KEY
 from tests.support import emulators as storage_emulators
 from tests.support.emulators import (
     AZURITE_ACCOUNT,

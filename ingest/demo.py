@@ -9,7 +9,7 @@ emulator holds.
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import socket
 import subprocess
 import sys
@@ -21,8 +21,9 @@ from typing import Any
 
 import orjson
 
+from ingest.emulator import local_env
+
 BUCKET = "demo-bucket"
-API_KEY = "emulator-key"
 
 
 def free_port() -> int:
@@ -133,6 +134,8 @@ def main() -> int:
     s3_port, v7_port = free_port(), free_port()
     s3_url, v7_url = f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{v7_port}"
 
+    # moto logs every request through werkzeug: keep the demo's output to what ingest says.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
     moto.start()
     emulator = start_emulator(v7_port, ns.rate)
@@ -142,13 +145,7 @@ def main() -> int:
         seed(s3_url, keys)
         cfg = work / "demo.toml"
         write_config(cfg, s3_url, v7_url, ledger)
-        env = dict(
-            os.environ,
-            DARWIN_API_KEY=API_KEY,
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
+        env = local_env()
         cmd = [sys.executable, "-m", "ingest", "run", "--config", str(cfg)]
         print(
             f"== ingest run --config {cfg}   (V7 emulator at {v7_url}, {ns.rate:g} req/s)",

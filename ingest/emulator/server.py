@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ingest.emulator import API_KEY
 from ingest.emulator.store import Invalid, NotFound, StorageConfig, Store
 
 FAULT_KINDS = ("5xx", "reset", "stall", "commit_then_fail", "429")
@@ -34,7 +35,7 @@ FAULT_KINDS = ("5xx", "reset", "stall", "commit_then_fail", "429")
 
 @dataclass
 class EmulatorConfig:
-    api_key: str = "emulator-key"
+    api_key: str = API_KEY
     team: str = "emulator-team"
     rate_per_s: float = 0.0  # register requests per second per key; 0 = unlimited
     burst: float = 1.0  # token bucket depth
@@ -392,7 +393,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="probability of storing the items and answering 502",
     )
     p.add_argument("--max-items", type=int, default=500, help="items allowed per request")
-    p.add_argument("--api-key", default="emulator-key")
+    p.add_argument("--api-key", default=API_KEY)
     p.add_argument("--team", default="emulator-team")
     p.add_argument("--seed", type=int, default=0)
 

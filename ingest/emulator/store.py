@@ -13,31 +13,21 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ingest.planner import (
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    PDF_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+)
+
 KNOWN_TYPES = {"image", "video", "pdf", "dicom"}
 READONLY_TYPES = {"image", "video", "pdf"}
+# V7 infers a type from the file name's extension: the same table the planner uses.
 EXT_TYPES = {
-    **dict.fromkeys(
-        [
-            ".png",
-            ".jpg",
-            ".jpeg",
-            ".jfif",
-            ".jpe",
-            ".tif",
-            ".tiff",
-            ".bmp",
-            ".svs",
-            ".webp",
-            ".ndpi",
-            ".rvg",
-            ".qoi",
-            ".gif",
-        ],
-        "image",
-    ),
-    **dict.fromkeys([".avi", ".bpm", ".mov", ".mp4", ".mkv", ".hevc", ".m4v"], "video"),
-    ".pdf": "pdf",
-    ".dcm": "dicom",
+    **dict.fromkeys(IMAGE_EXTENSIONS, "image"),
+    **dict.fromkeys(VIDEO_EXTENSIONS, "video"),
+    **dict.fromkeys(PDF_EXTENSIONS, "pdf"),
+    **dict.fromkeys(DICOM_EXTENSIONS, "dicom"),
 }
 READONLY_VIDEO_REQUIRED = (
     "width",

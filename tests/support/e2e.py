@@ -6,7 +6,6 @@ a GIL or an event loop, exactly as in production.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,8 @@ from typing import Any
 
 import orjson
 
-API_KEY = "emulator-key"
+from ingest.emulator import local_env
+
 DATASET = "demo-dataset"
 STORAGE_RW = "s3-rw"
 STORAGE_RO = "s3-ro"
@@ -159,16 +159,7 @@ log_format = "json"
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DARWIN_API_KEY=API_KEY,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    env.pop("DARWIN_BASE_URL", None)
-    env.update(extra)
-    return env
+    return local_env(**extra)
 
 
 def run_cli(
