@@ -92,6 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
+        "sync",
+        help="incremental: register only objects not registered yet; report changed and vanished",
+        description="One listing merged with the ledger in key order: new objects are "
+        "registered, changed (new ETag) and vanished objects are reported (sync.on_change), "
+        "nothing is deleted in V7. Safe to schedule: a second sync of the same job is refused "
+        "while one holds the ledger's lease.",
+    )
+    _common(p)
+
+    p = sub.add_parser(
+        "worker",
+        help="long-lived: scheduled syncs, optional S3/Azure object events, /healthz /readyz "
+        "/metrics, graceful SIGTERM",
+        description="Runs `sync` on worker.schedule (cron or interval, with jitter), retries "
+        "failed items with back-off between runs, keeps going while V7 or the bucket is "
+        "unreachable, serves health and Prometheus metrics, and on SIGTERM finishes in-flight "
+        "work within worker.grace_period_s, then exits 0.",
+    )
+    _common(p)
+    p.add_argument(
+        "--once", action="store_true", help="one scheduled pass, then exit (for testing a config)"
+    )
+
+    p = sub.add_parser(
         "plan",
         help="dry run: write the exact request payloads it would send (JSONL); sends nothing",
         description="List and plan like `run`, but send nothing and write nothing to the ledger. "

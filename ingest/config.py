@@ -98,6 +98,9 @@ class RateConfig:
 class LedgerConfig:
     path: str = "ingest-ledger.sqlite"
     job: str = ""  # "" → derived from dataset + storage + bucket + prefix
+    # A run, sync or worker holds a lease on the job in the ledger, renewed while it lives;
+    # a second one is refused until the lease expires (a holder killed -9 blocks no longer).
+    lease_ttl_s: float = 60.0
 
 
 @dataclass
@@ -133,6 +136,47 @@ class MediaConfig:
     temp_dir: str = ""  # where videos are downloaded and cut; "" = the system temp dir
 
 
+ChangePolicy = Literal["report", "register"]
+EventKind = Literal["none", "sqs", "azure_queue"]
+
+
+@dataclass
+class SyncConfig:
+    """`ingest sync`: register only what is new since the ledger last saw the bucket."""
+
+    # An object listed with the same key but a new ETag/generation: "report" (default) records
+    # it; "register" registers the new version as a new item named <stem>.v<etag8><ext>.
+    on_change: ChangePolicy = "report"
+
+
+@dataclass
+class WorkerConfig:
+    """`ingest worker`: scheduled syncs, optional object events, health and metrics."""
+
+    # "every 15m" / "every 3600s" / "every 1h", or a 5-field cron expression in UTC
+    # ("0 2 * * *" = 02:00 every night).
+    schedule: str = "every 1h"
+    jitter_s: float = 0.0  # each scheduled sync starts up to this much later (random)
+    grace_period_s: float = 30.0  # SIGTERM: in-flight requests and uploads get this long
+    # Failed items are retried by later syncs after base * 2^(attempts-1), capped.
+    retry_failed_base_s: float = 300.0
+    retry_failed_cap_s: float = 86400.0
+    # V7 or the bucket unreachable: preflight is retried with backoff up to this wait.
+    unreachable_retry_cap_s: float = 300.0
+    http_host: str = "0.0.0.0"  # /healthz, /readyz, /metrics
+    http_port: int = 9464  # 0 = no HTTP endpoint
+    # /readyz fails when the last successful sync is older than this; 0 = 2 x the schedule
+    # period + jitter (at least 10 minutes).
+    ready_max_sync_age_s: float = 0.0
+    # Event-driven mode: S3 event notifications in SQS, or Azure Blob events (Event Grid) in
+    # an Azure storage queue. The scheduled sync stays on as reconciliation.
+    events: EventKind = "none"
+    events_queue: str = ""  # SQS queue URL, or the Azure queue name
+    events_endpoint_url: str = ""  # SQS endpoint override (an emulator); "" = AWS
+    events_max_batch: int = 100  # objects registered together from events
+    events_wait_s: float = 1.0  # longest an event waits for others to batch with
+
+
 @dataclass
 class Config:
     v7: V7Config = field(default_factory=V7Config)
@@ -143,6 +187,8 @@ class Config:
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     # The bucket local files are uploaded to when source.provider = "local" (the bucket of
     # the V7 storage configuration). Same fields as [source]; its prefix is unused.
     upload: SourceConfig = field(default_factory=lambda: SourceConfig(provider="aws"))
@@ -293,6 +339,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: media.*_concurrency must be >= 1")
     if m.video_time_limit_s <= 0:
         raise ConfigError("config: media.video_time_limit_s must be > 0")
+    w = cfg.worker
+    if w.events != "none" and not w.events_queue:
+        raise ConfigError(
+            f'config: worker.events = "{w.events}" needs worker.events_queue (the SQS queue URL '
+            "or the Azure queue name)"
+        )
+    if not 0 <= w.http_port <= 65535:
+        raise ConfigError("config: worker.http_port must be between 0 and 65535")
+    if cfg.ledger.lease_ttl_s < 5:
+        raise ConfigError("config: ledger.lease_ttl_s must be >= 5")
+    if w.events_max_batch < 1 or w.events_wait_s <= 0:
+        raise ConfigError("config: worker.events_max_batch must be >= 1, events_wait_s > 0")
     if cfg.source.list_concurrency < 1:
         raise ConfigError("config: source.list_concurrency must be >= 1")
 

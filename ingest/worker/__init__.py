@@ -1,0 +1,1 @@
+"""The long-lived worker: schedule, object events, health and metrics, graceful shutdown."""
