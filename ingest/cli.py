@@ -2,7 +2,8 @@
 
 Exit codes: 0 everything registered (or skipped / already there before us and not ours);
 2 bad configuration or a failed preflight check; 3 the run finished but some items failed or
-were blocked; 4 a fatal error stopped the run (e.g. the key was revoked); 130 interrupted.
+were blocked; 4 a fatal error stopped the run (e.g. the key was revoked); 5 another run, sync
+or worker of the same job holds the ledger's lease; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import orjson
 
 from ingest import __version__, config
-from ingest.errors import ConfigError, IngestError, PreflightError, V7Error
+from ingest.errors import ConfigError, IngestError, LeaseHeld, PreflightError, V7Error
 from ingest.log import register_secret, setup
 from ingest.stats import Stats
 
@@ -28,6 +29,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_INCOMPLETE = 3
 EXIT_FATAL = 4
+EXIT_BUSY = 5
 EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("ingest")
@@ -192,7 +194,9 @@ def _exit_code(stats: Stats, stopped_early: bool, ledger_status: Any = None) -> 
     return EXIT_INCOMPLETE if (stats.failed or stats.blocked or left) else EXIT_OK
 
 
-def _summary(stats: Stats, ledger_status: Any, out: Callable[[str], None]) -> None:
+def _summary(
+    stats: Stats, ledger_status: Any, out: Callable[[str], None], *, sync: bool = False
+) -> None:
     elapsed = stats.elapsed_s()
     out(
         f"done in {elapsed:.1f} s: listed {stats.listed:,}, registered {stats.registered:,}, "
@@ -200,6 +204,11 @@ def _summary(stats: Stats, ledger_status: Any, out: Callable[[str], None]) -> No
         f"{stats.requests:,} requests, {stats.rate_limited:,} answered 429, "
         f"{stats.retries:,} retries; {stats.registered / elapsed:,.1f} items/s"
     )
+    if sync or stats.changed or stats.vanished:
+        out(
+            f"  sync: changed {stats.changed:,}, vanished {stats.vanished:,} (see `ingest report`"
+            " column `sync`; nothing is deleted in V7)"
+        )
     if stats.media_done or stats.artifacts_ignored:
         out(
             f"  media: {stats.media_done:,} items got thumbnails / video artifacts; "
@@ -217,16 +226,16 @@ def _fmt_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())) or "empty"
 
 
-async def _run(cfg: config.Config, *, retry_blocked: str | None, retry: bool) -> int:
+async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = None) -> int:
     from ingest.engine import open_engine
 
     async with open_engine(cfg) as engine:
-        if retry:
+        if kind == "retry":
             n = engine.ledger.requeue_failed(retry_blocked)
             log.info("re-queued items", extra={"count": n})
-        result = await engine.run("retry" if retry else "run", list_bucket=not retry)
+        result = await engine.run(kind, list_bucket=kind != "retry")
         status = engine.ledger.status()
-        _summary(engine.stats, status, print)
+        _summary(engine.stats, status, print, sync=kind == "sync")
         return _exit_code(engine.stats, result.stopped_early, status)
 
 
@@ -282,7 +291,7 @@ def _report(cfg: config.Config, fmt: str, output: str, states: list[str] | None)
     if not Path(cfg.ledger.path).exists():
         raise ConfigError(f"no ledger at {cfg.ledger.path}: run `ingest run` first")
     wanted = {s.upper() for s in states} if states else None
-    fields = ["key", "state", "item_path", "item_name", "v7_id", "reason", "etag", "size"]
+    fields = ["key", "state", "item_path", "item_name", "v7_id", "reason", "etag", "size", "sync"]
     with Ledger(cfg.ledger.path, cfg.job) as ledger:
         out = sys.stdout if output == "-" else open(output, "w", newline="", encoding="utf-8")  # noqa: SIM115
         try:
@@ -315,11 +324,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(ns)
         register_secret(cfg.api_key)
         setup(cfg.output.log_format)
-        if ns.command in ("run", "retry"):
+        if ns.command in ("run", "retry", "sync"):
             config.require_for_run(cfg)
-            return _asyncio_run(
-                _run(cfg, retry_blocked=getattr(ns, "blocked", None), retry=ns.command == "retry")
-            )
+            return _asyncio_run(_run(cfg, ns.command, retry_blocked=getattr(ns, "blocked", None)))
+        if ns.command == "worker":
+            config.require_for_run(cfg)
+            from ingest.worker.loop import main as worker_main
+
+            return _asyncio_run(worker_main(cfg, once=ns.once))
         if ns.command == "plan":
             return _plan(cfg, ns.output or cfg.output.plan_output, ns.readonly)
         if ns.command == "status":
@@ -329,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except LeaseHeld as e:
+        print(f"busy: {e}", file=sys.stderr)
+        return EXIT_BUSY
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except (V7Error, IngestError) as e:

@@ -340,6 +340,11 @@ def validate(cfg: Config) -> None:
     if m.video_time_limit_s <= 0:
         raise ConfigError("config: media.video_time_limit_s must be > 0")
     w = cfg.worker
+    from ingest.worker.schedule import parse_schedule
+
+    parse_schedule(w.schedule)  # raises ConfigError naming the field
+    if w.events != "none" and cfg.plan.slots == "manifest":
+        raise ConfigError('config: worker.events cannot be used with plan.slots = "manifest"')
     if w.events != "none" and not w.events_queue:
         raise ConfigError(
             f'config: worker.events = "{w.events}" needs worker.events_queue (the SQS queue URL '

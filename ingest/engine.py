@@ -10,7 +10,10 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -20,12 +23,12 @@ import orjson
 from ingest import USER_AGENT
 from ingest.batch import BatchBuilder
 from ingest.config import Config
-from ingest.errors import PreflightError
+from ingest.errors import LeaseHeld, PreflightError
 from ingest.ledger import Ledger
 from ingest.log import set_run_id
 from ingest.manifest import read_manifest
 from ingest.media.stage import MediaStage, provider_artifact_prefix
-from ingest.model import ItemPlan, Skip, State
+from ingest.model import ItemPlan, ObjectInfo, Skip, State
 from ingest.pipeline import Pipeline, Planning, RunResult, with_signals
 from ingest.planner import plan_manifest_item, request_options, video_local
 from ingest.preflight import Target, check_source, check_v7
@@ -74,6 +77,57 @@ def make_registrar(cfg: Config, client: V7Client, target: Target, stats: Stats) 
     )
 
 
+@contextlib.asynccontextmanager
+async def hold_lease(
+    ledger: Ledger, ttl_s: float, on_lost: Callable[[], None]
+) -> AsyncIterator[str]:
+    """One writer per job: take the ledger's lease or refuse; renew it every ttl/3 while we
+    live; a holder killed -9 stops blocking others once its lease expires."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    other = ledger.acquire_lease(holder, ttl_s, time.time(), holder_dead=_dead_here)
+    if other is not None:
+        left = max(0.0, other.expires_at - time.time())
+        raise LeaseHeld(
+            f"job {ledger.job!r} is already running ({other.holder}; its lease ends in "
+            f"{left:.0f} s unless renewed): wait for it, or stop it first"
+        )
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(ttl_s / 3)
+            if not ledger.renew_lease(holder, ttl_s, time.time()):
+                log.error("lost the ledger lease (stalled longer than ledger.lease_ttl_s?)")
+                on_lost()
+                return
+
+    task = asyncio.create_task(renew(), name="lease")
+    try:
+        yield holder
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        ledger.release_lease(holder)
+
+
+def _dead_here(holder: str) -> bool:
+    """A lease holder on this host whose process is gone (killed -9, OOM): no need to wait
+    for its lease to expire."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():  # an earlier life of this very process slot (a container's pid 1)
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @dataclass
 class Engine:
     cfg: Config
@@ -81,9 +135,16 @@ class Engine:
     ledger: Ledger
     target: Target
     stats: Stats
-    pipeline: Pipeline
+    new_pipeline: Callable[[bool], Pipeline]  # sync? -> a fresh single-pass pipeline
+    current: Pipeline | None = None
+
+    def request_stop(self) -> None:
+        """Graceful stop of the pass in progress (if any)."""
+        if self.current is not None:
+            self.current.request_stop()
 
     async def run(self, kind: str = "run", *, list_bucket: bool = True) -> RunResult:
+        """One CLI pass with a lease, a progress line and signal handling."""
         progress = None
         if self.cfg.output.progress:
             progress = asyncio.create_task(run_progress(self.stats))
@@ -95,9 +156,10 @@ class Engine:
                 task.cancel()
 
         try:
-            result: RunResult = await with_signals(
-                self.pipeline.run(kind, list_bucket=list_bucket), self.pipeline.request_stop, abort
-            )
+            async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self.request_stop):
+                result: RunResult = await with_signals(
+                    self.pass_(kind, list_bucket=list_bucket), self.request_stop, abort
+                )
             return result
         finally:
             if progress is not None:
@@ -105,9 +167,24 @@ class Engine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await progress
 
+    async def pass_(
+        self,
+        kind: str,
+        *,
+        list_bucket: bool = True,
+        objects: Sequence[ObjectInfo] | None = None,
+    ) -> RunResult:
+        """One pass of a fresh pipeline (the caller holds the lease): `run`/`retry`, a `sync`
+        (listing merged with the ledger), or an events pass over ``objects``."""
+        self.current = self.new_pipeline(kind == "sync")
+        try:
+            return await self.current.run(kind, list_bucket=list_bucket, objects=objects)
+        finally:
+            self.current = None
+
 
 @contextlib.asynccontextmanager
-async def open_engine(cfg: Config) -> AsyncIterator[Engine]:
+async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[Engine]:
     """Preflight (V7, then the bucket) and build every part. Raises PreflightError first."""
     client = make_client(cfg)
     try:
@@ -119,24 +196,29 @@ async def open_engine(cfg: Config) -> AsyncIterator[Engine]:
             if cfg.source.provider == "local":
                 destination = await stack.enter_async_context(open_bucket(cfg.upload))
                 await check_source(destination)
-            stats = Stats()
+            stats = stats or Stats()
             registrar = make_registrar(cfg, client, target, stats)
             ledger = stack.enter_context(Ledger(cfg.ledger.path, cfg.job))
             media = await open_media(cfg, target, source, ledger, stack, destination)
-            pipeline = Pipeline(
-                cfg,
-                source,
-                ledger,
-                registrar,
-                stats,
-                readonly=target.readonly,
-                media=media,
-                image_workers=cfg.media.thumbnail_concurrency,
-                video_workers=video_workers(cfg),
-                ignore_prefixes=artifact_prefixes(cfg, target, media),
-            )
-            set_run_id(f"{cfg.job}")
-            yield Engine(cfg, source, ledger, target, stats, pipeline)
+            ignore = artifact_prefixes(cfg, target, media)
+
+            def new_pipeline(sync: bool) -> Pipeline:
+                return Pipeline(
+                    cfg,
+                    source,
+                    ledger,
+                    registrar,
+                    stats,
+                    readonly=target.readonly,
+                    media=media,
+                    image_workers=cfg.media.thumbnail_concurrency,
+                    video_workers=video_workers(cfg),
+                    ignore_prefixes=ignore,
+                    sync=sync,
+                )
+
+            set_run_id(cfg.job)
+            yield Engine(cfg, source, ledger, target, stats, new_pipeline)
     finally:
         await client.close()
 

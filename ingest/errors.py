@@ -28,6 +28,16 @@ class PreflightError(IngestError):
     """A check before any work failed (credentials, dataset, storage configuration, bucket)."""
 
 
+class Unreachable(PreflightError):
+    """Preflight could not reach V7 or the bucket at all: worth trying again later."""
+
+    retryable = True
+
+
+class LeaseHeld(IngestError):
+    """Another run, sync or worker of the same job holds the ledger's lease: try later."""
+
+
 class FatalError(IngestError):
     """The run cannot continue (e.g. the API key was revoked mid-run)."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import orjson
 
 from ingest.model import ItemPlan, Media, ObjectInfo, Outcome, Skip, State
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS items (
     updated_at REAL NOT NULL,
     media TEXT NOT NULL DEFAULT '',
     readonly_endpoint INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
     UNIQUE (job, path, name)
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items (job, state, id);
@@ -54,6 +55,8 @@ CREATE TABLE IF NOT EXISTS objects (
     item_id INTEGER,
     reason TEXT NOT NULL DEFAULT '',
     changed INTEGER NOT NULL DEFAULT 0,
+    changed_etag TEXT NOT NULL DEFAULT '',
+    vanished_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (job, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS listing (
@@ -75,6 +78,12 @@ CREATE TABLE IF NOT EXISTS media_cache (
     result BLOB NOT NULL,
     PRIMARY KEY (bucket, key, etag, kind)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (
+    job TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    acquired_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     job TEXT NOT NULL,
@@ -90,6 +99,37 @@ CHUNK = 1000
 # Rows per multi-row INSERT / UPDATE ... FROM (VALUES ...): well under SQLite's bound-variable
 # limit (32766 since 3.32) at 9 columns, and large enough to amortise the statement.
 _ROWS_PER_INSERT = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """An object as the ledger last saw it: one side of the sync merge."""
+
+    key: str
+    etag: str
+    changed_etag: str  # the new ETag a sync last reported (report mode), else ""
+    vanished: bool
+
+
+@dataclass(frozen=True)
+class Lease:
+    holder: str
+    acquired_at: float
+    expires_at: float
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix`` (None: none).
+
+    Python and SQLite (BINARY on UTF-8) both order strings by code point, so this bound is
+    the same for both."""
+    p = prefix.rstrip(chr(0x10FFFF))
+    if not p:
+        return None
+    nxt = ord(p[-1]) + 1
+    if 0xD800 <= nxt <= 0xDFFF:  # surrogates cannot be encoded: next real code point
+        nxt = 0xE000
+    return p[:-1] + chr(nxt)
 
 
 @dataclass(frozen=True)
@@ -108,6 +148,7 @@ class ReportRow:
     reason: str
     etag: str
     size: int
+    sync: str = ""  # "vanished", "changed (etag …)" or "" (as listed last time)
 
 
 @dataclass
@@ -118,6 +159,7 @@ class Status:
     failures_by_reason: list[tuple[str, int]] = field(default_factory=list)
     last_runs: list[dict[str, Any]] = field(default_factory=list)
     changed_objects: int = 0
+    vanished_objects: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +169,7 @@ class Status:
             "failures_by_reason": [{"reason": r, "count": n} for r, n in self.failures_by_reason],
             "last_runs": self.last_runs,
             "changed_objects": self.changed_objects,
+            "vanished_objects": self.vanished_objects,
         }
 
 
@@ -160,6 +203,13 @@ class Ledger:
                 "ALTER TABLE items ADD COLUMN media TEXT NOT NULL DEFAULT '';"
                 "ALTER TABLE items ADD COLUMN readonly_endpoint INTEGER NOT NULL DEFAULT 0;"
             )
+        if 1 <= version <= 2:
+            # Schema 3: sync (changed / vanished objects), retry back-off, leases.
+            self.db.executescript(
+                "ALTER TABLE objects ADD COLUMN changed_etag TEXT NOT NULL DEFAULT '';"
+                "ALTER TABLE objects ADD COLUMN vanished_at REAL NOT NULL DEFAULT 0;"
+                "ALTER TABLE items ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;"
+            )
         if version < SCHEMA_VERSION:
             # executescript runs its own transaction; CREATE ... IF NOT EXISTS is idempotent.
             self.db.executescript(_SCHEMA)
@@ -179,25 +229,29 @@ class Ledger:
 
     # --- runs and listing checkpoints -------------------------------------------------------------
 
-    def start_run(self, kind: str) -> RunInfo:
+    def start_run(self, kind: str, *, listing: bool = True) -> RunInfo:
+        """Record a run. Only a run that lists the bucket touches the listing checkpoints:
+        an event pass or a retry must not wipe the checkpoints of an interrupted sync."""
         now = time.time()
+        resume = False
         with self._tx():
             self.db.execute(
                 "UPDATE runs SET status='interrupted', finished_at=? "
                 "WHERE job=? AND status='running'",
                 (now, self.job),
             )
-            row = self.db.execute(
-                "SELECT listing_complete FROM jobs WHERE job=?", (self.job,)
-            ).fetchone()
-            resume = row is not None and not row[0]
-            if not resume:
-                self.db.execute("DELETE FROM listing WHERE job=?", (self.job,))
-            self.db.execute(
-                "INSERT INTO jobs(job, listing_complete) VALUES (?, 0) "
-                "ON CONFLICT(job) DO UPDATE SET listing_complete=0",
-                (self.job,),
-            )
+            if listing:
+                row = self.db.execute(
+                    "SELECT listing_complete FROM jobs WHERE job=?", (self.job,)
+                ).fetchone()
+                resume = row is not None and not row[0]
+                if not resume:
+                    self.db.execute("DELETE FROM listing WHERE job=?", (self.job,))
+                self.db.execute(
+                    "INSERT INTO jobs(job, listing_complete) VALUES (?, 0) "
+                    "ON CONFLICT(job) DO UPDATE SET listing_complete=0",
+                    (self.job,),
+                )
             cur = self.db.execute(
                 "INSERT INTO runs(job, kind, started_at, status) VALUES (?,?,?,'running')",
                 (self.job, kind, now),
@@ -401,7 +455,7 @@ class Ledger:
         ``media`` stays set, so ``ingest retry`` processes the item again."""
         with self._tx():
             self.db.execute(
-                "UPDATE items SET state='FAILED', reason=?, updated_at=? "
+                "UPDATE items SET state='FAILED', reason=?, updated_at=?, failures=failures+1 "
                 "WHERE job=? AND path=? AND name=?",
                 (reason, time.time(), self.job, item.path, item.name),
             )
@@ -469,10 +523,19 @@ class Ledger:
             if len({(o.path, o.name) for o in outcomes}) < len(outcomes):
                 # The same item twice: apply in order, the last outcome wins.
                 self.db.executemany(
-                    "UPDATE items SET state=?, v7_id=?, reason=?, updated_at=? "
-                    "WHERE job=? AND path=? AND name=?",
+                    "UPDATE items SET state=?, v7_id=?, reason=?, updated_at=?, "
+                    "failures=failures+(?='FAILED') WHERE job=? AND path=? AND name=?",
                     [
-                        (str(o.state), o.v7_id, o.reason, now, self.job, o.path, o.name)
+                        (
+                            str(o.state),
+                            o.v7_id,
+                            o.reason,
+                            now,
+                            str(o.state),
+                            self.job,
+                            o.path,
+                            o.name,
+                        )
                         for o in outcomes
                     ],
                 )
@@ -482,6 +545,7 @@ class Ledger:
                 chunk = outcomes[i : i + _ROWS_PER_INSERT]
                 self.db.execute(
                     "UPDATE items SET state=v.column1, v7_id=v.column2, reason=v.column3, "
+                    "failures=items.failures+(v.column1='FAILED'), "
                     f"updated_at=? FROM (VALUES {','.join(['(?,?,?,?,?)'] * len(chunk))}) AS v "
                     "WHERE items.job=? AND items.path=v.column4 AND items.name=v.column5",
                     [
@@ -508,6 +572,191 @@ class Ledger:
                     (self.job, blocked_reason),
                 ).rowcount
         return int(n)
+
+    def requeue_due(self, is_due: Callable[[int, float], bool], batch: int = CHUNK) -> int:
+        """FAILED items whose back-off has passed, back to PLANNED. ``is_due(failures,
+        failed_at)`` decides (pure, from the worker's policy); streamed over FAILED rows only."""
+        last, n = 0, 0
+        while True:
+            rows = self.db.execute(
+                "SELECT id, failures, updated_at FROM items WHERE job=? AND state='FAILED' "
+                "AND id > ? ORDER BY id LIMIT ?",
+                (self.job, last, batch),
+            ).fetchall()
+            if not rows:
+                return n
+            due = [(self.job, i) for i, failures, at in rows if is_due(int(failures), float(at))]
+            if due:
+                with self._tx():
+                    self.db.executemany(
+                        "UPDATE items SET state='PLANNED', reason='' WHERE job=? AND id=? "
+                        "AND state='FAILED'",
+                        due,
+                    )
+                n += len(due)
+            last = rows[-1][0]
+
+    # --- sync: the ledger's side of the listing merge ------------------------------------------
+
+    def iter_known(
+        self, prefix: str, recursive: bool, start: str = "", batch: int = CHUNK
+    ) -> Iterator[Known]:
+        """Objects of one shard in key order from ``start`` (inclusive): keys under ``prefix``
+        (recursive) or directly under it. Sub-folders of a non-recursive shard are skipped
+        with one seek each, not read."""
+        lo, inclusive = max(prefix, start), True
+        hi = prefix_end(prefix)
+        while True:
+            op = ">=" if inclusive else ">"
+            rows = self.db.execute(
+                "SELECT key, etag, changed_etag, vanished_at FROM objects WHERE job=? "
+                f"AND key {op} ? AND (? IS NULL OR key < ?) ORDER BY key LIMIT ?",
+                (self.job, lo, hi, hi, batch),
+            ).fetchall()
+            seek = None
+            for key, etag, changed_etag, vanished_at in rows:
+                if not recursive:
+                    cut = key.find("/", len(prefix))
+                    if cut >= 0:  # a sub-folder: listed by another shard
+                        seek = prefix_end(key[: cut + 1])
+                        break
+                yield Known(key, etag, changed_etag, bool(vanished_at))
+            if seek is not None:
+                lo, inclusive = seek, True
+            elif len(rows) < batch:
+                return
+            else:
+                lo, inclusive = rows[-1][0], False
+
+    def known(self, key: str) -> Known | None:
+        row = self.db.execute(
+            "SELECT key, etag, changed_etag, vanished_at FROM objects WHERE job=? AND key=?",
+            (self.job, key),
+        ).fetchone()
+        return Known(row[0], row[1], row[2], bool(row[3])) if row else None
+
+    def sub_folders(self, prefix: str) -> Iterator[str]:
+        """Distinct first-level folders under ``prefix`` that the ledger holds keys for."""
+        lo, hi = prefix, prefix_end(prefix)
+        while True:
+            row = self.db.execute(
+                "SELECT key FROM objects WHERE job=? AND key >= ? AND (? IS NULL OR key < ?) "
+                "AND instr(substr(key, ?), '/') > 0 ORDER BY key LIMIT 1",
+                (self.job, lo, hi, hi, len(prefix) + 1),
+            ).fetchone()
+            if row is None:
+                return
+            key = row[0]
+            folder = key[: key.index("/", len(prefix)) + 1]
+            yield folder
+            nxt = prefix_end(folder)
+            if nxt is None:
+                return
+            lo = nxt
+
+    def record_sync_page(
+        self,
+        vanished: Sequence[str] = (),
+        reappeared: Sequence[str] = (),
+        changed: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """What one merged page found, in one transaction: keys gone from the bucket, keys back
+        again, and (key, new etag) of objects whose content changed (reported, not re-sent)."""
+        if not (vanished or reappeared or changed):
+            return
+        now = time.time()
+        with self._tx():
+            self.db.executemany(
+                "UPDATE objects SET vanished_at=? WHERE job=? AND key=? AND vanished_at=0",
+                [(now, self.job, k) for k in vanished],
+            )
+            self.db.executemany(
+                "UPDATE objects SET vanished_at=0 WHERE job=? AND key=?",
+                [(self.job, k) for k in reappeared],
+            )
+            self.db.executemany(
+                "UPDATE objects SET changed=1, changed_etag=? WHERE job=? AND key=?",
+                [(etag, self.job, k) for k, etag in changed],
+            )
+
+    def mark_vanished_under(self, prefix: str) -> int:
+        """Every object under ``prefix`` is gone (the whole folder vanished from the listing)."""
+        hi = prefix_end(prefix)
+        with self._tx():
+            n = self.db.execute(
+                "UPDATE objects SET vanished_at=? WHERE job=? AND key >= ? "
+                "AND (? IS NULL OR key < ?) AND vanished_at=0",
+                (time.time(), self.job, prefix, hi, hi),
+            ).rowcount
+        return int(n)
+
+    def record_new_version(self, obj: ObjectInfo, plan: ItemPlan) -> bool:
+        """A changed object registered again as a new item (sync.on_change = "register"): the
+        object now points at the new item; the old item stays in V7 untouched."""
+        with self._tx():
+            row = self.db.execute(
+                "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at, "
+                "media, readonly_endpoint) VALUES (?,?,?,?,?,'PLANNED',?,?,?,?) "
+                "ON CONFLICT(job, path, name) DO NOTHING RETURNING id",
+                (
+                    self.job,
+                    plan.path,
+                    plan.name,
+                    orjson.dumps(plan.payload),
+                    orjson.dumps(list(plan.keys)),
+                    self._run_id,
+                    time.time(),
+                    str(plan.media),
+                    int(plan.readonly_endpoint),
+                ),
+            ).fetchone()
+            if row is None:
+                return False
+            self.db.execute(
+                "UPDATE objects SET etag=?, size=?, last_modified=?, item_id=?, changed=0, "
+                "changed_etag='', vanished_at=0, state='PLANNED' WHERE job=? AND key=?",
+                (obj.etag, obj.size, obj.last_modified, row[0], self.job, obj.key),
+            )
+        return True
+
+    # --- leases: one writer per job -----------------------------------------------------------
+
+    def acquire_lease(
+        self,
+        holder: str,
+        ttl_s: float,
+        now: float,
+        holder_dead: Callable[[str], bool] = lambda _holder: False,
+    ) -> Lease | None:
+        """Take (or renew) the job's lease; None when it is ours. Returns the live lease of
+        someone else when they hold it: the caller refuses to run. ``holder_dead(holder)``
+        lets a lease whose holder is known dead (same host, no such process) go at once."""
+        with self._tx():
+            row = self.db.execute(
+                "SELECT holder, acquired_at, expires_at FROM leases WHERE job=?", (self.job,)
+            ).fetchone()
+            if row is not None and row[0] != holder and row[2] > now and not holder_dead(row[0]):
+                return Lease(row[0], row[1], row[2])
+            self.db.execute(
+                "INSERT INTO leases(job, holder, acquired_at, expires_at) VALUES (?,?,?,?) "
+                "ON CONFLICT(job) DO UPDATE SET holder=excluded.holder, "
+                "acquired_at=excluded.acquired_at, expires_at=excluded.expires_at",
+                (self.job, holder, now, now + ttl_s),
+            )
+        return None
+
+    def renew_lease(self, holder: str, ttl_s: float, now: float) -> bool:
+        """Extend our lease; False when it is no longer ours (expired and taken over)."""
+        with self._tx():
+            n = self.db.execute(
+                "UPDATE leases SET expires_at=? WHERE job=? AND holder=?",
+                (now + ttl_s, self.job, holder),
+            ).rowcount
+        return n == 1
+
+    def release_lease(self, holder: str) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM leases WHERE job=? AND holder=?", (self.job, holder))
 
     def item_state(self, path: str, name: str) -> State | None:
         row = self.db.execute(
@@ -549,11 +798,12 @@ class Ledger:
                 (self.job,),
             )
         ]
-        st.changed_objects = int(
-            self.db.execute(
-                "SELECT count(*) FROM objects WHERE job=? AND changed=1", (self.job,)
-            ).fetchone()[0]
-        )
+        changed, vanished = self.db.execute(
+            "SELECT COALESCE(SUM(changed=1 AND vanished_at=0), 0), "
+            "COALESCE(SUM(vanished_at>0), 0) FROM objects WHERE job=?",
+            (self.job,),
+        ).fetchone()
+        st.changed_objects, st.vanished_objects = int(changed), int(vanished)
         for rid, kind, started, finished, status, counts in self.db.execute(
             "SELECT id, kind, started_at, finished_at, status, counts FROM runs WHERE job=? "
             "ORDER BY id DESC LIMIT ?",
@@ -579,7 +829,10 @@ class Ledger:
             rows = self.db.execute(
                 f"SELECT o.key, {self._EFFECTIVE}, COALESCE(i.path,''), COALESCE(i.name,''), "
                 "COALESCE(i.v7_id,''), CASE WHEN o.item_id IS NULL THEN o.reason "
-                "ELSE COALESCE(i.reason,'') END, o.etag, o.size FROM objects o "
+                "ELSE COALESCE(i.reason,'') END, o.etag, o.size, CASE WHEN o.vanished_at>0 "
+                "THEN 'vanished' WHEN o.changed=1 AND o.changed_etag!='' THEN "
+                "'changed (etag ' || o.changed_etag || ')' WHEN o.changed=1 THEN 'changed' "
+                "ELSE '' END FROM objects o "
                 "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=? AND (? OR o.key > ?) "
                 "ORDER BY o.key LIMIT ?",
                 (self.job, first, last, batch),

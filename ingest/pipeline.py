@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ingest.batch import BatchBuilder, run_batcher
 from ingest.config import Config
 from ingest.errors import SourceRetryable
-from ingest.ledger import Ledger
+from ingest.ledger import Known, Ledger
+from ingest.log import set_run_id
 from ingest.manifest import read_manifest
 from ingest.media import MediaError
 from ingest.model import ItemPlan, Media, ObjectInfo, Outcome, Skip, State
@@ -30,6 +31,7 @@ from ingest.sources import Page, Shard, Source
 from ingest.sources.fanout import ShardPage, discover_shards, iter_shard_pages
 from ingest.sources.globs import compile_filter
 from ingest.stats import Stats
+from ingest.sync import ShardMerge, as_new_version
 
 log = logging.getLogger("ingest.pipeline")
 
@@ -153,7 +155,11 @@ class Pipeline:
         image_workers: int = 16,
         video_workers: int = 2,
         ignore_prefixes: Sequence[str] = (),
+        sync: bool = False,
     ) -> None:
+        # sync: merge the listing with the ledger (only new objects are planned; changed and
+        # vanished ones are recorded) instead of recording every listed object.
+        self.sync = sync
         self.cfg = cfg
         self.source = source
         self.ledger = ledger
@@ -179,15 +185,35 @@ class Pipeline:
         self._media_queues: dict[Media, asyncio.Queue[ItemPlan | None]] = {
             kind: asyncio.Queue(2 * n_workers) for kind, n_workers in self._media_workers.items()
         }
+        stats.queues.update(
+            items=self.items.qsize,
+            batches=self.batches.qsize,
+            media_images=self._media_queues[Media.IMAGE].qsize,
+            media_videos=self._media_queues[Media.VIDEO].qsize,
+        )
 
     def request_stop(self) -> None:
         """Graceful stop: no new listing; what is queued is still sent; the ledger stays valid."""
         self._stop.set()
 
-    async def run(self, kind: str = "run", *, list_bucket: bool = True) -> RunResult:
-        run = self.ledger.start_run(kind)
+    async def run(
+        self,
+        kind: str = "run",
+        *,
+        list_bucket: bool = True,
+        objects: Sequence[ObjectInfo] | None = None,
+    ) -> RunResult:
+        """One pass: recovery of pending items, then the listing (``list_bucket``) or the given
+        ``objects`` (from bucket events; known ones are not sent again)."""
+        run = self.ledger.start_run(kind, listing=list_bucket)
         result = RunResult(run_id=run.run_id)
-        log.info("run started", extra={"run": run.run_id, "resume_listing": run.resume_listing})
+        set_run_id(f"{self.ledger.job}#{run.run_id}")
+        log.info(
+            "run started",
+            extra={"kind": kind, "run": run.run_id, "resume_listing": run.resume_listing},
+        )
+        self._objects = objects
+        before = self.counts()  # Stats may be shared by many passes (the worker's)
         status = "failed"
         try:
             await self._run_stages(run.resume_listing, list_bucket)
@@ -199,7 +225,7 @@ class Pipeline:
             status = "interrupted"
             raise
         finally:
-            result.counts = self.counts()
+            result.counts = {k: v - before.get(k, 0) for k, v in self.counts().items()}
             self.ledger.finish_run(run.run_id, status, result.counts)
         return result
 
@@ -261,6 +287,8 @@ class Pipeline:
             if self._stop.is_set():
                 return
             await self._route(item)
+        if self._objects is not None and not self._stop.is_set():
+            await self._plan_objects(self._objects)
         if list_bucket and not self._stop.is_set():
             await self._list_and_plan(resume_listing)
 
@@ -326,13 +354,18 @@ class Pipeline:
         listing = iter_shard_pages(
             self.source, shards, resume, done, cfg.source.list_concurrency, PAGE_QUEUE_PAGES
         )
+        merges: dict[str, ShardMerge] = {}
         async with contextlib.aclosing(listing) as pages:
             async for page in pages:
                 if self.ignore_prefixes:
                     page = self._without_artifacts(page)
+                if self.sync:
+                    self.stats.listed += len(page.page.objects)
+                    page = await self._merge(page, merges, sp_resumed=page.shard.id in resume)
                 for sp in _chunks(page, PLAN_CHUNK_OBJECTS):
                     plans, checkpoint = planning.plan_page(sp)
-                    self.stats.listed += len(sp.page.objects)
+                    if not self.sync:
+                        self.stats.listed += len(sp.page.objects)
                     new = self.ledger.record_page(
                         sp.shard.id, checkpoint, sp.last, sp.page.objects, plans
                     )
@@ -346,8 +379,109 @@ class Pipeline:
                     await asyncio.sleep(0)
                 if self._stop.is_set():
                     return
+        if self.sync:
+            self._sweep_vanished_folders(shards)
         if manifest:
             await self._plan_manifest(planning.new_planner())
+
+    # --- sync -----------------------------------------------------------------------------
+
+    async def _merge(
+        self, sp: ShardPage, merges: dict[str, ShardMerge], *, sp_resumed: bool
+    ) -> ShardPage:
+        """Keep only the page's new objects; record what changed, came back or vanished."""
+        merge = merges.get(sp.shard.id)
+        if merge is None:
+            shard = sp.shard
+
+            def known_from(start: str) -> Iterator[Known]:
+                return self.ledger.iter_known(shard.prefix, shard.recursive, start)
+
+            merge = merges[sp.shard.id] = ShardMerge(
+                known_from, self.ledger.known, resumed=sp_resumed, flush_vanished=self._vanished
+            )
+        diff = merge.page(sp.page.objects, sp.last)
+        if sp.last:
+            del merges[sp.shard.id]
+        self._vanished(diff.vanished)
+        register_again = self.cfg.sync.on_change == "register"
+        reported = [] if register_again else diff.changed
+        self.ledger.record_sync_page(
+            reappeared=diff.reappeared, changed=[(o.key, o.etag) for o in reported]
+        )
+        self.stats.changed += len(diff.changed)
+        if diff.changed or diff.reappeared:
+            log.info(
+                "sync: objects changed or back",
+                extra={
+                    "changed": len(diff.changed),
+                    "reappeared": len(diff.reappeared),
+                    "policy": self.cfg.sync.on_change,
+                    "example": (diff.changed or [ObjectInfo(k, 0) for k in diff.reappeared])[0].key,
+                },
+            )
+        if register_again:
+            await self._register_new_versions(diff.changed)
+        if len(diff.new) == len(sp.page.objects):
+            return sp
+        return ShardPage(sp.shard, Page(diff.new, [], sp.page.checkpoint), sp.last)
+
+    def _vanished(self, keys: list[str]) -> None:
+        if keys:
+            self.ledger.record_sync_page(vanished=keys)
+            self.stats.vanished += len(keys)
+
+    def _sweep_vanished_folders(self, shards: Sequence[Shard]) -> None:
+        """Folders the ledger knows that no shard listed any more: every key under them is
+        gone (their keys were never merged, since discovery found no such folder)."""
+        prefixes = [s.prefix for s in shards if s.recursive or s.prefix]
+        for shard in shards:
+            if shard.recursive:
+                continue
+            for folder in self.ledger.sub_folders(shard.prefix):
+                if any(p.startswith(folder) for p in prefixes):
+                    continue
+                n = self.ledger.mark_vanished_under(folder)
+                self.stats.vanished += n
+                if n:
+                    log.info("sync: folder vanished", extra={"folder": folder, "objects": n})
+
+    async def _register_new_versions(self, changed: Sequence[ObjectInfo]) -> None:
+        """sync.on_change = "register": each changed object becomes a new item named after its
+        new version; the old item stays in V7."""
+        for obj in changed:
+            planner = make_shard_planner(self.cfg, self.source.storage_key, self.readonly)
+            plans = [*planner.feed([obj]), *planner.finish()]
+            for p in plans:
+                version = None if isinstance(p, Skip) else as_new_version(p, obj.etag)
+                if version is None:
+                    self.ledger.record_sync_page(changed=[(obj.key, obj.etag)])
+                    log.warning(
+                        "changed object reported, not re-registered: it is part of a "
+                        "multi-file item or no longer planned",
+                        extra={"key": obj.key},
+                    )
+                elif self.ledger.record_new_version(obj, version):
+                    self.stats.planned += 1
+                    await self._route(version)
+
+    async def _plan_objects(self, objects: Sequence[ObjectInfo]) -> None:
+        """Objects reported by bucket events: planned and recorded like a listed page. A key
+        the ledger already holds is not sent again (events are at-least-once)."""
+        objs = sorted(
+            (o for o in objects if not o.key.startswith(self.ignore_prefixes)),
+            key=lambda o: o.key,
+        )
+        self.stats.artifacts_ignored += len(objects) - len(objs)
+        planning = Planning(self.cfg, self.source, self.readonly)
+        sp = ShardPage(Shard("events:", recursive=True), Page(objs, [], ""), last=True)
+        plans, _cp = planning.plan_page(sp)
+        self.stats.listed += len(objs)
+        new = self.ledger.record_page("events", "", False, objs, plans)
+        self.stats.skipped += sum(1 for p in plans if isinstance(p, Skip))
+        self.stats.planned += len(new)
+        for item in new:
+            await self._route(item)
 
     def _without_artifacts(self, sp: ShardPage) -> ShardPage:
         kept = [o for o in sp.page.objects if not o.key.startswith(self.ignore_prefixes)]

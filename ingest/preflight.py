@@ -16,6 +16,8 @@ from ingest.errors import (
     NotFoundError,
     PreflightError,
     Retry,
+    SourceRetryable,
+    Unreachable,
     V7Error,
 )
 from ingest.sources import Source
@@ -54,7 +56,7 @@ async def check_v7(cfg: Config, api: V7Api) -> Target:
             f"V7 refused the API key (401) at {base}: check {API_KEY_ENV}"
         ) from None
     except Retry as e:
-        raise PreflightError(f"V7 at {base} is not reachable: {e}") from None
+        raise Unreachable(f"V7 at {base} is not reachable: {e}") from None
     except V7Error as e:
         raise PreflightError(f"V7 token check failed at {base}: {e}") from None
     team = cfg.v7.team or str((info.get("selected_team") or {}).get("slug", ""))
@@ -136,3 +138,5 @@ async def check_source(source: Source) -> None:
         await source.check_access()
     except (BucketNotFound, AccessDenied) as e:
         raise PreflightError(str(e)) from None
+    except SourceRetryable as e:
+        raise Unreachable(f"bucket {source.bucket!r} is not reachable: {e}") from None
