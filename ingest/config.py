@@ -342,7 +342,7 @@ def validate(cfg: Config) -> None:
     w = cfg.worker
     from ingest.worker.schedule import parse_schedule
 
-    parse_schedule(w.schedule)  # raises ConfigError naming the field
+    parse_schedule(w.schedule).next_after(0.0)  # ConfigError naming the field if it never fires
     if w.events != "none" and cfg.plan.slots == "manifest":
         raise ConfigError('config: worker.events cannot be used with plan.slots = "manifest"')
     if w.events != "none" and not w.events_queue:

@@ -193,7 +193,8 @@ class Pipeline:
         )
 
     def request_stop(self) -> None:
-        """Graceful stop: no new listing; what is queued is still sent; the ledger stays valid."""
+        """Graceful stop: no new listing, no new request or media job; requests and uploads
+        already in flight finish. Items not started stay PLANNED in the ledger for next time."""
         self._stop.set()
 
     async def run(
@@ -294,6 +295,8 @@ class Pipeline:
 
     async def _route(self, item: ItemPlan) -> None:
         """Items with media work go to the media workers first; the rest straight on."""
+        if self._stop.is_set():
+            return  # stays PLANNED in the ledger: the next run picks it up
         if item.media is Media.NONE:
             await self.items.put(item)
         elif self.media is None:
@@ -309,6 +312,8 @@ class Pipeline:
         assert self.media is not None
         queue = self._media_queues[kind]
         while (item := await queue.get()) is not None:
+            if self._stop.is_set():
+                continue  # not started: stays PLANNED for the next run
             self.ledger.mark_processing(item)
             self.stats.processing += 1
             try:
@@ -508,7 +513,8 @@ class Pipeline:
 
     async def _send_loop(self) -> None:
         while (batch := await self.batches.get()) is not None:
-            await self._send(batch)
+            if not self._stop.is_set():  # after a stop: not sent, still PLANNED in the ledger
+                await self._send(batch)
         # Let the other senders see the end too.
         await self.batches.put(None)
 

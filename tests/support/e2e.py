@@ -78,8 +78,8 @@ class Emulator:
 
 
 @contextmanager
-def emulator_process(*args: str) -> Iterator[Emulator]:
-    port = free_port()
+def emulator_process(*args: str, port: int | None = None) -> Iterator[Emulator]:
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
