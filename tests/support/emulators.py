@@ -1,6 +1,6 @@
-"""Session-wide GCS (fake-gcs-server) and Azure Blob (Azurite) emulators, plus seeding helpers.
+"""Session-wide GCS (fake-gcs-server) and Azurite (blob, queue) emulators, plus seeding helpers.
 
-Both run as subprocesses on free ports; readiness is an HTTP poll, never a fixed sleep. The
+All run as subprocesses on free ports; readiness is an HTTP poll, never a fixed sleep. The
 helpers seed through the emulators' plain HTTP / sync SDK so the adapters under test are not
 used to set up their own tests.
 """
@@ -25,10 +25,12 @@ import pytest
 from tests.support.e2e import free_port
 
 __all__ = [
+    "AzuriteQueueServer",
     "AzuriteServer",
     "azure_create_container",
     "azure_seed",
     "azurite",
+    "azurite_queue",
     "fake_gcs_url",
     "gcs_create_bucket",
     "gcs_seed",
@@ -36,6 +38,7 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[2]
 AZURITE_BIN = REPO / "node_modules" / ".bin" / "azurite-blob"
+AZURITE_QUEUE_BIN = REPO / "node_modules" / ".bin" / "azurite-queue"
 AZURITE_ACCOUNT = "devstoreaccount1"
 # Azurite's well-known development key (public, documented by Microsoft; not a secret).
 AZURITE_KEY = (
@@ -210,3 +213,48 @@ def azure_seed(server: AzuriteServer, container: str, objects: dict[str, bytes])
     cc = _azure_service(server).get_container_client(container)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda kv: cc.upload_blob(kv[0], kv[1], overwrite=True), objects.items()))
+
+
+# --- Azure Queue -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AzuriteQueueServer:
+    queue_url: str  # http://127.0.0.1:PORT/devstoreaccount1
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            "DefaultEndpointsProtocol=http;"
+            f"AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"QueueEndpoint={self.queue_url};"
+        )
+
+
+@pytest.fixture(scope="session")
+def azurite_queue() -> Iterator[AzuriteQueueServer]:
+    """Azurite queue service in memory (object events delivered to a storage queue)."""
+    if not AZURITE_QUEUE_BIN.exists() or shutil.which("node") is None:
+        pytest.skip("Azurite not installed: run `npm install --no-audit --no-fund`")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(AZURITE_QUEUE_BIN),
+            "--queueHost",
+            "127.0.0.1",
+            "--queuePort",
+            str(port),
+            "--inMemoryPersistence",
+            "--skipApiVersionCheck",
+            "--disableTelemetry",
+            "--silent",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    queue_url = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    try:
+        _wait_http(f"{queue_url}?comp=list", proc, lambda s: 200 <= s < 500)
+        yield AzuriteQueueServer(queue_url)
+    finally:
+        _stop(proc)
