@@ -5,9 +5,67 @@ Plain integers mutated from one event loop: no locks needed.
 
 from __future__ import annotations
 
+import math
 import time
+from bisect import bisect_left
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+# Upper bounds (seconds) of the register-request latency buckets; +Inf is implied.
+LATENCY_BOUNDS_S: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+@dataclass
+class LatencyHistogram:
+    """Fixed-bucket histogram: a value v lands in the first bucket whose bound is >= v (the
+    Prometheus ``le`` rule); values above the last bound land in the implied +Inf bucket."""
+
+    bounds: tuple[float, ...] = LATENCY_BOUNDS_S
+    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; last = +Inf
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if list(self.bounds) != sorted(set(self.bounds)) or not all(
+            math.isfinite(b) for b in self.bounds
+        ):
+            raise ValueError("LatencyHistogram: bounds must be finite and strictly increasing")
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+        elif len(self.counts) != len(self.bounds) + 1:
+            raise ValueError("LatencyHistogram: one count per bound plus one for +Inf")
+
+    def observe(self, seconds: float) -> None:
+        if math.isnan(seconds):
+            return
+        seconds = max(seconds, 0.0)  # a clock that stepped back: count it as instant
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations <= bound), ending with (inf, count)."""
+        out: list[tuple[float, int]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
 
 
 @dataclass
@@ -31,6 +89,17 @@ class Stats:
     media_done: int = 0  # items whose media work finished this run
     failures_by_reason: Counter[str] = field(default_factory=Counter)
     blocked_by_reason: Counter[str] = field(default_factory=Counter)
+    # Seconds from sending a register request to its answer or error (every attempt).
+    request_latency_s: LatencyHistogram = field(default_factory=LatencyHistogram)
+    # Queue name -> current depth; the pipeline registers its queues here (e.g. q.qsize).
+    queues: dict[str, Callable[[], int]] = field(default_factory=dict)
+    # Worker / sync: wall-clock time (time.time()) the last sync finished successfully.
+    last_sync_success_at: float | None = None
+    syncs_total: int = 0  # syncs started
+    syncs_failed_total: int = 0  # syncs that ended in an error
+    events_received: int = 0  # object events (SQS / Azure queue) received
+    vanished: int = 0  # objects a sync found gone from the bucket
+    changed: int = 0  # objects a sync found with a new ETag / generation
 
     def elapsed_s(self) -> float:
         return max(time.monotonic() - self.started_at, 1e-9)

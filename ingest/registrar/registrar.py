@@ -156,8 +156,16 @@ class Registrar:
                     if attempt:
                         self.stats.retries += 1
                     self.stats.in_flight += 1
+                    asked_at = self._clock()
                     try:
                         response = await self.client.register(self.team, call.readonly, body)
+                    except Exception:
+                        # An error is an outcome too (429, 5xx, reset, timeout): its latency
+                        # counts. A cancelled request (BaseException) got neither: not observed.
+                        self._observe_latency(asked_at)
+                        raise
+                    else:
+                        self._observe_latency(asked_at)
                     finally:
                         self.stats.in_flight -= 1
             except RateLimited as e:
@@ -204,6 +212,9 @@ class Registrar:
                 },
             )
             await self.limiter.sleep(delay)
+
+    def _observe_latency(self, asked_at: float) -> None:
+        self.stats.request_latency_s.observe(self._clock() - asked_at)
 
     def _update_rate(self) -> None:
         self.stats.current_rate_per_s = self.limiter.rate
