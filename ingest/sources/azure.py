@@ -173,7 +173,10 @@ class AzureSource:
 
     def _map(self, e: Exception, what: str, *, bucket_level: bool = False) -> SourceError:
         status = int(getattr(e, "status_code", 0) or 0)
-        code = str(getattr(e, "error_code", "") or "")
+        # The SDK's error_code is a StorageErrorCode enum: str() gives its qualified name, the
+        # wire code ("ContainerNotFound") is its value.
+        raw = getattr(e, "error_code", "") or ""
+        code = str(getattr(raw, "value", raw))
         if isinstance(e, ResourceNotFoundError) or status == 404:
             if bucket_level or code == "ContainerNotFound":
                 return BucketNotFound(
