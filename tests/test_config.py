@@ -13,7 +13,7 @@ from ingest import config
 from ingest.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-EXAMPLES = sorted(CONFIG_DIR.glob("*.toml"))
+EXAMPLES = sorted(CONFIG_DIR.rglob("*.toml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
