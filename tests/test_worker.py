@@ -248,3 +248,36 @@ def test_event_mode_registers_a_new_object_within_seconds(
         assert proc.returncode == 0, err[-3000:]
     names = sorted(it["name"] for it in emulator.items())
     assert names == ["first.jpg", "second one.jpg"]
+
+
+def test_a_second_signal_exits_at_once_and_the_next_start_resumes(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    seed_bucket(moto_url, bucket_name, [f"s/{i:03d}.jpg" for i in range(50)])
+    storage = emulator.storage_for(bucket_name)
+    cfg, _port = _worker_config(tmp_path, emulator.url, moto_url, bucket_name, storage)
+    slow = ("--set", "rate.requests_per_s=0.5", "--set", "v7.request_timeout_s=60")
+    with _worker(cfg, *slow) as proc:
+        assert wait_for(lambda: emulator.counters()["register_requests"] >= 1, 60)
+        emulator.configure(latency_ms=30_000)  # the next request stays in flight for 30 s
+        assert wait_for(lambda: emulator.counters()["register_requests"] >= 2, 30)
+        proc.send_signal(signal.SIGTERM)
+        # Signals of one kind coalesce while pending: send the second once the first is seen.
+        assert proc.stderr is not None
+        seen = ""
+        while "finishing in-flight work" not in seen:
+            line = proc.stderr.readline()
+            assert line, "the worker exited on the first signal"
+            seen += line
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=10)  # not the 20 s grace, nor the 30 s request
+        err = seen + err
+        assert proc.returncode == 130, err[-3000:]
+        assert "second SIGTERM" in err
+    assert "SENT" in _ledger_states(tmp_path / "l.sqlite")  # in doubt: re-sent next time
+    emulator.configure(latency_ms=0)
+    again = run_cli("worker", "--config", str(cfg), "--once", "--set", "worker.http_port=0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    stored = [slot["storage_key"] for it in emulator.items() for slot in it["slots"]]
+    assert len(stored) == len(set(stored)) == 50
+    assert _ledger_states(tmp_path / "l.sqlite") == {"REGISTERED": 50}
