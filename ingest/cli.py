@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--output", "-o", default="-", help="file to write ('-' = stdout)")
     p.add_argument("--state", action="append", help="only rows in this state (repeatable)")
+    p.add_argument(
+        "--sync",
+        choices=["changed", "vanished"],
+        help="only objects a sync found changed (new ETag) or vanished from the bucket",
+    )
 
     p = sub.add_parser(
         "retry",
@@ -278,6 +283,11 @@ def _status(cfg: config.Config, as_json: bool) -> int:
     print(f"job: {cfg.job}")
     print(f"objects: {_fmt_counts(st.objects_by_state)}")
     print(f"items:   {_fmt_counts(st.items_by_state)}")
+    if st.changed_objects or st.vanished_objects:
+        print(
+            f"sync:    {st.changed_objects:,} changed, {st.vanished_objects:,} vanished "
+            "(ingest report --sync changed|vanished)"
+        )
     for run in st.last_runs:
         print(f"run {run}")
     for reason, n in st.failures_by_reason:
@@ -285,7 +295,9 @@ def _status(cfg: config.Config, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _report(cfg: config.Config, fmt: str, output: str, states: list[str] | None) -> int:
+def _report(
+    cfg: config.Config, fmt: str, output: str, states: list[str] | None, sync: str | None = None
+) -> int:
     from ingest.ledger import Ledger
 
     if not Path(cfg.ledger.path).exists():
@@ -301,6 +313,8 @@ def _report(cfg: config.Config, fmt: str, output: str, states: list[str] | None)
             for row in ledger.report_rows():
                 values = [getattr(row, f) for f in fields]
                 if wanted and str(row.state) not in wanted:
+                    continue
+                if sync and not row.sync.startswith(sync):
                     continue
                 if writer:
                     writer.writerow(values)
@@ -337,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "status":
             return _status(cfg, ns.json)
         if ns.command == "report":
-            return _report(cfg, ns.format, ns.output, ns.state)
+            return _report(cfg, ns.format, ns.output, ns.state, ns.sync)
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -75,6 +75,9 @@ def test_sync_registers_only_new_and_reports_changed_and_vanished(
     assert all(rows[k]["sync"] == "" for k in added)
     status = orjson.loads(run_cli("status", "--config", str(cfg), "--json").stdout)
     assert status["changed_objects"] == 2 and status["vanished_objects"] == 3
+    only = run_cli("report", "--config", str(cfg), "--sync", "vanished", "--format", "csv")
+    assert sorted(line.split(",")[0] for line in only.stdout.splitlines()[1:]) == sorted(gone)
+    assert "2 changed, 3 vanished" in run_cli("status", "--config", str(cfg)).stdout
 
     # Reported once: a fourth sync finds nothing new to write or send.
     fourth = _sync(cfg)
