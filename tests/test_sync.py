@@ -17,8 +17,8 @@ from tests.support.e2e import Emulator, cli_env, job_config, run_cli, wait_for
 pytestmark = pytest.mark.timeout(300)
 
 
-def _sync(cfg: Path) -> subprocess.CompletedProcess[str]:
-    return run_cli("sync", "--config", str(cfg), timeout=240)
+def _sync(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("sync", "--config", str(cfg), *args, timeout=240)
 
 
 def _report(cfg: Path) -> dict[str, dict[str, object]]:
@@ -175,3 +175,63 @@ def test_an_expired_lease_of_a_dead_holder_does_not_block(
         db.execute("UPDATE leases SET expires_at=? WHERE job=?", (time.time() - 1, job))
     db.close()
     assert _sync(cfg).returncode == 0
+
+
+def test_kill_dash_nine_mid_sync_then_sync_again_registers_each_new_object_once(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    import os
+    import signal
+
+    old = [f"p{i % 4}/old_{i:04d}.jpg" for i in range(400)]
+    seed_bucket(moto_url, bucket_name, old)
+    storage = emulator.storage_for(bucket_name)
+    cfg = job_config(
+        tmp_path,
+        emulator,
+        moto_url,
+        bucket_name,
+        storage,
+        extra="[rate]\nrequests_per_s = 40\nmax_in_flight = 2\n",
+    )
+    pages = ("--set", "source.page_size=50")  # many pages: many listing checkpoints
+    assert _sync(cfg, *pages).returncode == 0
+    new = [f"p{i % 4}/new_{i:04d}.jpg" for i in range(300)]
+    seed_bucket(moto_url, bucket_name, new)
+    emulator.configure(latency_ms=30)
+    before = emulator.counters()["register_requests"]
+    slow = ("--set", "rate.requests_per_s=10")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest", "sync", "--config", str(cfg), *pages, *slow],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert wait_for(lambda: emulator.counters()["register_requests"] >= before + 8, 60)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    emulator.configure(latency_ms=0)
+    again = _sync(cfg, *pages)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stored = _storage_key_names(emulator)
+    assert len(stored) == len(set(stored)) == 700
+    assert "vanished 0" in again.stdout  # resuming mid-listing invented no deletions
+    rows = _report(cfg)
+    assert all(r["state"] == "REGISTERED" and r["sync"] == "" for r in rows.values())
+
+
+def test_a_whole_folder_gone_is_reported_vanished(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    keys = [f"keep/{i}.jpg" for i in range(3)] + [f"gone/sub/{i}.jpg" for i in range(4)]
+    seed_bucket(moto_url, bucket_name, keys)
+    storage = emulator.storage_for(bucket_name)
+    cfg = job_config(tmp_path, emulator, moto_url, bucket_name, storage)
+    assert _sync(cfg).returncode == 0
+    s3 = s3_client(moto_url)
+    for k in keys[3:]:
+        s3.delete_object(Bucket=bucket_name, Key=k)
+    out = _sync(cfg)
+    assert out.returncode == 0 and "vanished 4" in out.stdout
+    rows = _report(cfg)
+    assert sorted(k for k, r in rows.items() if r["sync"] == "vanished") == sorted(keys[3:])
