@@ -260,9 +260,28 @@ class FakeTime:
 async def test_limiter_sleeps_what_the_controller_says() -> None:
     ft = FakeTime()
     lim = Limiter(RateController(10.0, tuning=EXACT), 4, clock=ft.clock, sleep=ft.sleep)
-    sent = [await lim.acquire() for _ in range(3)]
-    assert sent == pytest.approx([0.0, 0.1, 0.2])
-    assert ft.sleeps == pytest.approx([0.1, 0.1])
+    sent = [await lim.acquire() for _ in range(4)]
+    # The first request also opens a connection: the second keeps an extra interval from it.
+    assert sent == pytest.approx([0.0, 0.2, 0.3, 0.4])
+    assert ft.sleeps == pytest.approx([0.1, 0.1, 0.1, 0.1])
+
+
+def test_a_late_wake_up_pushes_the_next_send_back_instead_of_bunching() -> None:
+    ctl = RateController(10.0, tuning=EXACT)
+    assert ctl.conform(0.0) == 0.0  # the first request: the next keeps two intervals
+    assert ctl.conform(0.1) == pytest.approx(0.1)
+    assert ctl.conform(0.2) == 0.0
+    assert ctl.conform(0.33) == 0.0  # booked for 0.3, its timer fired 30 ms late
+    assert ctl.conform(0.4) == pytest.approx(0.03)  # booked for 0.4: waits until 0.43
+    assert ctl.conform(0.4301) == 0.0
+
+
+def test_conform_obeys_a_pause_and_allows_the_burst() -> None:
+    c = RateController(10.0, 3.0, tuning=EXACT)
+    assert [c.conform(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst goes at once
+    assert c.conform(0.0) == pytest.approx(0.1)
+    c.on_rate_limited(0.05, 2.0)
+    assert c.conform(0.5) == pytest.approx(1.55)  # nothing before the pause ends
 
 
 async def test_limiter_books_again_when_a_429_arrives_while_waiting() -> None:

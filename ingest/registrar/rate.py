@@ -109,8 +109,9 @@ class RateController:
         self._adaptive = adaptive
         self._t = tuning or Tuning()
         self._rate = self._ceiling
-        # GCRA state: theoretical arrival time of the next slot.
+        # GCRA state: theoretical arrival time of the next slot; the same on actual send times.
         self._tat = -math.inf
+        self._sent_tat = -math.inf
         self._paused_until = -math.inf
         self._generation = 0
         # Adaptation state.
@@ -177,6 +178,25 @@ class RateController:
         self._tat = max(tat, send_at) + interval
         return send_at - now
 
+    def conform(self, now: float) -> float:
+        """Check a send about to happen against the same token bucket, on *actual* send times;
+        return how much longer to wait (0: go, and it is counted).
+
+        A sender whose timer fired late goes out closer to the next one than its booking
+        said; a burst-1 server refuses the second of two requests that arrive closer than one
+        interval. Booking alone cannot prevent it (the next slot is already booked), this
+        check does: late wake-ups push the following sends back instead of bunching them."""
+        interval = 1.0 / (self._rate * (1.0 - self._t.slack))
+        tolerance = (self._burst - 1.0) * interval
+        earliest = max(self._sent_tat - tolerance, self._paused_until)
+        if now < earliest:
+            return earliest - now
+        # The very first request also opens a connection and warms the client: it reaches
+        # the server later than it left, so the second keeps one more interval from it.
+        first = self._sent_tat == -math.inf and self._burst == 1.0
+        self._sent_tat = max(self._sent_tat, now) + interval * (2 if first else 1)
+        return 0.0
+
     # --- adaptation ------------------------------------------------------------------------
 
     def on_success(self, now: float, sent_at: float | None = None) -> None:
@@ -216,7 +236,7 @@ class RateController:
             self._paused_until = self._resumed_at = resume
             # Slots booked before this 429 are void; after the pause, pace from scratch and
             # without a burst (the server's bucket is empty).
-            self._tat = resume + (self._burst - 1.0) * interval
+            self._tat = self._sent_tat = resume + (self._burst - 1.0) * interval
             self._generation += 1
 
     def accepted_rate(self, now: float) -> float | None:
@@ -374,9 +394,15 @@ class Limiter:
             delay = self.controller.reserve(self.now())
             if delay > 0:
                 await self._sleep(delay)
-            if self.controller.generation == generation:
+            if self.controller.generation != generation:
+                continue  # a 429 arrived while we waited: that booking is void, book again
+            # A late wake-up must not bunch this send with the next: wait until it conforms.
+            while (extra := self.controller.conform(self.now())) > 0:
+                await self._sleep(extra)
+                if self.controller.generation != generation:
+                    break
+            else:
                 return self.now()
-            # A 429 arrived while we waited: that booking is void, book again.
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[float]:
