@@ -11,7 +11,9 @@ A token bucket kept as a virtual schedule (GCRA): ``reserve(now)`` books the nex
 returns how long the caller must wait, so concurrent callers are spaced out (``burst`` go at
 once, then one every ``1/rate`` seconds). It paces ``slack`` (0.5 %) below the allowed rate so
 that clock rounding and timer jitter do not turn an exact match with the server's rate into
-429s.
+429s. Bookings are made before sleeping, so a sender whose timer fires late would go out right
+before the next one; ``conform(now)`` runs the same bucket over *actual* send times and holds
+the next sender back instead (on a busy loop this halved the 429s against a burst-1 server).
 
 Adaptation (``adaptive=True``)
 ------------------------------
