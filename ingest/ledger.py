@@ -575,17 +575,22 @@ class Ledger:
 
     def requeue_due(self, is_due: Callable[[int, float], bool], batch: int = CHUNK) -> int:
         """FAILED items whose back-off has passed, back to PLANNED. ``is_due(failures,
-        failed_at)`` decides (pure, from the worker's policy); streamed over FAILED rows only."""
+        failed_at)`` decides (pure, from the worker's policy); streamed over FAILED rows only.
+        An item whose object a sync found gone from the bucket is not retried."""
         last, n = 0, 0
         while True:
             rows = self.db.execute(
-                "SELECT id, failures, updated_at FROM items WHERE job=? AND state='FAILED' "
+                "SELECT id, failures, updated_at, keys FROM items WHERE job=? AND state='FAILED' "
                 "AND id > ? ORDER BY id LIMIT ?",
                 (self.job, last, batch),
             ).fetchall()
             if not rows:
                 return n
-            due = [(self.job, i) for i, failures, at in rows if is_due(int(failures), float(at))]
+            due = [
+                (self.job, i)
+                for i, failures, at, keys in rows
+                if is_due(int(failures), float(at)) and not self._any_vanished(keys)
+            ]
             if due:
                 with self._tx():
                     self.db.executemany(
@@ -595,6 +600,14 @@ class Ledger:
                     )
                 n += len(due)
             last = rows[-1][0]
+
+    def _any_vanished(self, keys: bytes) -> bool:
+        return any(
+            self.db.execute(
+                "SELECT 1 FROM objects WHERE job=? AND key=? AND vanished_at>0", (self.job, k)
+            ).fetchone()
+            for k in orjson.loads(keys)
+        )
 
     # --- sync: the ledger's side of the listing merge ------------------------------------------
 

@@ -200,4 +200,10 @@ def test_failed_items_come_back_only_when_due(tmp_path: Path) -> None:
     assert ledger.requeue_due(due, batch=2) == 2
     assert seen == [1, 1, 1]
     assert ledger.status().items_by_state == {"PLANNED": 2, "FAILED": 1, "SENT": 1}
+    # The one left FAILED: once its object is gone from the bucket it is never retried.
+    left = next(p for p in plans[:3] if ledger.item_state(p.path, p.name) is State.FAILED)
+    ledger.record_sync_page(vanished=[left.keys[0]])
+    assert ledger.requeue_due(lambda _f, _at: True) == 0
+    ledger.record_sync_page(reappeared=[left.keys[0]])
+    assert ledger.requeue_due(lambda _f, _at: True) == 1
     ledger.close()
