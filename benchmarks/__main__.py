@@ -2,7 +2,7 @@
 
 Each benchmark compares against a baseline measured in the same run (ratios, not absolute
 times: the machines are shared and noisy). Names: rate (rate_efficiency), overhead, darwin,
-readonly (readonly_migration).
+readonly (readonly_migration), sync.
 Other benchmarks in this folder with a ``main(argv)`` can be named too.
 """
 
@@ -18,6 +18,7 @@ BENCHMARKS = {
     "overhead": "benchmarks.overhead",
     "darwin": "benchmarks.darwin_py",
     "readonly": "benchmarks.readonly_migration",
+    "sync": "benchmarks.sync",
 }
 
 

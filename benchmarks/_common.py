@@ -108,8 +108,9 @@ def emulator(*args: str) -> Iterator[str]:
 
 
 @contextmanager
-def synthetic_s3(objects: int, folders: int = 100) -> Iterator[str]:
-    """benchmarks/synthetic_s3.py serving ``objects`` generated keys; yields its URL."""
+def synthetic_s3(objects: int, folders: int = 100, hide_every: int = 0) -> Iterator[str]:
+    """benchmarks/synthetic_s3.py serving ``objects`` generated keys (less every
+    ``hide_every``-th); yields its URL."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -121,6 +122,8 @@ def synthetic_s3(objects: int, folders: int = 100) -> Iterator[str]:
         str(objects),
         "--folders",
         str(folders),
+        "--hide-every",
+        str(hide_every),
     ]
     with server(cmd):
         yield f"http://127.0.0.1:{port}"
@@ -152,9 +155,12 @@ def write_config(
     max_in_flight: int,
     max_items: int = 10,
     extra: str = "",
+    keep_ledger: bool = False,
 ) -> Path:
-    for p in ledger.parent.glob(ledger.name + "*"):
-        p.unlink()
+    """A run's config; the ledger starts empty unless ``keep_ledger``."""
+    if not keep_ledger:
+        for p in ledger.parent.glob(ledger.name + "*"):
+            p.unlink()
     path.write_text(
         f"""# Written by the benchmarks.
 [v7]

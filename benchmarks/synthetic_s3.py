@@ -3,6 +3,8 @@
 No emulator holds a million objects quickly; this answers listings for N keys without storing
 them (key i is ``{prefix}{i // per_folder:05d}/{i:09d}.jpg``), honouring prefix, delimiter,
 start-after, continuation-token and max-keys, in key order. HeadBucket answers 200.
+``--hide-every K`` leaves out every K-th key (i % K == K - 1): the same bucket before those
+objects were added, for the sync benchmark.
 
 Run: python -m benchmarks.synthetic_s3 --port 9000 --objects 1000000 [--folders 100]
 """
@@ -21,10 +23,14 @@ PREFIX = "data/"
 class Keyspace:
     """Keys in lexicographic order == numeric order thanks to zero padding."""
 
-    def __init__(self, n: int, folders: int) -> None:
+    def __init__(self, n: int, folders: int, hide_every: int = 0) -> None:
         self.n = n
         self.folders = max(1, folders)
         self.per_folder = -(-n // self.folders)
+        self.hide_every = hide_every
+
+    def hidden(self, i: int) -> bool:
+        return self.hide_every > 0 and i % self.hide_every == self.hide_every - 1
 
     def key(self, i: int) -> str:
         return f"{PREFIX}{i // self.per_folder:05d}/{i:09d}.jpg"
@@ -80,10 +86,13 @@ def make_app(ks: Keyspace) -> web.Application:
                 k = ks.key(j)
                 if not k.startswith(prefix):
                     break
-                parts.append(_contents(ks, j))
-                last = k
+                if not ks.hidden(j):
+                    parts.append(_contents(ks, j))
+                    last = k
+                    count += 1
                 j += 1
-                count += 1
+            while j < ks.n and ks.hidden(j):
+                j += 1
             truncated = j < ks.n and ks.key(j).startswith(prefix)
         token = (
             f"<NextContinuationToken>{escape(last)}</NextContinuationToken>" if truncated else ""
@@ -111,8 +120,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--objects", type=int, default=1_000_000)
     ap.add_argument("--folders", type=int, default=100)
+    ap.add_argument("--hide-every", type=int, default=0, help="leave out every K-th key")
     ns = ap.parse_args()
-    ks = Keyspace(ns.objects, ns.folders)
+    ks = Keyspace(ns.objects, ns.folders, ns.hide_every)
     print(f"synthetic s3 listening on http://{ns.host}:{ns.port}", flush=True)
     web.run_app(make_app(ks), host=ns.host, port=ns.port, access_log=None, print=None)
 
