@@ -12,6 +12,7 @@ import os
 import random
 import secrets
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ async def hold_lease(
 ) -> AsyncIterator[str]:
     """One writer per job: take the ledger's lease or refuse; renew it every ttl/3 while we
     live; a holder killed -9 stops blocking others once its lease expires."""
-    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}:{_pid_space()}"
     other = ledger.acquire_lease(holder, ttl_s, time.time(), holder_dead=_dead_here)
     if other is not None:
         left = max(0.0, other.expires_at - time.time())
@@ -95,7 +96,12 @@ async def hold_lease(
     async def renew() -> None:
         while True:
             await asyncio.sleep(ttl_s / 3)
-            if not ledger.renew_lease(holder, ttl_s, time.time()):
+            try:
+                ok = ledger.renew_lease(holder, ttl_s, time.time())
+            except sqlite3.Error as e:  # e.g. locked by another writer past busy_timeout
+                log.warning("could not renew the ledger lease; trying again", extra={"error": e})
+                continue  # two more tries before the lease can expire
+            if not ok:
                 log.error("lost the ledger lease (stalled longer than ledger.lease_ttl_s?)")
                 on_lost()
                 return
@@ -107,15 +113,32 @@ async def hold_lease(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        ledger.release_lease(holder)
+        try:
+            ledger.release_lease(holder)
+        except sqlite3.Error as e:  # it expires by itself after ledger.lease_ttl_s
+            log.warning("could not release the ledger lease", extra={"error": e})
+
+
+def _pid_space() -> str:
+    """This boot and PID namespace: two containers can share a hostname (host networking) but
+    not a PID namespace, so a pid is only compared with pids of the same space."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        return f"{boot}-{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return "unknown"
 
 
 def _dead_here(holder: str) -> bool:
-    """A lease holder on this host whose process is gone (killed -9, OOM): no need to wait
-    for its lease to expire."""
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
+    """A lease holder in this very PID namespace whose process is gone (killed -9, OOM): no
+    need to wait for its lease to expire. Anywhere else: wait for it."""
+    parts = holder.split(":")
+    if len(parts) != 4:
+        return False
+    host, pid, _token, space = parts
     if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if space == "unknown" or space != _pid_space():
         return False
     if int(pid) == os.getpid():  # an earlier life of this very process slot (a container's pid 1)
         return True

@@ -38,6 +38,12 @@ class LeaseHeld(IngestError):
     """Another run, sync or worker of the same job holds the ledger's lease: try later."""
 
 
+class Interrupted(IngestError):
+    """A graceful stop came while a batch waited to be retried: it is not sent again now. Its
+    items stay SENT in the ledger; the next run re-sends them, and ALREADY_EXISTS for an item
+    of ours counts as registered, so nothing is lost or doubled."""
+
+
 class FatalError(IngestError):
     """The run cannot continue (e.g. the API key was revoked mid-run)."""
 

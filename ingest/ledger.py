@@ -23,7 +23,7 @@ import orjson
 
 from ingest.model import ItemPlan, Media, ObjectInfo, Outcome, Skip, State
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS items (
     media TEXT NOT NULL DEFAULT '',
     readonly_endpoint INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
+    final INTEGER NOT NULL DEFAULT 0,  -- FAILED for good (422, corrupt media): no automatic retry
     UNIQUE (job, path, name)
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items (job, state, id);
@@ -101,6 +102,11 @@ CHUNK = 1000
 _ROWS_PER_INSERT = 500
 
 
+def _final(o: Outcome) -> int:
+    """1 for a failure that sending the same item again cannot fix (V7 rejected it)."""
+    return int(o.state is State.FAILED and not o.retryable)
+
+
 @dataclass(frozen=True, slots=True)
 class Known:
     """An object as the ledger last saw it: one side of the sync merge."""
@@ -109,6 +115,9 @@ class Known:
     etag: str
     changed_etag: str  # the new ETag a sync last reported (report mode), else ""
     vanished: bool
+    # Listed but never planned: a run stopped while the planner held it (the rest of its
+    # DICOM series or folder item was on the next page). The merge plans it again.
+    unplanned: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,9 @@ class Ledger:
                 "ALTER TABLE objects ADD COLUMN vanished_at REAL NOT NULL DEFAULT 0;"
                 "ALTER TABLE items ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;"
             )
+        if 1 <= version <= 3:
+            # Schema 4: failures that no automatic retry can fix.
+            self.db.executescript("ALTER TABLE items ADD COLUMN final INTEGER NOT NULL DEFAULT 0;")
         if version < SCHEMA_VERSION:
             # executescript runs its own transaction; CREATE ... IF NOT EXISTS is idempotent.
             self.db.executescript(_SCHEMA)
@@ -450,14 +462,15 @@ class Ledger:
                 (orjson.dumps(item.payload), time.time(), self.job, item.path, item.name),
             )
 
-    def media_failed(self, item: ItemPlan, reason: str) -> None:
-        """Media work failed for good (corrupt image, no video stream...): FAILED with reason.
+    def media_failed(self, item: ItemPlan, reason: str, *, final: bool = False) -> None:
+        """Media work failed: FAILED with the reason; ``final`` when the same bytes would fail
+        again (corrupt image, no video stream), so the worker does not retry it by itself.
         ``media`` stays set, so ``ingest retry`` processes the item again."""
         with self._tx():
             self.db.execute(
-                "UPDATE items SET state='FAILED', reason=?, updated_at=?, failures=failures+1 "
-                "WHERE job=? AND path=? AND name=?",
-                (reason, time.time(), self.job, item.path, item.name),
+                "UPDATE items SET state='FAILED', reason=?, updated_at=?, failures=failures+1, "
+                "final=? WHERE job=? AND path=? AND name=?",
+                (reason, time.time(), int(final), self.job, item.path, item.name),
             )
 
     def cached_media(self, bucket: str, key: str, etag: str, kind: str) -> Any:
@@ -524,7 +537,7 @@ class Ledger:
                 # The same item twice: apply in order, the last outcome wins.
                 self.db.executemany(
                     "UPDATE items SET state=?, v7_id=?, reason=?, updated_at=?, "
-                    "failures=failures+(?='FAILED') WHERE job=? AND path=? AND name=?",
+                    "failures=failures+(?='FAILED'), final=? WHERE job=? AND path=? AND name=?",
                     [
                         (
                             str(o.state),
@@ -532,6 +545,7 @@ class Ledger:
                             o.reason,
                             now,
                             str(o.state),
+                            _final(o),
                             self.job,
                             o.path,
                             o.name,
@@ -545,15 +559,15 @@ class Ledger:
                 chunk = outcomes[i : i + _ROWS_PER_INSERT]
                 self.db.execute(
                     "UPDATE items SET state=v.column1, v7_id=v.column2, reason=v.column3, "
-                    "failures=items.failures+(v.column1='FAILED'), "
-                    f"updated_at=? FROM (VALUES {','.join(['(?,?,?,?,?)'] * len(chunk))}) AS v "
+                    "failures=items.failures+(v.column1='FAILED'), final=v.column6, "
+                    f"updated_at=? FROM (VALUES {','.join(['(?,?,?,?,?,?)'] * len(chunk))}) AS v "
                     "WHERE items.job=? AND items.path=v.column4 AND items.name=v.column5",
                     [
                         now,
                         *(
                             x
                             for o in chunk
-                            for x in (str(o.state), o.v7_id, o.reason, o.path, o.name)
+                            for x in (str(o.state), o.v7_id, o.reason, o.path, o.name, _final(o))
                         ),
                         self.job,
                     ],
@@ -562,7 +576,8 @@ class Ledger:
     def requeue_failed(self, blocked_reason: str | None = None) -> int:
         with self._tx():
             n = self.db.execute(
-                "UPDATE items SET state='PLANNED', reason='' WHERE job=? AND state='FAILED'",
+                "UPDATE items SET state='PLANNED', reason='', final=0 "
+                "WHERE job=? AND state='FAILED'",
                 (self.job,),
             ).rowcount
             if blocked_reason:
@@ -576,38 +591,30 @@ class Ledger:
     def requeue_due(self, is_due: Callable[[int, float], bool], batch: int = CHUNK) -> int:
         """FAILED items whose back-off has passed, back to PLANNED. ``is_due(failures,
         failed_at)`` decides (pure, from the worker's policy); streamed over FAILED rows only.
-        An item whose object a sync found gone from the bucket is not retried."""
+        Not retried: a final failure (V7 rejected the item, the media is corrupt: only a new
+        version of the object or `ingest retry` can change that), and an item whose object a
+        sync found gone from the bucket."""
         last, n = 0, 0
         while True:
             rows = self.db.execute(
-                "SELECT id, failures, updated_at, keys FROM items WHERE job=? AND state='FAILED' "
-                "AND id > ? ORDER BY id LIMIT ?",
+                "SELECT id, failures, updated_at FROM items WHERE job=? AND state='FAILED' "
+                "AND final=0 AND id > ? AND NOT EXISTS (SELECT 1 FROM json_each(CAST(items.keys "
+                "AS TEXT)) AS k JOIN objects o ON o.job=items.job AND o.key=k.value "
+                "WHERE o.vanished_at>0) ORDER BY id LIMIT ?",
                 (self.job, last, batch),
             ).fetchall()
             if not rows:
                 return n
-            due = [
-                (self.job, i)
-                for i, failures, at, keys in rows
-                if is_due(int(failures), float(at)) and not self._any_vanished(keys)
-            ]
+            due = [(self.job, i) for i, failures, at in rows if is_due(int(failures), float(at))]
             if due:
                 with self._tx():
                     self.db.executemany(
                         "UPDATE items SET state='PLANNED', reason='' WHERE job=? AND id=? "
-                        "AND state='FAILED'",
+                        "AND state='FAILED' AND final=0",
                         due,
                     )
                 n += len(due)
             last = rows[-1][0]
-
-    def _any_vanished(self, keys: bytes) -> bool:
-        return any(
-            self.db.execute(
-                "SELECT 1 FROM objects WHERE job=? AND key=? AND vanished_at>0", (self.job, k)
-            ).fetchone()
-            for k in orjson.loads(keys)
-        )
 
     # --- sync: the ledger's side of the listing merge ------------------------------------------
 
@@ -622,18 +629,18 @@ class Ledger:
         while True:
             op = ">=" if inclusive else ">"
             rows = self.db.execute(
-                "SELECT key, etag, changed_etag, vanished_at FROM objects WHERE job=? "
+                "SELECT key, etag, changed_etag, vanished_at, state FROM objects WHERE job=? "
                 f"AND key {op} ? AND (? IS NULL OR key < ?) ORDER BY key LIMIT ?",
                 (self.job, lo, hi, hi, batch),
             ).fetchall()
             seek = None
-            for key, etag, changed_etag, vanished_at in rows:
+            for key, etag, changed_etag, vanished_at, state in rows:
                 if not recursive:
                     cut = key.find("/", len(prefix))
                     if cut >= 0:  # a sub-folder: listed by another shard
                         seek = prefix_end(key[: cut + 1])
                         break
-                yield Known(key, etag, changed_etag, bool(vanished_at))
+                yield Known(key, etag, changed_etag, bool(vanished_at), state == "DISCOVERED")
             if seek is not None:
                 lo, inclusive = seek, True
             elif len(rows) < batch:
@@ -643,10 +650,10 @@ class Ledger:
 
     def known(self, key: str) -> Known | None:
         row = self.db.execute(
-            "SELECT key, etag, changed_etag, vanished_at FROM objects WHERE job=? AND key=?",
+            "SELECT key, etag, changed_etag, vanished_at, state FROM objects WHERE job=? AND key=?",
             (self.job, key),
         ).fetchone()
-        return Known(row[0], row[1], row[2], bool(row[3])) if row else None
+        return Known(row[0], row[1], row[2], bool(row[3]), row[4] == "DISCOVERED") if row else None
 
     def sub_folders(self, prefix: str) -> Iterator[str]:
         """Distinct first-level folders under ``prefix`` that the ledger holds keys for."""
@@ -672,17 +679,18 @@ class Ledger:
         vanished: Sequence[str] = (),
         reappeared: Sequence[str] = (),
         changed: Sequence[tuple[str, str]] = (),
-    ) -> None:
+    ) -> int:
         """What one merged page found, in one transaction: keys gone from the bucket, keys back
-        again, and (key, new etag) of objects whose content changed (reported, not re-sent)."""
+        again, and (key, new etag) of objects whose content changed (reported, not re-sent).
+        Returns how many known objects were newly marked vanished."""
         if not (vanished or reappeared or changed):
-            return
+            return 0
         now = time.time()
         with self._tx():
-            self.db.executemany(
+            gone = self.db.executemany(
                 "UPDATE objects SET vanished_at=? WHERE job=? AND key=? AND vanished_at=0",
                 [(now, self.job, k) for k in vanished],
-            )
+            ).rowcount
             self.db.executemany(
                 "UPDATE objects SET vanished_at=0 WHERE job=? AND key=?",
                 [(self.job, k) for k in reappeared],
@@ -691,6 +699,7 @@ class Ledger:
                 "UPDATE objects SET changed=1, changed_etag=? WHERE job=? AND key=?",
                 [(etag, self.job, k) for k, etag in changed],
             )
+        return max(gone, 0)
 
     def mark_vanished_under(self, prefix: str) -> int:
         """Every object under ``prefix`` is gone (the whole folder vanished from the listing)."""
@@ -723,14 +732,29 @@ class Ledger:
                     int(plan.readonly_endpoint),
                 ),
             ).fetchone()
+            created = row is not None
             if row is None:
-                return False
+                # This version was registered before (the object changed back to it): point the
+                # object at that item instead of reporting it as changed on every sync.
+                row = self.db.execute(
+                    "SELECT id FROM items WHERE job=? AND path=? AND name=?",
+                    (self.job, plan.path, plan.name),
+                ).fetchone()
             self.db.execute(
                 "UPDATE objects SET etag=?, size=?, last_modified=?, item_id=?, changed=0, "
                 "changed_etag='', vanished_at=0, state='PLANNED' WHERE job=? AND key=?",
                 (obj.etag, obj.size, obj.last_modified, row[0], self.job, obj.key),
             )
-        return True
+        return created
+
+    def item_key_count(self, key: str) -> int:
+        """How many objects the item of ``key`` is made of (0 when it has no item)."""
+        row = self.db.execute(
+            "SELECT i.keys FROM objects o JOIN items i ON i.id = o.item_id "
+            "WHERE o.job=? AND o.key=?",
+            (self.job, key),
+        ).fetchone()
+        return len(orjson.loads(row[0])) if row else 0
 
     # --- leases: one writer per job -----------------------------------------------------------
 

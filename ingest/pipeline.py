@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from ingest.batch import BatchBuilder, run_batcher
 from ingest.config import Config
-from ingest.errors import SourceRetryable
+from ingest.errors import Interrupted, SourceRetryable
 from ingest.ledger import Known, Ledger
 from ingest.log import set_run_id
 from ingest.manifest import read_manifest
@@ -30,7 +30,7 @@ from ingest.planner import ShardPlanner, make_shard_planner, plan_manifest_item
 from ingest.sources import Page, Shard, Source
 from ingest.sources.fanout import ShardPage, discover_shards, iter_shard_pages
 from ingest.sources.globs import compile_filter
-from ingest.stats import Stats
+from ingest.stats import Stats, count_reason
 from ingest.sync import ShardMerge, as_new_version
 
 log = logging.getLogger("ingest.pipeline")
@@ -47,6 +47,7 @@ class Register(Protocol):
         sent_before: Iterable[tuple[str, str]],
         *,
         readonly: bool | None = None,
+        stop: asyncio.Event | None = None,
     ) -> list[Outcome]: ...
 
 
@@ -319,7 +320,7 @@ class Pipeline:
             try:
                 ready = await self.media.prepare(item)
             except MediaError as e:
-                self.ledger.media_failed(item, e.reason)
+                self.ledger.media_failed(item, e.reason, final=True)
                 self._count_failure(e.reason)
                 continue
             except SourceRetryable as e:
@@ -341,7 +342,7 @@ class Pipeline:
 
     def _count_failure(self, reason: str) -> None:
         self.stats.failed += 1
-        self.stats.failures_by_reason[reason.split(":")[0][:80]] += 1
+        count_reason(self.stats.failures_by_reason, reason.split(":")[0])
 
     async def _list_and_plan(self, resume_listing: bool) -> None:
         cfg = self.cfg
@@ -431,10 +432,15 @@ class Pipeline:
             return sp
         return ShardPage(sp.shard, Page(diff.new, [], sp.page.checkpoint), sp.last)
 
+    def _report_changed(self, obj: ObjectInfo, why: str) -> None:
+        self.ledger.record_sync_page(changed=[(obj.key, obj.etag)])
+        log.warning(
+            "changed object reported, not re-registered", extra={"key": obj.key, "why": why}
+        )
+
     def _vanished(self, keys: list[str]) -> None:
         if keys:
-            self.ledger.record_sync_page(vanished=keys)
-            self.stats.vanished += len(keys)
+            self.stats.vanished += self.ledger.record_sync_page(vanished=keys)
 
     def _sweep_vanished_folders(self, shards: Sequence[Shard]) -> None:
         """Folders the ledger knows that no shard listed any more: every key under them is
@@ -455,17 +461,17 @@ class Pipeline:
         """sync.on_change = "register": each changed object becomes a new item named after its
         new version; the old item stays in V7."""
         for obj in changed:
+            if self.ledger.item_key_count(obj.key) > 1:
+                # A slice of a DICOM series or a slot of a folder item: a lone new version
+                # would be a one-slot item of its own, so it is only reported.
+                self._report_changed(obj, "part of a multi-file item")
+                continue
             planner = make_shard_planner(self.cfg, self.source.storage_key, self.readonly)
             plans = [*planner.feed([obj]), *planner.finish()]
             for p in plans:
                 version = None if isinstance(p, Skip) else as_new_version(p, obj.etag)
                 if version is None:
-                    self.ledger.record_sync_page(changed=[(obj.key, obj.etag)])
-                    log.warning(
-                        "changed object reported, not re-registered: it is part of a "
-                        "multi-file item or no longer planned",
-                        extra={"key": obj.key},
-                    )
+                    self._report_changed(obj, "part of a multi-file item or no longer planned")
                 elif self.ledger.record_new_version(obj, version):
                     self.stats.planned += 1
                     await self._route(version)
@@ -479,6 +485,18 @@ class Pipeline:
         )
         self.stats.artifacts_ignored += len(objects) - len(objs)
         planning = Planning(self.cfg, self.source, self.readonly)
+        # A file of a multi-file item (DICOM series, folder slots) is left to the scheduled
+        # sync: events of one folder arrive over seconds, and an item planned from the first
+        # few would register without the rest (V7 items do not take slots later).
+        grouped = planning.new_planner().grouped
+        later = [o for o in objs if grouped(o.key)]
+        if later:
+            objs = [o for o in objs if not grouped(o.key)]
+            self.stats.events_deferred += len(later)
+            log.info(
+                "events: files of multi-file items left to the next sync",
+                extra={"count": len(later), "example": later[0].key},
+            )
         sp = ShardPage(Shard("events:", recursive=True), Page(objs, [], ""), last=True)
         plans, _cp = planning.plan_page(sp)
         self.stats.listed += len(objs)
@@ -520,20 +538,20 @@ class Pipeline:
 
     async def _send(self, batch: list[ItemPlan]) -> None:
         attempts = self.ledger.mark_sent(batch)  # committed before the POST
-        self.stats.in_flight += 1
         try:
             outcomes = await self.registrar.register(
-                batch, _sent_before(attempts), readonly=batch[0].readonly_endpoint
+                batch, _sent_before(attempts), readonly=batch[0].readonly_endpoint, stop=self._stop
             )
-        finally:
-            self.stats.in_flight -= 1
+        except Interrupted as e:  # stays SENT: re-sent (and deduplicated) by the next run
+            log.info("batch left for the next run", extra={"items": len(batch), "why": str(e)})
+            return
         self.ledger.record_outcomes(outcomes)
         for o in outcomes:
             if o.state is State.REGISTERED:
                 self.stats.registered += 1
             elif o.state is State.BLOCKED:
                 self.stats.blocked += 1
-                self.stats.blocked_by_reason[o.reason] += 1
+                count_reason(self.stats.blocked_by_reason, o.reason)
             else:
                 self._count_failure(o.reason)
 

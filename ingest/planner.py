@@ -167,14 +167,20 @@ class ShardPlanner:
                 return "read-only storage: PDFs need page sections (not supported yet)"
         return None
 
+    def grouped(self, key: str) -> bool:
+        """True when ``key`` would be one file of a multi-file item (a folder's slots, a DICOM
+        series): such an item can only be planned from the whole folder's listing."""
+        if self.plan.slots == "folder":
+            return True
+        return file_type(key) is ItemType.DICOM and self.plan.dicom_series
+
     def _one(self, obj: ObjectInfo, out: list[ItemPlan | Skip]) -> None:
         reason = self._reject(obj)
         if reason is not None:
             out.append(Skip(obj, reason))
             return
         t = file_type(obj.key)
-        grouped = self.plan.slots == "folder" or (t is ItemType.DICOM and self.plan.dicom_series)
-        if not grouped:
+        if not self.grouped(obj.key):
             out.append(self._single(obj, t))  # type: ignore[arg-type]
             return
         folder = obj.key.rpartition("/")[0]

@@ -6,6 +6,7 @@ Plain integers mutated from one event loop: no locks needed.
 from __future__ import annotations
 
 import math
+import re
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -28,6 +29,28 @@ LATENCY_BOUNDS_S: tuple[float, ...] = (
     30.0,
     60.0,
 )
+
+
+# Numbers in a reason ("gave up after 7 attempts over 901.3 s") would make every failure its
+# own reason; HTTP status codes ("HTTP 422") are kept, they are few and telling.
+_NUMBER = re.compile(r"(?<!HTTP )(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+REASON_CHARS = 80  # a reason is cut to this many characters
+MAX_REASON_KEYS = 200  # distinct reasons kept per counter; later ones are counted as OTHER
+OTHER = "other"
+
+
+def reason_label(reason: str) -> str:
+    label = _NUMBER.sub("N", reason.strip())[:REASON_CHARS]
+    return label or "unknown"
+
+
+def count_reason(counts: Counter[str], reason: str) -> None:
+    """Count one failure under its folded reason, in at most MAX_REASON_KEYS keys: a worker
+    that runs for weeks must not grow a key per distinct message."""
+    label = reason_label(reason)
+    if label not in counts and len(counts) >= MAX_REASON_KEYS:
+        label = OTHER
+    counts[label] += 1
 
 
 @dataclass
@@ -98,6 +121,7 @@ class Stats:
     syncs_total: int = 0  # syncs started
     syncs_failed_total: int = 0  # syncs that ended in an error
     events_received: int = 0  # object events (SQS / Azure queue) received
+    events_deferred: int = 0  # event objects of multi-file items, left to the next sync
     vanished: int = 0  # objects a sync found gone from the bucket
     changed: int = 0  # objects a sync found with a new ETag / generation
 

@@ -9,7 +9,11 @@ under a versioned name), which came back, and which ledger keys the listing pass
 
 Providers list in code-point order of the key and SQLite compares UTF-8 bytes, which is the same
 order. Should a listing still step backwards (an emulator's UTF-16 order, say), that key is
-looked up on its own; a key wrongly passed over as vanished is cleared when it is listed.
+looked up on its own; a key wrongly passed over as vanished is taken back if still pending on
+the page, or cleared (reappeared) if it was already written.
+
+A known object that was never planned (a run stopped while the planner held the start of its
+DICOM series or folder item) goes back to the planner as new, so the item is planned whole.
 """
 
 from __future__ import annotations
@@ -73,7 +77,10 @@ class ShardMerge:
             if self._known is None:
                 self._start(obj.key)
             if obj.key < self._last_listed:
-                self._classify(obj, self._lookup(obj.key), diff)  # out of order: look it up
+                # Out of order: look it up; if it was passed over on this page, it is not gone.
+                if obj.key in diff.vanished:
+                    diff.vanished.remove(obj.key)
+                self._classify(obj, self._lookup(obj.key), diff)
                 continue
             self._last_listed = obj.key
             while self._head is not None and self._head.key < obj.key:
@@ -108,6 +115,9 @@ class ShardMerge:
             return
         if known.vanished:
             diff.reappeared.append(obj.key)
+        if known.unplanned:  # a stopped run held it in the planner: plan it now
+            diff.new.append(obj)
+            return
         if not obj.etag or not known.etag or obj.etag == known.etag:
             diff.unchanged += 1
         elif obj.etag == known.changed_etag:

@@ -486,3 +486,21 @@ async def test_servers_have_their_own_registries_and_close_on_exit() -> None:
         with pytest.raises(aiohttp.ClientConnectionError):
             async with session.get(f"http://127.0.0.1:{port_a}/healthz") as r:
                 await r.read()
+
+
+def test_reasons_are_counted_folded_and_in_bounded_keys() -> None:
+    """A worker that runs for weeks: "gave up after N attempts over N s" is one reason, and
+    the counter never holds more than MAX_REASON_KEYS keys whatever the messages."""
+    from collections import Counter
+
+    from ingest.stats import MAX_REASON_KEYS, count_reason
+
+    counts: Counter[str] = Counter()
+    count_reason(counts, "gave up after 4 attempts over 901.2 s")
+    count_reason(counts, "gave up after 5 attempts over 903.0 s")
+    count_reason(counts, "rejected by V7 (HTTP 422)")
+    assert counts == {"gave up after N attempts over N s": 2, "rejected by V7 (HTTP 422)": 1}
+    for i in range(3 * MAX_REASON_KEYS):
+        count_reason(counts, f"media error {chr(65 + i % 26)}{chr(65 + i // 26 % 26)}{i // 676}")
+    assert len(counts) == MAX_REASON_KEYS + 1  # + "other"
+    assert counts[OTHER] > 0 and sum(counts.values()) == 3 + 3 * MAX_REASON_KEYS

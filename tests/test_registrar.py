@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from ingest.errors import AuthError, NotFoundError, QuotaError
+from ingest.errors import AuthError, Interrupted, NotFoundError, QuotaError
 from ingest.model import ItemPlan, Outcome, State
 from ingest.registrar.client import V7Client
 from ingest.registrar.rate import Limiter, RateController
@@ -404,6 +404,35 @@ async def test_the_retry_budget_ends_in_a_retryable_failure(rig: Rig) -> None:
         assert KEY not in o.reason
     assert (rig.stats.requests, rig.stats.retries, rig.stats.server_errors) == (4, 3, 4)
     assert rig.stats.in_flight == 0
+
+
+async def test_a_stop_before_a_retry_leaves_the_batch_unsent(rig: Rig) -> None:
+    """Graceful shutdown: the request in flight finishes, but no retry starts (the items stay
+    SENT in the ledger and the next run re-sends them)."""
+    rig.v7.always = "503"
+    stop = asyncio.Event()
+    stop.set()
+    with pytest.raises(Interrupted, match="HTTP 503"):
+        await rig.registrar().register(plans(3), [], stop=stop)
+    assert len(rig.v7.requests) == 1
+    assert rig.stats.in_flight == 0
+
+
+async def test_a_stop_during_a_retry_wait_ends_the_wait(rig: Rig) -> None:
+    rig.v7.script = ["429:300"]
+    stop = asyncio.Event()
+
+    async def long_sleep(delay: float) -> None:
+        if delay >= 1.0:  # the 300 s Retry-After pause: the stop comes while it lasts
+            stop.set()
+            await asyncio.Event().wait()
+        await asyncio.sleep(0)
+
+    rig.time.sleep = long_sleep  # type: ignore[method-assign]
+    policy = RetryPolicy(base_s=0.05, cap_s=1.0, max_total_s=3600.0)
+    with pytest.raises(Interrupted):
+        await asyncio.wait_for(rig.registrar(policy=policy).register(plans(2), [], stop=stop), 10)
+    assert len(rig.v7.requests) == 1
 
 
 async def test_retry_after_beyond_the_budget_gives_up_at_once(rig: Rig) -> None:

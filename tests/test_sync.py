@@ -94,7 +94,8 @@ def test_sync_registers_only_new_and_reports_changed_and_vanished(
 def test_sync_on_change_register_adds_a_versioned_item_once(
     tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
 ) -> None:
-    seed_bucket(moto_url, bucket_name, ["a/one.jpg", "a/two.jpg"])
+    series = ["scans/s1/1.dcm", "scans/s1/2.dcm"]
+    seed_bucket(moto_url, bucket_name, ["a/one.jpg", "a/two.jpg", *series])
     storage = emulator.storage_for(bucket_name)
     cfg = job_config(
         tmp_path,
@@ -108,14 +109,22 @@ def test_sync_on_change_register_adds_a_versioned_item_once(
     s3 = s3_client(moto_url)
     s3.put_object(Bucket=bucket_name, Key="a/one.jpg", Body=b"version two")
     etag = s3.head_object(Bucket=bucket_name, Key="a/one.jpg")["ETag"].strip('"')
-    assert _sync(cfg).returncode == 0
+    # A slice of a DICOM series changes: it cannot become an item of its own, so it is
+    # reported, not registered as a one-slice series.
+    s3.put_object(Bucket=bucket_name, Key=series[1], Body=b"another slice")
+    out = _sync(cfg)
+    assert out.returncode == 0 and "changed 2" in out.stdout
     names = sorted(it["name"] for it in emulator.items())
-    assert names == sorted(["one.jpg", "two.jpg", f"one.v{etag[:8]}.jpg"])
+    assert names == sorted(["one.jpg", "two.jpg", "s1", f"one.v{etag[:8]}.jpg"])
     requests = emulator.counters()["register_requests"]
-    assert _sync(cfg).returncode == 0
+    out = _sync(cfg)
+    assert out.returncode == 0 and "changed 0" in out.stdout  # each reported once
     assert emulator.counters()["register_requests"] == requests
-    row = _report(cfg)["a/one.jpg"]
-    assert row["item_name"] == f"one.v{etag[:8]}.jpg" and row["sync"] == ""
+    rows = _report(cfg)
+    assert rows["a/one.jpg"]["item_name"] == f"one.v{etag[:8]}.jpg"
+    assert rows["a/one.jpg"]["sync"] == ""
+    assert str(rows[series[1]]["sync"]).startswith("changed")
+    assert rows[series[1]]["item_name"] == "s1"
 
 
 def test_a_second_sync_of_the_same_job_is_refused_while_one_runs(

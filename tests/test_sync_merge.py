@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,15 +86,34 @@ def test_merge_equals_set_arithmetic(
 
 def test_out_of_order_listing_is_looked_up_and_a_false_vanish_is_undone() -> None:
     ledger = {k: Known(k, "e", "", False) for k in ("a", "b", "c", "d")}
-    # "b" comes after "c": it is looked up (known, unchanged), not called new.
+    # "b" comes after "c" (a UTF-16-ordered listing): it is looked up (known, unchanged), not
+    # called new, and taken back from the page's vanished keys it was put in when "c" came.
     objs = [ObjectInfo(k, 1, "e") for k in ("a", "c", "b", "d", "e")]
-    diff, _ = _merge_all(ledger, objs, [5])
+    diff, flushed = _merge_all(ledger, objs, [5])
     assert [o.key for o in diff.new] == ["e"]
-    assert diff.vanished == ["b"]  # passed over when "c" came...
-    assert diff.unchanged == 4  # ...and "b" was still seen; the next merge clears it:
+    assert diff.vanished == [] and flushed == []
+    assert diff.unchanged == 4
+    # On a later page it was already written as vanished: the lookup sees that and clears it.
+    page1, _ = _merge_all(ledger, objs, [2, 3])
+    assert page1.vanished == ["b"]
     ledger["b"] = Known("b", "e", "", True)
-    diff2, _ = _merge_all(ledger, objs, [5])
+    diff2, _ = _merge_all(ledger, objs, [2, 3])
     assert "b" in diff2.reappeared
+
+
+def test_a_known_object_never_planned_is_planned_again() -> None:
+    """A run stopped while the planner held a folder's first files (a DICOM series across a
+    page boundary): those objects are in the ledger without an item, and the next sync must
+    hand them to the planner with the rest, not call them unchanged."""
+    ledger = {
+        "s/1.dcm": Known("s/1.dcm", "e", "", False, unplanned=True),
+        "s/2.dcm": Known("s/2.dcm", "e", "", False, unplanned=True),
+        "t.jpg": Known("t.jpg", "e", "", False),
+    }
+    objs = [ObjectInfo(k, 1, "e") for k in ("s/1.dcm", "s/2.dcm", "s/3.dcm", "t.jpg")]
+    diff, _ = _merge_all(ledger, objs, [1, 3])
+    assert [o.key for o in diff.new] == ["s/1.dcm", "s/2.dcm", "s/3.dcm"]
+    assert diff.unchanged == 1 and not diff.vanished
 
 
 def test_a_resumed_shard_does_not_call_keys_before_its_checkpoint_vanished() -> None:
@@ -190,7 +210,9 @@ def test_failed_items_come_back_only_when_due(tmp_path: Path) -> None:
     plans = [ItemPlan("/", f"{i}.jpg", {"name": f"{i}.jpg"}, (f"{i}.jpg",)) for i in range(4)]
     ledger.record_page("s", "", False, [ObjectInfo(p.keys[0], 1) for p in plans], plans)
     ledger.mark_sent(plans)
-    ledger.record_outcomes([Outcome(p.path, p.name, State.FAILED, reason="x") for p in plans[:3]])
+    ledger.record_outcomes(
+        [Outcome(p.path, p.name, State.FAILED, reason="x", retryable=True) for p in plans[:3]]
+    )
     seen: list[int] = []
 
     def due(failures: int, _at: float) -> bool:
@@ -207,3 +229,127 @@ def test_failed_items_come_back_only_when_due(tmp_path: Path) -> None:
     ledger.record_sync_page(reappeared=[left.keys[0]])
     assert ledger.requeue_due(lambda _f, _at: True) == 1
     ledger.close()
+
+
+def test_final_failures_are_left_to_ingest_retry(tmp_path: Path) -> None:
+    """A 422 or corrupt media fails the same way every time: the worker's back-off retries
+    skip it (a new version of the object or `ingest retry` is what helps)."""
+    from ingest.model import Outcome, State
+
+    ledger = Ledger(tmp_path / "l.sqlite", "job")
+    ledger.start_run("run")
+    plans = [ItemPlan("/", f"{i}.jpg", {"name": f"{i}.jpg"}, (f"{i}.jpg",)) for i in range(3)]
+    ledger.record_page("s", "", False, [ObjectInfo(p.keys[0], 1) for p in plans], plans)
+    ledger.mark_sent(plans)
+    rejected, flaky, corrupt = plans
+    ledger.record_outcomes(
+        [
+            Outcome(rejected.path, rejected.name, State.FAILED, reason="HTTP 422", retryable=False),
+            Outcome(flaky.path, flaky.name, State.FAILED, reason="gave up", retryable=True),
+        ]
+    )
+    ledger.media_failed(corrupt, "truncated image file", final=True)
+    assert ledger.requeue_due(lambda _f, _at: True) == 1
+    assert ledger.item_state(flaky.path, flaky.name) is State.PLANNED
+    assert ledger.item_state(rejected.path, rejected.name) is State.FAILED
+    assert ledger.requeue_failed() == 2  # by hand: everything, final or not
+    # ...and once re-sent and failing again for a transient reason, the worker retries it.
+    ledger.mark_sent([rejected])
+    ledger.record_outcomes(
+        [Outcome(rejected.path, rejected.name, State.FAILED, reason="5xx", retryable=True)]
+    )
+    assert ledger.requeue_due(lambda _f, _at: True) == 1
+    ledger.close()
+
+
+def test_unplanned_objects_new_versions_and_vanished_counts(tmp_path: Path) -> None:
+    from ingest.model import Skip
+
+    ledger = Ledger(tmp_path / "l.sqlite", "job")
+    ledger.start_run("run")
+    series = ItemPlan("/s", "s", {"name": "s"}, ("s/1.dcm", "s/2.dcm"))
+    one = ItemPlan("/", "a.jpg", {"name": "a.jpg"}, ("a.jpg",))
+    objs = [ObjectInfo(k, 1, "e") for k in ("a.jpg", "b.txt", "s/1.dcm", "s/2.dcm")]
+    # The planner still held the series when the page was recorded (checkpoint kept).
+    ledger.record_page("s", "", False, objs, [one, Skip(objs[1], "unsupported")])
+    flags = {k.key: k.unplanned for k in ledger.iter_known("", True)}
+    assert flags == {"a.jpg": False, "b.txt": False, "s/1.dcm": True, "s/2.dcm": True}
+    known = ledger.known("s/2.dcm")
+    assert known is not None and known.unplanned
+    ledger.record_page("s", "z", True, objs[2:], [series])
+    assert not any(k.unplanned for k in ledger.iter_known("", True))
+    assert ledger.item_key_count("s/1.dcm") == 2
+    assert ledger.item_key_count("a.jpg") == 1 and ledger.item_key_count("b.txt") == 0
+
+    # A new version registered once; the object changing back to it later points at it
+    # again instead of staying "changed" forever.
+    v1, v2 = as_new_version(one, "v1"), as_new_version(one, "v2")
+    assert v1 is not None and v2 is not None
+    assert ledger.record_new_version(ObjectInfo("a.jpg", 2, "v1"), v1)
+    assert ledger.record_new_version(ObjectInfo("a.jpg", 3, "v2"), v2)
+    assert not ledger.record_new_version(ObjectInfo("a.jpg", 2, "v1"), v1)
+    again = ledger.known("a.jpg")
+    assert again is not None and again.etag == "v1" and again.changed_etag == ""
+
+    assert ledger.record_sync_page(vanished=["a.jpg", "nope.jpg"]) == 1
+    assert ledger.record_sync_page(vanished=["a.jpg"]) == 0  # already vanished
+    ledger.close()
+
+
+async def test_a_failed_lease_renewal_is_retried_not_fatal(tmp_path: Path) -> None:
+    """SQLite busy past busy_timeout (another job writing the same file): the renewal tries
+    again at the next tick instead of dying silently and letting the lease expire."""
+    import asyncio
+    import sqlite3
+
+    from ingest.engine import hold_lease
+
+    ledger = Ledger(tmp_path / "l.sqlite", "job")
+    calls: list[bool] = []
+    renewed = asyncio.Event()
+    real_renew = ledger.renew_lease
+
+    def flaky_renew(holder: str, ttl_s: float, now: float) -> bool:
+        calls.append(True)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        renewed.set()
+        return real_renew(holder, ttl_s, now)
+
+    ledger.renew_lease = flaky_renew  # type: ignore[method-assign]
+    lost: list[bool] = []
+    async with hold_lease(ledger, 3.0, lambda: lost.append(True)) as holder:
+        await asyncio.wait_for(renewed.wait(), 10)
+        assert not lost
+        other = Ledger(tmp_path / "l.sqlite", "job")
+        held = other.acquire_lease("someone else", 60, now=time.time())
+        assert held is not None and held.holder == holder
+        other.close()
+    assert len(calls) >= 2
+    ledger.close()
+
+
+def test_a_dead_holder_is_only_recognised_in_the_same_pid_namespace() -> None:
+    """Two containers may share a hostname (host networking) but never a PID namespace: a
+    pid that does not exist here may be alive there, so only our own namespace's dead pids
+    free a lease early."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from ingest.engine import _dead_here, _pid_space
+
+    host, space = socket.gethostname(), _pid_space()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(gone.stdout)
+    assert _dead_here(f"{host}:{dead_pid}:abc123:{space}")
+    assert not _dead_here(f"{host}:{dead_pid}:abc123:other-namespace")
+    assert not _dead_here(f"{host}:{dead_pid}:abc123")  # an old holder: wait for its expiry
+    assert not _dead_here(f"elsewhere:{dead_pid}:abc123:{space}")
+    assert not _dead_here(f"{host}:{os.getppid()}:abc123:{space}")  # alive

@@ -239,8 +239,12 @@ def test_event_mode_registers_a_new_object_within_seconds(
         # An event, twice (at-least-once delivery), and one object in an ignored place.
         s3.put_object(Bucket=bucket_name, Key="e/second one.jpg", Body=b"y")
         s3.put_object(Bucket=bucket_name, Key="e/second one.jpg", Body=b"y")
+        # Slices of a DICOM series: left to the sync, which sees the whole folder at once.
+        for k in ("e/scan/1.dcm", "e/scan/2.dcm"):
+            s3.put_object(Bucket=bucket_name, Key=k, Body=b"slice")
         assert wait_for(lambda: len(emulator.items()) == 2, 10)
-        assert wait_for(lambda: _metrics(port)["ingest_object_events_total"] >= 2, 10)
+        assert wait_for(lambda: _metrics(port)["ingest_object_events_total"] >= 4, 10)
+        assert wait_for(lambda: _metrics(port)["ingest_object_events_deferred_total"] >= 2, 10)
         assert len(emulator.items()) == 2  # the duplicate event sent nothing new
         assert _metrics(port)["ingest_syncs_total"] == 1  # no scheduled sync did it
         proc.send_signal(signal.SIGTERM)
@@ -248,6 +252,11 @@ def test_event_mode_registers_a_new_object_within_seconds(
         assert proc.returncode == 0, err[-3000:]
     names = sorted(it["name"] for it in emulator.items())
     assert names == ["first.jpg", "second one.jpg"]
+    out = run_cli("sync", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr[-3000:]
+    series = [it for it in emulator.items() if it["name"] == "scan"]
+    assert len(series) == 1 and len(series[0]["slots"]) == 2
+    assert len(emulator.items()) == 3
 
 
 def test_a_second_signal_exits_at_once_and_the_next_start_resumes(

@@ -15,19 +15,30 @@ input order:
 - 429 → the limiter pauses every sender and slows down; 5xx / transport errors → full-jitter
   retries; when the retry budget runs out → FAILED (retryable) with the last error;
 - 401 / 404 / quota → ``AuthError`` / ``NotFoundError`` / ``QuotaError`` propagate: the run
-  cannot go on.
+  cannot go on;
+- ``stop`` set (graceful shutdown) while a batch waits for a retry → ``Interrupted``: the
+  batch is not retried now (its items stay SENT in the ledger for the next run).
 
 Every attempt takes a token from the limiter. The only waits are the limiter's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ingest.errors import RateLimited, RejectedError, Retry, ServerError, TransportError
+from ingest.errors import (
+    Interrupted,
+    RateLimited,
+    RejectedError,
+    Retry,
+    ServerError,
+    TransportError,
+)
 from ingest.model import ItemPlan, Outcome, State
 from ingest.registrar.rate import Limiter
 from ingest.registrar.retry import RetryPolicy
@@ -120,8 +131,10 @@ class Registrar:
         sent_before: Iterable[tuple[str, str]],
         *,
         readonly: bool | None = None,
+        stop: asyncio.Event | None = None,
     ) -> list[Outcome]:
-        """One Outcome per item, in order. Raises AuthError / NotFoundError / QuotaError.
+        """One Outcome per item, in order. Raises AuthError / NotFoundError / QuotaError, and
+        Interrupted when ``stop`` is set while the batch waits for a retry.
 
         ``readonly`` picks the endpoint for this batch (locally processed videos go through
         register_existing_readonly even on read-write storage); None = the storage's mode."""
@@ -131,6 +144,7 @@ class Registrar:
             results=[None] * len(items),
         )
         call.readonly = self.readonly if readonly is None else readonly
+        call.stop = stop
         if items:
             await self._send(call, list(range(len(items))))
         out: list[Outcome] = []
@@ -211,7 +225,26 @@ class Registrar:
                     "error": str(error)[:200],
                 },
             )
-            await self.limiter.sleep(delay)
+            if await self._sleep_unless_stopped(delay, call.stop):
+                raise Interrupted(f"stopped before retry {attempt} of a batch: {error}")
+
+    async def _sleep_unless_stopped(self, delay_s: float, stop: asyncio.Event | None) -> bool:
+        """The limiter's back-off sleep, cut short by ``stop``; True when stopped."""
+        if stop is None:
+            await self.limiter.sleep(delay_s)
+            return False
+        if stop.is_set():
+            return True
+        sleeper = asyncio.ensure_future(self.limiter.sleep(delay_s))
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sleeper, waiter):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        return stop.is_set()
 
     def _observe_latency(self, asked_at: float) -> None:
         self.stats.request_latency_s.observe(self._clock() - asked_at)
@@ -290,7 +323,7 @@ class Registrar:
 class _Call:
     """State shared by the requests of one ``register`` call (its bisections and retries)."""
 
-    __slots__ = ("items", "maybe_committed", "readonly", "results", "sent_before")
+    __slots__ = ("items", "maybe_committed", "readonly", "results", "sent_before", "stop")
 
     def __init__(
         self, items: list[ItemPlan], sent_before: set[Key], results: list[Outcome | None]
@@ -300,3 +333,4 @@ class _Call:
         self.results = results
         self.maybe_committed: set[Key] = set()
         self.readonly = False
+        self.stop: asyncio.Event | None = None

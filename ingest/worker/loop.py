@@ -42,6 +42,7 @@ log = logging.getLogger("ingest.worker")
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_INCOMPLETE = 3
+EXIT_LEASE_LOST = 4  # another process took the job over: exit non-zero so a supervisor sees it
 EXIT_FORCED = 130
 RECEIVE_MAX_MESSAGES = 10
 
@@ -69,9 +70,14 @@ class Worker:
         self._lock = asyncio.Lock()  # one pass at a time: sync or events
         self._engine: Engine | None = None
         self._forced = False
+        self._lost_lease = False
         self._last_exit = EXIT_OK
 
     # --- lifecycle ----------------------------------------------------------------------------
+
+    def _lease_lost(self) -> None:
+        self._lost_lease = True
+        self.stop()
 
     def stop(self) -> None:
         """Graceful: no new passes, the current pass finishes what is in flight."""
@@ -158,12 +164,13 @@ class Worker:
                     self.health.preflight_ok, self.health.last_error = True, ""
                     ever_ready, attempt = True, 0
                     ttl = self.cfg.ledger.lease_ttl_s
-                    async with hold_lease(engine.ledger, ttl, self.stop):
+                    async with hold_lease(engine.ledger, ttl, self._lease_lost):
                         self._engine = engine
                         try:
-                            return await self._serve_engine(engine, once)
+                            code = await self._serve_engine(engine, once)
                         finally:
                             self._engine = None
+                    return EXIT_LEASE_LOST if self._lost_lease else code
             except asyncio.CancelledError:
                 raise
             except PreflightError as e:
@@ -299,7 +306,13 @@ class Worker:
                 await self._sleep(unreachable_delay_s(0, w.unreachable_retry_cap_s, 0.5))
                 continue
             if done:
-                await events.ack(deliveries)
+                try:
+                    await events.ack(deliveries)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # not acked: delivered again, and deduped by the ledger
+                    self.health.last_error = redact(f"events ack: {type(e).__name__}: {e}")[:300]
+                    log.warning("could not ack events", extra={"error": self.health.last_error})
 
     async def _gather_events(self, events: EventSource) -> list[Delivery]:
         """Messages until events_max_batch objects or events_wait_s after the first one."""
@@ -351,8 +364,7 @@ class Worker:
             if self._stopping.is_set():
                 return False
             if deleted:
-                engine.ledger.record_sync_page(vanished=sorted(deleted))
-                self.stats.vanished += len(deleted)
+                self.stats.vanished += engine.ledger.record_sync_page(vanished=sorted(deleted))
             if not latest:
                 return True
             try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from ingest.stats import Stats
+from ingest.stats import OTHER, Stats, reason_label
 
 log = logging.getLogger("ingest.worker")
 
@@ -42,8 +41,6 @@ METRICS = "/metrics"
 ROUTES: tuple[str, ...] = (HEALTHZ, READYZ, METRICS)
 
 MAX_REASONS = 50  # distinct reason labels per metric; the rest are folded into OTHER
-OTHER = "other"
-REASON_CHARS = 80  # a reason label is cut to this many characters
 MIN_MAX_SYNC_AGE_S = 600.0
 
 
@@ -97,15 +94,6 @@ class Health:
 
 
 # --- reason labels -------------------------------------------------------------------------
-
-# Numbers in a reason ("gave up after 7 attempts over 901.3 s") would make every failure its
-# own label value; HTTP status codes ("HTTP 422") are kept, they are few and telling.
-_NUMBER = re.compile(r"(?<!HTTP )(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
-
-
-def reason_label(reason: str) -> str:
-    label = _NUMBER.sub("N", reason.strip())[:REASON_CHARS]
-    return label or "unknown"
 
 
 class ReasonLabels:
@@ -202,6 +190,11 @@ class IngestCollector(Collector):
             "ingest_object_events_total",
             "Object events received (SQS / Azure queue).",
             s.events_received,
+        )
+        yield _counter(
+            "ingest_object_events_deferred_total",
+            "Event objects of multi-file items (DICOM series, folder slots) left to the sync.",
+            s.events_deferred,
         )
         yield _counter(
             "ingest_objects_vanished_total", "Objects syncs found gone from the bucket.", s.vanished
