@@ -233,12 +233,16 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 
 async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = None) -> int:
     from ingest.engine import open_engine
+    from ingest.ledger import Ledger
+
+    def requeue(ledger: Ledger) -> None:
+        n = ledger.requeue_failed(retry_blocked)
+        log.info("re-queued items", extra={"count": n})
 
     async with open_engine(cfg) as engine:
-        if kind == "retry":
-            n = engine.ledger.requeue_failed(retry_blocked)
-            log.info("re-queued items", extra={"count": n})
-        result = await engine.run(kind, list_bucket=kind != "retry")
+        result = await engine.run(
+            kind, list_bucket=kind != "retry", under_lease=requeue if kind == "retry" else None
+        )
         status = engine.ledger.status()
         _summary(engine.stats, status, print, sync=kind == "sync")
         return _exit_code(engine.stats, result.stopped_early, status)

@@ -166,8 +166,16 @@ class Engine:
         if self.current is not None:
             self.current.request_stop()
 
-    async def run(self, kind: str = "run", *, list_bucket: bool = True) -> RunResult:
-        """One CLI pass with a lease, a progress line and signal handling."""
+    async def run(
+        self,
+        kind: str = "run",
+        *,
+        list_bucket: bool = True,
+        under_lease: Callable[[Ledger], None] | None = None,
+    ) -> RunResult:
+        """One CLI pass with a lease, a progress line and signal handling. ``under_lease``
+        changes the ledger once the lease is ours (``ingest retry`` re-queueing FAILED items
+        must not write to a ledger that a worker holds)."""
         progress = None
         if self.cfg.output.progress:
             progress = asyncio.create_task(run_progress(self.stats))
@@ -180,6 +188,8 @@ class Engine:
 
         try:
             async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self.request_stop):
+                if under_lease is not None:
+                    under_lease(self.ledger)
                 result: RunResult = await with_signals(
                     self.pass_(kind, list_bucket=list_bucket), self.request_stop, abort
                 )
