@@ -9,6 +9,8 @@ Three steps, each `python -m ingest …` in its own process (the servers in thei
    unchanged bucket: the steady state of a nightly job.
 3. **baseline**: a full ``ingest run`` of the same 1,000,000-object bucket with a fresh ledger
    into a fresh emulator B, with the same batch size and rate settings as the sync.
+4. **floor**: aiobotocore listing the same keys and nothing else (benchmarks/overhead.py's
+   listing baseline): a sync cannot be faster than its one listing.
 
 Both V7 emulators are unlimited (``--rate 0``) so that the figures are the engine's own work;
 under V7's real rate limit the difference is the ratio of register requests, since a full run
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as c
+from benchmarks.overhead import listing_baseline
 
 
 def _step(name: str, cmd: list[str], v7: str, log: Path) -> dict[str, Any]:
@@ -96,19 +99,25 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(d, "full", v7, s3, d / "full.sqlite", ns.max_items)
         steps.append(_step("ingest run, full (baseline)", c.ingest_cmd(cfg), v7, d / "full.log"))
 
+    list_rate, list_rss = listing_baseline(objects)
+    list_s = objects / list_rate
     prefill, sync, resync, full = steps
     for s in steps:
         print(f"{s['what']}: exit {s['returncode']}; {s['summary']}", flush=True)
     print()
     rows: list[list[object]] = [
-        [s["what"], s["wall_s"], s["requests"], s["stored"], s["peak_rss_mb"]] for s in steps
+        [s["what"], s["wall_s"], s["wall_s"] / list_s, s["requests"], s["stored"], s["peak_rss_mb"]]
+        for s in steps
     ]
-    print(c.table(["what", "wall s", "register requests", "items stored", "peak RSS MB"], rows))
+    rows.append(["listing only (aiobotocore)", list_s, 1.0, 0, 0, list_rss])
+    headers = ["what", "wall s", "÷ listing", "register requests", "items stored", "peak RSS MB"]
+    print(c.table(headers, rows))
     print()
     print(
         f"sync / full run: wall {sync['wall_s'] / full['wall_s']:.3f}, register requests "
         f"{sync['requests'] / max(full['requests'], 1):.4f}, peak RSS "
-        f"{sync['peak_rss_mb'] / max(full['peak_rss_mb'], 1e-9):.2f}"
+        f"{sync['peak_rss_mb'] / max(full['peak_rss_mb'], 1e-9):.2f}; "
+        f"sync / listing only: wall {sync['wall_s'] / list_s:.2f}"
     )
     expected_requests = -(-new // ns.max_items)
     ok = (
