@@ -12,6 +12,7 @@ never seen twice.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -95,6 +96,16 @@ CREATE TABLE IF NOT EXISTS runs (
     counts BLOB
 );
 """
+
+# (table, column, declaration) added to the schema after version 1, oldest first.
+_ADDED_COLUMNS = (
+    ("items", "media", "TEXT NOT NULL DEFAULT ''"),
+    ("items", "readonly_endpoint", "INTEGER NOT NULL DEFAULT 0"),
+    ("objects", "changed_etag", "TEXT NOT NULL DEFAULT ''"),
+    ("objects", "vanished_at", "REAL NOT NULL DEFAULT 0"),
+    ("items", "failures", "INTEGER NOT NULL DEFAULT 0"),
+    ("items", "final", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 CHUNK = 1000
 # Rows per multi-row INSERT / UPDATE ... FROM (VALUES ...): well under SQLite's bound-variable
@@ -206,22 +217,15 @@ class Ledger:
             raise RuntimeError(
                 f"ledger {self.path} was written by a newer version (schema {version})"
             )
-        if version == 1:
-            # Schema 1 had no media columns: add them, then create what is missing.
-            self.db.executescript(
-                "ALTER TABLE items ADD COLUMN media TEXT NOT NULL DEFAULT '';"
-                "ALTER TABLE items ADD COLUMN readonly_endpoint INTEGER NOT NULL DEFAULT 0;"
-            )
-        if 1 <= version <= 2:
-            # Schema 3: sync (changed / vanished objects), retry back-off, leases.
-            self.db.executescript(
-                "ALTER TABLE objects ADD COLUMN changed_etag TEXT NOT NULL DEFAULT '';"
-                "ALTER TABLE objects ADD COLUMN vanished_at REAL NOT NULL DEFAULT 0;"
-                "ALTER TABLE items ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;"
-            )
-        if 1 <= version <= 3:
-            # Schema 4: failures that no automatic retry can fix.
-            self.db.executescript("ALTER TABLE items ADD COLUMN final INTEGER NOT NULL DEFAULT 0;")
+        if 1 <= version < SCHEMA_VERSION:
+            # Columns added since schema 1 (media; sync, retry back-off; final failures). Each
+            # only if missing: two processes opening an old ledger at once, or one killed
+            # half-way, must not leave a ledger that no longer opens.
+            for table, column, decl in _ADDED_COLUMNS:
+                have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    with contextlib.suppress(sqlite3.OperationalError):  # added meanwhile
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         if version < SCHEMA_VERSION:
             # executescript runs its own transaction; CREATE ... IF NOT EXISTS is idempotent.
             self.db.executescript(_SCHEMA)
@@ -308,11 +312,17 @@ class Ledger:
         job = self.job
         with self._tx():
             db = self.db
-            # Objects: insert new ones; an existing one keeps its row, a new ETag is flagged.
+            # Objects: insert new ones; an existing one keeps its row, a new ETag is flagged;
+            # one never planned (held by a stopped run's planner) just takes the new version.
             db.executemany(
                 "INSERT INTO objects(job, key, etag, size, last_modified, state) "
                 "VALUES (?,?,?,?,?,'DISCOVERED') ON CONFLICT(job, key) DO UPDATE SET "
-                "changed = changed OR (objects.etag != excluded.etag AND objects.etag != '')",
+                "changed = objects.state != 'DISCOVERED' AND (changed OR "
+                "(objects.etag != excluded.etag AND objects.etag != '')), "
+                "etag = iif(objects.state = 'DISCOVERED', excluded.etag, objects.etag), "
+                "size = iif(objects.state = 'DISCOVERED', excluded.size, objects.size), "
+                "last_modified = iif(objects.state = 'DISCOVERED', excluded.last_modified, "
+                "objects.last_modified)",
                 [(job, o.key, o.etag, o.size, o.last_modified) for o in objects],
             )
             skips: list[tuple[str, str, str]] = []
@@ -393,7 +403,7 @@ class Ledger:
         with self._tx():
             cur = self.db.execute(
                 "INSERT INTO items(job, path, name, payload, keys, state, reason, run_id, "
-                "updated_at) VALUES (?,?,?,?,?,'FAILED',?,?,?) "
+                "updated_at, final) VALUES (?,?,?,?,?,'FAILED',?,?,?,1) "
                 "ON CONFLICT(job, path, name) DO NOTHING",
                 (
                     self.job,
@@ -735,11 +745,18 @@ class Ledger:
             created = row is not None
             if row is None:
                 # This version was registered before (the object changed back to it): point the
-                # object at that item instead of reporting it as changed on every sync.
+                # object at that item instead of reporting it as changed on every sync. An item
+                # of that name made of another key is not ours: report the change instead.
                 row = self.db.execute(
-                    "SELECT id FROM items WHERE job=? AND path=? AND name=?",
-                    (self.job, plan.path, plan.name),
+                    "SELECT id FROM items WHERE job=? AND path=? AND name=? AND keys=?",
+                    (self.job, plan.path, plan.name, orjson.dumps([obj.key])),
                 ).fetchone()
+                if row is None:
+                    self.db.execute(
+                        "UPDATE objects SET changed=1, changed_etag=? WHERE job=? AND key=?",
+                        (obj.etag, self.job, obj.key),
+                    )
+                    return False
             self.db.execute(
                 "UPDATE objects SET etag=?, size=?, last_modified=?, item_id=?, changed=0, "
                 "changed_etag='', vanished_at=0, state='PLANNED' WHERE job=? AND key=?",

@@ -320,7 +320,7 @@ class Pipeline:
             try:
                 ready = await self.media.prepare(item)
             except MediaError as e:
-                self.ledger.media_failed(item, e.reason, final=True)
+                self.ledger.media_failed(item, e.reason, final=e.final)
                 self._count_failure(e.reason)
                 continue
             except SourceRetryable as e:
@@ -461,12 +461,12 @@ class Pipeline:
         """sync.on_change = "register": each changed object becomes a new item named after its
         new version; the old item stays in V7."""
         for obj in changed:
-            if self.ledger.item_key_count(obj.key) > 1:
+            planner = make_shard_planner(self.cfg, self.source.storage_key, self.readonly)
+            if planner.grouped(obj.key) or self.ledger.item_key_count(obj.key) > 1:
                 # A slice of a DICOM series or a slot of a folder item: a lone new version
                 # would be a one-slot item of its own, so it is only reported.
                 self._report_changed(obj, "part of a multi-file item")
                 continue
-            planner = make_shard_planner(self.cfg, self.source.storage_key, self.readonly)
             plans = [*planner.feed([obj]), *planner.finish()]
             for p in plans:
                 version = None if isinstance(p, Skip) else as_new_version(p, obj.etag)

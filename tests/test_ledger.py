@@ -341,3 +341,39 @@ def test_a_name_collision_is_skipped_with_its_reason_not_hidden(ledger: Ledger) 
     # Re-listing the first object keeps it linked to its item.
     assert ledger.record_page("s0", "", False, [o("a/x.jpg")], [first]) == []
     assert report(ledger)["a/x.jpg"] == ("PLANNED", "")
+
+
+@pytest.mark.parametrize("half_done", [False, True])
+def test_an_old_ledger_is_migrated_even_if_a_migration_was_cut_off(
+    tmp_path: Path, half_done: bool
+) -> None:
+    """A schema-1 ledger (no media, sync or failure columns) opens, keeps its rows and gains
+    the new columns; one whose migration was killed after some ALTERs opens too."""
+    import re
+    import sqlite3
+
+    from ingest.ledger import _ADDED_COLUMNS, _SCHEMA, SCHEMA_VERSION
+
+    schema = _SCHEMA
+    for _table, column, _decl in _ADDED_COLUMNS:
+        schema = re.sub(rf"\n    {column} [^\n]*", "", schema)  # the whole line
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(schema)
+    db.execute(
+        "INSERT INTO items(job, path, name, payload, keys, state, updated_at) "
+        "VALUES ('job', '/', 'a.jpg', '{}', '[\"a.jpg\"]', 'FAILED', 1.0)"
+    )
+    if half_done:
+        db.execute("ALTER TABLE items ADD COLUMN media TEXT NOT NULL DEFAULT ''")
+        db.execute("ALTER TABLE objects ADD COLUMN vanished_at REAL NOT NULL DEFAULT 0")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with Ledger(path, "job") as ledger:
+        assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        for table, column, _decl in _ADDED_COLUMNS:
+            assert column in {r[1] for r in ledger.db.execute(f"PRAGMA table_info({table})")}
+        assert ledger.requeue_due(lambda _f, _at: True) == 1  # an old failure is not final
+    with Ledger(path, "job") as again:  # and it opens again
+        assert again.status().items_by_state == {"PLANNED": 1}

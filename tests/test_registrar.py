@@ -411,10 +411,21 @@ async def test_a_stop_before_a_retry_leaves_the_batch_unsent(rig: Rig) -> None:
     SENT in the ledger and the next run re-sends them)."""
     rig.v7.always = "503"
     stop = asyncio.Event()
-    stop.set()
+    stop.set()  # before the first attempt: nothing goes out
+    with pytest.raises(Interrupted):
+        await rig.registrar().register(plans(3), [], stop=stop)
+    assert rig.v7.requests == []
+    stop.clear()
+    real_sleep = rig.time.sleep
+
+    async def stop_while_backing_off(delay: float) -> None:
+        stop.set()  # SIGTERM arrives while the batch waits for its retry
+        await real_sleep(delay)
+
+    rig.time.sleep = stop_while_backing_off  # type: ignore[method-assign]
     with pytest.raises(Interrupted, match="HTTP 503"):
         await rig.registrar().register(plans(3), [], stop=stop)
-    assert len(rig.v7.requests) == 1
+    assert len(rig.v7.requests) == 1  # the request on the wire was answered, none followed
     assert rig.stats.in_flight == 0
 
 

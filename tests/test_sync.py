@@ -180,10 +180,18 @@ def test_an_expired_lease_of_a_dead_holder_does_not_block(
         )
     refused = _sync(cfg)
     assert refused.returncode == 5 and "elsewhere:42" in refused.stderr
+    # `ingest retry` is refused too, and writes nothing to a ledger another process holds.
+    with db:
+        db.execute("UPDATE items SET state='FAILED', reason='gave up' WHERE job=?", (job,))
+    retry = run_cli("retry", "--config", str(cfg))
+    assert retry.returncode == 5, retry.stderr[-2000:]
+    assert db.execute("SELECT state FROM items WHERE job=?", (job,)).fetchall() == [("FAILED",)]
     with db:  # its holder died and the lease ran out
         db.execute("UPDATE leases SET expires_at=? WHERE job=?", (time.time() - 1, job))
     db.close()
+    assert run_cli("retry", "--config", str(cfg)).returncode == 0  # ours: ALREADY_EXISTS is ok
     assert _sync(cfg).returncode == 0
+    assert _report(cfg)["x/a.jpg"]["state"] == "REGISTERED"
 
 
 def test_kill_dash_nine_mid_sync_then_sync_again_registers_each_new_object_once(

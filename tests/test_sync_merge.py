@@ -276,8 +276,13 @@ def test_unplanned_objects_new_versions_and_vanished_counts(tmp_path: Path) -> N
     assert flags == {"a.jpg": False, "b.txt": False, "s/1.dcm": True, "s/2.dcm": True}
     known = ledger.known("s/2.dcm")
     assert known is not None and known.unplanned
+    # Meanwhile a held slice changed: it is planned with its new version, not "changed".
+    objs[3] = ObjectInfo("s/2.dcm", 1, "e2")
     ledger.record_page("s", "z", True, objs[2:], [series])
     assert not any(k.unplanned for k in ledger.iter_known("", True))
+    held = ledger.known("s/2.dcm")
+    assert held is not None and held.etag == "e2"
+    assert ledger.status().changed_objects == 0
     assert ledger.item_key_count("s/1.dcm") == 2
     assert ledger.item_key_count("a.jpg") == 1 and ledger.item_key_count("b.txt") == 0
 
@@ -290,6 +295,13 @@ def test_unplanned_objects_new_versions_and_vanished_counts(tmp_path: Path) -> N
     assert not ledger.record_new_version(ObjectInfo("a.jpg", 2, "v1"), v1)
     again = ledger.known("a.jpg")
     assert again is not None and again.etag == "v1" and again.changed_etag == ""
+    # Another key whose new version has the same name (same file name, same content, folders
+    # not preserved) is not pointed at a.jpg's item: it is reported changed instead.
+    ledger.record_page("s", "", False, [ObjectInfo("x/a.jpg", 1, "e")], [])
+    assert not ledger.record_new_version(ObjectInfo("x/a.jpg", 2, "v1"), v1)
+    other = ledger.known("x/a.jpg")
+    assert other is not None and other.changed_etag == "v1" and other.etag == "e"
+    assert ledger.item_key_count("x/a.jpg") == 0
 
     assert ledger.record_sync_page(vanished=["a.jpg", "nope.jpg"]) == 1
     assert ledger.record_sync_page(vanished=["a.jpg"]) == 0  # already vanished

@@ -290,3 +290,34 @@ def test_a_second_signal_exits_at_once_and_the_next_start_resumes(
     stored = [slot["storage_key"] for it in emulator.items() for slot in it["slots"]]
     assert len(stored) == len(set(stored)) == 50
     assert _ledger_states(tmp_path / "l.sqlite") == {"REGISTERED": 50}
+
+
+def test_a_worker_whose_lease_is_taken_over_exits_4(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    """Stalled past its lease (a frozen VM, a paused container) and someone else took the job:
+    the worker stops and exits non-zero, so systemd or Kubernetes notices and restarts it."""
+    import time
+
+    seed_bucket(moto_url, bucket_name, ["l/a.jpg"])
+    storage = emulator.storage_for(bucket_name)
+    cfg, port = _worker_config(tmp_path, emulator.url, moto_url, bucket_name, storage)
+    cfg.write_text(cfg.read_text().replace("[ledger]\n", "[ledger]\nlease_ttl_s = 6\n"))
+    with _worker(cfg) as proc:
+        assert wait_for(lambda: _metrics_or_empty(port).get("ingest_syncs_total", 0) >= 1, 60)
+        db = sqlite3.connect(tmp_path / "l.sqlite")
+        with db:
+            n = db.execute(
+                "UPDATE leases SET holder='thief:1:ab:elsewhere', expires_at=?",
+                (time.time() + 600,),
+            ).rowcount
+        db.close()
+        assert n == 1
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 4, err[-3000:]
+    assert "lost the ledger lease" in err
+
+
+def _metrics_or_empty(port: int) -> dict[str, float]:
+    status, _ = _get(port, "/metrics")
+    return _metrics(port) if status == 200 else {}

@@ -14,11 +14,13 @@ __all__ = ["MediaError"]
 class MediaError(IngestError):
     """One object could not be turned into a thumbnail (corrupt, truncated, not an image, too big).
 
-    Final for that object (``retryable`` is False): reading the same bytes again gives the same
-    answer. ``str(err)`` is a short human reason fit for a report column, e.g.
-    ``"truncated image file"``.
+    ``final`` (the default): reading the same bytes again gives the same answer, so the worker
+    does not retry it by itself. Not final: the bucket could not be read or written, a decoder
+    process crashed, a time limit ran out — worth another try later. ``str(err)`` is a short
+    human reason fit for a report column, e.g. ``"truncated image file"``.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, final: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.final = final

@@ -212,7 +212,7 @@ class MediaStage:
         try:
             await self.destination.upload(dest, self.source_path(key), content_type)
         except SourceError as e:
-            raise MediaError(f"cannot upload to the bucket: {e}") from None
+            raise MediaError(f"cannot upload to the bucket: {e}", final=False) from None
         storage_key = self.keys.to_storage(dest)
         self.cache.cache_media(self._bucket_id, key, etag, UPLOAD_KIND, storage_key)
         return storage_key
@@ -229,15 +229,15 @@ class MediaStage:
                 raise MediaError("empty object (0 bytes)")
             return await self.source.read_range(key, 0, size)
         except ObjectNotFound:
-            raise MediaError("object no longer in the bucket") from None
+            raise MediaError("object no longer in the bucket", final=False) from None
         except SourceError as e:
-            raise MediaError(f"cannot read the object: {e}") from None
+            raise MediaError(f"cannot read the object: {e}", final=False) from None
 
     async def _upload(self, key: str, data: bytes, content_type: str) -> None:
         try:
             await self.destination.upload(key, data, content_type)
         except SourceError as e:
-            raise MediaError(f"cannot upload to the bucket: {e}") from None
+            raise MediaError(f"cannot upload to the bucket: {e}", final=False) from None
 
     # --- videos ----------------------------------------------------------------------------
 
@@ -260,9 +260,9 @@ class MediaStage:
             try:
                 await self.source.download(key, src)
             except ObjectNotFound:
-                raise MediaError("object no longer in the bucket") from None
+                raise MediaError("object no longer in the bucket", final=False) from None
             except SourceError as e:
-                raise MediaError(f"cannot download the video: {e}") from None
+                raise MediaError(f"cannot download the video: {e}", final=False) from None
             processed = await self.videos.process(
                 src,
                 prefix=prefix,
@@ -274,7 +274,7 @@ class MediaStage:
                 opts=self.video_options,
             )
         except SourceError as e:
-            raise MediaError(f"cannot upload video artifacts: {e}") from None
+            raise MediaError(f"cannot upload video artifacts: {e}", final=False) from None
         finally:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(shutil.rmtree, work, True)

@@ -445,7 +445,7 @@ class ThumbnailPool:
             # A worker died while this item was in flight, maybe not because of it.
             async with self._quarantine_lock:
                 if self._closed:
-                    raise MediaError("decoder crashed")
+                    raise MediaError("decoder crashed", final=False)
                 if self._quarantine is None:
                     self._quarantine = self._new_executor(1)
                 quarantine = self._quarantine
@@ -456,7 +456,7 @@ class ThumbnailPool:
                     self.crashes += 1
                     self._quarantine = None
                     quarantine.shutdown(wait=False, cancel_futures=True)
-                    raise MediaError("decoder crashed") from None
+                    raise MediaError("decoder crashed") from None  # alone: its own fault
                 finally:
                     self._in_flight -= 1
 

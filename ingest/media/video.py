@@ -538,7 +538,8 @@ class VideoPool:
                     )
             except TimeoutError:
                 raise MediaError(
-                    f"time limit: video processing took longer than {self.time_limit_s:g} s"
+                    f"time limit: video processing took longer than {self.time_limit_s:g} s",
+                    final=False,
                 ) from None
 
     async def _process(

@@ -62,6 +62,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from ingest.errors import Interrupted
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -361,7 +363,8 @@ class Limiter:
     controller's token (booking it; if a 429 voids the booking meanwhile, it books again), and
     yields the send time; report the answer with ``success(sent_at)`` or
     ``rate_limited(sent_at, retry_after_s)``. ``clock`` and ``sleep`` default to the running
-    loop's ``time()`` and ``asyncio.sleep``.
+    loop's ``time()`` and ``asyncio.sleep``. Every wait takes an optional ``stop`` event: set
+    (a graceful shutdown), the wait ends with ``Interrupted`` instead of a send.
     """
 
     def __init__(
@@ -389,32 +392,48 @@ class Limiter:
     def rate(self) -> float:
         return self.controller.rate
 
-    async def acquire(self) -> float:
+    async def acquire(self, stop: asyncio.Event | None = None) -> float:
         """Wait for the controller's next slot (books it); return the send time."""
         while True:
             generation = self.controller.generation
             delay = self.controller.reserve(self.now())
-            if delay > 0:
-                await self._sleep(delay)
+            await self.sleep(delay, stop)
             if self.controller.generation != generation:
                 continue  # a 429 arrived while we waited: that booking is void, book again
             # A late wake-up must not bunch this send with the next: wait until it conforms.
             while (extra := self.controller.conform(self.now())) > 0:
-                await self._sleep(extra)
+                await self.sleep(extra, stop)
                 if self.controller.generation != generation:
                     break
             else:
                 return self.now()
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
+    async def slot(self, stop: asyncio.Event | None = None) -> AsyncIterator[float]:
         async with self._slots:
-            yield await self.acquire()
+            yield await self.acquire(stop)
 
-    async def sleep(self, delay_s: float) -> None:
-        """Wait ``delay_s`` (a retry backoff): the engine's waits all go through the limiter."""
-        if delay_s > 0:
+    async def sleep(self, delay_s: float, stop: asyncio.Event | None = None) -> None:
+        """Wait ``delay_s`` (a pacing wait or a retry backoff; the engine's waits all go through
+        the limiter); raise ``Interrupted`` if ``stop`` is or gets set first."""
+        if stop is not None and stop.is_set():
+            raise Interrupted("stopped while waiting to send")
+        if delay_s <= 0:
+            return
+        if stop is None:
             await self._sleep(delay_s)
+            return
+        sleeper = asyncio.ensure_future(self._sleep(delay_s))
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sleeper, waiter):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        if stop.is_set():
+            raise Interrupted("stopped while waiting to send")
 
     def success(self, sent_at: float | None = None) -> None:
         self.controller.on_success(self.now(), sent_at)

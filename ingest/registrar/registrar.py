@@ -16,8 +16,9 @@ input order:
   retries; when the retry budget runs out → FAILED (retryable) with the last error;
 - 401 / 404 / quota → ``AuthError`` / ``NotFoundError`` / ``QuotaError`` propagate: the run
   cannot go on;
-- ``stop`` set (graceful shutdown) while a batch waits for a retry → ``Interrupted``: the
-  batch is not retried now (its items stay SENT in the ledger for the next run).
+- ``stop`` set (graceful shutdown) while a batch waits for a send slot or a retry →
+  ``Interrupted``: the batch is not sent now (its items stay SENT in the ledger for the next
+  run); a request already on the wire is answered first.
 
 Every attempt takes a token from the limiter. The only waits are the limiter's.
 """
@@ -25,7 +26,6 @@ Every attempt takes a token from the limiter. The only waits are the limiter's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -165,7 +165,7 @@ class Registrar:
             sent_at: float | None = None
             error: Retry
             try:
-                async with self.limiter.slot() as sent_at:
+                async with self.limiter.slot(call.stop) as sent_at:
                     self.stats.requests += 1
                     if attempt:
                         self.stats.retries += 1
@@ -225,26 +225,10 @@ class Registrar:
                     "error": str(error)[:200],
                 },
             )
-            if await self._sleep_unless_stopped(delay, call.stop):
-                raise Interrupted(f"stopped before retry {attempt} of a batch: {error}")
-
-    async def _sleep_unless_stopped(self, delay_s: float, stop: asyncio.Event | None) -> bool:
-        """The limiter's back-off sleep, cut short by ``stop``; True when stopped."""
-        if stop is None:
-            await self.limiter.sleep(delay_s)
-            return False
-        if stop.is_set():
-            return True
-        sleeper = asyncio.ensure_future(self.limiter.sleep(delay_s))
-        waiter = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (sleeper, waiter):
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
-        return stop.is_set()
+            try:
+                await self.limiter.sleep(delay, call.stop)
+            except Interrupted:
+                raise Interrupted(f"stopped before retry {attempt} of a batch: {error}") from None
 
     def _observe_latency(self, asked_at: float) -> None:
         self.stats.request_latency_s.observe(self._clock() - asked_at)
