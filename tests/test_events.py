@@ -10,14 +10,16 @@ built from blobs really uploaded to Azurite's blob service.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -870,3 +872,49 @@ async def test_azure_errors(
     with pytest.raises(ConfigError) as cerr:
         AzureQueueEventSource(azure_config("events", CONTAINER))
     assert AZURITE_KEY not in str(cerr.value)
+
+
+class _AckFails:
+    """An event queue whose delete fails (an SQS 5xx no emulator gives on demand): one
+    delivery of a delete event, then nothing."""
+
+    def __init__(self, stop: Any) -> None:
+        self.stop = stop
+        self.given = False
+        self.acks = 0
+
+    async def receive(self, max_messages: int, wait_s: float) -> list[Delivery]:
+        if self.given:
+            if self.acks:
+                self.stop()  # the loop came back for more: it survived the failed ack
+            await asyncio.sleep(0)
+            return []
+        self.given = True
+        gone = ObjectEvent("deleted", ObjectInfo("k/gone.jpg", 0))
+        return [Delivery([gone], receipt="r1")]
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        self.acks += 1
+        raise SourceRetryable("SQS DeleteMessageBatch: HTTP 503")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_failed_ack_does_not_end_the_worker_s_event_loop(tmp_path: Path) -> None:
+    """Not acked means delivered again (and deduplicated by the ledger): the loop logs it and
+    carries on instead of raising into the task group that also runs the sync."""
+    from types import SimpleNamespace
+
+    from ingest.ledger import Ledger
+    from ingest.worker.loop import Worker
+
+    cfg = Config()
+    cfg.worker.events_wait_s = 0.01
+    worker = Worker(cfg)
+    events = _AckFails(worker.stop)
+    with Ledger(tmp_path / "l.sqlite", "job") as ledger:
+        engine = SimpleNamespace(ledger=ledger)
+        await asyncio.wait_for(worker._events_loop(engine, events), 30)  # type: ignore[arg-type]
+    assert events.acks == 1
+    assert "events ack" in worker.health.last_error and "503" in worker.health.last_error
