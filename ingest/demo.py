@@ -2,8 +2,9 @@
 
 Starts a local S3 (moto server) and the V7 emulator (rate limited like V7), creates a sample
 bucket (images, videos, PDFs, a DICOM series, files V7 can't take), runs `ingest run` on it as a
-user would, runs it a second time to show that nothing is sent twice, and prints what the
-emulator holds.
+user would, runs it a second time to show that nothing is sent twice, then changes the bucket
+(10 new objects, 2 overwritten, 3 deleted) and runs the nightly `ingest sync`, and prints what
+the emulator holds.
 """
 
 from __future__ import annotations
@@ -42,19 +43,37 @@ def sample_keys(n_images: int) -> list[str]:
     return keys
 
 
-def seed(endpoint: str, keys: list[str]) -> None:
+def _s3(endpoint: str) -> Any:
     import boto3
 
-    s3 = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
+
+
+def seed(endpoint: str, keys: list[str]) -> None:
+    s3 = _s3(endpoint)
     s3.create_bucket(Bucket=BUCKET)
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda k: s3.put_object(Bucket=BUCKET, Key=k, Body=b"x" * 64), keys))
+
+
+def change_bucket(endpoint: str, keys: list[str]) -> tuple[int, int, int]:
+    """A day later: 10 new photos, 2 overwritten, 3 deleted (new, changed, vanished)."""
+    s3 = _s3(endpoint)
+    added = [f"photos/2026/new_{i:02d}.jpg" for i in range(10)]
+    for k in added:
+        s3.put_object(Bucket=BUCKET, Key=k, Body=b"y" * 64)
+    photos = [k for k in keys if k.endswith(".jpg")]
+    for k in photos[:2]:
+        s3.put_object(Bucket=BUCKET, Key=k, Body=b"edited" * 16)
+    for k in photos[-3:]:
+        s3.delete_object(Bucket=BUCKET, Key=k)
+    return len(added), 2, 3
 
 
 def start_emulator(port: int, rate: float) -> subprocess.Popen[str]:
@@ -158,21 +177,35 @@ def main() -> int:
         )
         second = subprocess.run(cmd, env=env, check=False)
         after = emulator_state(v7_url)
+        new, changed, gone = change_bucket(s3_url, keys)
+        print(
+            f"== the next night: {new} new objects, {changed} overwritten, {gone} deleted; "
+            f"ingest sync --config {cfg}",
+            flush=True,
+        )
+        sync_cmd = [sys.executable, "-m", "ingest", "sync", "--config", str(cfg)]
+        sync = subprocess.run(sync_cmd, env=env, check=False)
+        synced = emulator_state(v7_url)
         print("== ingest status", flush=True)
         subprocess.run(
             [sys.executable, "-m", "ingest", "status", "--config", str(cfg)], env=env, check=False
         )
-        counters = after.get("counters", after)
+        counters = synced.get("counters", synced)
         sent_again = _register_requests(after) - _register_requests(before)
+        sync_sent = _register_requests(synced) - _register_requests(after)
         print(
             f"== emulator: {counters.get('items_registered', '?')} items registered, "
-            f"{_register_requests(after)} register requests, "
+            f"{_register_requests(synced)} register requests, "
             f"{counters.get('rate_limited', counters.get('requests_429', '?'))} answered 429; "
-            f"second run sent {sent_again} register requests",
+            f"second run sent {sent_again} register requests, the sync {sync_sent}",
             flush=True,
         )
-        print(f"exit codes: first run {first.returncode}, second run {second.returncode}")
-        return 0 if first.returncode in (0, 3) and sent_again == 0 else 1
+        print(
+            f"exit codes: first run {first.returncode}, second run {second.returncode}, "
+            f"sync {sync.returncode}"
+        )
+        ok = first.returncode in (0, 3) and sent_again == 0 and sync.returncode in (0, 3)
+        return 0 if ok else 1
     finally:
         emulator.terminate()
         emulator.wait(10)
