@@ -2,7 +2,7 @@
 
 Each benchmark compares against a baseline measured in the same run (ratios, not absolute
 times: the machines are shared and noisy). Names: rate (rate_efficiency), overhead, darwin,
-readonly (readonly_migration), sync.
+readonly (readonly_migration), sync, soak (worker_soak).
 Other benchmarks in this folder with a ``main(argv)`` can be named too.
 """
 
@@ -19,6 +19,7 @@ BENCHMARKS = {
     "darwin": "benchmarks.darwin_py",
     "readonly": "benchmarks.readonly_migration",
     "sync": "benchmarks.sync",
+    "soak": "benchmarks.worker_soak",
 }
 
 

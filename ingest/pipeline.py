@@ -367,7 +367,9 @@ class Pipeline:
                     page = self._without_artifacts(page)
                 if self.sync:
                     self.stats.listed += len(page.page.objects)
-                    page = await self._merge(page, merges, sp_resumed=page.shard.id in resume)
+                    cp = resume.get(page.shard.id)
+                    after = None if cp is None else self.source.checkpoint_key(cp)
+                    page = await self._merge(page, merges, resume_after=after)
                 for sp in _chunks(page, PLAN_CHUNK_OBJECTS):
                     plans, checkpoint = planning.plan_page(sp)
                     if not self.sync:
@@ -393,7 +395,7 @@ class Pipeline:
     # --- sync -----------------------------------------------------------------------------
 
     async def _merge(
-        self, sp: ShardPage, merges: dict[str, ShardMerge], *, sp_resumed: bool
+        self, sp: ShardPage, merges: dict[str, ShardMerge], *, resume_after: str | None
     ) -> ShardPage:
         """Keep only the page's new objects; record what changed, came back or vanished."""
         merge = merges.get(sp.shard.id)
@@ -404,7 +406,10 @@ class Pipeline:
                 return self.ledger.iter_known(shard.prefix, shard.recursive, start)
 
             merge = merges[sp.shard.id] = ShardMerge(
-                known_from, self.ledger.known, resumed=sp_resumed, flush_vanished=self._vanished
+                known_from,
+                self.ledger.known,
+                resume_after=resume_after,
+                flush_vanished=self._vanished,
             )
         diff = merge.page(sp.page.objects, sp.last)
         if sp.last:

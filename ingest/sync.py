@@ -41,8 +41,9 @@ class ShardMerge:
 
     ``known_from(start)`` streams the ledger's objects of this shard in key order from
     ``start`` (inclusive); ``lookup(key)`` finds one key (only for out-of-order listings).
-    ``resumed``: the shard's listing restarts after a checkpoint, so ledger keys before the
-    first listed key were merged by the interrupted sync and must not be called vanished.
+    ``resume_after``: the shard's listing restarts after this key (its checkpoint), so ledger
+    keys up to it were merged by the interrupted sync and are not called vanished; keys after
+    it that are not listed now are.
     """
 
     def __init__(
@@ -50,7 +51,7 @@ class ShardMerge:
         known_from: Callable[[str], Iterator[Known]],
         lookup: Callable[[str], Known | None],
         *,
-        resumed: bool = False,
+        resume_after: str | None = None,
         flush_vanished: Callable[[list[str]], None] | None = None,
         max_pending: int = 1000,
     ) -> None:
@@ -58,14 +59,17 @@ class ShardMerge:
         self._max_pending = max_pending
         self._known_from = known_from
         self._lookup = lookup
-        self._resumed = resumed
+        self._resume_after = resume_after
         self._known: Iterator[Known] | None = None
         self._head: Known | None = None
         self._last_listed = ""
 
-    def _start(self, first_key: str) -> None:
-        self._known = self._known_from(first_key if self._resumed else "")
+    def _start(self) -> None:
+        after = self._resume_after
+        self._known = self._known_from(after or "")
         self._head = next(self._known, None)
+        while after is not None and self._head is not None and self._head.key <= after:
+            self._head = next(self._known, None)
 
     def _advance(self) -> None:
         assert self._known is not None
@@ -75,7 +79,7 @@ class ShardMerge:
         diff = PageDiff()
         for obj in objects:
             if self._known is None:
-                self._start(obj.key)
+                self._start()
             if obj.key < self._last_listed:
                 # Out of order: look it up; if it was passed over on this page, it is not gone.
                 if obj.key in diff.vanished:
@@ -91,8 +95,8 @@ class ShardMerge:
             else:
                 diff.new.append(obj)
         if last:
-            if self._known is None and not self._resumed:
-                self._start("")
+            if self._known is None:
+                self._start()
             while self._head is not None:
                 self._pass_over(diff)
         return diff

@@ -122,9 +122,14 @@ def test_a_resumed_shard_does_not_call_keys_before_its_checkpoint_vanished() -> 
     def known_from(start: str) -> Iterator[Known]:
         return (k for k in ordered if k.key >= start)
 
-    merge = ShardMerge(known_from, lambda _k: None, resumed=True)
+    # The interrupted sync merged up to "a"; "b" was deleted while it was down.
+    merge = ShardMerge(known_from, lambda _k: None, resume_after="a")
     d = merge.page([ObjectInfo("c", 1, "e")], last=True)
-    assert d.vanished == ["d"] and d.unchanged == 1 and not d.new
+    assert d.vanished == ["b", "d"] and d.unchanged == 1 and not d.new
+    # A resumed shard whose rest is now empty: everything after the checkpoint is gone.
+    merge = ShardMerge(known_from, lambda _k: None, resume_after="b")
+    d = merge.page([], last=True)
+    assert d.vanished == ["c", "d"]
 
 
 def test_versioned_names_are_deterministic() -> None:

@@ -56,6 +56,10 @@ class Source(Protocol):
         """Pages of one shard in key order, resuming after ``checkpoint`` when given."""
         ...
 
+    def checkpoint_key(self, checkpoint: str) -> str:
+        """The last key a checkpoint covers: a resumed listing starts strictly after it."""
+        ...
+
     async def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of an object."""
         ...

@@ -208,6 +208,9 @@ class AzureSource:
         except AzureError as e:
             raise self._map(e, "check access", bucket_level=True) from None
 
+    def checkpoint_key(self, checkpoint: str) -> str:
+        return _decode(checkpoint)[0]
+
     async def list_pages(self, shard: Shard, checkpoint: str = "") -> AsyncIterator[Page]:
         cc = await self._cc()
         after, marker = _decode(checkpoint)

@@ -104,6 +104,9 @@ class GCSSource:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise self._map(e, "check access", bucket_level=True) from None
 
+    def checkpoint_key(self, checkpoint: str) -> str:
+        return checkpoint  # the last key listed
+
     async def list_pages(self, shard: Shard, checkpoint: str = "") -> AsyncIterator[Page]:
         gcs = await self._gcs()
         params: dict[str, str] = {"maxResults": str(self.cfg.page_size), "fields": _FIELDS}

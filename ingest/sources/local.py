@@ -129,6 +129,9 @@ class LocalSource:
 
         yield from walk(base, base_rel, True)
 
+    def checkpoint_key(self, checkpoint: str) -> str:
+        return checkpoint  # the last key listed
+
     async def list_pages(self, shard: Shard, checkpoint: str = "") -> AsyncIterator[Page]:
         it = self._walk(shard, checkpoint)
         last = checkpoint

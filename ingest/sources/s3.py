@@ -131,6 +131,9 @@ class S3Source:
         except (ClientError, BotoCoreError) as e:
             raise self._map(e, "check access") from None
 
+    def checkpoint_key(self, checkpoint: str) -> str:
+        return checkpoint  # the last key listed
+
     async def list_pages(self, shard: Shard, checkpoint: str = "") -> AsyncIterator[Page]:
         s3 = await self._s3()
         params: dict[str, Any] = {
