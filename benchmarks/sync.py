@@ -54,13 +54,11 @@ def _step(name: str, cmd: list[str], v7: str, log: Path) -> dict[str, Any]:
 def _config(
     d: Path, name: str, v7: str, s3: str, ledger: Path, max_items: int, keep: bool = False
 ) -> Path:
-    return c.write_config(
+    return c.unlimited_config(
         d / f"{name}.toml",
         v7_url=v7,
         s3_url=s3,
         ledger=ledger,
-        requests_per_s=10_000,
-        max_in_flight=16,
         max_items=max_items,
         keep_ledger=keep,
     )

@@ -60,14 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     with c.synthetic_s3(ns.objects) as s3, c.emulator("--rate", "0") as v7:
-        cfg = c.write_config(
+        cfg = c.unlimited_config(
             d / "soak.toml",
             v7_url=v7,
             s3_url=s3,
             ledger=d / "ledger.sqlite",
-            requests_per_s=10_000,
-            max_in_flight=16,
-            max_items=500,
             extra=f'\n[worker]\nschedule = "every 1s"\nhttp_host = "127.0.0.1"\n'
             f"http_port = {port}\ngrace_period_s = 30\n",
         )
