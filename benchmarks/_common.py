@@ -151,13 +151,15 @@ def write_config(
     v7_url: str,
     s3_url: str,
     ledger: Path,
-    requests_per_s: float,
-    max_in_flight: int,
-    max_items: int = 10,
+    requests_per_s: float = 10_000,
+    max_in_flight: int = 16,
+    max_items: int = 500,
     extra: str = "",
     keep_ledger: bool = False,
 ) -> Path:
-    """A run's config; the ledger starts empty unless ``keep_ledger``."""
+    """A run's config; the ledger starts empty unless ``keep_ledger``. The rate defaults suit
+    an unlimited emulator (``--rate 0``): V7 round trips out of the way, so the figures are
+    the engine's own work."""
     if not keep_ledger:
         for p in ledger.parent.glob(ledger.name + "*"):
             p.unlink()
@@ -194,31 +196,6 @@ log_format = "json"
         encoding="utf-8",
     )
     return path
-
-
-def unlimited_config(
-    path: Path,
-    *,
-    v7_url: str,
-    s3_url: str,
-    ledger: Path,
-    max_items: int = 500,
-    extra: str = "",
-    keep_ledger: bool = False,
-) -> Path:
-    """A run's config against an unlimited emulator (``--rate 0``): V7 round trips out of the
-    way (10,000 requests/s allowed, 16 in flight), so the figures are the engine's own work."""
-    return write_config(
-        path,
-        v7_url=v7_url,
-        s3_url=s3_url,
-        ledger=ledger,
-        requests_per_s=10_000,
-        max_in_flight=16,
-        max_items=max_items,
-        extra=extra,
-        keep_ledger=keep_ledger,
-    )
 
 
 def cli_env(**extra: str) -> dict[str, str]:

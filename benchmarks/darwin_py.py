@@ -123,6 +123,7 @@ def run_engine(keys: int) -> dict[str, Any]:
             ledger=d / "ledger.sqlite",
             requests_per_s=RATE,
             max_in_flight=8,
+            max_items=10,  # what darwin-py sends
         )
         run = c.run_child(c.ingest_cmd(cfg), log=d / "ingest.log")
         check = check_emulator(v7, keys)

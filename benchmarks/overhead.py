@@ -140,9 +140,7 @@ def engine_run(objects: int, profile: str = "", fast_parse: bool = False) -> dic
     """`ingest run` over ``objects`` keys into an unlimited emulator; figures and checks."""
     d = c.workdir("overhead")
     with c.synthetic_s3(objects) as s3, c.emulator("--rate", "0") as v7:
-        cfg = c.unlimited_config(
-            d / "overhead.toml", v7_url=v7, s3_url=s3, ledger=d / "ledger.sqlite"
-        )
+        cfg = c.write_config(d / "overhead.toml", v7_url=v7, s3_url=s3, ledger=d / "ledger.sqlite")
         cmd = c.ingest_cmd(cfg)
         if fast_parse:
             cmd = [sys.executable, "-m", "benchmarks.overhead", "--engine-fast-parse", str(cfg)]

@@ -54,7 +54,7 @@ def _step(name: str, cmd: list[str], v7: str, log: Path) -> dict[str, Any]:
 def _config(
     d: Path, name: str, v7: str, s3: str, ledger: Path, max_items: int, keep: bool = False
 ) -> Path:
-    return c.unlimited_config(
+    return c.write_config(
         d / f"{name}.toml",
         v7_url=v7,
         s3_url=s3,

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     with c.synthetic_s3(ns.objects) as s3, c.emulator("--rate", "0") as v7:
-        cfg = c.unlimited_config(
+        cfg = c.write_config(
             d / "soak.toml",
             v7_url=v7,
             s3_url=s3,

@@ -39,9 +39,9 @@ class LeaseHeld(IngestError):
 
 
 class Interrupted(IngestError):
-    """A graceful stop came while a batch waited to be retried: it is not sent again now. Its
-    items stay SENT in the ledger; the next run re-sends them, and ALREADY_EXISTS for an item
-    of ours counts as registered, so nothing is lost or doubled."""
+    """A graceful stop came while a batch waited for a send slot or a retry: it is not sent
+    now. Its items stay SENT in the ledger; the next run re-sends them, and ALREADY_EXISTS for
+    an item of ours counts as registered, so nothing is lost or doubled."""
 
 
 class FatalError(IngestError):

@@ -131,6 +131,15 @@ class Known:
     unplanned: bool = False
 
 
+_KNOWN_COLUMNS = "key, etag, changed_etag, vanished_at, state"
+
+
+def _known(row: Sequence[Any]) -> Known:
+    """A Known from a row of ``_KNOWN_COLUMNS``."""
+    key, etag, changed_etag, vanished_at, state = row
+    return Known(key, etag, changed_etag, bool(vanished_at), state == "DISCOVERED")
+
+
 @dataclass(frozen=True)
 class Lease:
     holder: str
@@ -639,18 +648,19 @@ class Ledger:
         while True:
             op = ">=" if inclusive else ">"
             rows = self.db.execute(
-                "SELECT key, etag, changed_etag, vanished_at, state FROM objects WHERE job=? "
+                f"SELECT {_KNOWN_COLUMNS} FROM objects WHERE job=? "
                 f"AND key {op} ? AND (? IS NULL OR key < ?) ORDER BY key LIMIT ?",
                 (self.job, lo, hi, hi, batch),
             ).fetchall()
             seek = None
-            for key, etag, changed_etag, vanished_at, state in rows:
+            for row in rows:
+                key = row[0]
                 if not recursive:
                     cut = key.find("/", len(prefix))
                     if cut >= 0:  # a sub-folder: listed by another shard
                         seek = prefix_end(key[: cut + 1])
                         break
-                yield Known(key, etag, changed_etag, bool(vanished_at), state == "DISCOVERED")
+                yield _known(row)
             if seek is not None:
                 lo, inclusive = seek, True
             elif len(rows) < batch:
@@ -660,10 +670,9 @@ class Ledger:
 
     def known(self, key: str) -> Known | None:
         row = self.db.execute(
-            "SELECT key, etag, changed_etag, vanished_at, state FROM objects WHERE job=? AND key=?",
-            (self.job, key),
+            f"SELECT {_KNOWN_COLUMNS} FROM objects WHERE job=? AND key=?", (self.job, key)
         ).fetchone()
-        return Known(row[0], row[1], row[2], bool(row[3]), row[4] == "DISCOVERED") if row else None
+        return _known(row) if row else None
 
     def sub_folders(self, prefix: str) -> Iterator[str]:
         """Distinct first-level folders under ``prefix`` that the ledger holds keys for."""

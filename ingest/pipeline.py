@@ -494,9 +494,12 @@ class Pipeline:
         # sync: events of one folder arrive over seconds, and an item planned from the first
         # few would register without the rest (V7 items do not take slots later).
         grouped = planning.new_planner().grouped
-        later = [o for o in objs if grouped(o.key)]
+        now: list[ObjectInfo] = []
+        later: list[ObjectInfo] = []
+        for o in objs:
+            (later if grouped(o.key) else now).append(o)
+        objs = now
         if later:
-            objs = [o for o in objs if not grouped(o.key)]
             self.stats.events_deferred += len(later)
             log.info(
                 "events: files of multi-file items left to the next sync",

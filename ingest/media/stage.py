@@ -18,6 +18,7 @@ import logging
 import mimetypes
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,6 +110,18 @@ class SourceUploader:
         content_encoding: str | None = None,
     ) -> None:
         await self._source.upload(self._keys.to_provider(key), data, content_type, content_encoding)
+
+
+@contextlib.contextmanager
+def _bucket_errors(doing: str) -> Iterator[None]:
+    """The bucket failing is never the object's fault: a MediaError that is not final, so the
+    worker tries the item again later."""
+    try:
+        yield
+    except ObjectNotFound:
+        raise MediaError("object no longer in the bucket", final=False) from None
+    except SourceError as e:
+        raise MediaError(f"{doing}: {e}", final=False) from None
 
 
 class MediaStage:
@@ -209,10 +222,8 @@ class MediaStage:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         dest = f"{self.prefix}/files/{digest}/{name}"
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        try:
+        with _bucket_errors("cannot upload to the bucket"):
             await self.destination.upload(dest, self.source_path(key), content_type)
-        except SourceError as e:
-            raise MediaError(f"cannot upload to the bucket: {e}", final=False) from None
         storage_key = self.keys.to_storage(dest)
         self.cache.cache_media(self._bucket_id, key, etag, UPLOAD_KIND, storage_key)
         return storage_key
@@ -224,20 +235,14 @@ class MediaStage:
         return root / key
 
     async def _read(self, key: str, size: int) -> bytes:
-        try:
-            if size <= 0:
-                raise MediaError("empty object (0 bytes)")
+        if size <= 0:
+            raise MediaError("empty object (0 bytes)")
+        with _bucket_errors("cannot read the object"):
             return await self.source.read_range(key, 0, size)
-        except ObjectNotFound:
-            raise MediaError("object no longer in the bucket", final=False) from None
-        except SourceError as e:
-            raise MediaError(f"cannot read the object: {e}", final=False) from None
 
     async def _upload(self, key: str, data: bytes, content_type: str) -> None:
-        try:
+        with _bucket_errors("cannot upload to the bucket"):
             await self.destination.upload(key, data, content_type)
-        except SourceError as e:
-            raise MediaError(f"cannot upload to the bucket: {e}", final=False) from None
 
     # --- videos ----------------------------------------------------------------------------
 
@@ -257,24 +262,19 @@ class MediaStage:
         work = Path(tempfile.mkdtemp(prefix="ingest-video-", dir=self.temp_dir))
         try:
             src = work / ("source" + Path(key).suffix.lower())
-            try:
+            with _bucket_errors("cannot download the video"):
                 await self.source.download(key, src)
-            except ObjectNotFound:
-                raise MediaError("object no longer in the bucket", final=False) from None
-            except SourceError as e:
-                raise MediaError(f"cannot download the video: {e}", final=False) from None
-            processed = await self.videos.process(
-                src,
-                prefix=prefix,
-                file_name=str(slot["file_name"]),
-                uploader=self._uploader,
-                # A local file is uploaded beside its artifacts; a bucket object stays put.
-                source_storage_key=None if self.local else storage_key,
-                size_bytes=size,
-                opts=self.video_options,
-            )
-        except SourceError as e:
-            raise MediaError(f"cannot upload video artifacts: {e}", final=False) from None
+            with _bucket_errors("cannot upload video artifacts"):
+                processed = await self.videos.process(
+                    src,
+                    prefix=prefix,
+                    file_name=str(slot["file_name"]),
+                    uploader=self._uploader,
+                    # A local file is uploaded beside its artifacts; a bucket object stays put.
+                    source_storage_key=None if self.local else storage_key,
+                    size_bytes=size,
+                    opts=self.video_options,
+                )
         finally:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(shutil.rmtree, work, True)

@@ -134,7 +134,7 @@ class Registrar:
         stop: asyncio.Event | None = None,
     ) -> list[Outcome]:
         """One Outcome per item, in order. Raises AuthError / NotFoundError / QuotaError, and
-        Interrupted when ``stop`` is set while the batch waits for a retry.
+        Interrupted when ``stop`` is set while the batch waits for a send slot or a retry.
 
         ``readonly`` picks the endpoint for this batch (locally processed videos go through
         register_existing_readonly even on read-write storage); None = the storage's mode."""
