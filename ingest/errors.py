@@ -44,6 +44,11 @@ class Interrupted(IngestError):
     an item of ours counts as registered, so nothing is lost or doubled."""
 
 
+class LedgerError(IngestError):
+    """The ledger cannot be opened or used (not a ledger, newer schema, unwritable, locked
+    for too long). Terminal: the message names the file and what to fix."""
+
+
 class FatalError(IngestError):
     """The run cannot continue (e.g. the API key was revoked mid-run)."""
 

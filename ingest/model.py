@@ -1,13 +1,21 @@
 """Domain types shared by every stage: what a listing yields, what the planner emits, states.
 
+Items are typed from planning to the wire: an ``Item`` holds its ``Slot``s, a slot its
+``ObjectInfo``(s) and, once the media stage has run, its media facts. V7's JSON is built in one
+place only (``ingest.registrar.wire``), right before a request is sent or a plan is printed.
+
+Keys: ``ObjectInfo.key`` is the *provider* key (what the bucket API takes: no bucket, no
+container). Media facts hold *storage keys* (what V7 is told: Azure prefixes the container),
+because the media stage is the one that knows where it wrote them.
+
 Kept free of I/O so the planner, batcher and ledger can be tested without any server.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Union
 
 
 class State(enum.StrEnum):
@@ -24,6 +32,7 @@ class State(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({State.REGISTERED, State.BLOCKED, State.FAILED, State.SKIPPED})
+PENDING_STATES = frozenset({State.PLANNED, State.PROCESSING, State.SENT})
 
 
 class Media(enum.StrEnum):
@@ -60,26 +69,104 @@ class Skip:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class ItemPlan:
-    """One dataset item to register.
+# --- media facts: what the media stage learned or wrote (storage keys) -----------------------
 
-    `payload` is the exact JSON object sent in the request's `items` list.
-    `keys` are the source objects the item is made of (one for a single-slot item).
+
+@dataclass(frozen=True, slots=True)
+class ImageFacts:
+    """A read-only image: its exact pixel size and the thumbnail we uploaded."""
+
+    width: int
+    height: int
+    thumbnail_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class UploadFacts:
+    """A local file copied into the bucket: where V7 reads it from."""
+
+    storage_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rendition:
+    """One HLS rendition: the playlist text (segment lines rewritten to full keys), bitrate."""
+
+    index: str
+    bitrate: float
+
+
+@dataclass(frozen=True, slots=True)
+class VideoFacts:
+    """A video cut locally with ffmpeg; every key is under its artifact prefix."""
+
+    storage_key: str  # the video V7 plays: the listed object, or the uploaded copy
+    width: int
+    height: int
+    native_fps: float
+    visible_frames: int
+    total_frames: int
+    high: Rendition
+    low: Rendition
+    sections_prefix: str
+    sections_extension: str
+    frames_manifest_key: str
+    thumbnail_key: str
+    size_bytes: int
+    low_sections_prefix: str = ""  # "" when preview frames were not extracted
+    audio_peaks_key: str = ""  # "" when the video has no audio stream
+
+
+Facts = Union[ImageFacts, UploadFacts, VideoFacts]  # noqa: UP007 (a runtime alias)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One slot of an item. A DICOM series is one slot with several objects (its slices, in
+    listing order); every other slot holds one object.
+
+    ``name`` is V7's ``slot_name``; ``fps`` is sent for server-side video only; ``facts`` holds
+    one entry per object once the media stage has run (empty before, and when none is needed).
+    """
+
+    name: str
+    type: ItemType
+    objects: tuple[ObjectInfo, ...]
+    file_name: str
+    fps: float | int | str | None = None
+    extract_views: bool = False
+    facts: tuple[Facts, ...] = ()
+
+    @property
+    def obj(self) -> ObjectInfo:
+        return self.objects[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One dataset item to register, identified by ``(path, name)``.
+
+    ``compact``: a single-object item sent in V7's single-slot shorthand (``type`` +
+    ``storage_key`` at the top level); otherwise ``slots`` are sent as they are.
+    ``media``: work still to do before sending. ``readonly_endpoint``: sent through
+    register_existing_readonly (read-only storage, or locally processed video).
     """
 
     path: str
     name: str
-    payload: dict[str, Any]
-    keys: tuple[str, ...]
-    # Serialized size estimate, used by the batcher's byte limit; 0 = compute lazily.
-    size_hint: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-    # Media work still to do before the item can be sent: "" none, "image" (thumbnails and
-    # sizes for read-only storage), "video" (local ffmpeg processing, maybe images too).
+    slots: tuple[Slot, ...]
+    compact: bool = False
     media: Media = Media.NONE
-    # Send through register_existing_readonly (read-only storage, or locally processed video).
     readonly_endpoint: bool = False
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The provider keys of the objects the item is made of, in slot order."""
+        return tuple(o.key for s in self.slots for o in s.objects)
+
+    @property
+    def ident(self) -> tuple[str, str]:
+        return self.path, self.name
 
 
 @dataclass(frozen=True, slots=True)
