@@ -10,16 +10,15 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import orjson
-
-from ingest.model import ItemPlan
+from ingest.model import Item
+from ingest.registrar.wire import approx_bytes
 
 # The request envelope around the items ({"items": [...], "dataset_slug": ..., ...}) plus commas.
 ENVELOPE_OVERHEAD_BYTES = 512
 
 
-def item_bytes(item: ItemPlan) -> int:
-    return item.size_hint or len(orjson.dumps(item.payload))
+def item_bytes(item: Item) -> int:
+    return approx_bytes(item)
 
 
 @dataclass
@@ -30,13 +29,13 @@ class BatchBuilder:
     max_items: int
     max_bytes: int
     max_wait_s: float
-    _items: list[ItemPlan] = field(default_factory=list)
+    _items: list[Item] = field(default_factory=list)
     _bytes: int = ENVELOPE_OVERHEAD_BYTES
     _opened_at: float | None = None
 
-    def add(self, item: ItemPlan, now: float) -> list[list[ItemPlan]]:
+    def add(self, item: Item, now: float) -> list[list[Item]]:
         """Add one item; return the batches that became ready (0, 1 or 2)."""
-        ready: list[list[ItemPlan]] = []
+        ready: list[list[Item]] = []
         size = item_bytes(item) + 1
         if self._items and self._bytes + size > self.max_bytes:
             ready.append(self._take())
@@ -52,19 +51,19 @@ class BatchBuilder:
         """When the pending partial batch must be flushed, or None if nothing is pending."""
         return None if self._opened_at is None else self._opened_at + self.max_wait_s
 
-    def flush_due(self, now: float) -> list[ItemPlan] | None:
+    def flush_due(self, now: float) -> list[Item] | None:
         d = self.deadline()
         if d is not None and now >= d:
             return self._take()
         return None
 
-    def flush(self) -> list[ItemPlan] | None:
+    def flush(self) -> list[Item] | None:
         return self._take() if self._items else None
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def _take(self) -> list[ItemPlan]:
+    def _take(self) -> list[Item]:
         out, self._items = self._items, []
         self._bytes = ENVELOPE_OVERHEAD_BYTES
         self._opened_at = None
@@ -72,12 +71,12 @@ class BatchBuilder:
 
 
 async def run_batcher(
-    inbox: asyncio.Queue[ItemPlan | None],
-    outbox: asyncio.Queue[list[ItemPlan] | None],
+    inbox: asyncio.Queue[Item | None],
+    outbox: asyncio.Queue[list[Item] | None],
     builder: BatchBuilder,
     clock: Callable[[], float],
     *,
-    split: Callable[[ItemPlan], bool] | None = None,
+    split: Callable[[Item], bool] | None = None,
 ) -> None:
     """Move items from ``inbox`` into batches on ``outbox`` until a ``None`` arrives.
 

@@ -10,27 +10,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ingest import __version__, config
-from ingest.errors import ConfigError, IngestError, LeaseHeld, PreflightError, V7Error
+from ingest.errors import (
+    ConfigError,
+    IngestError,
+    LeaseHeld,
+    LedgerError,
+    PreflightError,
+    V7Error,
+)
 from ingest.log import register_secret, setup
+from ingest.run.lifecycle import (
+    EXIT_BUSY,
+    EXIT_CONFIG,
+    EXIT_FATAL,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+)
 from ingest.stats import Stats
-
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_INCOMPLETE = 3
-EXIT_FATAL = 4
-EXIT_BUSY = 5
-EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("ingest")
 
@@ -233,36 +242,35 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 
 async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = None) -> int:
     from ingest.engine import open_engine
-    from ingest.ledger import Ledger
+    from ingest.ledger import LedgerPort
 
-    def requeue(ledger: Ledger) -> None:
-        n = ledger.requeue_failed(retry_blocked)
+    async def requeue(ledger: LedgerPort) -> None:
+        n = await ledger.requeue_failed(retry_blocked)
         log.info("re-queued items", extra={"count": n})
 
     async with open_engine(cfg) as engine:
         result = await engine.run(
             kind, list_bucket=kind != "retry", under_lease=requeue if kind == "retry" else None
         )
-        status = engine.ledger.status()
+        status = await engine.ledger.status()
         _summary(engine.stats, status, print, sync=kind == "sync")
+        if engine.lease_lost:
+            return EXIT_FATAL
         return _exit_code(engine.stats, result.stopped_early, status)
 
 
-def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
+async def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
     from ingest.engine import plan_only
-    from ingest.ledger import Ledger
 
-    done = Ledger(cfg.ledger.path, cfg.job) if Path(cfg.ledger.path).exists() else None
-    out = sys.stdout.buffer if output == "-" else Path(output).open("wb")  # noqa: SIM115
+    out = sys.stdout.buffer if output == "-" else Path(output).open("wb")  # noqa: SIM115, ASYNC230 (a local file, opened once)
     try:
-        n_requests, n_items, n_skipped = _loop_runner()(
-            plan_only(cfg, out, readonly_hint=readonly_flag, ledger=done)
-        )
+        async with _existing_ledger(cfg) as done:
+            n_requests, n_items, n_skipped = await plan_only(
+                cfg, out, readonly_hint=readonly_flag, done=done
+            )
     finally:
         if out is not sys.stdout.buffer:
             out.close()
-        if done is not None:
-            done.close()
     where = "stdout" if output == "-" else output
     print(
         f"planned {n_items:,} items in {n_requests:,} requests ({n_skipped:,} objects skipped) "
@@ -272,15 +280,25 @@ def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
     return EXIT_OK
 
 
-def _status(cfg: config.Config, as_json: bool) -> int:
-    from ingest.ledger import Ledger
+@contextlib.asynccontextmanager
+async def _existing_ledger(cfg: config.Config) -> AsyncIterator[Any]:
+    """The job's ledger when it exists (read by plan/status/report), else None."""
+    from ingest.ledger import open_ledger
 
-    if not Path(cfg.ledger.path).exists():
-        print(f"no ledger at {cfg.ledger.path}: nothing has run for this config yet")
-        return EXIT_OK
-    with Ledger(cfg.ledger.path, cfg.job) as ledger:
-        st = ledger.status()
-    doc = st.as_dict() if hasattr(st, "as_dict") else vars(st)
+    if "://" not in cfg.ledger.path and not Path(cfg.ledger.path).exists():  # noqa: ASYNC240
+        yield None
+        return
+    async with open_ledger(cfg.ledger.path, cfg.job) as ledger:
+        yield ledger
+
+
+async def _status(cfg: config.Config, as_json: bool) -> int:
+    async with _existing_ledger(cfg) as ledger:
+        if ledger is None:
+            print(f"no ledger at {cfg.ledger.path}: nothing has run for this config yet")
+            return EXIT_OK
+        st = await ledger.status()
+    doc = st.as_dict()
     if as_json:
         print(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
@@ -299,31 +317,32 @@ def _status(cfg: config.Config, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _report(
+async def _report(
     cfg: config.Config, fmt: str, output: str, states: list[str] | None, sync: str | None = None
 ) -> int:
-    from ingest.ledger import Ledger
-
-    if not Path(cfg.ledger.path).exists():
-        raise ConfigError(f"no ledger at {cfg.ledger.path}: run `ingest run` first")
     wanted = {s.upper() for s in states} if states else None
     fields = ["key", "state", "item_path", "item_name", "v7_id", "reason", "etag", "size", "sync"]
-    with Ledger(cfg.ledger.path, cfg.job) as ledger:
-        out = sys.stdout if output == "-" else open(output, "w", newline="", encoding="utf-8")  # noqa: SIM115
+    async with _existing_ledger(cfg) as ledger:
+        if ledger is None:
+            raise ConfigError(f"no ledger at {cfg.ledger.path}: run `ingest run` first")
+        out = sys.stdout if output == "-" else open(output, "w", newline="", encoding="utf-8")  # noqa: SIM115, ASYNC230
         try:
             writer = csv.writer(out) if fmt == "csv" else None
             if writer:
                 writer.writerow(fields)
-            for row in ledger.report_rows():
-                values = [getattr(row, f) for f in fields]
-                if wanted and str(row.state) not in wanted:
-                    continue
-                if sync and not row.sync.startswith(sync):
-                    continue
-                if writer:
-                    writer.writerow(values)
-                else:
-                    out.write(orjson.dumps(dict(zip(fields, values, strict=True))).decode() + "\n")
+            async with contextlib.aclosing(ledger.report_rows()) as rows:
+                async for row in rows:
+                    if wanted and str(row.state) not in wanted:
+                        continue
+                    if sync and not row.sync.startswith(sync):
+                        continue
+                    values = [getattr(row, f) for f in fields]
+                    if writer:
+                        writer.writerow(values)
+                    else:
+                        out.write(
+                            orjson.dumps(dict(zip(fields, values, strict=True))).decode() + "\n"
+                        )
         finally:
             if out is not sys.stdout:
                 out.close()
@@ -351,17 +370,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return _asyncio_run(worker_main(cfg, once=ns.once))
         if ns.command == "plan":
-            return _plan(cfg, ns.output or cfg.output.plan_output, ns.readonly)
+            return _asyncio_run(_plan(cfg, ns.output or cfg.output.plan_output, ns.readonly))
         if ns.command == "status":
-            return _status(cfg, ns.json)
+            return _asyncio_run(_status(cfg, ns.json))
         if ns.command == "report":
-            return _report(cfg, ns.format, ns.output, ns.state, ns.sync)
+            return _asyncio_run(_report(cfg, ns.format, ns.output, ns.state, ns.sync))
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except LeaseHeld as e:
         print(f"busy: {e}", file=sys.stderr)
         return EXIT_BUSY
+    except LedgerError as e:
+        print(f"ledger: {e}", file=sys.stderr)
+        return EXIT_FATAL if e.retryable else EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except (V7Error, IngestError) as e:
@@ -383,4 +405,25 @@ def _loop_runner() -> Any:
 
 
 def _asyncio_run(coro: Any) -> int:
-    return int(_loop_runner()(coro))
+    """Run ``coro``; an error that ended it inside a task group is raised as itself, so the
+    one-line handlers of ``main`` see it (never an ExceptionGroup traceback)."""
+    try:
+        return int(_loop_runner()(coro))
+    except BaseExceptionGroup as group:
+        raise _first_leaf(group) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error of ours in a (nested) exception group, else its first leaf."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    ours = [e for e in leaves if isinstance(e, IngestError)]
+    return (ours or leaves)[0]

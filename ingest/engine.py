@@ -7,40 +7,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
 import secrets
 import socket
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import orjson
 
 from ingest import USER_AGENT
-from ingest.batch import BatchBuilder
 from ingest.config import Config
-from ingest.errors import LeaseHeld, PreflightError
-from ingest.ledger import Ledger
+from ingest.errors import LeaseHeld, LedgerError, PreflightError
+from ingest.ledger import LedgerPort, open_ledger
 from ingest.log import set_run_id
-from ingest.manifest import read_manifest
 from ingest.media.stage import MediaStage, provider_artifact_prefix
-from ingest.model import ItemPlan, ObjectInfo, Skip, State
-from ingest.pipeline import Pipeline, Planning, RunResult, with_signals
-from ingest.planner import plan_manifest_item, request_options, video_local
+from ingest.model import Item, ObjectInfo, Outcome, State
+from ingest.planner import request_options, video_local
 from ingest.preflight import Target, check_source, check_v7
 from ingest.progress import run_progress
+from ingest.registrar import wire
 from ingest.registrar.client import V7Client
 from ingest.registrar.rate import Limiter, RateController
-from ingest.registrar.registrar import Registrar
+from ingest.registrar.registrar import Registrar, Sending
 from ingest.registrar.retry import RetryPolicy
+from ingest.run.lifecycle import Lifecycle
+from ingest.run.pipeline import Pipeline, RunResult
 from ingest.sources import Source
 from ingest.sources.factory import open_bucket, open_source
-from ingest.sources.fanout import discover_shards, iter_shard_pages
 from ingest.stats import Stats
 
 log = logging.getLogger("ingest.engine")
@@ -57,7 +56,15 @@ def make_client(cfg: Config) -> V7Client:
     )
 
 
-def make_registrar(cfg: Config, client: V7Client, target: Target, stats: Stats) -> Registrar:
+def wire_target(cfg: Config, target: Target) -> wire.Target:
+    return wire.Target(
+        target.team, target.dataset_slug, target.storage_name, request_options(cfg.plan)
+    )
+
+
+def make_registrar(
+    cfg: Config, client: V7Client, target: Target, stats: Stats, keys: wire.KeyMap
+) -> Registrar:
     controller = RateController(
         rate_per_s=cfg.rate.requests_per_s,
         burst=cfg.rate.burst,
@@ -69,23 +76,21 @@ def make_registrar(cfg: Config, client: V7Client, target: Target, stats: Stats) 
         Limiter(controller, cfg.rate.max_in_flight),
         RetryPolicy(cfg.rate.retry_base_s, cfg.rate.retry_cap_s, cfg.rate.retry_max_total_s),
         stats,
-        team=target.team,
-        dataset_slug=target.dataset_slug,
-        storage_slug=target.storage_name,
+        target=wire_target(cfg, target),
+        keys=keys,
         readonly=target.readonly,
-        options=request_options(cfg.plan),
         rng=random.Random(),
     )
 
 
 @contextlib.asynccontextmanager
 async def hold_lease(
-    ledger: Ledger, ttl_s: float, on_lost: Callable[[], None]
+    ledger: LedgerPort, ttl_s: float, on_lost: Callable[[], None]
 ) -> AsyncIterator[str]:
     """One writer per job: take the ledger's lease or refuse; renew it every ttl/3 while we
     live; a holder killed -9 stops blocking others once its lease expires."""
     holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}:{_pid_space()}"
-    other = ledger.acquire_lease(holder, ttl_s, time.time(), holder_dead=_dead_here)
+    other = await ledger.acquire_lease(holder, ttl_s, time.time(), _dead_here)
     if other is not None:
         left = max(0.0, other.expires_at - time.time())
         raise LeaseHeld(
@@ -97,8 +102,8 @@ async def hold_lease(
         while True:
             await asyncio.sleep(ttl_s / 3)
             try:
-                ok = ledger.renew_lease(holder, ttl_s, time.time())
-            except sqlite3.Error as e:  # e.g. locked by another writer past busy_timeout
+                ok = await ledger.renew_lease(holder, ttl_s, time.time())
+            except LedgerError as e:  # e.g. locked by another writer past busy_timeout
                 log.warning("could not renew the ledger lease; trying again", extra={"error": e})
                 continue  # two more tries before the lease can expire
             if not ok:
@@ -114,8 +119,8 @@ async def hold_lease(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         try:
-            ledger.release_lease(holder)
-        except sqlite3.Error as e:  # it expires by itself after ledger.lease_ttl_s
+            await ledger.release_lease(holder)
+        except LedgerError as e:  # it expires by itself after ledger.lease_ttl_s
             log.warning("could not release the ledger lease", extra={"error": e})
 
 
@@ -155,23 +160,28 @@ def _dead_here(holder: str) -> bool:
 class Engine:
     cfg: Config
     source: Source
-    ledger: Ledger
+    ledger: LedgerPort
     target: Target
     stats: Stats
     new_pipeline: Callable[[bool], Pipeline]  # sync? -> a fresh single-pass pipeline
     current: Pipeline | None = None
+    lease_lost: bool = field(default=False)
 
     def request_stop(self) -> None:
         """Graceful stop of the pass in progress (if any)."""
         if self.current is not None:
             self.current.request_stop()
 
+    def _lost(self) -> None:
+        self.lease_lost = True
+        self.request_stop()
+
     async def run(
         self,
         kind: str = "run",
         *,
         list_bucket: bool = True,
-        under_lease: Callable[[Ledger], None] | None = None,
+        under_lease: Callable[[LedgerPort], Any] | None = None,
     ) -> RunResult:
         """One CLI pass with a lease, a progress line and signal handling. ``under_lease``
         changes the ledger once the lease is ours (``ingest retry`` re-queueing FAILED items
@@ -179,21 +189,13 @@ class Engine:
         progress = None
         if self.cfg.output.progress:
             progress = asyncio.create_task(run_progress(self.stats))
-        task = asyncio.current_task()
-
-        def abort() -> None:
-            log.error("second signal: stopping now; run again to resume")
-            if task is not None:
-                task.cancel()
-
         try:
-            async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self.request_stop):
+            async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self._lost):
                 if under_lease is not None:
-                    under_lease(self.ledger)
-                result: RunResult = await with_signals(
-                    self.pass_(kind, list_bucket=list_bucket), self.request_stop, abort
+                    await under_lease(self.ledger)
+                return await Lifecycle(self.request_stop).run(
+                    self.pass_(kind, list_bucket=list_bucket)
                 )
-            return result
         finally:
             if progress is not None:
                 progress.cancel()
@@ -230,8 +232,9 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
                 destination = await stack.enter_async_context(open_bucket(cfg.upload))
                 await check_source(destination)
             stats = stats or Stats()
-            registrar = make_registrar(cfg, client, target, stats)
-            ledger = stack.enter_context(Ledger(cfg.ledger.path, cfg.job))
+            keys = wire.KeyMap((destination or source).storage_key(""))
+            registrar = make_registrar(cfg, client, target, stats, keys)
+            ledger = await stack.enter_async_context(open_ledger(cfg.ledger.path, cfg.job))
             media = await open_media(cfg, target, source, ledger, stack, destination)
             ignore = artifact_prefixes(cfg, target, media)
 
@@ -289,7 +292,7 @@ async def open_media(
     cfg: Config,
     target: Target,
     source: Source,
-    ledger: Ledger,
+    ledger: LedgerPort,
     stack: contextlib.AsyncExitStack,
     destination: Source | None = None,
 ) -> MediaStage | None:
@@ -345,40 +348,45 @@ async def open_media(
     )
 
 
-async def plan_only(
-    cfg: Config, out: IO[bytes], *, readonly_hint: bool = False, ledger: Ledger | None = None
-) -> tuple[int, int, int]:
-    """`ingest plan`: list and plan, write one JSONL line per request it would send.
+class DryRun:
+    """The registrar of `ingest plan`: writes each request it would send as one JSONL line
+    (built by the same wire edge as a run), sends nothing, and skips items the user's ledger
+    already has as REGISTERED or BLOCKED."""
 
-    Sends nothing and writes nothing to the ledger. When V7 is reachable (a key is set) the
-    team, storage mode and endpoint come from preflight; otherwise from the config.
-    Returns (requests, items, skipped).
-    """
-    team, readonly = cfg.v7.team or "<team>", readonly_hint or cfg.v7.mode == "readonly"
-    if cfg.api_key:
-        client = make_client(cfg)
-        try:
-            target = await check_v7(cfg, client)
-            team, readonly = target.team, target.readonly
-        finally:
-            await client.close()
-    options = request_options(cfg.plan)
-    done = ledger
-    n_requests = n_items = n_skipped = 0
+    def __init__(
+        self,
+        out: IO[bytes],
+        team: str,
+        target: wire.Target,
+        keys: wire.KeyMap,
+        done: LedgerPort | None,
+    ) -> None:
+        self.out = out
+        self.team = team
+        self.target = target
+        self.keys = keys
+        self.done = done
+        self.requests = 0
+        self.items = 0
 
-    def emit(batch: list[ItemPlan]) -> None:
-        nonlocal n_requests, n_items
-        ro = batch[0].readonly_endpoint
-        body: dict[str, object] = {
-            "items": [i.payload for i in batch],
-            "dataset_slug": cfg.v7.dataset,
-            "storage_slug": cfg.v7.storage,
-        }
-        if options:
-            body["options"] = options
+    async def register(
+        self,
+        items: Sequence[Item],
+        sending: Sending,
+        *,
+        readonly: bool | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> list[Outcome]:
+        batch = list(items)
+        if self.done is not None:
+            states = await self.done.item_states([i.ident for i in batch])
+            finished = (State.REGISTERED, State.BLOCKED)
+            batch = [i for i in batch if states.get(i.ident) not in finished]
+        if not batch:
+            return []
         line: dict[str, object] = {
-            "endpoint": f"v2/teams/{team}/items/register_existing" + ("_readonly" if ro else ""),
-            "body": body,
+            "endpoint": wire.endpoint(self.team, bool(readonly)),
+            "body": wire.envelope(batch, self.target, self.keys),
         }
         # Thumbnails, sizes and video artifacts are made by `run`, not by a dry run: say which
         # items would get them, so the payloads above are read as the planned skeleton.
@@ -387,67 +395,34 @@ async def plan_only(
         ]
         if pending:
             line["media_pending"] = pending
-        out.write(orjson.dumps(line) + b"\n")
-        n_requests += 1
-        n_items += len(batch)
+        self.out.write(orjson.dumps(line) + b"\n")
+        self.requests += 1
+        self.items += len(batch)
+        return []
 
-    builders = {
-        ro: BatchBuilder(cfg.batch.max_items, cfg.batch.max_bytes, cfg.batch.max_wait_s)
-        for ro in (False, True)
-    }
 
-    def add(p: ItemPlan) -> None:
-        if done is not None and done.item_state(p.path, p.name) in (
-            State.REGISTERED,
-            State.BLOCKED,
-        ):
-            return
-        # Order is all that matters in a dry run: no clock, no early flush.
-        for batch in builders[p.readonly_endpoint].add(p, 0.0):
-            emit(batch)
-
-    manifest = cfg.plan.slots == "manifest"
-    # Manifest mode needs the listing remembered: a throwaway ledger in memory, never the
-    # user's file.
-    scratch = Ledger(":memory:", cfg.job) if manifest else None
-    try:
-        async with open_source(cfg) as source:
-            await check_source(source)
-            if scratch is not None:
-                scratch.stage_manifest(read_manifest(cfg.plan.manifest))
-            planning = Planning(
-                cfg, source, readonly, scratch.in_manifest if scratch is not None else None
-            )
-            shards = await discover_shards(source, cfg.source.prefix, cfg.source.fanout_depth)
-            listing = iter_shard_pages(source, shards, {}, set(), cfg.source.list_concurrency)
-            async with contextlib.aclosing(listing) as pages:
-                async for sp in pages:
-                    plans, _cp = planning.plan_page(sp)
-                    if scratch is not None:
-                        scratch.record_page(sp.shard.id, "", False, sp.page.objects, [])
-                    for p in plans:
-                        if isinstance(p, Skip):
-                            n_skipped += 1
-                        else:
-                            add(p)
-            if scratch is not None:
-                planner = planning.new_planner()
-                for name, rel_path, slots in scratch.iter_manifest_items():
-                    objs = [(slot, scratch.object_info(key), key) for slot, key in slots]
-                    plan, problem = plan_manifest_item(planner, name, rel_path, objs)
-                    if problem:
-                        n_skipped += len(slots)
-                        log.warning(
-                            "manifest item cannot be registered",
-                            extra={"item": name, "reason": problem},
-                        )
-                    else:
-                        add(plan)
-    finally:
-        if scratch is not None:
-            scratch.close()
-    for b in builders.values():
-        rest = b.flush()
-        if rest:
-            emit(rest)
-    return n_requests, n_items, n_skipped
+async def plan_only(
+    cfg: Config, out: IO[bytes], *, readonly_hint: bool = False, done: LedgerPort | None = None
+) -> tuple[int, int, int]:
+    """`ingest plan`: the run's own pipeline over a scratch ledger in memory, with a dry-run
+    registrar that writes one JSONL line per request it would send. The user's ledger is only
+    read (``done``). When V7 is reachable (a key is set) the team, storage mode and endpoint
+    come from preflight; otherwise from the config. Returns (requests, items, skipped)."""
+    team, readonly = cfg.v7.team or "<team>", readonly_hint or cfg.v7.mode == "readonly"
+    if cfg.api_key:
+        client = make_client(cfg)
+        try:
+            found = await check_v7(cfg, client)
+            team, readonly = found.team, found.readonly
+        finally:
+            await client.close()
+    target = wire.Target(team, cfg.v7.dataset, cfg.v7.storage, request_options(cfg.plan))
+    stats = Stats()
+    async with open_source(cfg) as source, open_ledger(":memory:", cfg.job) as scratch:
+        await check_source(source)
+        dry = DryRun(out, team, target, wire.KeyMap(source.storage_key("")), done)
+        # Order is all that matters in a dry run: batches fill by count and bytes only.
+        cfg = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, max_wait_s=3600.0))
+        pipeline = Pipeline(cfg, source, scratch, dry, stats, readonly=readonly, dry_run=True)
+        await pipeline.run("plan")
+    return dry.requests, dry.items, stats.skipped

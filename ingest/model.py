@@ -125,8 +125,10 @@ class Slot:
     """One slot of an item. A DICOM series is one slot with several objects (its slices, in
     listing order); every other slot holds one object.
 
-    ``name`` is V7's ``slot_name``; ``fps`` is sent for server-side video only; ``facts`` holds
-    one entry per object once the media stage has run (empty before, and when none is needed).
+    ``name`` is V7's ``slot_name``; ``fps`` is sent for server-side video only. ``facts`` is
+    what the media stage added (empty before it ran, and when nothing is needed): the
+    ``UploadFacts`` of uploaded local files in object order, an ``ImageFacts`` for a read-only
+    image, a ``VideoFacts`` for a video cut locally.
     """
 
     name: str
@@ -140,6 +142,19 @@ class Slot:
     @property
     def obj(self) -> ObjectInfo:
         return self.objects[0]
+
+    @property
+    def image(self) -> ImageFacts | None:
+        return next((f for f in self.facts if isinstance(f, ImageFacts)), None)
+
+    @property
+    def video(self) -> VideoFacts | None:
+        return next((f for f in self.facts if isinstance(f, VideoFacts)), None)
+
+    @property
+    def uploaded(self) -> tuple[str, ...]:
+        """Storage keys of the uploaded copies, in object order ("()" when not uploaded)."""
+        return tuple(f.storage_key for f in self.facts if isinstance(f, UploadFacts))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import orjson
-
 from ingest.config import Config, PlanConfig
-from ingest.model import ItemPlan, ItemType, Media, ObjectInfo, Skip
+from ingest.model import Item, ItemType, Media, ObjectInfo, Skip, Slot
 
 # What darwin-py accepts (darwin/datatypes.py: SUPPORTED_IMAGE/VIDEO_EXTENSIONS), lower-cased,
 # plus mkv/hevc/m4v which V7's video pipeline reads. Matching is case-insensitive.
@@ -81,7 +79,7 @@ def _fps(plan: PlanConfig) -> float | int | str:
 @dataclass
 class _Group:
     folder: str  # the folder's key prefix, "" or ending in "/"
-    members: list[ObjectInfo] = field(default_factory=list)
+    members: list[tuple[ObjectInfo, ItemType]] = field(default_factory=list)
     overflow: bool = False
 
 
@@ -132,29 +130,28 @@ class ShardPlanner:
 
     # --- feeding --------------------------------------------------------------------------
 
-    def feed(self, objs: Iterable[ObjectInfo]) -> list[ItemPlan | Skip]:
-        out: list[ItemPlan | Skip] = []
+    def feed(self, objs: Iterable[ObjectInfo]) -> list[Item | Skip]:
+        out: list[Item | Skip] = []
         for obj in objs:
             self._close_until(obj.key, out)
             self._one(obj, out)
         return out
 
-    def finish(self) -> list[ItemPlan | Skip]:
-        out: list[ItemPlan | Skip] = []
+    def finish(self) -> list[Item | Skip]:
+        out: list[Item | Skip] = []
         while self._stack:
             self._emit_group(self._stack.pop(), out)
         return out
 
-    def _close_until(self, key: str, out: list[ItemPlan | Skip]) -> None:
+    def _close_until(self, key: str, out: list[Item | Skip]) -> None:
         while self._stack and not key.startswith(self._stack[-1].folder):
             self._emit_group(self._stack.pop(), out)
 
-    def _reject(self, obj: ObjectInfo) -> str | None:
+    def _reject(self, obj: ObjectInfo, t: ItemType | None) -> str | None:
         if obj.key.endswith("/"):
             return "folder marker"
         if obj.key.startswith("/"):
             return "key starts with '/': V7 storage keys cannot"
-        t = file_type(obj.key)
         if t is None:
             ext = posixpath.splitext(obj.key)[1]
             return f"unsupported file type '{ext}'" if ext else "no file extension"
@@ -170,18 +167,22 @@ class ShardPlanner:
     def grouped(self, key: str) -> bool:
         """True when ``key`` would be one file of a multi-file item (a folder's slots, a DICOM
         series): such an item can only be planned from the whole folder's listing."""
+        return self._grouped(file_type(key))
+
+    def _grouped(self, t: ItemType | None) -> bool:
         if self.plan.slots == "folder":
             return True
-        return file_type(key) is ItemType.DICOM and self.plan.dicom_series
+        return t is ItemType.DICOM and self.plan.dicom_series
 
-    def _one(self, obj: ObjectInfo, out: list[ItemPlan | Skip]) -> None:
-        reason = self._reject(obj)
+    def _one(self, obj: ObjectInfo, out: list[Item | Skip]) -> None:
+        t = file_type(obj.key)
+        reason = self._reject(obj, t)
         if reason is not None:
             out.append(Skip(obj, reason))
             return
-        t = file_type(obj.key)
-        if not self.grouped(obj.key):
-            out.append(self._single(obj, t))  # type: ignore[arg-type]
+        assert t is not None
+        if not self._grouped(t):
+            out.append(self._single(obj, t))
             return
         folder = obj.key.rpartition("/")[0]
         folder = folder + "/" if folder else ""
@@ -192,41 +193,37 @@ class ShardPlanner:
         if g.overflow:
             out.append(Skip(obj, self._overflow_reason(limit)))
             return
-        g.members.append(obj)
+        g.members.append((obj, t))
         if len(g.members) > limit:
             g.overflow = True
-            out.extend(Skip(m, self._overflow_reason(limit)) for m in g.members)
+            out.extend(Skip(m, self._overflow_reason(limit)) for m, _t in g.members)
             g.members = []
 
     def _overflow_reason(self, limit: int) -> str:
         return f"folder has more than {limit} files for one item (plan.max_slots)"
 
-    # --- payloads ---------------------------------------------------------------------------
+    # --- items ------------------------------------------------------------------------------
 
-    def _single(self, obj: ObjectInfo, t: ItemType) -> ItemPlan:
+    def _single(self, obj: ObjectInfo, t: ItemType) -> Item:
         path, name = self.path_name(obj.key)
-        skey = self.storage_key(obj.key)
-        payload: dict[str, Any]
         if t is ItemType.DICOM:
-            payload = {"path": path, "name": name, "slots": [self._slot(obj, t, "0")]}
-        elif t is ItemType.VIDEO and self.video_local:
-            # A placeholder slot: the video stage replaces it with the processed slot.
-            slot = {"slot_name": name, "file_name": name, "type": "video", "storage_key": skey}
-            payload = {"path": path, "name": name, "slots": [slot]}
-        else:
-            payload = {"path": path, "type": str(t), "storage_key": skey, "name": name}
-            if t is ItemType.VIDEO:
-                payload["fps"] = self._fps
-        return self._item(path, name, payload, (obj.key,), {t})
+            return self._item(path, name, (self._slot(obj, t, "0"),), {t})
+        if t is ItemType.VIDEO and self.video_local:
+            # Cut locally: the media stage adds its VideoFacts; sent as a slot of its own.
+            return self._item(path, name, (Slot(name, t, (obj,), name),), {t})
+        fps = self._fps if t is ItemType.VIDEO else None
+        slot = Slot(name, t, (obj,), name, fps=fps)
+        return self._item(path, name, (slot,), {t}, compact=True)
 
     def _item(
         self,
         path: str,
         name: str,
-        payload: dict[str, Any],
-        keys: tuple[str, ...],
+        slots: tuple[Slot, ...],
         types: set[ItemType],
-    ) -> ItemPlan:
+        *,
+        compact: bool = False,
+    ) -> Item:
         media = Media.NONE
         if ItemType.VIDEO in types and self.video_local:
             media = Media.VIDEO
@@ -234,56 +231,69 @@ class ShardPlanner:
             media = Media.UPLOAD
         elif ItemType.IMAGE in types and self.readonly:
             media = Media.IMAGE
-        return ItemPlan(
+        return Item(
             path,
             name,
-            payload,
-            keys,
-            size_hint=len(orjson.dumps(payload)),
+            slots,
+            compact=compact,
             media=media,
             readonly_endpoint=self.readonly or media is Media.VIDEO,
         )
 
-    def _slot(self, obj: ObjectInfo, t: ItemType, slot_name: str) -> dict[str, Any]:
-        slot: dict[str, Any] = {
-            "slot_name": slot_name,
-            "type": str(t),
-            "storage_key": self.storage_key(obj.key),
-            "file_name": obj.key.rpartition("/")[2],
-        }
-        if t is ItemType.VIDEO and not self.video_local:
-            slot["fps"] = self._fps
-        if t is ItemType.DICOM and self.plan.extract_views and slot_name == "0":
-            slot["extract_views"] = "true"
-        return slot
+    def _slot(self, obj: ObjectInfo, t: ItemType, slot_name: str) -> Slot:
+        return Slot(
+            slot_name,
+            t,
+            (obj,),
+            obj.key.rpartition("/")[2],
+            fps=self._fps if t is ItemType.VIDEO and not self.video_local else None,
+            extract_views=t is ItemType.DICOM and self.plan.extract_views and slot_name == "0",
+        )
 
-    def _emit_group(self, g: _Group, out: list[ItemPlan | Skip]) -> None:
+    def _emit_group(self, g: _Group, out: list[Item | Skip]) -> None:
         if not g.members:
             return
         rel_folder = self._rel(g.folder).rstrip("/")
         parent, _, base = rel_folder.rpartition("/")
         name = base or ROOT_ITEM_NAME
         path = self._folder_path(parent)
-        slots: list[dict[str, Any]] = []
+        slots: list[Slot] = []
+        series: list[ObjectInfo] = []  # slices of one DICOM series share slot "0"
         used: set[str] = set()
         types: set[ItemType] = set()
-        for m in g.members:
-            t = file_type(m.key)
-            assert t is not None
+        for m, t in g.members:
             types.add(t)
             if t is ItemType.DICOM and self.plan.dicom_series:
-                slot_name = "0"  # slices of one series share slot "0"
-            else:
-                slot_name = m.key.rpartition("/")[2]
-                n = 1
-                base_name = slot_name
-                while slot_name in used or slot_name == "0":
-                    slot_name = f"{base_name}_{n}"
-                    n += 1
+                if not series:
+                    slots.append(self._slot(m, t, "0"))  # placeholder, filled in below
+                series.append(m)
+                continue
+            slot_name = m.key.rpartition("/")[2]
+            n = 1
+            base_name = slot_name
+            while slot_name in used or slot_name == "0":
+                slot_name = f"{base_name}_{n}"
+                n += 1
             used.add(slot_name)
             slots.append(self._slot(m, t, slot_name))
-        payload = {"path": path, "name": name, "slots": slots}
-        out.append(self._item(path, name, payload, tuple(m.key for m in g.members), types))
+        if series:
+            i = next(i for i, s in enumerate(slots) if s.name == "0")
+            slots[i] = replace(slots[i], objects=tuple(series))
+        out.append(self._item(path, name, tuple(slots), types))
+
+
+def collision(item: Item, recorded_keys: tuple[str, ...]) -> list[Skip]:
+    """The policy for an item whose (path, name) is already recorded with other keys (e.g.
+    ``preserve_folders = false`` with one file name in two folders): the objects that are not
+    part of the recorded item are skipped with a reason that says what to change. Pure."""
+    known = set(recorded_keys)
+    where = item.path.rstrip("/") + "/" + item.name
+    other = recorded_keys[0] if recorded_keys else ""
+    reason = (
+        f"name collision: item '{where}' already comes from '{other}' (rename one, or "
+        "change plan.preserve_folders / plan.slots)"
+    )[:300]
+    return [Skip(o, reason) for s in item.slots for o in s.objects if o.key not in known]
 
 
 def plan_manifest_item(
@@ -291,14 +301,14 @@ def plan_manifest_item(
     item_name: str,
     rel_path: str,
     slots: list[tuple[str, ObjectInfo | None, str]],
-) -> tuple[ItemPlan, str]:
+) -> tuple[Item, str]:
     """One item of a user's manifest: ``slots`` are (slot_name, listed object or None, key).
 
-    Returns the plan and "" when it can be sent, or the plan and the reason it cannot (a key
+    Returns the item and "" when it can be sent, or the item and the reason it cannot (a key
     missing from the bucket, an unsupported or empty file, a repeated slot name): the caller
     records it FAILED with that reason. Pure."""
     path = join_path(planner.plan.root_path, rel_path)
-    payload_slots: list[dict[str, Any]] = []
+    out: list[Slot] = []
     types: set[ItemType] = set()
     problems: list[str] = []
     seen: set[str] = set()
@@ -307,16 +317,15 @@ def plan_manifest_item(
             problems.append(f"slot name '{slot_name}' used twice")
         seen.add(slot_name)
         info = obj or ObjectInfo(key, 0)
-        reason = "not in the bucket listing" if obj is None else planner._reject(info)
+        t = file_type(key)
+        reason = "not in the bucket listing" if obj is None else planner._reject(info, t)
         if reason is not None:
             problems.append(f"{key}: {reason}")
-        t = file_type(key) or ItemType.IMAGE
+        t = t or ItemType.IMAGE
         types.add(t)
-        payload_slots.append(planner._slot(info, t, slot_name))
-    payload = {"path": path, "name": item_name, "slots": payload_slots}
-    keys = tuple(k for _s, _o, k in slots)
-    plan = planner._item(path, item_name, payload, keys, types)
-    return plan, "; ".join(problems)[:500]
+        out.append(planner._slot(info, t, slot_name))
+    item = planner._item(path, item_name, tuple(out), types)
+    return item, "; ".join(problems)[:500]
 
 
 def video_local(cfg: Config, readonly: bool) -> bool:

@@ -18,12 +18,14 @@ DICOM series or folder item) goes back to the planner as new, so the item is pla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
+from typing import Any, Union
 
-from ingest.ledger import Known
-from ingest.model import ItemPlan, ObjectInfo
+from ingest.ledger.port import Known
+from ingest.model import Item, ObjectInfo
 
 
 @dataclass
@@ -36,81 +38,96 @@ class PageDiff:
     unchanged: int = 0
 
 
+# What the merge asks of the ledger while it runs (answered by the caller: see ``drive``).
+@dataclass(frozen=True, slots=True)
+class NeedKnown:
+    """The next chunk of this shard's ledger keys from ``start`` (answer: list[Known], [] at
+    the end)."""
+
+    start: str
+    inclusive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NeedLookup:
+    """One key listed out of order (answer: Known | None)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlushVanished:
+    """Record these keys as vanished now, to keep memory bounded (answer: None)."""
+
+    keys: list[str]
+
+
+Need = Union[NeedKnown, NeedLookup, FlushVanished]  # noqa: UP007 (a runtime alias)
+Steps = Generator[Need, Any, PageDiff]
+
+
 class ShardMerge:
     """Merge one shard's listing pages with the ledger's keys of the same shard.
 
-    ``known_from(start)`` streams the ledger's objects of this shard in key order from
-    ``start`` (inclusive); ``lookup(key)`` finds one key (only for out-of-order listings).
+    Pure and I/O-free: ``steps(page, last)`` is a generator that yields what it needs from the
+    ledger (``NeedKnown``, ``NeedLookup``, ``FlushVanished``) and returns the page's
+    ``PageDiff``; the caller answers each request (``drive`` does it with plain callables, the
+    sync stage with the async ledger port). Only one chunk of ledger keys is held at a time.
     ``resume_after``: the shard's listing restarts after this key (its checkpoint), so ledger
     keys up to it were merged by the interrupted sync and are not called vanished; keys after
     it that are not listed now are.
     """
 
-    def __init__(
-        self,
-        known_from: Callable[[str], Iterator[Known]],
-        lookup: Callable[[str], Known | None],
-        *,
-        resume_after: str | None = None,
-        flush_vanished: Callable[[list[str]], None] | None = None,
-        max_pending: int = 1000,
-    ) -> None:
-        self._flush = flush_vanished
+    def __init__(self, *, resume_after: str | None = None, max_pending: int = 1000) -> None:
         self._max_pending = max_pending
-        self._known_from = known_from
-        self._lookup = lookup
-        self._resume_after = resume_after
-        self._known: Iterator[Known] | None = None
-        self._head: Known | None = None
+        self._buf: deque[Known] = deque()
+        self._cursor = resume_after or ""
+        self._inclusive = resume_after is None
+        self._exhausted = False
         self._last_listed = ""
 
-    def _start(self) -> None:
-        after = self._resume_after
-        self._known = self._known_from(after or "")
-        self._head = next(self._known, None)
-        while after is not None and self._head is not None and self._head.key <= after:
-            self._head = next(self._known, None)
+    def _head(self) -> Generator[Need, Any, Known | None]:
+        if not self._buf and not self._exhausted:
+            rows: list[Known] = yield NeedKnown(self._cursor, self._inclusive)
+            if not rows:
+                self._exhausted = True
+            else:
+                self._buf.extend(rows)
+                self._cursor, self._inclusive = rows[-1].key, False
+        return self._buf[0] if self._buf else None
 
-    def _advance(self) -> None:
-        assert self._known is not None
-        self._head = next(self._known, None)
-
-    def page(self, objects: list[ObjectInfo], last: bool) -> PageDiff:
+    def steps(self, objects: list[ObjectInfo], last: bool) -> Steps:
         diff = PageDiff()
         for obj in objects:
-            if self._known is None:
-                self._start()
             if obj.key < self._last_listed:
                 # Out of order: look it up; if it was passed over on this page, it is not gone.
                 if obj.key in diff.vanished:
                     diff.vanished.remove(obj.key)
-                self._classify(obj, self._lookup(obj.key), diff)
+                found: Known | None = yield NeedLookup(obj.key)
+                self._classify(obj, found, diff)
                 continue
             self._last_listed = obj.key
-            while self._head is not None and self._head.key < obj.key:
-                self._pass_over(diff)
-            if self._head is not None and self._head.key == obj.key:
-                self._classify(obj, self._head, diff)
-                self._advance()
+            while (head := (yield from self._head())) is not None and head.key < obj.key:
+                yield from self._pass_over(head, diff)
+            if head is not None and head.key == obj.key:
+                self._classify(obj, head, diff)
+                self._buf.popleft()
             else:
                 diff.new.append(obj)
         if last:
-            if self._known is None:
-                self._start()
-            while self._head is not None:
-                self._pass_over(diff)
+            while (head := (yield from self._head())) is not None:
+                yield from self._pass_over(head, diff)
         return diff
 
-    def _pass_over(self, diff: PageDiff) -> None:
+    def _pass_over(self, head: Known, diff: PageDiff) -> Generator[Need, Any, None]:
         """The ledger's head key was not listed: vanished (flushed in bounded chunks, so a
         deleted folder of a million keys never sits in memory)."""
-        assert self._head is not None
-        if not self._head.vanished:
-            diff.vanished.append(self._head.key)
-            if self._flush is not None and len(diff.vanished) >= self._max_pending:
-                self._flush(diff.vanished)
+        self._buf.popleft()
+        if not head.vanished:
+            diff.vanished.append(head.key)
+            if len(diff.vanished) >= self._max_pending:
+                yield FlushVanished(diff.vanished)
                 diff.vanished = []
-        self._advance()
 
     @staticmethod
     def _classify(obj: ObjectInfo, known: Known | None, diff: PageDiff) -> None:
@@ -130,6 +147,29 @@ class ShardMerge:
             diff.changed.append(obj)
 
 
+def drive(
+    steps: Steps,
+    known_chunk: Callable[[NeedKnown], list[Known]],
+    lookup: Callable[[str], Known | None],
+    flush: Callable[[list[str]], None],
+) -> PageDiff:
+    """Run a merge's steps with plain callables (tests, tools); the sync stage has an async
+    twin over the ledger port."""
+    answer: Any = None
+    try:
+        while True:
+            need = steps.send(answer)
+            if isinstance(need, NeedKnown):
+                answer = known_chunk(need)
+            elif isinstance(need, NeedLookup):
+                answer = lookup(need.key)
+            else:
+                flush(need.keys)
+                answer = None
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
 def versioned_name(name: str, etag: str) -> str:
     """The deterministic name of a changed object's new version: ``photo.jpg`` with ETag
     ``9b2cf5…`` → ``photo.v9b2cf535.jpg``. The same version always gets the same name, so a
@@ -139,20 +179,9 @@ def versioned_name(name: str, etag: str) -> str:
     return f"{p.stem}.v{tag}{p.suffix}" if p.suffix else f"{name}.v{tag}"
 
 
-def as_new_version(plan: ItemPlan, etag: str) -> ItemPlan | None:
-    """A single-object plan renamed to its versioned name; None for a multi-object item (a
+def as_new_version(item: Item, etag: str) -> Item | None:
+    """A single-object item renamed to its versioned name; None for a multi-object item (a
     slot of a folder item or a DICOM series cannot be re-registered alone)."""
-    if len(plan.keys) != 1:
+    if len(item.keys) != 1:
         return None
-    name = versioned_name(plan.name, etag)
-    payload = dict(plan.payload)
-    payload["name"] = name
-    return ItemPlan(
-        plan.path,
-        name,
-        payload,
-        plan.keys,
-        extra=plan.extra,
-        media=plan.media,
-        readonly_endpoint=plan.readonly_endpoint,
-    )
+    return replace(item, name=versioned_name(item.name, etag))

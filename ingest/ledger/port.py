@@ -16,7 +16,7 @@ for a ledger it cannot open or use, never its driver's exception.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -149,7 +149,7 @@ class LedgerPort(Protocol):
         it is new."""
         ...
 
-    def pending(self) -> AsyncIterator[Pending]:
+    def pending(self) -> AsyncGenerator[Pending, None]:
         """Items left PLANNED, PROCESSING or SENT (crash recovery), oldest first, streamed in
         chunks. Only items that existed when the stream started are returned, so items
         planned meanwhile are not seen twice."""
@@ -252,7 +252,7 @@ class LedgerPort(Protocol):
 
     async def status(self, runs: int = 5) -> Status: ...
 
-    def report_rows(self) -> AsyncIterator[ReportRow]:
+    def report_rows(self) -> AsyncGenerator[ReportRow, None]:
         """One row per object in key order, streamed in chunks."""
         ...
 
@@ -262,7 +262,7 @@ class LedgerPort(Protocol):
         """(item_name, slot_name, key, path) rows, read in the ledger's thread."""
         ...
 
-    def manifest_items(self) -> AsyncIterator[ManifestItem]:
+    def manifest_items(self) -> AsyncGenerator[ManifestItem, None]:
         """Manifest items grouped by (path, name), slots in file order, streamed in chunks."""
         ...
 

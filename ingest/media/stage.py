@@ -5,8 +5,8 @@ locally get their artifacts cut by the ffmpeg pool and streamed to the bucket. T
 beside registration (the pipeline feeds it from its own bounded queues), so the first images
 register while videos are still being cut.
 
-Keys: payloads carry V7 *storage keys* (Azure: ``container/blob``); uploads go to *provider
-keys* (Azure: the blob name). ``KeyMap`` converts between the two for one source.
+Keys: objects carry *provider keys* (what the bucket API takes); the facts written here carry
+V7 *storage keys* (Azure: ``container/blob``), converted by ``KeyMap``.
 """
 
 from __future__ import annotations
@@ -19,14 +19,25 @@ import mimetypes
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from ingest.errors import ObjectNotFound, SourceError
 from ingest.media import MediaError
 from ingest.media.thumbnail import thumbnail_key
-from ingest.model import ItemPlan, Media
+from ingest.model import (
+    Facts,
+    ImageFacts,
+    Item,
+    ItemType,
+    Media,
+    ObjectInfo,
+    Slot,
+    UploadFacts,
+    VideoFacts,
+)
+from ingest.registrar.wire import KeyMap
 from ingest.sources import Source
 
 log = logging.getLogger("ingest.media")
@@ -37,11 +48,10 @@ UPLOAD_KIND = "upload/v1"
 
 
 class MediaCache(Protocol):
-    """Where finished media results are remembered (the ledger)."""
+    """Where finished media facts are remembered across runs (the ledger port)."""
 
-    def object_meta(self, key: str) -> tuple[str, int]: ...
-    def cached_media(self, bucket: str, key: str, etag: str, kind: str) -> Any: ...
-    def cache_media(self, bucket: str, key: str, etag: str, kind: str, result: Any) -> None: ...
+    async def cached_facts(self, bucket: str, obj: ObjectInfo, kind: str) -> Facts | None: ...
+    async def cache_facts(self, bucket: str, obj: ObjectInfo, kind: str, facts: Facts) -> None: ...
 
 
 class Thumbnailer(Protocol):
@@ -59,26 +69,7 @@ class VideoCutter(Protocol):
         source_storage_key: str | None,
         size_bytes: int,
         opts: Any,
-    ) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class KeyMap:
-    """Storage keys (what V7 is told) vs provider keys (what the bucket API takes)."""
-
-    storage_prefix: str  # source.storage_key("") : "container/" for Azure, "" otherwise
-
-    @classmethod
-    def of(cls, source: Source) -> KeyMap:
-        return cls(source.storage_key(""))
-
-    def to_storage(self, key: str) -> str:
-        return self.storage_prefix + key
-
-    def to_provider(self, storage_key: str) -> str:
-        if self.storage_prefix and storage_key.startswith(self.storage_prefix):
-            return storage_key[len(self.storage_prefix) :]
-        return storage_key
+    ) -> VideoFacts: ...
 
 
 def provider_artifact_prefix(configured: str, storage: dict[str, Any], provider: str) -> str:
@@ -147,7 +138,7 @@ class MediaStage:
         self.destination = destination or source
         self.local = destination is not None and destination is not source
         self.cache = cache
-        self.keys = KeyMap.of(self.destination)
+        self.keys = KeyMap(self.destination.storage_key(""))
         self.prefix = artifact_prefix
         self.storage_name = storage_name
         self.thumbnails = thumbnails
@@ -158,75 +149,61 @@ class MediaStage:
         self._bucket_id = f"{source.provider}:{source.bucket}"
         self._uploader = SourceUploader(self.destination, self.keys)
 
-    async def prepare(self, item: ItemPlan) -> ItemPlan:
-        """The item with every slot filled in (thumbnail keys and sizes, processed video
-        slots), ``media`` cleared. Raises MediaError for a bad object: the caller records it."""
-        payload = dict(item.payload)
-        if "slots" in payload:
-            slots = []
-            for slot in payload["slots"]:
-                slots.append(await self._slot(item, dict(slot)))
-            payload["slots"] = slots
-        else:
-            payload = await self._slot(item, payload)
-        return replace(item, payload=payload, media=Media.NONE, size_hint=0)
+    async def prepare(self, item: Item) -> Item:
+        """The item with the media facts of every slot (uploads, thumbnails and sizes,
+        processed videos), ``media`` cleared. Raises MediaError for a bad object."""
+        slots = tuple([await self._slot(item, slot) for slot in item.slots])
+        return replace(item, slots=slots, media=Media.NONE)
 
-    async def _slot(self, item: ItemPlan, slot: dict[str, Any]) -> dict[str, Any]:
-        kind = slot.get("type")
-        if kind == "video" and item.media is Media.VIDEO:
-            return await self._video(slot)
-        # The key to read the file from: a local path, or the bucket key behind storage_key.
-        key = str(slot["storage_key"]) if self.local else self.keys.to_provider(slot["storage_key"])
+    async def _slot(self, item: Item, slot: Slot) -> Slot:
+        if slot.type is ItemType.VIDEO and item.media is Media.VIDEO:
+            return replace(slot, facts=(await self._video(slot.obj),))
+        facts: list[Facts] = []
         if self.local:
-            slot["storage_key"] = await self._upload_original(key, str(slot.get("file_name", "")))
-        if not item.readonly_endpoint:
-            return slot
-        if kind == "image":
-            slot.update(await self._image(key))
-            return slot
-        raise MediaError(f"{kind} files cannot be registered through read-only storage")
+            facts += [await self._upload_original(o) for o in slot.objects]
+        if item.readonly_endpoint:
+            if slot.type is not ItemType.IMAGE:
+                raise MediaError(
+                    f"{slot.type} files cannot be registered through read-only storage"
+                )
+            facts.append(await self._image(slot.obj))
+        return replace(slot, facts=tuple(facts)) if facts else slot
 
     # --- images ----------------------------------------------------------------------------
 
-    async def _image(self, key: str) -> dict[str, Any]:
+    async def _image(self, obj: ObjectInfo) -> ImageFacts:
         if self.thumbnails is None:
             raise MediaError("thumbnails are not available in this run")
-        etag, size = self.cache.object_meta(key)
-        cached = self.cache.cached_media(self._bucket_id, key, etag, THUMBNAIL_KIND)
-        if isinstance(cached, dict):
+        cached = await self.cache.cached_facts(self._bucket_id, obj, THUMBNAIL_KIND)
+        if isinstance(cached, ImageFacts):
             return cached
-        if size > self.max_image_bytes:
+        if obj.size > self.max_image_bytes:
             raise MediaError(
-                f"image too large to thumbnail: {size:,} bytes (media.max_image_bytes)"
+                f"image too large to thumbnail: {obj.size:,} bytes (media.max_image_bytes)"
             )
-        data = await self._read(key, size)
+        data = await self._read(obj)
         thumb = await self.thumbnails.make(data)
-        tkey = thumbnail_key(key, self.prefix)
+        tkey = thumbnail_key(obj.key, self.prefix)
         await self._upload(tkey, thumb.jpeg, "image/jpeg")
-        result = {
-            "storage_thumbnail_key": self.keys.to_storage(tkey),
-            "height": int(thumb.height),
-            "width": int(thumb.width),
-        }
-        self.cache.cache_media(self._bucket_id, key, etag, THUMBNAIL_KIND, result)
-        return result
+        facts = ImageFacts(int(thumb.width), int(thumb.height), self.keys.to_storage(tkey))
+        await self.cache.cache_facts(self._bucket_id, obj, THUMBNAIL_KIND, facts)
+        return facts
 
-    async def _upload_original(self, key: str, file_name: str) -> str:
+    async def _upload_original(self, obj: ObjectInfo) -> UploadFacts:
         """A local file into the bucket, under a key derived from its path (a re-run
-        overwrites it); returns its storage key."""
-        etag, _size = self.cache.object_meta(key)
-        cached = self.cache.cached_media(self._bucket_id, key, etag, UPLOAD_KIND)
-        if isinstance(cached, str):
+        overwrites it)."""
+        cached = await self.cache.cached_facts(self._bucket_id, obj, UPLOAD_KIND)
+        if isinstance(cached, UploadFacts):
             return cached
-        name = file_name or key.rpartition("/")[2]
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        name = obj.key.rpartition("/")[2]
+        digest = hashlib.sha256(obj.key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         dest = f"{self.prefix}/files/{digest}/{name}"
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         with _bucket_errors("cannot upload to the bucket"):
-            await self.destination.upload(dest, self.source_path(key), content_type)
-        storage_key = self.keys.to_storage(dest)
-        self.cache.cache_media(self._bucket_id, key, etag, UPLOAD_KIND, storage_key)
-        return storage_key
+            await self.destination.upload(dest, self.source_path(obj.key), content_type)
+        facts = UploadFacts(self.keys.to_storage(dest))
+        await self.cache.cache_facts(self._bucket_id, obj, UPLOAD_KIND, facts)
+        return facts
 
     def source_path(self, key: str) -> Path:
         root = getattr(self.source, "root", None)
@@ -234,11 +211,11 @@ class MediaStage:
             raise MediaError("only a local directory source has files to upload")
         return root / key
 
-    async def _read(self, key: str, size: int) -> bytes:
-        if size <= 0:
+    async def _read(self, obj: ObjectInfo) -> bytes:
+        if obj.size <= 0:
             raise MediaError("empty object (0 bytes)")
         with _bucket_errors("cannot read the object"):
-            return await self.source.read_range(key, 0, size)
+            return await self.source.read_range(obj.key, 0, obj.size)
 
     async def _upload(self, key: str, data: bytes, content_type: str) -> None:
         with _bucket_errors("cannot upload to the bucket"):
@@ -246,39 +223,36 @@ class MediaStage:
 
     # --- videos ----------------------------------------------------------------------------
 
-    async def _video(self, slot: dict[str, Any]) -> dict[str, Any]:
+    async def _video(self, obj: ObjectInfo) -> VideoFacts:
         if self.videos is None:
             raise MediaError("local video processing is not available in this run")
         from ingest.media.video import artifact_prefix
 
-        storage_key = str(slot["storage_key"])
-        key = storage_key if self.local else self.keys.to_provider(storage_key)
-        etag, size = self.cache.object_meta(key)
-        opts_kind = f"video/v1:{self.video_options!r}"
-        cached = self.cache.cached_media(self._bucket_id, key, etag, opts_kind)
-        if isinstance(cached, dict):
-            return {**cached, "slot_name": slot["slot_name"], "file_name": slot["file_name"]}
+        key = obj.key
+        kind = f"video/v1:{self.video_options!r}"
+        cached = await self.cache.cached_facts(self._bucket_id, obj, kind)
+        if isinstance(cached, VideoFacts):
+            return cached
         prefix = self.keys.to_storage(artifact_prefix(self.prefix, self.storage_name, key))
+        file_name = key.rpartition("/")[2]
         work = Path(tempfile.mkdtemp(prefix="ingest-video-", dir=self.temp_dir))
         try:
             src = work / ("source" + Path(key).suffix.lower())
             with _bucket_errors("cannot download the video"):
                 await self.source.download(key, src)
             with _bucket_errors("cannot upload video artifacts"):
-                processed = await self.videos.process(
+                facts = await self.videos.process(
                     src,
                     prefix=prefix,
-                    file_name=str(slot["file_name"]),
+                    file_name=file_name,
                     uploader=self._uploader,
                     # A local file is uploaded beside its artifacts; a bucket object stays put.
-                    source_storage_key=None if self.local else storage_key,
-                    size_bytes=size,
+                    source_storage_key=None if self.local else self.keys.to_storage(key),
+                    size_bytes=obj.size,
                     opts=self.video_options,
                 )
         finally:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(shutil.rmtree, work, True)
-        processed["slot_name"] = slot["slot_name"]
-        processed["file_name"] = slot["file_name"]
-        self.cache.cache_media(self._bucket_id, key, etag, opts_kind, processed)
-        return processed
+        await self.cache.cache_facts(self._bucket_id, obj, kind, facts)
+        return facts

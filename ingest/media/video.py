@@ -38,7 +38,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +53,7 @@ from ingest.media.ffmpeg import (
     probe,
     ts_video_frames,
 )
+from ingest.model import Rendition, VideoFacts
 
 __all__ = [
     "ProbeInfo",
@@ -523,8 +524,8 @@ class VideoPool:
         source_storage_key: str | None,
         size_bytes: int,
         opts: VideoOptions,
-    ) -> dict[str, Any]:
-        """Cut one video, stream its artifacts to ``{prefix}/...`` and return its slot."""
+    ) -> VideoFacts:
+        """Cut one video, stream its artifacts to ``{prefix}/...`` and return its facts."""
         if not 1 <= opts.primary_frames_quality <= 31:
             raise ValueError("primary_frames_quality must be 1 (PNG) or 2..31 (JPEG)")
         if opts.segment_length < 1:
@@ -551,7 +552,7 @@ class VideoPool:
         source_storage_key: str | None,
         size_bytes: int,
         opts: VideoOptions,
-    ) -> dict[str, Any]:
+    ) -> VideoFacts:
         started = time.monotonic()
         info = await probe(src)
         native_fps = info.native_fps
@@ -568,17 +569,20 @@ class VideoPool:
                 streamer.put(_Upload(src, f"{prefix}/{file_name}", ctype, delete=False))
             plan = _build(src, work, info, opts, self.threads, step)
             frames = await self._run(plan, work, prefix, streamer)
-            slot = await self._finish(
+            facts = await self._finish(
                 src, plan, frames, info, native_fps, work, prefix, file_name, streamer, opts
             )
-            slot["storage_key"] = source_storage_key or f"{prefix}/{file_name}"
-            slot["size_bytes"] = size_bytes
+            facts = replace(
+                facts,
+                storage_key=source_storage_key or f"{prefix}/{file_name}",
+                size_bytes=size_bytes,
+            )
             self.last_stats = {
                 "seconds": time.monotonic() - started,
                 "peak_backlog_bytes": streamer.peak_backlog_bytes,
                 "uploads": len(streamer.uploaded),
             }
-            return slot
+            return facts
         finally:
             await streamer.close()
             await asyncio.to_thread(shutil.rmtree, work, True)
@@ -675,7 +679,7 @@ class VideoPool:
         file_name: str,
         streamer: _Streamer,
         opts: VideoOptions,
-    ) -> dict[str, Any]:
+    ) -> VideoFacts:
         total = len(frames.pts_text)
         flags = visible_flags(total, plan.step)
         visible = sum(flags)
@@ -730,36 +734,29 @@ class VideoPool:
         await streamer.drain()
 
         width, height = frames.size or (info.width, info.height)
-        slot: dict[str, Any] = {
-            "slot_name": file_name,
-            "file_name": file_name,
-            "type": "video",
-            "storage_key": "",
-            "width": width,
-            "height": height,
-            "native_fps": native_fps,
-            "visible_frames": visible,
-            "total_frames": total,
-            "hls_segments": {
-                "high_quality": {
-                    "index": _rewrite_index(indexes["high"], f"{prefix}/segments/high"),
-                    "bitrate": _bitrate(indexes["high"], streamer.segment_bytes["high"]),
-                },
-                "low_quality": {
-                    "index": _rewrite_index(indexes["low"], f"{prefix}/segments/low"),
-                    "bitrate": _bitrate(indexes["low"], streamer.segment_bytes["low"]),
-                },
-            },
-            "storage_sections_key_prefix": f"{prefix}/sections/high",
-            "storage_sections_key_extension": plan.hq_ext,
-            "storage_frames_manifest_key": f"{prefix}/frames_manifest.txt",
-            "storage_thumbnail_key": f"{prefix}/thumbnail.jpg",
-        }
-        if opts.extract_preview_frames:
-            slot["storage_low_quality_sections_key_prefix"] = f"{prefix}/sections/low"
-        if peaks_gz is not None:
-            slot["storage_audio_peaks_key"] = f"{prefix}/audio_peaks.gz"
-        return slot
+        return VideoFacts(
+            storage_key="",
+            width=width,
+            height=height,
+            native_fps=native_fps,
+            visible_frames=visible,
+            total_frames=total,
+            high=Rendition(
+                _rewrite_index(indexes["high"], f"{prefix}/segments/high"),
+                _bitrate(indexes["high"], streamer.segment_bytes["high"]),
+            ),
+            low=Rendition(
+                _rewrite_index(indexes["low"], f"{prefix}/segments/low"),
+                _bitrate(indexes["low"], streamer.segment_bytes["low"]),
+            ),
+            sections_prefix=f"{prefix}/sections/high",
+            sections_extension=plan.hq_ext,
+            frames_manifest_key=f"{prefix}/frames_manifest.txt",
+            thumbnail_key=f"{prefix}/thumbnail.jpg",
+            size_bytes=0,
+            low_sections_prefix=f"{prefix}/sections/low" if opts.extract_preview_frames else "",
+            audio_peaks_key=f"{prefix}/audio_peaks.gz" if peaks_gz is not None else "",
+        )
 
     async def _seek_thumbnail(self, src: Path, frames: _Frames, n: int, out: Path) -> None:
         """Decode from the keyframe before frame ``n`` only, then fit it inside 356x200."""

@@ -5,9 +5,10 @@ input order:
 
 - listed in the response's ``items`` → REGISTERED with its V7 id;
 - in ``blocked_items`` with ``ALREADY_EXISTS``, and we may have created it ourselves (it was
-  sent by an earlier run, see ``sent_before``, or an earlier attempt of this call ended without
-  a clear answer: 5xx, timeout, reset) → REGISTERED (no id), reason
-  ``ALREADY_EXISTS after an earlier attempt of ours``; otherwise BLOCKED ``ALREADY_EXISTS``;
+  sent by an earlier run — its attempt count, from ``Sending.mark_sent``, is above 1 — or an
+  earlier attempt of this call ended without a clear answer: 5xx, timeout, reset) →
+  REGISTERED, reason ``ALREADY_EXISTS after an earlier attempt of ours``, with the id when the
+  entry carries one (else the caller looks it up); otherwise BLOCKED ``ALREADY_EXISTS``;
 - blocked for any other reason → BLOCKED with that reason;
 - neither → FAILED ``missing from V7 response`` (retryable);
 - the batch refused as a whole (400/413/422) → the batch is bisected, each half sent on its
@@ -17,8 +18,12 @@ input order:
 - 401 / 404 / quota → ``AuthError`` / ``NotFoundError`` / ``QuotaError`` propagate: the run
   cannot go on;
 - ``stop`` set (graceful shutdown) while a batch waits for a send slot or a retry →
-  ``Interrupted``: the batch is not sent now (its items stay SENT in the ledger for the next
-  run); a request already on the wire is answered first.
+  ``Interrupted``: the batch is not sent now; a request already on the wire is answered first.
+
+Exactly-once: an item is marked SENT (``Sending.mark_sent``, committed) once its rate slot is
+granted, immediately before its first POST — never while it waits — so after a stop or a
+crash only items that may really have reached V7 are SENT. A batch interrupted after answers
+that prove nothing was stored (429 only) has its attempt taken back (``unmark_sent``).
 
 Every attempt takes a token from the limiter. The only waits are the limiter's.
 """
@@ -28,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ingest.errors import (
@@ -39,7 +44,8 @@ from ingest.errors import (
     ServerError,
     TransportError,
 )
-from ingest.model import ItemPlan, Outcome, State
+from ingest.model import Item, Outcome, State
+from ingest.registrar import wire
 from ingest.registrar.rate import Limiter
 from ingest.registrar.retry import RetryPolicy
 from ingest.stats import Stats
@@ -55,6 +61,23 @@ Key = tuple[str, str]  # (path, name)
 
 class RegisterApi(Protocol):
     async def register(self, team: str, readonly: bool, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class Sending(Protocol):
+    """The ledger's side of sending (``ingest.ledger.LedgerPort`` implements it)."""
+
+    async def mark_sent(self, items: Sequence[Item]) -> list[int]: ...
+    async def unmark_sent(self, items: Sequence[Item]) -> None: ...
+
+
+class DrySending:
+    """For tests and dry runs: every item is on its first attempt; nothing is recorded."""
+
+    async def mark_sent(self, items: Sequence[Item]) -> list[int]:
+        return [1] * len(items)
+
+    async def unmark_sent(self, items: Sequence[Item]) -> None:
+        return None
 
 
 class Rng(Protocol):
@@ -94,11 +117,9 @@ class Registrar:
         retry_policy: RetryPolicy,
         stats: Stats,
         *,
-        team: str,
-        dataset_slug: str,
-        storage_slug: str,
+        target: wire.Target,
+        keys: wire.KeyMap,
         readonly: bool,
-        options: dict[str, Any] | None = None,
         clock: Callable[[], float] | None = None,
         rng: Rng | None = None,
     ) -> None:
@@ -106,29 +127,21 @@ class Registrar:
         self.limiter = limiter
         self.retry_policy = retry_policy
         self.stats = stats
-        self.team = team
-        self.dataset_slug = dataset_slug
-        self.storage_slug = storage_slug
+        self.target = target
+        self.team = target.team
+        self.keys = keys
         self.readonly = readonly
-        self.options = dict(options) if options else None
         self._clock = clock or limiter.now
         self._rng: Rng = rng or random.Random()
         stats.current_rate_per_s = limiter.rate
 
-    def envelope(self, items: Sequence[ItemPlan]) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "items": [p.payload for p in items],
-            "dataset_slug": self.dataset_slug,
-            "storage_slug": self.storage_slug,
-        }
-        if self.options:
-            body["options"] = self.options
-        return body
+    def envelope(self, items: Sequence[Item]) -> dict[str, Any]:
+        return wire.envelope(items, self.target, self.keys)
 
     async def register(
         self,
-        items: Sequence[ItemPlan],
-        sent_before: Iterable[tuple[str, str]],
+        items: Sequence[Item],
+        sending: Sending,
         *,
         readonly: bool | None = None,
         stop: asyncio.Event | None = None,
@@ -138,20 +151,43 @@ class Registrar:
 
         ``readonly`` picks the endpoint for this batch (locally processed videos go through
         register_existing_readonly even on read-write storage); None = the storage's mode."""
-        call = _Call(
-            items=list(items),
-            sent_before={item_key(p, n) for p, n in sent_before},
-            results=[None] * len(items),
-        )
+        call = _Call(items=list(items), results=[None] * len(items), sending=sending)
         call.readonly = self.readonly if readonly is None else readonly
         call.stop = stop
         if items:
-            await self._send(call, list(range(len(items))))
+            try:
+                await self._send(call, list(range(len(items))))
+            except Interrupted:
+                await self._take_back(call)
+                raise
         out: list[Outcome] = []
         for plan, result in zip(call.items, call.results, strict=True):
             # Unreachable unless a bug: never drop an item silently.
             out.append(result or self._failed(plan, "not resolved by the registrar", True))
         return out
+
+    async def _take_back(self, call: _Call) -> None:
+        """An interrupted call: items whose requests were only ever refused outright (429)
+        never reached V7; their attempt is taken back so a later ALREADY_EXISTS is not ours."""
+        back = [
+            call.items[i]
+            for i in sorted(call.marked)
+            if call.results[i] is None
+            and item_key(*call.items[i].ident) not in call.maybe_committed
+        ]
+        if back:
+            await call.sending.unmark_sent(back)
+
+    async def _mark(self, call: _Call, indices: list[int]) -> None:
+        """SENT, once per item and call, right before its first request leaves."""
+        fresh = [i for i in indices if i not in call.marked]
+        if not fresh:
+            return
+        attempts = await call.sending.mark_sent([call.items[i] for i in fresh])
+        for i, n in zip(fresh, attempts, strict=True):
+            call.marked.add(i)
+            if n > 1:
+                call.sent_before.add(item_key(*call.items[i].ident))
 
     # --- one batch (or half of one), with its retries --------------------------------------
 
@@ -166,6 +202,7 @@ class Registrar:
             error: Retry
             try:
                 async with self.limiter.slot(call.stop) as sent_at:
+                    await self._mark(call, indices)
                     self.stats.requests += 1
                     if attempt:
                         self.stats.retries += 1
@@ -286,7 +323,13 @@ class Registrar:
             reasons = _blocked_reasons(doc)
             if ALREADY_EXISTS in reasons:
                 if key in call.sent_before or key in call.maybe_committed:
-                    call.results[i] = Outcome(plan.path, plan.name, State.REGISTERED, reason=OURS)
+                    call.results[i] = Outcome(
+                        plan.path,
+                        plan.name,
+                        State.REGISTERED,
+                        v7_id=str(doc.get("id") or ""),
+                        reason=OURS,
+                    )
                 else:
                     call.results[i] = Outcome(
                         plan.path, plan.name, State.BLOCKED, reason=ALREADY_EXISTS
@@ -300,21 +343,30 @@ class Registrar:
                 call.results[i] = self._failed(call.items[i], MISSING, True)
 
     @staticmethod
-    def _failed(plan: ItemPlan, reason: str, retryable: bool) -> Outcome:
+    def _failed(plan: Item, reason: str, retryable: bool) -> Outcome:
         return Outcome(plan.path, plan.name, State.FAILED, reason=reason, retryable=retryable)
 
 
 class _Call:
     """State shared by the requests of one ``register`` call (its bisections and retries)."""
 
-    __slots__ = ("items", "maybe_committed", "readonly", "results", "sent_before", "stop")
+    __slots__ = (
+        "items",
+        "marked",
+        "maybe_committed",
+        "readonly",
+        "results",
+        "sending",
+        "sent_before",
+        "stop",
+    )
 
-    def __init__(
-        self, items: list[ItemPlan], sent_before: set[Key], results: list[Outcome | None]
-    ) -> None:
+    def __init__(self, items: list[Item], results: list[Outcome | None], sending: Sending) -> None:
         self.items = items
-        self.sent_before = sent_before
         self.results = results
+        self.sending = sending
+        self.marked: set[int] = set()  # indices marked SENT by this call
+        self.sent_before: set[Key] = set()  # sent by an earlier run (attempts > 1)
         self.maybe_committed: set[Key] = set()
         self.readonly = False
         self.stop: asyncio.Event | None = None

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -27,6 +26,14 @@ from ingest.engine import Engine, hold_lease, open_engine
 from ingest.errors import IngestError, PreflightError
 from ingest.log import redact, set_run_id
 from ingest.model import ObjectInfo
+from ingest.run.lifecycle import (
+    EXIT_CONFIG,
+    EXIT_FATAL,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Lifecycle,
+)
 from ingest.stats import Stats
 from ingest.worker.events import Delivery, EventSource, open_events
 from ingest.worker.observe import Health, default_max_sync_age_s, serve_http
@@ -39,11 +46,8 @@ from ingest.worker.schedule import (
 
 log = logging.getLogger("ingest.worker")
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_INCOMPLETE = 3
-EXIT_LEASE_LOST = 4  # another process took the job over: exit non-zero so a supervisor sees it
-EXIT_FORCED = 130
+# A lost lease (another process took the job over) exits non-zero so a supervisor sees it.
+EXIT_LEASE_LOST = EXIT_FATAL
 RECEIVE_MAX_MESSAGES = 10
 
 
@@ -69,7 +73,6 @@ class Worker:
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()  # one pass at a time: sync or events
         self._engine: Engine | None = None
-        self._forced = False
         self._lost_lease = False
         self._last_exit = EXIT_OK
 
@@ -90,58 +93,22 @@ class Worker:
 
     async def serve(self, *, once: bool = False) -> int:
         """Run until stopped (or one pass with ``once``); returns the exit code."""
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        grace: list[asyncio.TimerHandle] = []
-
-        def force(why: str) -> None:
-            if self._forced:
-                return
-            self._forced = True
-            log.error(f"{why}: exiting now; the next start resumes from the ledger")
-            if task is not None:
-                task.cancel()
-
-        def on_signal(sig: signal.Signals) -> None:
-            if self._stopping.is_set():
-                force(f"second {sig.name}")
-                return
-            log.warning(
-                f"{sig.name}: finishing in-flight work",
-                extra={"grace_period_s": self.cfg.worker.grace_period_s},
-            )
-            self.stop()
-            grace.append(
-                loop.call_later(
-                    self.cfg.worker.grace_period_s,
-                    force,
-                    "grace period over (worker.grace_period_s)",
-                )
-            )
-
-        installed = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, on_signal, sig)
-                installed.append(sig)
+        life = Lifecycle(self.stop, grace_period_s=self.cfg.worker.grace_period_s)
         set_run_id(f"worker:{self.cfg.job}")
         try:
-            async with self._http():
-                log.info(
-                    "worker started",
-                    extra={"schedule": self.schedule.text, "http_port": self.http_port},
-                )
-                return await self._live(once)
+            with life.installed():
+                async with self._http():
+                    log.info(
+                        "worker started",
+                        extra={"schedule": self.schedule.text, "http_port": self.http_port},
+                    )
+                    return await self._live(once)
         except asyncio.CancelledError:
-            if self._forced:
-                return EXIT_FORCED
+            if life.forced:
+                return EXIT_INTERRUPTED
             raise
         finally:
-            for handle in grace:
-                handle.cancel()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            log.info("worker stopped", extra={"forced": self._forced})
+            log.info("worker stopped", extra={"forced": life.forced})
 
     @contextlib.asynccontextmanager
     async def _http(self) -> Any:
@@ -243,7 +210,7 @@ class Worker:
             if self._stopping.is_set():
                 return True
             now = self.clock()
-            requeued = engine.ledger.requeue_due(
+            requeued = await engine.ledger.requeue_due(
                 lambda failures, at: failed_retry_due(
                     failures, at, now, w.retry_failed_base_s, w.retry_failed_cap_s
                 )
@@ -364,7 +331,9 @@ class Worker:
             if self._stopping.is_set():
                 return False
             if deleted:
-                self.stats.vanished += engine.ledger.record_sync_page(vanished=sorted(deleted))
+                self.stats.vanished += await engine.ledger.record_sync_page(
+                    vanished=sorted(deleted)
+                )
             if not latest:
                 return True
             try:

@@ -1,0 +1,338 @@
+"""The pipeline: the stages of one pass wired with bounded queues — wiring only.
+
+    recovery / listing (+ sync merge) → planning → ledger → media workers → batcher → senders
+
+Every arrow is a bounded asyncio.Queue, so the slowest stage sets the pace and memory stays flat
+however many objects the bucket holds. Every ledger call goes through the async port.
+
+Exactly-once: a page's items and its listing checkpoint are committed in one transaction; an
+item is marked SENT (committed) once its rate slot is granted, just before its request goes
+out; on restart, PLANNED and SENT items are re-queued first and the listing resumes from the
+last checkpoint. ``ALREADY_EXISTS`` for an item we had sent before is success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ingest.batch import BatchBuilder, run_batcher
+from ingest.config import Config
+from ingest.ledger import LedgerPort
+from ingest.log import set_run_id
+from ingest.manifest import read_manifest
+from ingest.model import Item, Media, ObjectInfo, Skip
+from ingest.planner import collision, plan_manifest_item
+from ingest.run.merge import SyncMerge
+from ingest.run.planning import Planning, chunks, partition_events, without_prefixes
+from ingest.run.processing import MediaWorkers, Prepare
+from ingest.run.sending import Register, Resolve, Sender
+from ingest.sources import Page, Shard, Source
+from ingest.sources.fanout import ShardPage, discover_shards, iter_shard_pages
+from ingest.stats import Stats, count_reason
+
+log = logging.getLogger("ingest.pipeline")
+
+ITEM_QUEUE_BATCHES = 4  # item queue holds this many batches' worth per in-flight request
+PAGE_QUEUE_PAGES = 8
+PLAN_CHUNK_OBJECTS = 200  # objects planned and recorded between yields to the loop
+
+
+class Background(Protocol):
+    """A helper task that lives as long as the pass (fault log, id resolver)."""
+
+    async def run(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass
+class RunResult:
+    run_id: int = 0
+    stopped_early: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    """One pass (`run`, `sync`, `retry`, an events pass or a dry-run `plan`)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        source: Source,
+        ledger: LedgerPort,
+        registrar: Register,
+        stats: Stats,
+        *,
+        readonly: bool,
+        clock: Callable[[], float] | None = None,
+        media: Prepare | None = None,
+        image_workers: int = 16,
+        video_workers: int = 2,
+        ignore_prefixes: Sequence[str] = (),
+        sync: bool = False,
+        dry_run: bool = False,
+        resolver: Resolve | None = None,
+        background: Sequence[Background] = (),
+    ) -> None:
+        # sync: merge the listing with the ledger (only new objects are planned; changed and
+        # vanished ones are recorded) instead of recording every listed object.
+        # dry_run (`ingest plan`): items needing media work are sent on as they are.
+        self.cfg = cfg
+        self.source = source
+        self.ledger = ledger
+        self.stats = stats
+        self.readonly = readonly
+        self.dry_run = dry_run
+        self._clock = clock or asyncio.get_event_loop().time
+        self._stop = asyncio.Event()
+        self._background = background
+        n = cfg.rate.max_in_flight
+        self.items: asyncio.Queue[Item | None] = asyncio.Queue(
+            max(cfg.batch.max_items * n * ITEM_QUEUE_BATCHES, 64)
+        )
+        self.batches: asyncio.Queue[list[Item] | None] = asyncio.Queue(n)
+        # Where thumbnails and video artifacts are written (by us, or by V7 on read-write
+        # storage): never registered, never recorded, or every run would find them anew.
+        self.ignore_prefixes = tuple(p.rstrip("/") + "/" for p in ignore_prefixes if p.strip("/"))
+        self.planning = Planning(cfg, source.storage_key, readonly)
+        self.media = (
+            None
+            if media is None
+            else MediaWorkers(
+                media,
+                ledger,
+                stats,
+                image_workers=image_workers,
+                video_workers=video_workers,
+                ready=self.items.put,
+                stopped=self._stop.is_set,
+                failed=self._count_failure,
+            )
+        )
+        self.sender = Sender(
+            registrar, ledger, stats, stop=self._stop, failed=self._count_failure, resolver=resolver
+        )
+        self.merge = (
+            SyncMerge(cfg, source, ledger, stats, self.planning.new_planner, self._route)
+            if sync
+            else None
+        )
+        stats.queues.update(items=self.items.qsize, batches=self.batches.qsize)
+
+    def request_stop(self) -> None:
+        """Graceful stop: no new listing, no new request or media job; requests and uploads
+        already in flight finish. Items not started stay PLANNED in the ledger for next time."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(
+        self,
+        kind: str = "run",
+        *,
+        list_bucket: bool = True,
+        objects: Sequence[ObjectInfo] | None = None,
+    ) -> RunResult:
+        """One pass: recovery of pending items, then the listing (``list_bucket``) or the given
+        ``objects`` (from bucket events; known ones are not sent again)."""
+        run = await self.ledger.start_run(kind, listing=list_bucket)
+        result = RunResult(run_id=run.run_id)
+        set_run_id(f"{self.ledger.job}#{run.run_id}")
+        log.info(
+            "run started",
+            extra={"kind": kind, "run": run.run_id, "resume_listing": run.resume_listing},
+        )
+        before = self.counts()  # Stats may be shared by many passes (the worker's)
+        status = "failed"
+        try:
+            await self._run_stages(run.resume_listing, list_bucket, objects)
+            result.stopped_early = self._stop.is_set()
+            if list_bucket and not result.stopped_early:
+                await self.ledger.mark_listing_complete()
+            status = "interrupted" if result.stopped_early else "completed"
+        except asyncio.CancelledError:
+            status = "interrupted"
+            raise
+        finally:
+            result.counts = {k: v - before.get(k, 0) for k, v in self.counts().items()}
+            with contextlib.suppress(Exception):  # never mask the error that ended the pass
+                await asyncio.shield(self.ledger.finish_run(run.run_id, status, result.counts))
+        return result
+
+    def counts(self) -> dict[str, int]:
+        s = self.stats
+        return {
+            "listed": s.listed,
+            "planned": s.planned,
+            "skipped": s.skipped,
+            "registered": s.registered,
+            "blocked": s.blocked,
+            "failed": s.failed,
+            "requests": s.requests,
+            "rate_limited": s.rate_limited,
+        }
+
+    async def _run_stages(
+        self, resume_listing: bool, list_bucket: bool, objects: Sequence[ObjectInfo] | None
+    ) -> None:
+        builder = BatchBuilder(
+            self.cfg.batch.max_items, self.cfg.batch.max_bytes, self.cfg.batch.max_wait_s
+        )
+        async with asyncio.TaskGroup() as tg:
+            helpers = [tg.create_task(b.run(), name=type(b).__name__) for b in self._background]
+            tg.create_task(self._feed(resume_listing, list_bucket, objects, tg), name="produce")
+            # Requests for the two register endpoints never mix in one batch.
+            tg.create_task(self._batch(builder), name="batcher")
+            senders = [
+                tg.create_task(self.sender.loop(self.batches), name=f"sender-{i}")
+                for i in range(self.cfg.rate.max_in_flight)
+            ]
+            await asyncio.gather(*senders)
+            for b in self._background:
+                await b.close()
+            await asyncio.gather(*helpers)
+
+    async def _batch(self, builder: BatchBuilder) -> None:
+        await run_batcher(
+            self.items, self.batches, builder, self._clock, split=lambda i: i.readonly_endpoint
+        )
+        await self.batches.put(None)  # the senders stop when they see it
+
+    async def _feed(
+        self,
+        resume_listing: bool,
+        list_bucket: bool,
+        objects: Sequence[ObjectInfo] | None,
+        tg: asyncio.TaskGroup,
+    ) -> None:
+        """Recovery and listing, then the media workers drain, then the batcher is told."""
+        workers = self.media.start(tg) if self.media is not None else []
+        try:
+            await self._produce(resume_listing, list_bucket, objects)
+        finally:
+            if self.media is not None:
+                await self.media.close()
+            await asyncio.gather(*workers, return_exceptions=True)
+            # Always release the batcher, even when failing: the TaskGroup cancels the rest.
+            await self.items.put(None)
+
+    async def _produce(
+        self, resume_listing: bool, list_bucket: bool, objects: Sequence[ObjectInfo] | None
+    ) -> None:
+        # Recovery first: items left PLANNED, PROCESSING or SENT by an interrupted run.
+        async with contextlib.aclosing(self.ledger.pending()) as pending:
+            async for p in pending:
+                if self._stop.is_set():
+                    return
+                await self._route(p.item)
+        if objects is not None and not self._stop.is_set():
+            await self._plan_events(list(objects))
+        if list_bucket and not self._stop.is_set():
+            await self._list_and_plan(resume_listing)
+
+    async def _route(self, item: Item) -> None:
+        """Items with media work go to the media workers first; the rest straight on."""
+        if self._stop.is_set():
+            return  # stays PLANNED in the ledger: the next run picks it up
+        if item.media is Media.NONE or self.dry_run:
+            await self.items.put(item)
+        elif self.media is None:
+            reason = "needs media processing, which this run cannot do"
+            await self.ledger.media_failed(item, reason, final=False)
+            self._count_failure(reason)
+        else:
+            await self.media.put(item)
+
+    def _count_failure(self, reason: str) -> None:
+        self.stats.failed += 1
+        count_reason(self.stats.failures_by_reason, reason.split(":")[0])
+
+    async def _record(
+        self,
+        shard_id: str,
+        checkpoint: str,
+        done: bool,
+        objects: Sequence[ObjectInfo],
+        plans: Sequence[Item | Skip],
+    ) -> None:
+        new = await self.ledger.record_page(shard_id, checkpoint, done, objects, plans, collision)
+        self.stats.skipped += sum(1 for p in plans if isinstance(p, Skip))
+        self.stats.planned += len(new)
+        for item in new:
+            await self._route(item)
+
+    async def _list_and_plan(self, resume_listing: bool) -> None:
+        cfg = self.cfg
+        checkpoints = await self.ledger.checkpoints() if resume_listing else {}
+        done = {sid for sid, (_cp, is_done) in checkpoints.items() if is_done}
+        resume = {sid: cp for sid, (cp, _d) in checkpoints.items() if cp}
+        manifest = cfg.plan.slots == "manifest"
+        if manifest:
+            n = await self.ledger.stage_manifest(read_manifest(cfg.plan.manifest))
+            log.info("manifest staged", extra={"rows": n, "file": cfg.plan.manifest})
+        shards = await discover_shards(self.source, cfg.source.prefix, cfg.source.fanout_depth)
+        listing = iter_shard_pages(
+            self.source, shards, resume, done, cfg.source.list_concurrency, PAGE_QUEUE_PAGES
+        )
+        async with contextlib.aclosing(listing) as pages:
+            async for page in pages:
+                page, dropped = without_prefixes(page, self.ignore_prefixes)
+                self.stats.artifacts_ignored += dropped
+                if self.merge is not None:
+                    self.stats.listed += len(page.page.objects)
+                    page = await self.merge.page(page, resume.get(page.shard.id))
+                for sp in chunks(page, PLAN_CHUNK_OBJECTS):
+                    wanted = None
+                    if manifest:
+                        wanted = await self.ledger.in_manifest([o.key for o in sp.page.objects])
+                    plans, checkpoint = self.planning.plan_page(sp, wanted)
+                    if self.merge is None:
+                        self.stats.listed += len(sp.page.objects)
+                    await self._record(sp.shard.id, checkpoint, sp.last, sp.page.objects, plans)
+                if self._stop.is_set():
+                    return
+        if self.merge is not None:
+            await self.merge.sweep_vanished_folders(shards)
+        if manifest:
+            await self._plan_manifest()
+
+    async def _plan_events(self, objects: list[ObjectInfo]) -> None:
+        """Objects reported by bucket events: planned and recorded like a listed page. A key
+        the ledger already holds is not sent again (events are at-least-once)."""
+        now, later, ignored = partition_events(
+            objects, self.ignore_prefixes, self.planning.new_planner().grouped
+        )
+        self.stats.artifacts_ignored += ignored
+        if later:
+            self.stats.events_deferred += len(later)
+            log.info(
+                "events: files of multi-file items left to the next sync",
+                extra={"count": len(later), "example": later[0].key},
+            )
+        sp = ShardPage(Shard("events:", recursive=True), Page(now, [], ""), last=True)
+        plans, _cp = self.planning.plan_page(sp)
+        self.stats.listed += len(now)
+        await self._record("events", "", False, now, plans)
+
+    async def _plan_manifest(self) -> None:
+        """After the listing: one item per manifest item, its keys checked against what was
+        listed. Items already in the ledger are neither re-planned nor re-sent."""
+        planner = self.planning.new_planner()
+        async with contextlib.aclosing(self.ledger.manifest_items()) as items:
+            async for m in items:
+                if self._stop.is_set():
+                    return
+                infos = await self.ledger.object_infos([k for _s, k in m.slots])
+                objs = [(slot, infos.get(key), key) for slot, key in m.slots]
+                plan, problem = plan_manifest_item(planner, m.name, m.path, objs)
+                if problem:
+                    if await self.ledger.add_failed_item(plan, problem):
+                        self._count_failure(problem)
+                    continue
+                await self._record("manifest", "", False, [], [plan])

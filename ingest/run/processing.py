@@ -1,0 +1,100 @@
+"""Media stage: items that need thumbnails, uploads or video cutting go through bounded queues
+to their workers, beside registration (the first items register while videos are cut)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from ingest.errors import IngestError
+from ingest.ledger import LedgerPort
+from ingest.media import MediaError
+from ingest.model import Item, Media
+from ingest.stats import Stats
+
+log = logging.getLogger("ingest.media")
+
+
+class Prepare(Protocol):
+    """The media stage (ingest.media.stage.MediaStage): raises MediaError for a bad object."""
+
+    async def prepare(self, item: Item) -> Item: ...
+
+
+class MediaWorkers:
+    """One bounded queue and a pool of workers per kind (images and uploads; videos)."""
+
+    def __init__(
+        self,
+        media: Prepare,
+        ledger: LedgerPort,
+        stats: Stats,
+        *,
+        image_workers: int,
+        video_workers: int,
+        ready: Callable[[Item], Awaitable[None]],
+        stopped: Callable[[], bool],
+        failed: Callable[[str], None],
+    ) -> None:
+        self.media = media
+        self.ledger = ledger
+        self.stats = stats
+        self._ready = ready
+        self._stopped = stopped
+        self._failed = failed
+        self._workers = {Media.IMAGE: max(1, image_workers), Media.VIDEO: max(1, video_workers)}
+        self.queues: dict[Media, asyncio.Queue[Item | None]] = {
+            kind: asyncio.Queue(2 * n) for kind, n in self._workers.items()
+        }
+        stats.queues.update(
+            media_images=self.queues[Media.IMAGE].qsize,
+            media_videos=self.queues[Media.VIDEO].qsize,
+        )
+
+    def start(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        return [
+            tg.create_task(self._loop(kind), name=f"media-{kind}-{i}")
+            for kind, n in self._workers.items()
+            for i in range(n)
+        ]
+
+    async def put(self, item: Item) -> None:
+        # Uploads of local files are I/O like thumbnails: same workers.
+        kind = Media.VIDEO if item.media is Media.VIDEO else Media.IMAGE
+        await self.queues[kind].put(item)
+
+    async def close(self) -> None:
+        for kind, n in self._workers.items():
+            for _ in range(n):
+                await self.queues[kind].put(None)
+
+    async def _loop(self, kind: Media) -> None:
+        queue = self.queues[kind]
+        while (item := await queue.get()) is not None:
+            if self._stopped():
+                continue  # not started: stays PLANNED for the next run
+            await self.ledger.mark_processing(item)
+            self.stats.processing += 1
+            try:
+                ready = await self.media.prepare(item)
+            except MediaError as e:
+                await self._fail(item, e.reason, final=e.final)
+                continue
+            except IngestError as e:  # the bucket side (SourceRetryable, …): try again later
+                await self._fail(item, f"storage error, retry later: {e}", final=False)
+                continue
+            except Exception as e:  # a bug must not sink the run: record it, go on
+                log.exception("media processing failed", extra={"item": item.name})
+                await self._fail(item, f"internal error: {type(e).__name__}: {e}"[:300])
+                continue
+            finally:
+                self.stats.processing -= 1
+            await self.ledger.media_done(ready)
+            self.stats.media_done += 1
+            await self._ready(ready)
+
+    async def _fail(self, item: Item, reason: str, *, final: bool = False) -> None:
+        await self.ledger.media_failed(item, reason, final=final)
+        self._failed(reason)
