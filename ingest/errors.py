@@ -1,14 +1,35 @@
-"""One exception hierarchy for the whole engine.
+"""One exception hierarchy for the whole engine. Each error says whether it is *transient*
+(``retryable = True``: the same work may succeed later) or *terminal* (it will not, until
+something is fixed). A caller decides what to do from the class and that flag alone::
 
-A caller decides what to do from the class alone:
+    IngestError
+    ├── ConfigError              terminal  the config is wrong: one line naming the fix, exit 2
+    ├── PreflightError           terminal  key, team, dataset, storage or bucket refused: exit 2
+    │   └── Unreachable          transient V7 or the bucket cannot be reached at all
+    ├── LedgerError              terminal  the ledger cannot be opened or used: names the file
+    │   └── LedgerBusy           transient locked by another writer for too long
+    ├── LeaseHeld                transient another run of the job holds the lease: exit 5
+    ├── Interrupted              transient a graceful stop came while a batch waited
+    ├── FatalError               terminal  the run cannot go on
+    ├── MediaError               either    one object's media work failed (``final``: terminal)
+    ├── V7Error                            the V7 API
+    │   ├── Retry                transient (``delay_s``: Retry-After)
+    │   │   ├── RateLimited      transient 429 — every sender slows down
+    │   │   ├── ServerError      transient 5xx (the server may have committed the batch)
+    │   │   └── TransportError   transient reset, refused, timed out
+    │   ├── AuthError            terminal  401
+    │   ├── NotFoundError        terminal  404
+    │   ├── QuotaError           terminal  429 INSUFFICIENT_REMAINING_STORAGE
+    │   └── RejectedError        terminal  400/413/422 (the batch is bisected)
+    └── SourceError                        the bucket
+        ├── SourceRetryable      transient throttled, 5xx, timeouts
+        ├── BucketNotFound       terminal
+        ├── AccessDenied         terminal
+        └── ObjectNotFound       terminal  one object is gone
 
-- ``ConfigError`` / ``PreflightError``: fatal before any work; the message is one line naming
-  the fix.
-- ``V7Error`` subclasses split into *retryable* (``Retry`` and its children: rate limit, 5xx,
-  transport) and *final* (auth, not found, quota, rejected payload).
-- ``SourceError`` for the bucket side, same split.
-
-Messages never contain secrets: API keys and credentials are never formatted into them.
+Foreign exceptions are mapped to these at the edge that meets them (the V7 client, each
+bucket adapter, the ledger backend). Messages never contain secrets: API keys and
+credentials are never formatted into them.
 """
 
 from __future__ import annotations
@@ -37,11 +58,15 @@ class Unreachable(PreflightError):
 class LeaseHeld(IngestError):
     """Another run, sync or worker of the same job holds the ledger's lease: try later."""
 
+    retryable = True
+
 
 class Interrupted(IngestError):
     """A graceful stop came while a batch waited for a send slot or a retry: it is not sent
-    now. Its items stay SENT in the ledger; the next run re-sends them, and ALREADY_EXISTS for
-    an item of ours counts as registered, so nothing is lost or doubled."""
+    now. Items that never left stay PLANNED; items that may have reached V7 (a 5xx or a reset)
+    stay SENT, and the next run's ALREADY_EXISTS for them counts as ours."""
+
+    retryable = True
 
 
 class LedgerError(IngestError):
@@ -49,8 +74,28 @@ class LedgerError(IngestError):
     for too long). Terminal: the message names the file and what to fix."""
 
 
+class LedgerBusy(LedgerError):
+    """The ledger stayed locked by another writer past the busy timeout: try again."""
+
+    retryable = True
+
+
 class FatalError(IngestError):
     """The run cannot continue (e.g. the API key was revoked mid-run)."""
+
+
+class MediaError(IngestError):
+    """One object's media work failed (corrupt or truncated, not an image, too big, no video
+    stream). ``final`` (the default): the same bytes give the same answer, so it is terminal
+    and the worker does not retry it by itself. Not final: the bucket could not be read or
+    written, a decoder process crashed, a time limit ran out — transient. ``reason`` is a
+    short human reason fit for a report column, e.g. ``"truncated image file"``."""
+
+    def __init__(self, reason: str, *, final: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.final = final
+        self.retryable = not final
 
 
 # --- V7 side -----------------------------------------------------------------------------

@@ -281,6 +281,34 @@ class ShardPlanner:
             slots[i] = replace(slots[i], objects=tuple(series))
         out.append(self._item(path, name, tuple(slots), types))
 
+    def manifest_item(
+        self, item_name: str, rel_path: str, slots: list[tuple[str, ObjectInfo | None, str]]
+    ) -> tuple[Item, str]:
+        """One item of a user's manifest: ``slots`` are (slot_name, listed object or None, key).
+
+        Returns the item and "" when it can be sent, or the item and the reason it cannot (a
+        key missing from the bucket, an unsupported or empty file, a repeated slot name): the
+        caller records it FAILED with that reason. Pure."""
+        path = join_path(self.plan.root_path, rel_path)
+        out: list[Slot] = []
+        types: set[ItemType] = set()
+        problems: list[str] = []
+        seen: set[str] = set()
+        for slot_name, obj, key in slots:
+            if slot_name in seen:
+                problems.append(f"slot name '{slot_name}' used twice")
+            seen.add(slot_name)
+            info = obj or ObjectInfo(key, 0)
+            t = file_type(key)
+            reason = "not in the bucket listing" if obj is None else self._reject(info, t)
+            if reason is not None:
+                problems.append(f"{key}: {reason}")
+            t = t or ItemType.IMAGE
+            types.add(t)
+            out.append(self._slot(info, t, slot_name))
+        item = self._item(path, item_name, tuple(out), types)
+        return item, "; ".join(problems)[:500]
+
 
 def collision(item: Item, recorded_keys: tuple[str, ...]) -> list[Skip]:
     """The policy for an item whose (path, name) is already recorded with other keys (e.g.
@@ -302,30 +330,8 @@ def plan_manifest_item(
     rel_path: str,
     slots: list[tuple[str, ObjectInfo | None, str]],
 ) -> tuple[Item, str]:
-    """One item of a user's manifest: ``slots`` are (slot_name, listed object or None, key).
-
-    Returns the item and "" when it can be sent, or the item and the reason it cannot (a key
-    missing from the bucket, an unsupported or empty file, a repeated slot name): the caller
-    records it FAILED with that reason. Pure."""
-    path = join_path(planner.plan.root_path, rel_path)
-    out: list[Slot] = []
-    types: set[ItemType] = set()
-    problems: list[str] = []
-    seen: set[str] = set()
-    for slot_name, obj, key in slots:
-        if slot_name in seen:
-            problems.append(f"slot name '{slot_name}' used twice")
-        seen.add(slot_name)
-        info = obj or ObjectInfo(key, 0)
-        t = file_type(key)
-        reason = "not in the bucket listing" if obj is None else planner._reject(info, t)
-        if reason is not None:
-            problems.append(f"{key}: {reason}")
-        t = t or ItemType.IMAGE
-        types.add(t)
-        out.append(planner._slot(info, t, slot_name))
-    item = planner._item(path, item_name, tuple(out), types)
-    return item, "; ".join(problems)[:500]
+    """See ``ShardPlanner.manifest_item``."""
+    return planner.manifest_item(item_name, rel_path, slots)
 
 
 def video_local(cfg: Config, readonly: bool) -> bool:

@@ -17,6 +17,36 @@ from tests.support.emulators import *  # noqa: F403
 # moto's server logs every request through werkzeug: keep test output readable.
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
+# Tests that start or talk to real servers or processes (storage emulators, the V7 emulator,
+# ffmpeg, the CLI) are end to end; the rest are fast unit tests. `pytest -m "not e2e"` runs
+# only the fast part (README, "Development").
+E2E_FIXTURES = frozenset(
+    {"moto_url", "emulator", "fake_gcs_url", "azurite", "azurite_queue", "postgres_url"}
+)
+E2E_MODULES = frozenset(
+    {
+        "test_deploy",
+        "test_e2e",
+        "test_faults",
+        "test_media_e2e",
+        "test_providers_e2e",
+        "test_regressions",
+        "test_sync",
+        "test_video",
+        "test_worker",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in E2E_MODULES or fixtures & E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+        else:
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
