@@ -124,6 +124,24 @@ class Stats:
     events_deferred: int = 0  # event objects of multi-file items, left to the next sync
     vanished: int = 0  # objects a sync found gone from the bucket
     changed: int = 0  # objects a sync found with a new ETag / generation
+    # --- faults, for the operator's log lines (ingest.registrar.faults) -------------------
+    # Fed by V7Client (when given these stats), every endpoint, every attempt:
+    http_statuses: Counter[int] = field(default_factory=Counter)  # answers by HTTP status
+    transport_by_kind: Counter[str] = field(default_factory=Counter)  # reset|timeout|connect
+    # Fed by the registrar:
+    rate_limit_paused_s: float = 0.0  # seconds senders were held back by 429s (union)
+    rate_cuts: int = 0  # rate cuts by the controller so far (RateController.cuts)
+    already_exists_ours: int = 0  # items confirmed ours through ALREADY_EXISTS
+    _paused_until: float = field(default=-math.inf, repr=False, compare=False)
+
+    def record_pause(self, now: float, until: float) -> None:
+        """A 429 holds every sender back until ``until`` (the limiter's ``paused_until``; same
+        clock as ``now``). Adds the part of [now, until) not already counted, so overlapping
+        pauses (many 429s of one episode) are counted once."""
+        start = max(now, self._paused_until)
+        if until > start and math.isfinite(until):
+            self.rate_limit_paused_s += until - start
+            self._paused_until = until
 
     def elapsed_s(self) -> float:
         return max(time.monotonic() - self.started_at, 1e-9)

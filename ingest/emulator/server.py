@@ -10,6 +10,23 @@ Admin endpoints (no auth), for tests and benchmarks:
   POST /_emulator/datasets         {"slug": "...", "name"?: "..."}
   POST /_emulator/storage          {"name", "provider", "bucket", "prefix", "readonly", "default"}
   GET  /_emulator/items?dataset=S  every item of a dataset (name, path, slots)
+
+Items listing (``GET /api/v2/teams/{team}/items``), as darwin-py calls it
+(``darwin/backend_v2.py: fetch_items``, ``darwin/dataset/remote_dataset_v2.py:
+fetch_remote_files``): ``page[size]`` (capped at ``max_page_size``), ``page[from]`` (the
+previous page's ``page.next``), ``dataset_ids[]``, and the filters ``item_names[]`` (item names,
+repeated once per name; darwin-py's importer sends up to 100 per request) and
+``item_paths[]`` (folder paths, repeated). The comma-separated ``item_names=a,b`` form that
+darwin-py sends when given a string is accepted too. Filters are exact and case-sensitive;
+the ``[]`` form carries names that contain commas. V7's semantics of ``item_paths[]`` are not
+pinned down by darwin-py (it only passes the filter through): here it matches the item's folder
+``path``, and clients should still check (path, name) of every row they get back.
+
+``blocked_item_ids`` (off by default) puts the existing item's ``id`` into every
+ALREADY_EXISTS entry of ``blocked_items``. V7's register_existing page shows blocked entries
+without one; darwin-py's test fixtures for the register_upload sibling do carry it
+(``ItemPayload.parse_v2`` reads ``id``). Off, the engine has to look ids up; on, it may take
+them from the answer: both paths are testable.
 """
 
 from __future__ import annotations
@@ -51,6 +68,8 @@ class EmulatorConfig:
     max_items_per_request: int = 500
     max_body_bytes: int = 5_000_000
     quota_exceeded: bool = False  # answer 429 INSUFFICIENT_REMAINING_STORAGE to registrations
+    max_page_size: int = 500  # items per page of a listing, whatever page[size] asks for
+    blocked_item_ids: bool = False  # ALREADY_EXISTS entries carry the existing item's "id"
     seed: int = 0
 
 
@@ -77,6 +96,7 @@ class Emulator:
         self.store = store or Store.default()
         self.store.team = cfg.team
         self.store.max_items_per_request = cfg.max_items_per_request
+        self.store.blocked_item_ids = cfg.blocked_item_ids
         self.rng = random.Random(cfg.seed)
         self.started = time.monotonic()
         self.fault_queue: collections.deque[str] = collections.deque()
@@ -278,9 +298,16 @@ class Emulator:
             ]
         except ValueError:
             return self._error(422, "VALIDATION_ERROR", "bad paging parameters", "page")
+        if size < 1 or start < 0:
+            return self._error(422, "VALIDATION_ERROR", "bad paging parameters", "page")
         if not ids or ids[0] not in self.store.order:
             return self._error(404, "NOT_FOUND", f"dataset {ids[0] if ids else ''} not found")
-        return self._json(self.store.list_items(ids[0], min(size, 500), start))
+        names = q.getall("item_names[]", [])
+        if "item_names" in q:  # darwin-py's string form: one comma-separated value
+            names = [*names, *(n for v in q.getall("item_names") for n in v.split(",") if n)]
+        paths = q.getall("item_paths[]", [])
+        size = min(size, max(1, self.cfg.max_page_size))
+        return self._json(self.store.list_items(ids[0], size, start, names=names, paths=paths))
 
     # --- admin ---------------------------------------------------------------------------
 
@@ -302,6 +329,7 @@ class Emulator:
             setattr(self.cfg, k, v)
         self.bucket = TokenBucket(self.cfg.rate_per_s, self.cfg.burst, time.monotonic())
         self.store.max_items_per_request = self.cfg.max_items_per_request
+        self.store.blocked_item_ids = bool(self.cfg.blocked_item_ids)
         if "seed" in patch:
             self.rng = random.Random(self.cfg.seed)  # faults drawn from the new seed
         return self._json(asdict(self.cfg))
@@ -393,6 +421,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="probability of storing the items and answering 502",
     )
     p.add_argument("--max-items", type=int, default=500, help="items allowed per request")
+    p.add_argument(
+        "--max-page-size", type=int, default=500, help="items per page of an items listing"
+    )
+    p.add_argument(
+        "--blocked-item-ids",
+        action="store_true",
+        help="put the existing item's id into ALREADY_EXISTS entries of blocked_items",
+    )
     p.add_argument("--api-key", default=API_KEY)
     p.add_argument("--team", default="emulator-team")
     p.add_argument("--seed", type=int, default=0)
@@ -413,6 +449,8 @@ def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
         stall_s=ns.stall_s,
         p_commit_then_fail=ns.p_commit_then_fail,
         max_items_per_request=ns.max_items,
+        max_page_size=ns.max_page_size,
+        blocked_item_ids=ns.blocked_item_ids,
         seed=ns.seed,
     )
 

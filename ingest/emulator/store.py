@@ -10,24 +10,24 @@ import itertools
 import posixpath
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ingest.planner import (
-    DICOM_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    PDF_EXTENSIONS,
-    VIDEO_EXTENSIONS,
-)
-
 KNOWN_TYPES = {"image", "video", "pdf", "dicom"}
 READONLY_TYPES = {"image", "video", "pdf"}
-# V7 infers a type from the file name's extension: the same table the planner uses.
+# V7 infers a type from the file name's extension (darwin-py's SUPPORTED_IMAGE/VIDEO_EXTENSIONS,
+# plus what V7's pipelines read). The emulator keeps its own table, as the server would: it
+# does not borrow the planner's, so a planner mistake is not mirrored by the emulator.
 EXT_TYPES = {
-    **dict.fromkeys(IMAGE_EXTENSIONS, "image"),
-    **dict.fromkeys(VIDEO_EXTENSIONS, "video"),
-    **dict.fromkeys(PDF_EXTENSIONS, "pdf"),
-    **dict.fromkeys(DICOM_EXTENSIONS, "dicom"),
+    **dict.fromkeys(
+        (".png", ".jpeg", ".jpg", ".jfif", ".jpe", ".tif", ".tiff", ".bmp", ".svs", ".webp"),
+        "image",
+    ),
+    **dict.fromkeys((".ndpi", ".rvg", ".qoi", ".gif"), "image"),
+    **dict.fromkeys((".avi", ".bpm", ".mov", ".mp4", ".mkv", ".hevc", ".m4v"), "video"),
+    ".pdf": "pdf",
+    ".dcm": "dicom",
 }
 READONLY_VIDEO_REQUIRED = (
     "width",
@@ -96,6 +96,9 @@ class Store:
     items: dict[tuple[int, str, str], dict[str, Any]] = field(default_factory=dict)
     order: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     max_items_per_request: int = 500
+    # Put the existing item's "id" into an ALREADY_EXISTS entry of blocked_items (see
+    # EmulatorConfig.blocked_item_ids: V7 does not document it for register_existing).
+    blocked_item_ids: bool = False
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     @classmethod
@@ -251,16 +254,17 @@ class Store:
             ]
             k = (ds.id, path, name)
             if k in self.items:
-                blocked.append(
-                    {
-                        "name": name,
-                        "path": path,
-                        "slots": [
-                            {"slot_name": s.get("slot_name", "0"), "reason": "ALREADY_EXISTS"}
-                            for s in slots
-                        ],
-                    }
-                )
+                entry: dict[str, Any] = {
+                    "name": name,
+                    "path": path,
+                    "slots": [
+                        {"slot_name": s.get("slot_name", "0"), "reason": "ALREADY_EXISTS"}
+                        for s in slots
+                    ],
+                }
+                if self.blocked_item_ids:
+                    entry = {"id": self.items[k]["id"], **entry}
+                blocked.append(entry)
                 continue
             doc = {
                 "id": str(uuid.UUID(int=next(self._ids) | (0x0190 << 112))),
@@ -285,8 +289,35 @@ class Store:
             done.append(doc)
         return {"items": done, "blocked_items": blocked}
 
-    def list_items(self, dataset_id: int, size: int, start: int) -> dict[str, Any]:
+    def list_items(
+        self,
+        dataset_id: int,
+        size: int,
+        start: int,
+        *,
+        names: Collection[str] = (),
+        paths: Collection[str] = (),
+    ) -> dict[str, Any]:
+        """One page of a dataset's items in registration order, optionally only those whose
+        name is in ``names`` and whose folder path is in ``paths`` (exact, case-sensitive;
+        an empty filter matches everything). ``start`` is an offset into the filtered rows."""
         rows = self.order.get(dataset_id, [])
+        if names or paths:
+            wanted_names, wanted_paths = set(names), {norm_path(p) for p in paths}
+            rows = [
+                r
+                for r in rows
+                if (not wanted_names or r["name"] in wanted_names)
+                and (not wanted_paths or norm_path(r["path"]) in wanted_paths)
+            ]
         page = rows[start : start + size]
         nxt = start + size if start + size < len(rows) else None
         return {"items": page, "page": {"count": len(rows), "next": nxt}}
+
+
+def norm_path(path: str) -> str:
+    """A folder as V7 compares it: leading slash, no trailing slash, "/" for the root."""
+    p = path.strip() or "/"
+    if not p.startswith("/"):
+        p = "/" + p
+    return p.rstrip("/") or "/"

@@ -3,7 +3,13 @@
 One ``aiohttp.ClientSession`` with keep-alive (a bounded ``TCPConnector``) and explicit timeouts;
 bodies are serialised and parsed with orjson. Every failure is mapped onto ``ingest.errors`` so
 callers decide from the exception class alone. A session can be injected (tests, or a caller
-that owns one): then the client never closes it.
+that owns one): then the client never closes it. Given ``stats``, every answer is counted by
+HTTP status (``Stats.http_statuses``) and every transport failure by kind
+(``Stats.transport_by_kind``: reset, timeout, connect), for every endpoint.
+
+``find_item_ids`` looks up V7 ids by (path, name) through the items listing with
+``item_names[]`` filters, as darwin-py does (``fetch_remote_files``; its importer sends 100
+names per GET and matches full paths itself).
 
 The API key is sent in the ``Authorization`` header and nowhere else: it is never formatted into
 an exception, a log line or a repr, and any text that comes back from the server is scrubbed
@@ -15,11 +21,13 @@ not chained into tracebacks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
@@ -37,7 +45,19 @@ from ingest.errors import (
     V7Error,
 )
 
+if TYPE_CHECKING:
+    from ingest.stats import Stats
+
 log = logging.getLogger("ingest.registrar.client")
+
+Ident = tuple[str, str]  # (folder path, item name): how V7 identifies an item in a dataset
+# Called once per HTTP request of a multi-request call; the request goes out inside it (the
+# engine passes its rate limiter's slot, so every GET stays within V7's limits).
+SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[object]]
+
+MAX_NAMES_PER_LOOKUP = 100  # darwin-py's importer filters by at most 100 item names per GET
+MAX_LOOKUP_QUERY_CHARS = 6000  # and shrinks the batch when the URL gets too long; we bound it
+MAX_LOOKUP_PAGES = 10_000  # a server that never stops paginating is not followed forever
 
 QUOTA_CODE = "INSUFFICIENT_REMAINING_STORAGE"
 MAX_DETAIL_CHARS = 500
@@ -81,6 +101,46 @@ def _team(team: str) -> str:
     return quote(team, safe="")
 
 
+def norm_path(path: object) -> str:
+    """A dataset folder as V7 compares it: leading slash, no trailing slash, "/" when empty."""
+    p = str(path or "/").strip()
+    if not p.startswith("/"):
+        p = "/" + p
+    return p.rstrip("/") or "/"
+
+
+def transport_kind(error: BaseException) -> str:
+    """What kind of transport failure: ``timeout``, ``connect`` (no connection was made) or
+    ``reset`` (the connection broke: reset, closed by the server, body cut short)."""
+    if isinstance(error, asyncio.TimeoutError):  # aiohttp's timeout errors subclass it too
+        return "timeout"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return "connect"
+    return "reset"
+
+
+def lookup_chunks(
+    names: Sequence[str],
+    max_names: int = MAX_NAMES_PER_LOOKUP,
+    max_query_chars: int = MAX_LOOKUP_QUERY_CHARS,
+) -> list[list[str]]:
+    """Split item names into runs of at most ``max_names`` whose ``item_names[]=...`` query
+    parameters stay under ``max_query_chars`` (a name longer than that goes alone)."""
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    chars = 0
+    for name in names:
+        cost = len("&item_names%5B%5D=") + len(quote(name, safe=""))
+        if current and (len(current) >= max(1, max_names) or chars + cost > max_query_chars):
+            chunks.append(current)
+            current, chars = [], 0
+        current.append(name)
+        chars += cost
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class V7Client:
     """Async client for the parts of V7's REST API the engine uses."""
 
@@ -94,6 +154,7 @@ class V7Client:
         user_agent: str = USER_AGENT,
         max_connections: int = 10,
         session: aiohttp.ClientSession | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_root = f"{self.base_url}/api/"
@@ -108,6 +169,8 @@ class V7Client:
         self._max_connections = max(1, max_connections)
         self._session = session
         self._owns_session = session is None
+        # Every answer by HTTP status and every transport failure by kind, all endpoints.
+        self.stats = stats
 
     def __repr__(self) -> str:
         return f"V7Client(base_url={self.base_url!r})"
@@ -154,17 +217,89 @@ class V7Client:
         return self._expect_dict(path, await self._request("POST", path, body=body))
 
     async def list_items(
-        self, team: str, dataset_id: int, page_size: int = 500, page_from: str | None = None
+        self,
+        team: str,
+        dataset_id: int,
+        page_size: int = 500,
+        page_from: str | None = None,
+        *,
+        item_names: Iterable[str] = (),
+        item_paths: Iterable[str] = (),
     ) -> dict[str, Any]:
-        """One page of a dataset's items (``page[from]`` is the cursor of the previous page)."""
+        """One page of a dataset's items (``page[from]`` is the cursor of the previous page),
+        optionally filtered by exact item names and folder paths (``item_names[]``,
+        ``item_paths[]``: the query parameters darwin-py sends, one per value)."""
         path = f"v2/teams/{_team(team)}/items"
         params: list[tuple[str, str]] = [
             ("page[size]", str(page_size)),
             ("dataset_ids[]", str(dataset_id)),
         ]
+        params.extend(("item_names[]", n) for n in item_names)
+        params.extend(("item_paths[]", p) for p in item_paths)
         if page_from:
             params.append(("page[from]", page_from))
         return self._expect_dict(path, await self._request("GET", path, params=params))
+
+    async def find_item_ids(
+        self,
+        team: str,
+        dataset_id: int,
+        idents: Iterable[Ident],
+        *,
+        max_names: int = MAX_NAMES_PER_LOOKUP,
+        page_size: int = 500,
+        filter_paths: bool = False,
+        slot: SlotFactory | None = None,
+    ) -> dict[Ident, str]:
+        """V7 ids of the items ``(path, name)`` that exist in the dataset; missing ones are
+        simply absent from the result.
+
+        One GET per at most ``max_names`` distinct names (``item_names[]``; fewer when the
+        names are long, see ``lookup_chunks``), following ``page.next`` until every wanted
+        item of the chunk was seen or the listing ends. Rows are matched on (normalised path,
+        exact name): a name filter returns the name in every folder. ``filter_paths`` also
+        sends the chunk's folders as ``item_paths[]`` (fewer rows when names repeat across
+        folders; off by default because darwin-py does not pin down what V7 matches it
+        against). Each request goes out inside ``slot()`` when given. Errors are mapped as for
+        every other call (``RateLimited``, ``ServerError``, ``TransportError``, ...); an error
+        loses the whole call (ids found before it are not returned).
+        """
+        wanted: dict[Ident, None] = {}
+        for p, n in idents:
+            wanted[(norm_path(p), str(n))] = None
+        names = list(dict.fromkeys(n for _, n in wanted))
+        found: dict[Ident, str] = {}
+        for chunk in lookup_chunks(names, max_names):
+            chunk_names = set(chunk)
+            todo = {k for k in wanted if k[1] in chunk_names}
+            folders = sorted({p for p, _ in todo}) if filter_paths else []
+            cursor: str | None = None
+            for _ in range(MAX_LOOKUP_PAGES):
+                async with slot() if slot is not None else contextlib.nullcontext():
+                    doc = await self.list_items(
+                        team,
+                        dataset_id,
+                        page_size,
+                        cursor,
+                        item_names=chunk,
+                        item_paths=folders,
+                    )
+                rows = doc.get("items")
+                page = doc.get("page")
+                if not isinstance(rows, list) or not isinstance(page, dict):
+                    raise ServerError("GET items: expected 'items' (array) and 'page' (object)")
+                for row in rows:
+                    if not isinstance(row, dict) or not row.get("id"):
+                        continue
+                    key = (norm_path(row.get("path")), str(row.get("name", "")))
+                    if key in todo:
+                        found[key] = str(row["id"])
+                        todo.discard(key)
+                nxt = page.get("next")
+                if not todo or nxt is None or nxt == "" or str(nxt) == cursor:
+                    break
+                cursor = str(nxt)
+        return found
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -210,9 +345,13 @@ class V7Client:
                 retry_after = resp.headers.get("Retry-After")
                 location = resp.headers.get("Location", "")
         except _TRANSPORT_ERRORS as e:
+            if self.stats is not None:
+                self.stats.transport_by_kind[transport_kind(e)] += 1
             detail = self._scrub(str(e)) or "no detail"
             log.debug("V7 %s failed: %s: %s", where, type(e).__name__, detail)
             raise TransportError(f"{where}: {type(e).__name__}: {detail}"[:1000]) from None
+        if self.stats is not None:
+            self.stats.http_statuses[status] += 1
         log.debug(
             "V7 %s -> %d in %.3f s (%d bytes)", where, status, time.monotonic() - started, len(raw)
         )
