@@ -33,6 +33,8 @@ from ingest.preflight import Target, check_source, check_v7
 from ingest.progress import run_progress
 from ingest.registrar import wire
 from ingest.registrar.client import V7Client
+from ingest.registrar.faults import FaultLog
+from ingest.registrar.lookup import IdResolver, client_finder, limiter_slot
 from ingest.registrar.rate import Limiter, RateController
 from ingest.registrar.registrar import Registrar, Sending
 from ingest.registrar.retry import RetryPolicy
@@ -45,7 +47,7 @@ from ingest.stats import Stats
 log = logging.getLogger("ingest.engine")
 
 
-def make_client(cfg: Config) -> V7Client:
+def make_client(cfg: Config, stats: Stats | None = None) -> V7Client:
     return V7Client(
         cfg.base_url,
         cfg.api_key,
@@ -53,6 +55,7 @@ def make_client(cfg: Config) -> V7Client:
         request_timeout_s=cfg.v7.request_timeout_s,
         user_agent=USER_AGENT,
         max_connections=cfg.rate.max_in_flight + 2,
+        stats=stats,
     )
 
 
@@ -221,7 +224,8 @@ class Engine:
 @contextlib.asynccontextmanager
 async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[Engine]:
     """Preflight (V7, then the bucket) and build every part. Raises PreflightError first."""
-    client = make_client(cfg)
+    stats = stats or Stats()
+    client = make_client(cfg, stats)
     try:
         target = await check_v7(cfg, client)
         await check_media(cfg, target.readonly)
@@ -231,7 +235,6 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
             if cfg.source.provider == "local":
                 destination = await stack.enter_async_context(open_bucket(cfg.upload))
                 await check_source(destination)
-            stats = stats or Stats()
             keys = wire.KeyMap((destination or source).storage_key(""))
             registrar = make_registrar(cfg, client, target, stats, keys)
             ledger = await stack.enter_async_context(open_ledger(cfg.ledger.path, cfg.job))
@@ -239,6 +242,12 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
             ignore = artifact_prefixes(cfg, target, media)
 
             def new_pipeline(sync: bool) -> Pipeline:
+                stop = asyncio.Event()
+                resolver = IdResolver(
+                    client_finder(client, target.team, target.dataset_id),
+                    ledger.set_v7_ids,
+                    acquire_slot=limiter_slot(registrar.limiter, stop),
+                )
                 return Pipeline(
                     cfg,
                     source,
@@ -251,6 +260,9 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
                     video_workers=video_workers(cfg),
                     ignore_prefixes=ignore,
                     sync=sync,
+                    resolver=resolver,
+                    background=(resolver, FaultLog(stats)),
+                    stop=stop,
                 )
 
             set_run_id(cfg.job)

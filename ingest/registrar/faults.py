@@ -23,6 +23,7 @@ was not given the stats, the registrar's coarse ``server_errors`` / ``transport_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -186,3 +187,21 @@ async def report_faults(
             emit()
     finally:
         emit()
+
+
+class FaultLog:
+    """``report_faults`` as a pass's background task: ``run`` until ``close``."""
+
+    def __init__(self, stats: Stats, interval_s: float = DEFAULT_INTERVAL_S) -> None:
+        self._stats = stats
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        self._task = asyncio.current_task()
+        with contextlib.suppress(asyncio.CancelledError):
+            await report_faults(self._stats, self._interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

@@ -222,6 +222,7 @@ class Registrar:
             except RateLimited as e:
                 self.stats.rate_limited += 1
                 self.limiter.rate_limited(sent_at, e.delay_s)
+                self.stats.record_pause(self.limiter.now(), self.limiter.controller.paused_until)
                 error = e
             except RejectedError as e:
                 self.limiter.success(sent_at)  # answered: the rate was fine
@@ -272,6 +273,7 @@ class Registrar:
 
     def _update_rate(self) -> None:
         self.stats.current_rate_per_s = self.limiter.rate
+        self.stats.rate_cuts = self.limiter.controller.cuts
 
     async def _rejected(self, call: _Call, indices: list[int], error: RejectedError) -> None:
         """400/413/422: nothing was stored. Split until the bad items stand alone."""
@@ -323,6 +325,7 @@ class Registrar:
             reasons = _blocked_reasons(doc)
             if ALREADY_EXISTS in reasons:
                 if key in call.sent_before or key in call.maybe_committed:
+                    self.stats.already_exists_ours += 1
                     call.results[i] = Outcome(
                         plan.path,
                         plan.name,

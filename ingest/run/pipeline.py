@@ -40,6 +40,7 @@ log = logging.getLogger("ingest.pipeline")
 ITEM_QUEUE_BATCHES = 4  # item queue holds this many batches' worth per in-flight request
 PAGE_QUEUE_PAGES = 8
 PLAN_CHUNK_OBJECTS = 200  # objects planned and recorded between yields to the loop
+RESOLVE_AT_START = 10_000  # registered items without a V7 id, looked up again per pass
 
 
 class Background(Protocol):
@@ -77,6 +78,7 @@ class Pipeline:
         dry_run: bool = False,
         resolver: Resolve | None = None,
         background: Sequence[Background] = (),
+        stop: asyncio.Event | None = None,
     ) -> None:
         # sync: merge the listing with the ledger (only new objects are planned; changed and
         # vanished ones are recorded) instead of recording every listed object.
@@ -88,8 +90,9 @@ class Pipeline:
         self.readonly = readonly
         self.dry_run = dry_run
         self._clock = clock or asyncio.get_event_loop().time
-        self._stop = asyncio.Event()
+        self._stop = stop or asyncio.Event()
         self._background = background
+        self._resolver = resolver
         n = cfg.rate.max_in_flight
         self.items: asyncio.Queue[Item | None] = asyncio.Queue(
             max(cfg.batch.max_items * n * ITEM_QUEUE_BATCHES, 64)
@@ -225,6 +228,8 @@ class Pipeline:
     async def _produce(
         self, resume_listing: bool, list_bucket: bool, objects: Sequence[ObjectInfo] | None
     ) -> None:
+        if self._resolver is not None:  # ids still unknown from earlier runs
+            self._resolver.add(await self.ledger.registered_without_id(RESOLVE_AT_START))
         # Recovery first: items left PLANNED, PROCESSING or SENT by an interrupted run.
         async with contextlib.aclosing(self.ledger.pending()) as pending:
             async for p in pending:
