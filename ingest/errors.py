@@ -49,6 +49,12 @@ class LedgerError(IngestError):
     for too long). Terminal: the message names the file and what to fix."""
 
 
+class LedgerBusy(LedgerError):
+    """Another process kept the ledger locked for longer than the busy timeout: try again."""
+
+    retryable = True
+
+
 class FatalError(IngestError):
     """The run cannot continue (e.g. the API key was revoked mid-run)."""
 
