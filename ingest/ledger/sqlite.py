@@ -1,30 +1,59 @@
-"""The ledger: the engine's memory across runs and crashes (SQLite, WAL, batched transactions).
+"""The SQLite ledger: one file, WAL, batched transactions, on a thread of its own.
+
+Threading: every ledger owns one worker thread (a one-thread executor) that opens the
+connection and runs every statement; the coroutines of ``SqliteLedger`` hand it closures and
+await them, so the event loop never waits on SQLite (a commit's fsync, a lock, a big page).
 
 Durability: WAL with ``synchronous=NORMAL`` — a committed transaction survives the process being
 killed (our threat model: kill -9, OOM, pod eviction); only an OS crash or power loss may lose
 the last transactions, after which a re-run re-sends them and V7 answers ALREADY_EXISTS, which
 the registrar counts as success for items sent before.
 
-Every query that could return many rows streams with keyset pagination (``WHERE id > ? LIMIT``)
-so memory never grows with the number of objects, and rows updated while a stream is open are
-never seen twice.
+Every read that could return many rows is chunked with keyset pagination (``WHERE id > ?
+LIMIT``): memory never grows with the number of objects, and rows updated while a stream is
+open are never seen twice.
+
+Schema 5 stores items in the ledger's own format (``codec``); rows of schema <= 4 hold V7's
+wire JSON and are decoded when read (the migration only adds columns: it stays O(1)). An
+older engine refuses a schema-5 file (it refuses any newer ``user_version``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import functools
+import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from ingest.model import ItemPlan, Media, ObjectInfo, Outcome, Skip, State
+from ingest.errors import LedgerBusy, LedgerError
+from ingest.ledger import codec
+from ingest.ledger.port import (
+    CollisionPolicy,
+    Ident,
+    Known,
+    Lease,
+    LedgerPort,
+    ManifestItem,
+    Pending,
+    ReportRow,
+    RunInfo,
+    Status,
+)
+from ingest.model import Facts, Item, Media, ObjectInfo, Outcome, Skip, State
 
-SCHEMA_VERSION = 4
+T = TypeVar("T")
+
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -43,7 +72,7 @@ CREATE TABLE IF NOT EXISTS items (
     media TEXT NOT NULL DEFAULT '',
     readonly_endpoint INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
-    final INTEGER NOT NULL DEFAULT 0,  -- FAILED for good (422, corrupt media): no automatic retry
+    final INTEGER NOT NULL DEFAULT 0,
     UNIQUE (job, path, name)
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items (job, state, id);
@@ -95,7 +124,21 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL,
     counts BLOB
 );
+CREATE TABLE IF NOT EXISTS manifest (
+    job TEXT, item_name TEXT, slot_name TEXT, key TEXT, path TEXT, seq INTEGER
+);
+CREATE INDEX IF NOT EXISTS manifest_item ON manifest (job, path, item_name, seq);
+CREATE INDEX IF NOT EXISTS manifest_key ON manifest (job, key)
 """
+_SCHEMA_STATEMENTS = tuple(s.strip() for s in _SCHEMA.split(";") if s.strip())
+_TABLES = frozenset(
+    ("items", "objects", "listing", "jobs", "media_cache", "leases", "runs", "manifest")
+)
+# Columns every schema since 1 has: a file without them is not a ledger.
+_BASE_COLUMNS = {
+    "items": {"id", "job", "path", "name", "payload", "keys", "state", "attempts"},
+    "objects": {"job", "key", "etag", "size", "state", "item_id"},
+}
 
 # (table, column, declaration) added to the schema after version 1, oldest first.
 _ADDED_COLUMNS = (
@@ -107,44 +150,14 @@ _ADDED_COLUMNS = (
     ("items", "final", "INTEGER NOT NULL DEFAULT 0"),
 )
 
-CHUNK = 1000
-# Rows per multi-row INSERT / UPDATE ... FROM (VALUES ...): well under SQLite's bound-variable
-# limit (32766 since 3.32) at 9 columns, and large enough to amortise the statement.
+CHUNK = 1000  # rows per read of a stream
+# Rows per multi-row INSERT / UPDATE ... FROM (VALUES ...) and keys per IN (...): well under
+# SQLite's bound-variable limit (32766 since 3.32) at 10 columns, and large enough to amortise
+# the statement.
 _ROWS_PER_INSERT = 500
+BUSY_TIMEOUT_S = 10.0
 
-
-def _final(o: Outcome) -> int:
-    """1 for a failure that sending the same item again cannot fix (V7 rejected it)."""
-    return int(o.state is State.FAILED and not o.retryable)
-
-
-@dataclass(frozen=True, slots=True)
-class Known:
-    """An object as the ledger last saw it: one side of the sync merge."""
-
-    key: str
-    etag: str
-    changed_etag: str  # the new ETag a sync last reported (report mode), else ""
-    vanished: bool
-    # Listed but never planned: a run stopped while the planner held it (the rest of its
-    # DICOM series or folder item was on the next page). The merge plans it again.
-    unplanned: bool = False
-
-
-_KNOWN_COLUMNS = "key, etag, changed_etag, vanished_at, state"
-
-
-def _known(row: Sequence[Any]) -> Known:
-    """A Known from a row of ``_KNOWN_COLUMNS``."""
-    key, etag, changed_etag, vanished_at, state = row
-    return Known(key, etag, changed_etag, bool(vanished_at), state == "DISCOVERED")
-
-
-@dataclass(frozen=True)
-class Lease:
-    holder: str
-    acquired_at: float
-    expires_at: float
+_PENDING = (State.PLANNED, State.PROCESSING, State.SENT)
 
 
 def prefix_end(prefix: str) -> str | None:
@@ -161,539 +174,905 @@ def prefix_end(prefix: str) -> str | None:
     return p[:-1] + chr(nxt)
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    run_id: int
-    resume_listing: bool
+def _chunks(seq: Sequence[T], n: int = _ROWS_PER_INSERT) -> Iterator[Sequence[T]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
 
 
-@dataclass(frozen=True)
-class ReportRow:
-    key: str
-    state: str
-    item_path: str
-    item_name: str
-    v7_id: str
-    reason: str
-    etag: str
-    size: int
-    sync: str = ""  # "vanished", "changed (etag …)" or "" (as listed last time)
+def _values(n: int, width: int) -> str:
+    row = "(" + ",".join("?" * width) + ")"
+    return ",".join([row] * n)
 
 
-@dataclass
-class Status:
-    job: str
-    objects_by_state: dict[str, int] = field(default_factory=dict)
-    items_by_state: dict[str, int] = field(default_factory=dict)
-    failures_by_reason: list[tuple[str, int]] = field(default_factory=list)
-    last_runs: list[dict[str, Any]] = field(default_factory=list)
-    changed_objects: int = 0
-    vanished_objects: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "job": self.job,
-            "objects_by_state": self.objects_by_state,
-            "items_by_state": self.items_by_state,
-            "failures_by_reason": [{"reason": r, "count": n} for r, n in self.failures_by_reason],
-            "last_runs": self.last_runs,
-            "changed_objects": self.changed_objects,
-            "vanished_objects": self.vanished_objects,
-        }
+def _keys_blob(keys: Iterable[str]) -> bytes:
+    """``items.keys``: the provider keys in slot order (the same JSON list schema 1 wrote)."""
+    return orjson.dumps(list(keys))
 
 
-class Ledger:
-    """One SQLite file; one job (a dataset + storage + bucket + prefix) per ``Ledger`` object."""
+def _blob(v: bytes | str) -> bytes:
+    """A BLOB column's bytes (a hand-made or very old row may hold TEXT)."""
+    return v.encode() if isinstance(v, str) else bytes(v)
 
-    def __init__(self, path: str | Path, job: str) -> None:
-        self.path = Path(path)
+
+def _final(o: Outcome) -> int:
+    """1 for a failure that sending the same item again cannot fix (V7 rejected it)."""
+    return int(o.state is State.FAILED and not o.retryable)
+
+
+_KNOWN_COLUMNS = "key, etag, changed_etag, vanished_at, state"
+
+
+def _known(row: Sequence[Any]) -> Known:
+    """A Known from a row of ``_KNOWN_COLUMNS``."""
+    key, etag, changed_etag, vanished_at, state = row
+    return Known(key, etag, changed_etag, bool(vanished_at), state == State.DISCOVERED)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@contextlib.contextmanager
+def _tx(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error) on an autocommit connection."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _error(path: str, exc: sqlite3.Error, busy_timeout_s: float) -> LedgerError:
+    """One line naming the file and the fix, for any sqlite3 exception."""
+    msg = str(exc)
+    low = msg.lower()
+    if "locked" in low or "busy" in low:
+        return LedgerBusy(
+            f"ledger {path} stayed locked by another process for more than "
+            f"{busy_timeout_s:g}s ({msg}): try again once it has finished"
+        )
+    if "not a database" in low or "encrypted" in low:
+        return LedgerError(
+            f"{path} is not an ingest ledger (file is not a database): point the ledger "
+            "at another file, or move this one away"
+        )
+    if "readonly" in low or "read-only" in low:
+        return LedgerError(
+            f"ledger {path} is not writable ({msg}): fix the permissions of the file and "
+            "its directory, or use another path"
+        )
+    if "unable to open" in low:
+        return LedgerError(
+            f"cannot open ledger {path} ({msg}): check that the path is a file in a "
+            "writable directory"
+        )
+    if "full" in low:
+        return LedgerError(f"ledger {path}: the disk is full ({msg}): free some space")
+    if "malformed" in low or "corrupt" in low:
+        return LedgerError(
+            f"ledger {path} is corrupt ({msg}): restore it from a backup or start a new one"
+        )
+    return LedgerError(f"ledger {path}: {msg}")
+
+
+class SqliteLedger:
+    """One SQLite file; one job (a dataset + storage + bucket + prefix) per object.
+
+    Create with ``await SqliteLedger.open(path, job)`` (or ``ingest.ledger.open_ledger``);
+    ":memory:" is a scratch ledger that lives as long as the object."""
+
+    def __init__(self, path: str, job: str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+        self.path = path
         self.job = job
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=10000")
-        # temp_store stays FILE (the default): the GROUP BY of status() sorts every object, and
-        # an in-memory temp store made that sort O(objects) in RAM (+50 MB at 1M objects); on
-        # FILE, SQLite spills big sorts to a temp file and memory stays flat.
-        self._migrate()
+        self._busy_timeout_s = busy_timeout_s
         self._run_id = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._db: sqlite3.Connection | None = None  # touched by the pool's thread only
+        self._closed = False
 
-    # --- lifecycle -------------------------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls, path: str | os.PathLike[str], job: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S
+    ) -> SqliteLedger:
+        lg = cls(os.fspath(path), job, busy_timeout_s)
+        try:
+            await asyncio.get_running_loop().run_in_executor(lg._pool, lg._open)
+        except BaseException:
+            lg._closed = True
+            lg._pool.shutdown(wait=False)
+            raise
+        return lg
 
-    def _migrate(self) -> None:
-        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"ledger {self.path} was written by a newer version (schema {version})"
-            )
-        if 1 <= version < SCHEMA_VERSION:
-            # Columns added since schema 1 (media; sync, retry back-off; final failures). Each
-            # only if missing: two processes opening an old ledger at once, or one killed
-            # half-way, must not leave a ledger that no longer opens.
-            for table, column, decl in _ADDED_COLUMNS:
-                have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    with contextlib.suppress(sqlite3.OperationalError):  # added meanwhile
-                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-        if version < SCHEMA_VERSION:
-            # executescript runs its own transaction; CREATE ... IF NOT EXISTS is idempotent.
-            self.db.executescript(_SCHEMA)
-            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        self.db.close()
-
-    def __enter__(self) -> Ledger:
+    async def __aenter__(self) -> SqliteLedger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
-    def _tx(self) -> _Tx:
-        return _Tx(self.db)
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
 
-    # --- runs and listing checkpoints -------------------------------------------------------------
+        def close(db: sqlite3.Connection) -> None:
+            db.close()
+            self._db = None
 
-    def start_run(self, kind: str, *, listing: bool = True) -> RunInfo:
+        try:
+            await self._run(close, closing=True)
+        finally:
+            self._pool.shutdown(wait=False)
+
+    # --- the ledger thread --------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, closing: bool = False) -> T:
+        if self._closed and not closing:
+            raise LedgerError(f"ledger {self.path} is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._guarded, fn)
+
+    def _guarded(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db = self._db
+        if db is None:
+            raise LedgerError(f"ledger {self.path} is closed")
+        try:
+            return fn(db)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            raise _error(self.path, exc, self._busy_timeout_s) from None
+
+    def _open(self) -> None:
+        if self.path != ":memory:":
+            p = Path(self.path)
+            if p.is_dir():
+                raise LedgerError(f"ledger {p} is a directory: point the ledger at a file")
+            if not p.parent.exists():
+                try:
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise LedgerError(
+                        f"cannot create the directory of ledger {p} ({exc.strerror}): create "
+                        "it or use another path"
+                    ) from None
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _error(self.path, exc, self._busy_timeout_s) from None
+        try:
+            db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+            self._check(db)  # before WAL: never convert another application's file
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            # temp_store stays FILE (the default): the GROUP BY of status() sorts every object,
+            # and an in-memory temp store made that sort O(objects) in RAM (+50 MB at 1M
+            # objects); on FILE, SQLite spills big sorts to a temp file and memory stays flat.
+            db.execute("PRAGMA temp_store=FILE")
+            self._migrate(db)
+        except BaseException as exc:
+            db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _error(self.path, exc, self._busy_timeout_s) from None
+            raise
+        self._db = db
+
+    def _check(self, db: sqlite3.Connection) -> None:
+        """Refuse a file that is not ours, or that a newer engine wrote."""
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger {self.path} was written by a newer version of ingest (schema "
+                f"{version}, this one reads up to {SCHEMA_VERSION}): upgrade ingest"
+            )
+        tables = {
+            r[0]
+            for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            if not r[0].startswith("sqlite_")
+        }
+        foreign = tables - _TABLES
+        missing = [t for t in _BASE_COLUMNS if t not in tables]
+        if (version == 0 and foreign) or (version > 0 and missing):
+            raise LedgerError(
+                f"{self.path} is an SQLite database of another application, not an ingest "
+                "ledger: point the ledger at another file"
+            )
+        for table, columns in _BASE_COLUMNS.items():
+            if table in tables:
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                if not columns <= have:
+                    raise LedgerError(
+                        f"{self.path} is an SQLite database of another application (its "
+                        f"'{table}' table is not a ledger's), not an ingest ledger: point the "
+                        "ledger at another file"
+                    )
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Create the schema, or bring a schema 1..4 file to 5: one transaction, and every
+        step only if still needed (two processes opening an old ledger at once, or an old
+        engine's migration killed half-way, must not leave a ledger that no longer opens)."""
+        if int(db.execute("PRAGMA user_version").fetchone()[0]) >= SCHEMA_VERSION:
+            return
+        with _tx(db):
+            if int(db.execute("PRAGMA user_version").fetchone()[0]) >= SCHEMA_VERSION:
+                return  # migrated meanwhile
+            for stmt in _SCHEMA_STATEMENTS:  # IF NOT EXISTS: only what is missing
+                db.execute(stmt)
+            for table, column, decl in _ADDED_COLUMNS:
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    # --- runs and listing checkpoints -------------------------------------------------------
+
+    async def start_run(self, kind: str, *, listing: bool = True) -> RunInfo:
         """Record a run. Only a run that lists the bucket touches the listing checkpoints:
         an event pass or a retry must not wipe the checkpoints of an interrupted sync."""
-        now = time.time()
-        resume = False
-        with self._tx():
-            self.db.execute(
-                "UPDATE runs SET status='interrupted', finished_at=? "
-                "WHERE job=? AND status='running'",
-                (now, self.job),
-            )
-            if listing:
-                row = self.db.execute(
-                    "SELECT listing_complete FROM jobs WHERE job=?", (self.job,)
-                ).fetchone()
-                resume = row is not None and not row[0]
-                if not resume:
-                    self.db.execute("DELETE FROM listing WHERE job=?", (self.job,))
-                self.db.execute(
-                    "INSERT INTO jobs(job, listing_complete) VALUES (?, 0) "
-                    "ON CONFLICT(job) DO UPDATE SET listing_complete=0",
-                    (self.job,),
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> RunInfo:
+            now = time.time()
+            resume = False
+            with _tx(db):
+                db.execute(
+                    "UPDATE runs SET status='interrupted', finished_at=? "
+                    "WHERE job=? AND status='running'",
+                    (now, job),
                 )
-            cur = self.db.execute(
-                "INSERT INTO runs(job, kind, started_at, status) VALUES (?,?,?,'running')",
-                (self.job, kind, now),
+                if listing:
+                    row = db.execute(
+                        "SELECT listing_complete FROM jobs WHERE job=?", (job,)
+                    ).fetchone()
+                    resume = row is not None and not row[0]
+                    if not resume:
+                        db.execute("DELETE FROM listing WHERE job=?", (job,))
+                    db.execute(
+                        "INSERT INTO jobs(job, listing_complete) VALUES (?, 0) "
+                        "ON CONFLICT(job) DO UPDATE SET listing_complete=0",
+                        (job,),
+                    )
+                cur = db.execute(
+                    "INSERT INTO runs(job, kind, started_at, status) VALUES (?,?,?,'running')",
+                    (job, kind, now),
+                )
+            return RunInfo(int(cur.lastrowid or 0), resume)
+
+        info = await self._run(work)
+        self._run_id = info.run_id
+        return info
+
+    async def finish_run(self, run_id: int, status: str, counts: dict[str, int]) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                db.execute(
+                    "UPDATE runs SET status=?, finished_at=?, counts=? WHERE id=?",
+                    (status, time.time(), orjson.dumps(counts), run_id),
+                )
+
+        await self._run(work)
+
+    async def mark_listing_complete(self) -> None:
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                db.execute("UPDATE jobs SET listing_complete=1 WHERE job=?", (job,))
+                db.execute("DELETE FROM listing WHERE job=?", (job,))
+
+        await self._run(work)
+
+    async def checkpoints(self) -> dict[str, tuple[str, bool]]:
+        def work(db: sqlite3.Connection) -> dict[str, tuple[str, bool]]:
+            rows = db.execute(
+                "SELECT shard_id, checkpoint, done FROM listing WHERE job=?", (self.job,)
             )
-        self._run_id = int(cur.lastrowid or 0)
-        return RunInfo(self._run_id, resume)
+            return {sid: (cp, bool(done)) for sid, cp, done in rows}
 
-    def finish_run(self, run_id: int, status: str, counts: dict[str, int]) -> None:
-        with self._tx():
-            self.db.execute(
-                "UPDATE runs SET status=?, finished_at=?, counts=? WHERE id=?",
-                (status, time.time(), orjson.dumps(counts), run_id),
-            )
-
-    def mark_listing_complete(self) -> None:
-        with self._tx():
-            self.db.execute("UPDATE jobs SET listing_complete=1 WHERE job=?", (self.job,))
-            self.db.execute("DELETE FROM listing WHERE job=?", (self.job,))
-
-    def checkpoints(self) -> dict[str, tuple[str, bool]]:
-        rows = self.db.execute(
-            "SELECT shard_id, checkpoint, done FROM listing WHERE job=?", (self.job,)
-        )
-        return {sid: (cp, bool(done)) for sid, cp, done in rows}
+        return await self._run(work)
 
     # --- listing → items ----------------------------------------------------------------------
 
-    def record_page(
+    async def record_page(
         self,
         shard_id: str,
         checkpoint: str,
         shard_done: bool,
         objects: Sequence[ObjectInfo],
-        plans: Sequence[ItemPlan | Skip],
-    ) -> list[ItemPlan]:
+        plans: Sequence[Item | Skip],
+        collision: CollisionPolicy,
+    ) -> list[Item]:
         """Store one listed page and its plans in ONE transaction; return the items new to the
         ledger (an item already known, in any state, is either done or recovered elsewhere).
 
         ``checkpoint`` "" keeps the stored one (the planner still holds part of a folder)."""
-        now = time.time()
-        new: list[ItemPlan] = []
-        job = self.job
-        with self._tx():
-            db = self.db
-            # Objects: insert new ones; an existing one keeps its row, a new ETag is flagged;
-            # one never planned (held by a stopped run's planner) just takes the new version.
-            db.executemany(
-                "INSERT INTO objects(job, key, etag, size, last_modified, state) "
-                "VALUES (?,?,?,?,?,'DISCOVERED') ON CONFLICT(job, key) DO UPDATE SET "
-                "changed = objects.state != 'DISCOVERED' AND (changed OR "
-                "(objects.etag != excluded.etag AND objects.etag != '')), "
-                "etag = iif(objects.state = 'DISCOVERED', excluded.etag, objects.etag), "
-                "size = iif(objects.state = 'DISCOVERED', excluded.size, objects.size), "
-                "last_modified = iif(objects.state = 'DISCOVERED', excluded.last_modified, "
-                "objects.last_modified)",
-                [(job, o.key, o.etag, o.size, o.last_modified) for o in objects],
-            )
-            skips: list[tuple[str, str, str]] = []
-            items = [p for p in plans if not isinstance(p, Skip)]
-            for p in plans:
-                if isinstance(p, Skip):
-                    skips.append((p.reason, job, p.obj.key))
-            # Items: multi-row INSERT ... RETURNING (one statement per chunk, not one per item);
-            # the first plan of a (path, name) that got inserted is new, any other is known.
-            inserted: dict[tuple[str, str], int] = {}
-            for i in range(0, len(items), _ROWS_PER_INSERT):
-                chunk = items[i : i + _ROWS_PER_INSERT]
-                args: list[Any] = []
-                for p in chunk:
-                    args += (
-                        job,
-                        p.path,
-                        p.name,
-                        orjson.dumps(p.payload),
-                        orjson.dumps(list(p.keys)),
-                        self._run_id,
-                        now,
-                        str(p.media),
-                        int(p.readonly_endpoint),
-                    )
-                rows = db.execute(
-                    "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at, "
-                    "media, readonly_endpoint) VALUES "
-                    + ",".join(["(?,?,?,?,?,'PLANNED',?,?,?,?)"] * len(chunk))
-                    + " ON CONFLICT(job, path, name) DO NOTHING RETURNING id, path, name",
-                    args,
-                ).fetchall()
-                inserted.update(((path, name), item_id) for item_id, path, name in rows)
-            links: list[tuple[int, str, str]] = []
-            for p in items:
-                item_id = inserted.pop((p.path, p.name), None)
-                if item_id is not None:
-                    new.append(p)
-                else:
-                    row = db.execute(
-                        "SELECT id, keys FROM items WHERE job=? AND path=? AND name=?",
-                        (job, p.path, p.name),
-                    ).fetchone()
-                    item_id = row[0]
-                    known = set(orjson.loads(row[1]))
-                    # Another object planned to the same (path, name): it would never be sent,
-                    # so say why instead of showing it as part of someone else's item.
-                    for k in p.keys:
-                        if k not in known:
-                            skips.append((_collision(p, next(iter(known), "")), job, k))
-                    links += ((item_id, job, k) for k in p.keys if k in known)
-                    continue
-                links += ((item_id, job, k) for k in p.keys)
-            db.executemany(
-                "UPDATE objects SET state='PLANNED', item_id=? "
-                "WHERE job=? AND key=? AND item_id IS NULL",
-                links,
-            )
-            if skips:
-                db.executemany(
-                    "UPDATE objects SET state='SKIPPED', reason=? WHERE job=? AND key=? "
-                    "AND item_id IS NULL",
-                    skips,
-                )
-            if checkpoint or shard_done:
-                db.execute(
-                    "INSERT INTO listing(job, shard_id, checkpoint, done) VALUES (?,?,?,?) "
-                    "ON CONFLICT(job, shard_id) DO UPDATE SET "
-                    "checkpoint = CASE WHEN excluded.checkpoint != '' THEN excluded.checkpoint "
-                    "ELSE listing.checkpoint END, done = excluded.done",
-                    (job, shard_id, checkpoint, int(shard_done)),
-                )
-        return new
+        job, run_id = self.job, self._run_id
 
-    def add_failed_item(self, plan: ItemPlan, reason: str) -> bool:
+        def work(db: sqlite3.Connection) -> list[Item]:
+            now = time.time()
+            items = [p for p in plans if isinstance(p, Item)]
+            skips = [(p.reason, job, p.obj.key) for p in plans if isinstance(p, Skip)]
+            new: list[Item] = []
+            links: list[tuple[int, str, str]] = []
+            with _tx(db):
+                # Objects: insert new ones; an existing one keeps its row, a new ETag is
+                # flagged; one never planned (held by a stopped run's planner) just takes the
+                # new version. (excluded.state is DISCOVERED: what a new row gets.)
+                db.executemany(
+                    "INSERT INTO objects(job, key, etag, size, last_modified, state) "
+                    "VALUES (?,?,?,?,?,?) ON CONFLICT(job, key) DO UPDATE SET "
+                    "changed = objects.state != excluded.state AND (changed OR "
+                    "(objects.etag != excluded.etag AND objects.etag != '')), "
+                    "etag = iif(objects.state = excluded.state, excluded.etag, objects.etag), "
+                    "size = iif(objects.state = excluded.state, excluded.size, objects.size), "
+                    "last_modified = iif(objects.state = excluded.state, "
+                    "excluded.last_modified, objects.last_modified)",
+                    [
+                        (job, o.key, o.etag, o.size, o.last_modified, State.DISCOVERED)
+                        for o in objects
+                    ],
+                )
+                # Items: multi-row INSERT ... RETURNING (one statement per chunk, not one per
+                # item); the first plan of a (path, name) that got inserted is new, any other
+                # is known.
+                inserted: dict[Ident, int] = {}
+                for chunk in _chunks(items):
+                    args: list[Any] = []
+                    for it in chunk:
+                        args += (
+                            job,
+                            it.path,
+                            it.name,
+                            codec.item_to_bytes(it),
+                            _keys_blob(it.keys),
+                            State.PLANNED,
+                            run_id,
+                            now,
+                            str(it.media),
+                            int(it.readonly_endpoint),
+                        )
+                    rows = db.execute(
+                        "INSERT INTO items(job, path, name, payload, keys, state, run_id, "
+                        f"updated_at, media, readonly_endpoint) VALUES {_values(len(chunk), 10)}"
+                        " ON CONFLICT(job, path, name) DO NOTHING RETURNING id, path, name",
+                        args,
+                    ).fetchall()
+                    inserted.update(((path, name), item_id) for item_id, path, name in rows)
+                known: list[Item] = []
+                for it in items:
+                    item_id = inserted.pop(it.ident, None)
+                    if item_id is None:
+                        known.append(it)
+                    else:
+                        new.append(it)
+                        links += ((item_id, job, k) for k in it.keys)
+                if known:
+                    recorded = _recorded_items(db, job, [it.ident for it in known])
+                    for it in known:
+                        item_id, recorded_keys = recorded[it.ident]
+                        mine = set(recorded_keys)
+                        if any(k not in mine for k in it.keys):
+                            # Another object planned to the same (path, name): the policy says
+                            # why it is not sent instead of showing it in someone else's item.
+                            skips += (
+                                (s.reason, job, s.obj.key) for s in collision(it, recorded_keys)
+                            )
+                        links += ((item_id, job, k) for k in it.keys if k in mine)
+                db.executemany(
+                    "UPDATE objects SET state=?, item_id=? "
+                    "WHERE job=? AND key=? AND item_id IS NULL",
+                    [(State.PLANNED, *link) for link in links],
+                )
+                if skips:
+                    db.executemany(
+                        "UPDATE objects SET state=?, reason=? WHERE job=? AND key=? "
+                        "AND item_id IS NULL",
+                        [(State.SKIPPED, *skip) for skip in skips],
+                    )
+                if checkpoint or shard_done:
+                    db.execute(
+                        "INSERT INTO listing(job, shard_id, checkpoint, done) VALUES (?,?,?,?) "
+                        "ON CONFLICT(job, shard_id) DO UPDATE SET "
+                        "checkpoint = CASE WHEN excluded.checkpoint != '' "
+                        "THEN excluded.checkpoint ELSE listing.checkpoint END, "
+                        "done = excluded.done",
+                        (job, shard_id, checkpoint, int(shard_done)),
+                    )
+            return new
+
+        return await self._run(work)
+
+    async def add_failed_item(self, item: Item, reason: str) -> bool:
         """An item that can never be sent (e.g. a manifest key missing from the bucket); its
         listed objects point at it so a report shows why. True when it is new."""
-        with self._tx():
-            cur = self.db.execute(
-                "INSERT INTO items(job, path, name, payload, keys, state, reason, run_id, "
-                "updated_at, final) VALUES (?,?,?,?,?,'FAILED',?,?,?,1) "
-                "ON CONFLICT(job, path, name) DO NOTHING",
-                (
-                    self.job,
-                    plan.path,
-                    plan.name,
-                    orjson.dumps(plan.payload),
-                    orjson.dumps(list(plan.keys)),
-                    reason,
-                    self._run_id,
-                    time.time(),
-                ),
-            )
-            if cur.rowcount != 1:
-                return False
-            self.db.executemany(
-                "UPDATE objects SET state='PLANNED', item_id=? "
-                "WHERE job=? AND key=? AND item_id IS NULL",
-                [(cur.lastrowid, self.job, k) for k in plan.keys],
-            )
-        return True
+        job, run_id = self.job, self._run_id
 
-    def pending_items(self, batch: int = CHUNK) -> Iterator[tuple[ItemPlan, int]]:
+        def work(db: sqlite3.Connection) -> bool:
+            with _tx(db):
+                cur = db.execute(
+                    "INSERT INTO items(job, path, name, payload, keys, state, reason, run_id, "
+                    "updated_at, media, readonly_endpoint, final) VALUES (?,?,?,?,?,?,?,?,?,?,?,1) "
+                    "ON CONFLICT(job, path, name) DO NOTHING",
+                    (
+                        job,
+                        item.path,
+                        item.name,
+                        codec.item_to_bytes(item),
+                        _keys_blob(item.keys),
+                        State.FAILED,
+                        reason,
+                        run_id,
+                        time.time(),
+                        str(item.media),
+                        int(item.readonly_endpoint),
+                    ),
+                )
+                if cur.rowcount != 1:
+                    return False
+                db.executemany(
+                    "UPDATE objects SET state=?, item_id=? "
+                    "WHERE job=? AND key=? AND item_id IS NULL",
+                    [(State.PLANNED, cur.lastrowid, job, k) for k in item.keys],
+                )
+            return True
+
+        return await self._run(work)
+
+    async def pending(self) -> AsyncIterator[Pending]:
         """Items left PLANNED, PROCESSING or SENT (crash recovery), oldest first. Only items
         that existed when the stream started are returned, so items planned meanwhile are not
         seen twice. An item whose media work was not finished comes back with ``media`` set."""
-        top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0]
+        top = await self._run(
+            lambda db: int(db.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0])
+        )
         last = 0
         while True:
-            rows = self.db.execute(
-                "SELECT id, path, name, payload, keys, attempts, media, readonly_endpoint "
-                "FROM items WHERE job=? AND state IN ('PLANNED','PROCESSING','SENT') "
-                "AND id > ? AND id <= ? ORDER BY id LIMIT ?",
-                (self.job, last, top, batch),
-            ).fetchall()
-            if not rows:
+            chunk, last = await self._run(functools.partial(self._pending_chunk, last, top))
+            if not chunk:
                 return
-            for item_id, path, name, payload, keys, attempts, media, ro in rows:
-                plan = ItemPlan(
-                    path,
-                    name,
-                    orjson.loads(payload),
-                    tuple(orjson.loads(keys)),
-                    media=Media(media),
-                    readonly_endpoint=bool(ro),
-                )
-                yield plan, int(attempts)
-                last = item_id
+            for p in chunk:
+                yield p
+
+    def _pending_chunk(
+        self, last: int, top: int, db: sqlite3.Connection
+    ) -> tuple[list[Pending], int]:
+        rows = db.execute(
+            "SELECT id, path, name, payload, keys, attempts, media, readonly_endpoint "
+            "FROM items WHERE job=? AND state IN (?,?,?) AND id > ? AND id <= ? "
+            "ORDER BY id LIMIT ?",
+            (self.job, *_PENDING, last, top, CHUNK),
+        ).fetchall()
+        if not rows:
+            return [], last
+        rows = [(r[0], r[1], r[2], _blob(r[3]), _blob(r[4]), *r[5:]) for r in rows]
+        legacy = [k for r in rows if not codec.is_current(r[3]) for k in codec.legacy_keys(r[4])]
+        infos = _object_infos(db, self.job, legacy) if legacy else {}
+        out = [
+            Pending(self._decode(path, name, payload, keys, media, bool(ro), infos), attempts)
+            for _id, path, name, payload, keys, attempts, media, ro in rows
+        ]
+        return out, int(rows[-1][0])
+
+    def _decode(
+        self,
+        path: str,
+        name: str,
+        payload: bytes,
+        keys: bytes,
+        media: str,
+        readonly: bool,
+        infos: dict[str, ObjectInfo],
+    ) -> Item:
+        try:
+            if not codec.is_current(payload):
+                return codec.item_from_legacy(path, name, payload, keys, media, readonly, infos)
+            item = codec.item_from_bytes(payload)
+        except codec.CodecError as exc:
+            raise LedgerError(
+                f"ledger {self.path}: item '{path.rstrip('/')}/{name}' cannot be read ({exc})"
+            ) from None
+        # The columns are what SQL updates: they win over the copy in the payload.
+        if (item.path, item.name, str(item.media), item.readonly_endpoint) != (
+            path,
+            name,
+            media,
+            readonly,
+        ):
+            item = dataclasses.replace(
+                item, path=path, name=name, media=Media(media), readonly_endpoint=readonly
+            )
+        return item
 
     # --- media (thumbnails, local video processing) ------------------------------------------
 
-    def mark_processing(self, item: ItemPlan) -> None:
+    async def mark_processing(self, item: Item) -> None:
         """The item's media work started (committed: a crash leaves it PROCESSING, re-done)."""
-        with self._tx():
-            self.db.execute(
-                "UPDATE items SET state='PROCESSING', updated_at=? WHERE job=? AND path=? "
-                "AND name=?",
-                (time.time(), self.job, item.path, item.name),
-            )
 
-    def media_done(self, item: ItemPlan) -> None:
-        """Store the completed payload; the item is ready to send (PLANNED, no media left)."""
-        with self._tx():
-            self.db.execute(
-                "UPDATE items SET state='PLANNED', payload=?, media='', updated_at=? "
-                "WHERE job=? AND path=? AND name=?",
-                (orjson.dumps(item.payload), time.time(), self.job, item.path, item.name),
-            )
+        def work(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                db.execute(
+                    "UPDATE items SET state=?, updated_at=? WHERE job=? AND path=? AND name=?",
+                    (State.PROCESSING, time.time(), self.job, item.path, item.name),
+                )
 
-    def media_failed(self, item: ItemPlan, reason: str, *, final: bool = False) -> None:
+        await self._run(work)
+
+    async def media_done(self, item: Item) -> None:
+        """Store the item with its facts; it is ready to send (PLANNED, no media left)."""
+        done = dataclasses.replace(item, media=Media.NONE)
+
+        def work(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                db.execute(
+                    "UPDATE items SET state=?, payload=?, media=?, updated_at=? "
+                    "WHERE job=? AND path=? AND name=?",
+                    (
+                        State.PLANNED,
+                        codec.item_to_bytes(done),
+                        str(Media.NONE),
+                        time.time(),
+                        self.job,
+                        item.path,
+                        item.name,
+                    ),
+                )
+
+        await self._run(work)
+
+    async def media_failed(self, item: Item, reason: str, *, final: bool) -> None:
         """Media work failed: FAILED with the reason; ``final`` when the same bytes would fail
         again (corrupt image, no video stream), so the worker does not retry it by itself.
         ``media`` stays set, so ``ingest retry`` processes the item again."""
-        with self._tx():
-            self.db.execute(
-                "UPDATE items SET state='FAILED', reason=?, updated_at=?, failures=failures+1, "
-                "final=? WHERE job=? AND path=? AND name=?",
-                (reason, time.time(), int(final), self.job, item.path, item.name),
-            )
 
-    def cached_media(self, bucket: str, key: str, etag: str, kind: str) -> Any:
-        """A media result made earlier for this exact object version (any job), or None."""
-        if not etag:
+        def work(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                db.execute(
+                    "UPDATE items SET state=?, reason=?, updated_at=?, failures=failures+1, "
+                    "final=? WHERE job=? AND path=? AND name=?",
+                    (State.FAILED, reason, time.time(), int(final), self.job, item.path, item.name),
+                )
+
+        await self._run(work)
+
+    async def cached_facts(self, bucket: str, obj: ObjectInfo, kind: str) -> Facts | None:
+        """Media facts made earlier for this exact object version (any job), or None. An
+        entry that cannot be read is a miss (the media stage makes it again)."""
+        if not obj.etag:
             return None
-        row = self.db.execute(
-            "SELECT result FROM media_cache WHERE bucket=? AND key=? AND etag=? AND kind=?",
-            (bucket, key, etag, kind),
-        ).fetchone()
-        return orjson.loads(row[0]) if row else None
 
-    def cache_media(self, bucket: str, key: str, etag: str, kind: str, result: Any) -> None:
-        if not etag:
+        def work(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute(
+                "SELECT result FROM media_cache WHERE bucket=? AND key=? AND etag=? AND kind=?",
+                (bucket, obj.key, obj.etag, kind),
+            ).fetchone()
+            return bytes(row[0]) if row else None
+
+        data = await self._run(work)
+        if data is None:
+            return None
+        try:
+            return codec.facts_from_bytes(data)
+        except codec.CodecError:
+            return None
+
+    async def cache_facts(self, bucket: str, obj: ObjectInfo, kind: str, facts: Facts) -> None:
+        if not obj.etag:
             return
-        with self._tx():
-            self.db.execute(
-                "INSERT OR REPLACE INTO media_cache(bucket, key, etag, kind, result) "
-                "VALUES (?,?,?,?,?)",
-                (bucket, key, etag, kind, orjson.dumps(result)),
-            )
+        data = codec.facts_to_bytes(facts)
 
-    def object_meta(self, key: str) -> tuple[str, int]:
-        """(etag, size) of a listed object; ("", 0) when the ledger never saw it."""
-        info = self.object_info(key)
-        return (info.etag, info.size) if info else ("", 0)
+        def work(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                db.execute(
+                    "INSERT OR REPLACE INTO media_cache(bucket, key, etag, kind, result) "
+                    "VALUES (?,?,?,?,?)",
+                    (bucket, obj.key, obj.etag, kind, data),
+                )
+
+        await self._run(work)
 
     # --- sending ---------------------------------------------------------------------------
 
-    def mark_sent(self, items: Sequence[ItemPlan]) -> dict[tuple[str, str], int]:
-        """Mark SENT and count the attempt; committed before returning (before the POST)."""
-        now = time.time()
-        out: dict[tuple[str, str], int] = {}
-        keys = [(it.path, it.name) for it in items]
-        with self._tx():
-            if len(set(keys)) < len(keys):  # the same item twice: count each attempt, in order
-                for path, name in keys:
-                    row = self.db.execute(
-                        "UPDATE items SET state='SENT', attempts=attempts+1, updated_at=? "
-                        "WHERE job=? AND path=? AND name=? RETURNING attempts",
-                        (now, self.job, path, name),
-                    ).fetchone()
-                    out[(path, name)] = int(row[0]) if row else 1
-                return out
-            # One UPDATE ... FROM (VALUES ...) RETURNING per chunk instead of one per item.
-            for i in range(0, len(keys), _ROWS_PER_INSERT):
-                chunk = keys[i : i + _ROWS_PER_INSERT]
-                rows = self.db.execute(
-                    "UPDATE items SET state='SENT', attempts=attempts+1, updated_at=? FROM "
-                    f"(VALUES {','.join(['(?,?)'] * len(chunk))}) AS v "
-                    "WHERE items.job=? AND items.path=v.column1 AND items.name=v.column2 "
-                    "RETURNING items.path, items.name, items.attempts",
-                    [now, *(x for key in chunk for x in key), self.job],
-                ).fetchall()
-                out.update(((path, name), int(n)) for path, name, n in rows)
-        for key in keys:
-            out.setdefault(key, 1)  # no such row: a first attempt, as far as we know
-        return {key: out[key] for key in keys}
+    async def mark_sent(self, items: Sequence[Item]) -> list[int]:
+        """Mark SENT and count the attempt; committed before returning (before the POST).
+        Returns each item's attempt count, in order (the same item twice counts twice)."""
+        idents = [it.ident for it in items]
+        job = self.job
 
-    def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
-        now = time.time()
-        with self._tx():
-            if len({(o.path, o.name) for o in outcomes}) < len(outcomes):
-                # The same item twice: apply in order, the last outcome wins.
-                self.db.executemany(
-                    "UPDATE items SET state=?, v7_id=?, reason=?, updated_at=?, "
-                    "failures=failures+(?='FAILED'), final=? WHERE job=? AND path=? AND name=?",
-                    [
-                        (
-                            str(o.state),
-                            o.v7_id,
-                            o.reason,
+        def work(db: sqlite3.Connection) -> list[int]:
+            now = time.time()
+            with _tx(db):
+                if len(set(idents)) < len(idents):  # the same item twice: each attempt, in order
+                    out: list[int] = []
+                    for path, name in idents:
+                        row = db.execute(
+                            "UPDATE items SET state=?, attempts=attempts+1, updated_at=? "
+                            "WHERE job=? AND path=? AND name=? RETURNING attempts",
+                            (State.SENT, now, job, path, name),
+                        ).fetchone()
+                        out.append(int(row[0]) if row else 1)
+                    return out
+                # One UPDATE ... FROM (VALUES ...) RETURNING per chunk, not one per item.
+                got: dict[Ident, int] = {}
+                for chunk in _chunks(idents):
+                    rows = db.execute(
+                        "UPDATE items SET state=?, attempts=attempts+1, updated_at=? FROM "
+                        f"(VALUES {_values(len(chunk), 2)}) AS v "
+                        "WHERE items.job=? AND items.path=v.column1 AND items.name=v.column2 "
+                        "RETURNING items.path, items.name, items.attempts",
+                        [State.SENT, now, *(x for ident in chunk for x in ident), job],
+                    ).fetchall()
+                    got.update(((path, name), int(n)) for path, name, n in rows)
+            # No such row: a first attempt, as far as we know.
+            return [got.get(ident, 1) for ident in idents]
+
+        return await self._run(work)
+
+    async def unmark_sent(self, items: Sequence[Item]) -> None:
+        """Take back the attempts of requests that never reached V7: an item sent by an earlier
+        run stays SENT (attempts > 0 left), one never sent before is PLANNED again."""
+        counts = list(Counter(it.ident for it in items).items())
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> None:
+            now = time.time()
+            with _tx(db):
+                for chunk in _chunks(counts):
+                    db.execute(
+                        "UPDATE items SET attempts=max(items.attempts - v.column3, 0), "
+                        "state=iif(items.attempts - v.column3 <= 0, ?, items.state), "
+                        f"updated_at=? FROM (VALUES {_values(len(chunk), 3)}) AS v "
+                        "WHERE items.job=? AND items.path=v.column1 AND items.name=v.column2 "
+                        "AND items.state=?",
+                        [
+                            State.PLANNED,
                             now,
-                            str(o.state),
-                            _final(o),
-                            self.job,
-                            o.path,
-                            o.name,
-                        )
-                        for o in outcomes
-                    ],
-                )
-                return
-            # One UPDATE ... FROM (VALUES ...) per chunk instead of one statement per item.
-            for i in range(0, len(outcomes), _ROWS_PER_INSERT):
-                chunk = outcomes[i : i + _ROWS_PER_INSERT]
-                self.db.execute(
-                    "UPDATE items SET state=v.column1, v7_id=v.column2, reason=v.column3, "
-                    "failures=items.failures+(v.column1='FAILED'), final=v.column6, "
-                    f"updated_at=? FROM (VALUES {','.join(['(?,?,?,?,?,?)'] * len(chunk))}) AS v "
-                    "WHERE items.job=? AND items.path=v.column4 AND items.name=v.column5",
-                    [
-                        now,
-                        *(
-                            x
-                            for o in chunk
-                            for x in (str(o.state), o.v7_id, o.reason, o.path, o.name, _final(o))
-                        ),
-                        self.job,
-                    ],
-                )
+                            *(x for (path, name), n in chunk for x in (path, name, n)),
+                            job,
+                            State.SENT,
+                        ],
+                    )
 
-    def requeue_failed(self, blocked_reason: str | None = None) -> int:
-        with self._tx():
-            n = self.db.execute(
-                "UPDATE items SET state='PLANNED', reason='', final=0 "
-                "WHERE job=? AND state='FAILED'",
-                (self.job,),
-            ).rowcount
-            if blocked_reason:
-                n += self.db.execute(
-                    "UPDATE items SET state='PLANNED', reason='' "
-                    "WHERE job=? AND state='BLOCKED' AND reason=?",
-                    (self.job, blocked_reason),
+        await self._run(work)
+
+    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> None:
+            now = time.time()
+            with _tx(db):
+                if len({(o.path, o.name) for o in outcomes}) < len(outcomes):
+                    # The same item twice: apply in order, the last outcome wins.
+                    db.executemany(
+                        "UPDATE items SET state=?, v7_id=?, reason=?, updated_at=?, "
+                        "failures=failures+(?=?), final=? WHERE job=? AND path=? AND name=?",
+                        [
+                            (
+                                o.state,
+                                o.v7_id,
+                                o.reason,
+                                now,
+                                o.state,
+                                State.FAILED,
+                                _final(o),
+                                job,
+                                o.path,
+                                o.name,
+                            )
+                            for o in outcomes
+                        ],
+                    )
+                    return
+                # One UPDATE ... FROM (VALUES ...) per chunk instead of one statement per item.
+                for chunk in _chunks(outcomes):
+                    db.execute(
+                        "UPDATE items SET state=v.column1, v7_id=v.column2, reason=v.column3, "
+                        "failures=items.failures+(v.column1=?), final=v.column6, updated_at=? "
+                        f"FROM (VALUES {_values(len(chunk), 6)}) AS v "
+                        "WHERE items.job=? AND items.path=v.column4 AND items.name=v.column5",
+                        [
+                            State.FAILED,
+                            now,
+                            *(
+                                x
+                                for o in chunk
+                                for x in (o.state, o.v7_id, o.reason, o.path, o.name, _final(o))
+                            ),
+                            job,
+                        ],
+                    )
+
+        await self._run(work)
+
+    async def set_v7_ids(self, ids: Sequence[tuple[Ident, str]]) -> None:
+        job = self.job
+        rows = list(ids)
+
+        def work(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                for chunk in _chunks(rows):
+                    db.execute(
+                        f"UPDATE items SET v7_id=v.column3 FROM (VALUES {_values(len(chunk), 3)})"
+                        " AS v WHERE items.job=? AND items.path=v.column1 "
+                        "AND items.name=v.column2",
+                        [*(x for (path, name), v7 in chunk for x in (path, name, v7)), job],
+                    )
+
+        await self._run(work)
+
+    async def registered_without_id(self, limit: int) -> list[Ident]:
+        def work(db: sqlite3.Connection) -> list[Ident]:
+            rows = db.execute(
+                "SELECT path, name FROM items WHERE job=? AND state=? AND v7_id='' "
+                "ORDER BY id LIMIT ?",
+                (self.job, State.REGISTERED, limit),
+            ).fetchall()
+            return [(str(p), str(n)) for p, n in rows]
+
+        return await self._run(work)
+
+    async def item_states(self, idents: Sequence[Ident]) -> dict[Ident, State]:
+        wanted = list(dict.fromkeys(idents))
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> dict[Ident, State]:
+            out: dict[Ident, State] = {}
+            for chunk in _chunks(wanted):
+                rows = db.execute(
+                    f"SELECT i.path, i.name, i.state FROM (VALUES {_values(len(chunk), 2)}) AS v "
+                    "JOIN items i ON i.job=? AND i.path=v.column1 AND i.name=v.column2",
+                    [*(x for ident in chunk for x in ident), job],
+                )
+                out.update(((path, name), State(state)) for path, name, state in rows)
+            return out
+
+        return await self._run(work)
+
+    # --- retry -------------------------------------------------------------------------------
+
+    async def requeue_failed(self, blocked_reason: str | None = None) -> int:
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                n = db.execute(
+                    "UPDATE items SET state=?, reason='', final=0 WHERE job=? AND state=?",
+                    (State.PLANNED, job, State.FAILED),
                 ).rowcount
-        return int(n)
+                if blocked_reason:
+                    n += db.execute(
+                        "UPDATE items SET state=?, reason='' WHERE job=? AND state=? AND reason=?",
+                        (State.PLANNED, job, State.BLOCKED, blocked_reason),
+                    ).rowcount
+            return int(n)
 
-    def requeue_due(self, is_due: Callable[[int, float], bool], batch: int = CHUNK) -> int:
+        return await self._run(work)
+
+    async def requeue_due(self, is_due: Callable[[int, float], bool]) -> int:
         """FAILED items whose back-off has passed, back to PLANNED. ``is_due(failures,
-        failed_at)`` decides (pure, from the worker's policy); streamed over FAILED rows only.
+        failed_at)`` decides (pure, from the worker's policy); chunked over FAILED rows only.
         Not retried: a final failure (V7 rejected the item, the media is corrupt: only a new
         version of the object or `ingest retry` can change that), and an item whose object a
         sync found gone from the bucket."""
-        last, n = 0, 0
-        while True:
-            rows = self.db.execute(
-                "SELECT id, failures, updated_at FROM items WHERE job=? AND state='FAILED' "
+        job = self.job
+
+        def chunk(last: int, db: sqlite3.Connection) -> tuple[int, int | None]:
+            rows = db.execute(
+                "SELECT id, failures, updated_at FROM items WHERE job=? AND state=? "
                 "AND final=0 AND id > ? AND NOT EXISTS (SELECT 1 FROM json_each(CAST(items.keys "
                 "AS TEXT)) AS k JOIN objects o ON o.job=items.job AND o.key=k.value "
                 "WHERE o.vanished_at>0) ORDER BY id LIMIT ?",
-                (self.job, last, batch),
+                (job, State.FAILED, last, CHUNK),
             ).fetchall()
             if not rows:
-                return n
-            due = [(self.job, i) for i, failures, at in rows if is_due(int(failures), float(at))]
+                return 0, None
+            due = [
+                (State.PLANNED, job, i, State.FAILED)
+                for i, failures, at in rows
+                if is_due(int(failures), float(at))
+            ]
             if due:
-                with self._tx():
-                    self.db.executemany(
-                        "UPDATE items SET state='PLANNED', reason='' WHERE job=? AND id=? "
-                        "AND state='FAILED' AND final=0",
+                with _tx(db):
+                    db.executemany(
+                        "UPDATE items SET state=?, reason='' WHERE job=? AND id=? "
+                        "AND state=? AND final=0",
                         due,
                     )
-                n += len(due)
-            last = rows[-1][0]
+            return len(due), int(rows[-1][0])
+
+        n, last = 0, 0
+        while True:
+            got, nxt = await self._run(functools.partial(chunk, last))
+            n += got
+            if nxt is None:
+                return n
+            last = nxt
 
     # --- sync: the ledger's side of the listing merge ------------------------------------------
 
-    def iter_known(
-        self, prefix: str, recursive: bool, start: str = "", batch: int = CHUNK
-    ) -> Iterator[Known]:
-        """Objects of one shard in key order from ``start`` (inclusive): keys under ``prefix``
-        (recursive) or directly under it. Sub-folders of a non-recursive shard are skipped
-        with one seek each, not read."""
-        lo, inclusive = max(prefix, start), True
-        hi = prefix_end(prefix)
-        while True:
-            op = ">=" if inclusive else ">"
-            rows = self.db.execute(
-                f"SELECT {_KNOWN_COLUMNS} FROM objects WHERE job=? "
-                f"AND key {op} ? AND (? IS NULL OR key < ?) ORDER BY key LIMIT ?",
-                (self.job, lo, hi, hi, batch),
-            ).fetchall()
-            seek = None
-            for row in rows:
-                key = row[0]
-                if not recursive:
-                    cut = key.find("/", len(prefix))
-                    if cut >= 0:  # a sub-folder: listed by another shard
-                        seek = prefix_end(key[: cut + 1])
-                        break
-                yield _known(row)
-            if seek is not None:
-                lo, inclusive = seek, True
-            elif len(rows) < batch:
-                return
-            else:
-                lo, inclusive = rows[-1][0], False
+    async def known_range(
+        self, prefix: str, recursive: bool, start: str, inclusive: bool, limit: int
+    ) -> list[Known]:
+        """Up to ``limit`` objects of one shard in key order from ``start``: keys under
+        ``prefix`` (recursive) or directly under it. Sub-folders of a non-recursive shard are
+        skipped with one seek each, not read."""
+        job = self.job
 
-    def known(self, key: str) -> Known | None:
-        row = self.db.execute(
-            f"SELECT {_KNOWN_COLUMNS} FROM objects WHERE job=? AND key=?", (self.job, key)
-        ).fetchone()
-        return _known(row) if row else None
+        def work(db: sqlite3.Connection) -> list[Known]:
+            out: list[Known] = []
+            lo, incl = (start, inclusive) if start >= prefix else (prefix, True)
+            hi = prefix_end(prefix)
+            while len(out) < limit:
+                want = limit - len(out)
+                rows = db.execute(
+                    f"SELECT {_KNOWN_COLUMNS} FROM objects WHERE job=? "
+                    f"AND key {'>=' if incl else '>'} ? AND (? IS NULL OR key < ?) "
+                    "ORDER BY key LIMIT ?",
+                    (job, lo, hi, hi, want),
+                ).fetchall()
+                seek = None
+                for row in rows:
+                    key = row[0]
+                    if not recursive:
+                        cut = key.find("/", len(prefix))
+                        if cut >= 0:  # a sub-folder: listed by another shard
+                            seek = prefix_end(key[: cut + 1])
+                            break
+                    out.append(_known(row))
+                if seek is not None:
+                    lo, incl = seek, True
+                elif len(rows) < want:
+                    break
+                else:
+                    lo, incl = rows[-1][0], False
+            return out
 
-    def sub_folders(self, prefix: str) -> Iterator[str]:
+        return await self._run(work)
+
+    async def known(self, keys: Sequence[str]) -> dict[str, Known]:
+        wanted = list(dict.fromkeys(keys))
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> dict[str, Known]:
+            out: dict[str, Known] = {}
+            for chunk in _chunks(wanted):
+                rows = db.execute(
+                    f"SELECT {_KNOWN_COLUMNS} FROM objects WHERE job=? "
+                    f"AND key IN ({','.join('?' * len(chunk))})",
+                    (job, *chunk),
+                )
+                out.update((row[0], _known(row)) for row in rows)
+            return out
+
+        return await self._run(work)
+
+    async def sub_folders(self, prefix: str) -> list[str]:
         """Distinct first-level folders under ``prefix`` that the ledger holds keys for."""
-        lo, hi = prefix, prefix_end(prefix)
-        while True:
-            row = self.db.execute(
-                "SELECT key FROM objects WHERE job=? AND key >= ? AND (? IS NULL OR key < ?) "
-                "AND instr(substr(key, ?), '/') > 0 ORDER BY key LIMIT 1",
-                (self.job, lo, hi, hi, len(prefix) + 1),
-            ).fetchone()
-            if row is None:
-                return
-            key = row[0]
-            folder = key[: key.index("/", len(prefix)) + 1]
-            yield folder
-            nxt = prefix_end(folder)
-            if nxt is None:
-                return
-            lo = nxt
+        job = self.job
 
-    def record_sync_page(
+        def work(db: sqlite3.Connection) -> list[str]:
+            out: list[str] = []
+            lo, hi = prefix, prefix_end(prefix)
+            while True:
+                row = db.execute(
+                    "SELECT key FROM objects WHERE job=? AND key >= ? AND (? IS NULL OR key < ?) "
+                    "AND instr(substr(key, ?), '/') > 0 ORDER BY key LIMIT 1",
+                    (job, lo, hi, hi, len(prefix) + 1),
+                ).fetchone()
+                if row is None:
+                    return out
+                key = row[0]
+                folder = key[: key.index("/", len(prefix)) + 1]
+                out.append(folder)
+                nxt = prefix_end(folder)
+                if nxt is None:
+                    return out
+                lo = nxt
+
+        return await self._run(work)
+
+    async def record_sync_page(
         self,
         vanished: Sequence[str] = (),
         reappeared: Sequence[str] = (),
@@ -704,193 +1083,230 @@ class Ledger:
         Returns how many known objects were newly marked vanished."""
         if not (vanished or reappeared or changed):
             return 0
-        now = time.time()
-        with self._tx():
-            gone = self.db.executemany(
-                "UPDATE objects SET vanished_at=? WHERE job=? AND key=? AND vanished_at=0",
-                [(now, self.job, k) for k in vanished],
-            ).rowcount
-            self.db.executemany(
-                "UPDATE objects SET vanished_at=0 WHERE job=? AND key=?",
-                [(self.job, k) for k in reappeared],
-            )
-            self.db.executemany(
-                "UPDATE objects SET changed=1, changed_etag=? WHERE job=? AND key=?",
-                [(etag, self.job, k) for k, etag in changed],
-            )
-        return max(gone, 0)
+        job = self.job
 
-    def mark_vanished_under(self, prefix: str) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            now = time.time()
+            with _tx(db):
+                gone = db.executemany(
+                    "UPDATE objects SET vanished_at=? WHERE job=? AND key=? AND vanished_at=0",
+                    [(now, job, k) for k in vanished],
+                ).rowcount
+                db.executemany(
+                    "UPDATE objects SET vanished_at=0 WHERE job=? AND key=?",
+                    [(job, k) for k in reappeared],
+                )
+                db.executemany(
+                    "UPDATE objects SET changed=1, changed_etag=? WHERE job=? AND key=?",
+                    [(etag, job, k) for k, etag in changed],
+                )
+            return max(gone, 0)
+
+        return await self._run(work)
+
+    async def mark_vanished_under(self, prefix: str) -> int:
         """Every object under ``prefix`` is gone (the whole folder vanished from the listing)."""
         hi = prefix_end(prefix)
-        with self._tx():
-            n = self.db.execute(
-                "UPDATE objects SET vanished_at=? WHERE job=? AND key >= ? "
-                "AND (? IS NULL OR key < ?) AND vanished_at=0",
-                (time.time(), self.job, prefix, hi, hi),
-            ).rowcount
-        return int(n)
+        job = self.job
 
-    def record_new_version(self, obj: ObjectInfo, plan: ItemPlan) -> bool:
+        def work(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                n = db.execute(
+                    "UPDATE objects SET vanished_at=? WHERE job=? AND key >= ? "
+                    "AND (? IS NULL OR key < ?) AND vanished_at=0",
+                    (time.time(), job, prefix, hi, hi),
+                ).rowcount
+            return int(n)
+
+        return await self._run(work)
+
+    async def record_new_version(self, obj: ObjectInfo, item: Item) -> bool:
         """A changed object registered again as a new item (sync.on_change = "register"): the
         object now points at the new item; the old item stays in V7 untouched."""
-        with self._tx():
-            row = self.db.execute(
-                "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at, "
-                "media, readonly_endpoint) VALUES (?,?,?,?,?,'PLANNED',?,?,?,?) "
-                "ON CONFLICT(job, path, name) DO NOTHING RETURNING id",
-                (
-                    self.job,
-                    plan.path,
-                    plan.name,
-                    orjson.dumps(plan.payload),
-                    orjson.dumps(list(plan.keys)),
-                    self._run_id,
-                    time.time(),
-                    str(plan.media),
-                    int(plan.readonly_endpoint),
-                ),
-            ).fetchone()
-            created = row is not None
-            if row is None:
-                # This version was registered before (the object changed back to it): point the
-                # object at that item instead of reporting it as changed on every sync. An item
-                # of that name made of another key is not ours: report the change instead.
-                row = self.db.execute(
-                    "SELECT id FROM items WHERE job=? AND path=? AND name=? AND keys=?",
-                    (self.job, plan.path, plan.name, orjson.dumps([obj.key])),
-                ).fetchone()
-                if row is None:
-                    self.db.execute(
-                        "UPDATE objects SET changed=1, changed_etag=? WHERE job=? AND key=?",
-                        (obj.etag, self.job, obj.key),
-                    )
-                    return False
-            self.db.execute(
-                "UPDATE objects SET etag=?, size=?, last_modified=?, item_id=?, changed=0, "
-                "changed_etag='', vanished_at=0, state='PLANNED' WHERE job=? AND key=?",
-                (obj.etag, obj.size, obj.last_modified, row[0], self.job, obj.key),
-            )
-        return created
+        job, run_id = self.job, self._run_id
 
-    def item_key_count(self, key: str) -> int:
+        def work(db: sqlite3.Connection) -> bool:
+            with _tx(db):
+                row = db.execute(
+                    "INSERT INTO items(job, path, name, payload, keys, state, run_id, "
+                    "updated_at, media, readonly_endpoint) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT(job, path, name) DO NOTHING RETURNING id",
+                    (
+                        job,
+                        item.path,
+                        item.name,
+                        codec.item_to_bytes(item),
+                        _keys_blob(item.keys),
+                        State.PLANNED,
+                        run_id,
+                        time.time(),
+                        str(item.media),
+                        int(item.readonly_endpoint),
+                    ),
+                ).fetchone()
+                created = row is not None
+                if row is None:
+                    # This version was registered before (the object changed back to it): point
+                    # the object at that item instead of reporting it as changed on every sync.
+                    # An item of that name made of another key is not ours: report the change.
+                    row = db.execute(
+                        "SELECT id FROM items WHERE job=? AND path=? AND name=? AND keys=?",
+                        (job, item.path, item.name, _keys_blob([obj.key])),
+                    ).fetchone()
+                    if row is None:
+                        db.execute(
+                            "UPDATE objects SET changed=1, changed_etag=? WHERE job=? AND key=?",
+                            (obj.etag, job, obj.key),
+                        )
+                        return False
+                db.execute(
+                    "UPDATE objects SET etag=?, size=?, last_modified=?, item_id=?, changed=0, "
+                    "changed_etag='', vanished_at=0, state=? WHERE job=? AND key=?",
+                    (obj.etag, obj.size, obj.last_modified, row[0], State.PLANNED, job, obj.key),
+                )
+            return created
+
+        return await self._run(work)
+
+    async def item_key_count(self, key: str) -> int:
         """How many objects the item of ``key`` is made of (0 when it has no item)."""
-        row = self.db.execute(
-            "SELECT i.keys FROM objects o JOIN items i ON i.id = o.item_id "
-            "WHERE o.job=? AND o.key=?",
-            (self.job, key),
-        ).fetchone()
-        return len(orjson.loads(row[0])) if row else 0
+
+        def work(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "SELECT json_array_length(CAST(i.keys AS TEXT)) FROM objects o "
+                "JOIN items i ON i.id = o.item_id WHERE o.job=? AND o.key=?",
+                (self.job, key),
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(work)
 
     # --- leases: one writer per job -----------------------------------------------------------
 
-    def acquire_lease(
+    async def acquire_lease(
         self,
         holder: str,
         ttl_s: float,
         now: float,
-        holder_dead: Callable[[str], bool] = lambda _holder: False,
+        holder_dead: Callable[[str], bool],
     ) -> Lease | None:
         """Take (or renew) the job's lease; None when it is ours. Returns the live lease of
         someone else when they hold it: the caller refuses to run. ``holder_dead(holder)``
         lets a lease whose holder is known dead (same host, no such process) go at once."""
-        with self._tx():
-            row = self.db.execute(
-                "SELECT holder, acquired_at, expires_at FROM leases WHERE job=?", (self.job,)
-            ).fetchone()
-            if row is not None and row[0] != holder and row[2] > now and not holder_dead(row[0]):
-                return Lease(row[0], row[1], row[2])
-            self.db.execute(
-                "INSERT INTO leases(job, holder, acquired_at, expires_at) VALUES (?,?,?,?) "
-                "ON CONFLICT(job) DO UPDATE SET holder=excluded.holder, "
-                "acquired_at=excluded.acquired_at, expires_at=excluded.expires_at",
-                (self.job, holder, now, now + ttl_s),
-            )
-        return None
+        job = self.job
 
-    def renew_lease(self, holder: str, ttl_s: float, now: float) -> bool:
+        def work(db: sqlite3.Connection) -> Lease | None:
+            with _tx(db):
+                row = db.execute(
+                    "SELECT holder, acquired_at, expires_at FROM leases WHERE job=?", (job,)
+                ).fetchone()
+                if (
+                    row is not None
+                    and row[0] != holder
+                    and row[2] > now
+                    and not holder_dead(row[0])
+                ):
+                    return Lease(row[0], row[1], row[2])
+                db.execute(
+                    "INSERT INTO leases(job, holder, acquired_at, expires_at) VALUES (?,?,?,?) "
+                    "ON CONFLICT(job) DO UPDATE SET holder=excluded.holder, "
+                    "acquired_at=excluded.acquired_at, expires_at=excluded.expires_at",
+                    (job, holder, now, now + ttl_s),
+                )
+            return None
+
+        return await self._run(work)
+
+    async def renew_lease(self, holder: str, ttl_s: float, now: float) -> bool:
         """Extend our lease; False when it is no longer ours (expired and taken over)."""
-        with self._tx():
-            n = self.db.execute(
-                "UPDATE leases SET expires_at=? WHERE job=? AND holder=?",
-                (now + ttl_s, self.job, holder),
-            ).rowcount
-        return n == 1
 
-    def release_lease(self, holder: str) -> None:
-        with self._tx():
-            self.db.execute("DELETE FROM leases WHERE job=? AND holder=?", (self.job, holder))
+        def work(db: sqlite3.Connection) -> bool:
+            with _tx(db):
+                n = db.execute(
+                    "UPDATE leases SET expires_at=? WHERE job=? AND holder=?",
+                    (now + ttl_s, self.job, holder),
+                ).rowcount
+            return bool(n == 1)
 
-    def item_state(self, path: str, name: str) -> State | None:
-        row = self.db.execute(
-            "SELECT state FROM items WHERE job=? AND path=? AND name=?", (self.job, path, name)
-        ).fetchone()
-        return State(row[0]) if row else None
+        return await self._run(work)
+
+    async def release_lease(self, holder: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                db.execute("DELETE FROM leases WHERE job=? AND holder=?", (self.job, holder))
+
+        await self._run(work)
 
     # --- reading ---------------------------------------------------------------------------
 
     _EFFECTIVE = "COALESCE(i.state, o.state)"
 
-    def status(self, runs: int = 5) -> Status:
-        st = Status(self.job)
-        st.objects_by_state = dict(
-            self.db.execute(
-                f"SELECT {self._EFFECTIVE} AS s, count(*) FROM objects o "
-                "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=? GROUP BY s",
-                (self.job,),
-            ).fetchall()
-        )
-        st.items_by_state = dict(
-            self.db.execute(
-                "SELECT state, count(*) FROM items WHERE job=? GROUP BY state", (self.job,)
-            ).fetchall()
-        )
-        st.failures_by_reason = [
-            (f"{s}: {r}", int(n))
-            for s, r, n in self.db.execute(
-                "SELECT state, reason, count(*) AS n FROM items WHERE job=? "
-                "AND state IN ('FAILED','BLOCKED') GROUP BY state, reason ORDER BY n DESC "
-                "LIMIT 20",
-                (self.job,),
-            )
-        ] + [
-            (f"SKIPPED: {r}", int(n))
-            for r, n in self.db.execute(
-                "SELECT reason, count(*) AS n FROM objects WHERE job=? AND state='SKIPPED' "
-                "GROUP BY reason ORDER BY n DESC LIMIT 20",
-                (self.job,),
-            )
-        ]
-        changed, vanished = self.db.execute(
-            "SELECT COALESCE(SUM(changed=1 AND vanished_at=0), 0), "
-            "COALESCE(SUM(vanished_at>0), 0) FROM objects WHERE job=?",
-            (self.job,),
-        ).fetchone()
-        st.changed_objects, st.vanished_objects = int(changed), int(vanished)
-        for rid, kind, started, finished, status, counts in self.db.execute(
-            "SELECT id, kind, started_at, finished_at, status, counts FROM runs WHERE job=? "
-            "ORDER BY id DESC LIMIT ?",
-            (self.job, runs),
-        ):
-            st.last_runs.append(
-                {
-                    "id": rid,
-                    "kind": kind,
-                    "started_at": _iso(started),
-                    "finished_at": _iso(finished) if finished else None,
-                    "status": status,
-                    "counts": orjson.loads(counts) if counts else {},
-                }
-            )
-        return st
+    async def status(self, runs: int = 5) -> Status:
+        job = self.job
+        eff = self._EFFECTIVE
 
-    def report_rows(self, batch: int = CHUNK) -> Iterator[ReportRow]:
-        """One row per object in key order, streamed."""
-        last = ""
-        first = True
-        while True:
-            rows = self.db.execute(
-                f"SELECT o.key, {self._EFFECTIVE}, COALESCE(i.path,''), COALESCE(i.name,''), "
+        def work(db: sqlite3.Connection) -> Status:
+            st = Status(job)
+            st.objects_by_state = dict(
+                db.execute(
+                    f"SELECT {eff} AS s, count(*) FROM objects o "
+                    "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=? GROUP BY s",
+                    (job,),
+                ).fetchall()
+            )
+            st.items_by_state = dict(
+                db.execute(
+                    "SELECT state, count(*) FROM items WHERE job=? GROUP BY state", (job,)
+                ).fetchall()
+            )
+            st.failures_by_reason = [
+                (f"{s}: {r}", int(n))
+                for s, r, n in db.execute(
+                    "SELECT state, reason, count(*) AS n FROM items WHERE job=? "
+                    "AND state IN (?,?) GROUP BY state, reason ORDER BY n DESC LIMIT 20",
+                    (job, State.FAILED, State.BLOCKED),
+                )
+            ] + [
+                (f"{State.SKIPPED}: {r}", int(n))
+                for r, n in db.execute(
+                    "SELECT reason, count(*) AS n FROM objects WHERE job=? AND state=? "
+                    "GROUP BY reason ORDER BY n DESC LIMIT 20",
+                    (job, State.SKIPPED),
+                )
+            ]
+            changed, vanished = db.execute(
+                "SELECT COALESCE(SUM(changed=1 AND vanished_at=0), 0), "
+                "COALESCE(SUM(vanished_at>0), 0) FROM objects WHERE job=?",
+                (job,),
+            ).fetchone()
+            st.changed_objects, st.vanished_objects = int(changed), int(vanished)
+            for rid, kind, started, finished, status, counts in db.execute(
+                "SELECT id, kind, started_at, finished_at, status, counts FROM runs WHERE job=? "
+                "ORDER BY id DESC LIMIT ?",
+                (job, runs),
+            ):
+                st.last_runs.append(
+                    {
+                        "id": rid,
+                        "kind": kind,
+                        "started_at": _iso(started),
+                        "finished_at": _iso(finished) if finished else None,
+                        "status": status,
+                        "counts": orjson.loads(counts) if counts else {},
+                    }
+                )
+            return st
+
+        return await self._run(work)
+
+    async def report_rows(self) -> AsyncIterator[ReportRow]:
+        """One row per object in key order, streamed in chunks."""
+        job = self.job
+        eff = self._EFFECTIVE
+
+        def chunk(first: bool, last: str, db: sqlite3.Connection) -> list[ReportRow]:
+            rows = db.execute(
+                f"SELECT o.key, {eff}, COALESCE(i.path,''), COALESCE(i.name,''), "
                 "COALESCE(i.v7_id,''), CASE WHEN o.item_id IS NULL THEN o.reason "
                 "ELSE COALESCE(i.reason,'') END, o.etag, o.size, CASE WHEN o.vanished_at>0 "
                 "THEN 'vanished' WHEN o.changed=1 AND o.changed_etag!='' THEN "
@@ -898,115 +1314,130 @@ class Ledger:
                 "ELSE '' END FROM objects o "
                 "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=? AND (? OR o.key > ?) "
                 "ORDER BY o.key LIMIT ?",
-                (self.job, first, last, batch),
+                (job, first, last, CHUNK),
             ).fetchall()
+            return [ReportRow(*r) for r in rows]
+
+        first, last = True, ""
+        while True:
+            rows = await self._run(functools.partial(chunk, first, last))
             if not rows:
                 return
             for r in rows:
-                yield ReportRow(*r)
-            last, first = rows[-1][0], False
-
-    def iter_keys(self, after: str = "", batch: int = CHUNK) -> Iterator[tuple[str, str]]:
-        """(key, etag) in key order from ``after``: one side of a listing/ledger merge."""
-        last = after
-        while True:
-            rows = self.db.execute(
-                "SELECT key, etag FROM objects WHERE job=? AND key > ? ORDER BY key LIMIT ?",
-                (self.job, last, batch),
-            ).fetchall()
-            if not rows:
-                return
-            yield from rows
-            last = rows[-1][0]
+                yield r
+            first, last = False, rows[-1].key
 
     # --- manifests -----------------------------------------------------------------------
 
-    def stage_manifest(self, rows: Iterable[tuple[str, str, str, str]]) -> int:
-        """(item_name, slot_name, key, path) rows into a staging table, in chunked transactions."""
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS manifest (job TEXT, item_name TEXT, slot_name TEXT, "
-            "key TEXT, path TEXT, seq INTEGER)"
-        )
-        self.db.execute(
-            "CREATE INDEX IF NOT EXISTS manifest_item ON manifest (job, path, item_name, seq)"
-        )
-        self.db.execute("CREATE INDEX IF NOT EXISTS manifest_key ON manifest (job, key)")
-        with self._tx():
-            self.db.execute("DELETE FROM manifest WHERE job=?", (self.job,))
-        n = 0
-        chunk: list[tuple[str, str, str, str, str, int]] = []
-        for item_name, slot_name, key, path in rows:
-            chunk.append((self.job, item_name, slot_name, key, path, n))
-            n += 1
-            if len(chunk) >= CHUNK:
-                self._insert_manifest(chunk)
-                chunk = []
-        if chunk:
-            self._insert_manifest(chunk)
-        return n
+    async def stage_manifest(self, rows: Iterable[tuple[str, str, str, str]]) -> int:
+        """(item_name, slot_name, key, path) rows into a staging table, in chunked
+        transactions; ``rows`` is read in the ledger's thread (it may read a file)."""
+        job = self.job
 
-    def _insert_manifest(self, chunk: list[tuple[str, str, str, str, str, int]]) -> None:
-        with self._tx():
-            self.db.executemany("INSERT INTO manifest VALUES (?,?,?,?,?,?)", chunk)
+        def work(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                db.execute("DELETE FROM manifest WHERE job=?", (job,))
+            n = 0
+            chunk: list[tuple[str, str, str, str, str, int]] = []
+            for item_name, slot_name, key, path in rows:
+                chunk.append((job, item_name, slot_name, key, path, n))
+                n += 1
+                if len(chunk) >= CHUNK:
+                    with _tx(db):
+                        db.executemany("INSERT INTO manifest VALUES (?,?,?,?,?,?)", chunk)
+                    chunk = []
+            if chunk:
+                with _tx(db):
+                    db.executemany("INSERT INTO manifest VALUES (?,?,?,?,?,?)", chunk)
+            return n
 
-    def iter_manifest_items(self) -> Iterator[tuple[str, str, list[tuple[str, str]]]]:
-        """(item_name, path, [(slot_name, key), ...]) grouped by item (path + name), in file
-        order within an item, streamed with keyset pagination."""
-        current: tuple[str, str] | None = None
+        return await self._run(work)
+
+    async def manifest_items(self) -> AsyncIterator[ManifestItem]:
+        """Manifest items grouped by (path, name), slots in file order, streamed in chunks."""
+        job = self.job
+
+        def chunk(last: tuple[str, str, int], db: sqlite3.Connection) -> list[Any]:
+            return db.execute(
+                "SELECT path, item_name, seq, slot_name, key FROM manifest WHERE job=? AND "
+                "(path, item_name, seq) > (?, ?, ?) ORDER BY path, item_name, seq LIMIT ?",
+                (job, *last, CHUNK),
+            ).fetchall()
+
+        current: tuple[str, str] | None = None  # (path, name)
         slots: list[tuple[str, str]] = []
         last: tuple[str, str, int] = ("", "", -1)
         while True:
-            rows = self.db.execute(
-                "SELECT path, item_name, seq, slot_name, key FROM manifest WHERE job=? AND "
-                "(path, item_name, seq) > (?, ?, ?) ORDER BY path, item_name, seq LIMIT ?",
-                (self.job, *last, CHUNK),
-            ).fetchall()
+            rows = await self._run(functools.partial(chunk, last))
             if not rows:
                 break
             for path, item_name, seq, slot_name, key in rows:
-                if current != (item_name, path):
+                if current != (path, item_name):
                     if current is not None:
-                        yield current[0], current[1], slots
-                    current, slots = (item_name, path), []
+                        yield ManifestItem(current[1], current[0], tuple(slots))
+                    current, slots = (path, item_name), []
                 slots.append((slot_name, key))
                 last = (path, item_name, seq)
         if current is not None:
-            yield current[0], current[1], slots
+            yield ManifestItem(current[1], current[0], tuple(slots))
 
-    def in_manifest(self, key: str) -> bool:
-        row = self.db.execute(
-            "SELECT 1 FROM manifest WHERE job=? AND key=? LIMIT 1", (self.job, key)
-        ).fetchone()
-        return row is not None
+    async def in_manifest(self, keys: Sequence[str]) -> set[str]:
+        wanted = list(dict.fromkeys(keys))
+        job = self.job
 
-    def object_info(self, key: str) -> ObjectInfo | None:
-        """The object as last listed, or None when the listing never saw it."""
-        row = self.db.execute(
-            "SELECT etag, size, last_modified FROM objects WHERE job=? AND key=?", (self.job, key)
-        ).fetchone()
-        return ObjectInfo(key, int(row[1]), str(row[0]), str(row[2])) if row else None
+        def work(db: sqlite3.Connection) -> set[str]:
+            out: set[str] = set()
+            for chunk in _chunks(wanted):
+                out.update(
+                    r[0]
+                    for r in db.execute(
+                        "SELECT DISTINCT key FROM manifest WHERE job=? "
+                        f"AND key IN ({','.join('?' * len(chunk))})",
+                        (job, *chunk),
+                    )
+                )
+            return out
+
+        return await self._run(work)
+
+    async def object_infos(self, keys: Sequence[str]) -> dict[str, ObjectInfo]:
+        """The objects as last listed; a key the listing never saw is absent."""
+        wanted = list(dict.fromkeys(keys))
+        return await self._run(lambda db: _object_infos(db, self.job, wanted))
 
 
-def _collision(plan: ItemPlan, other_key: str) -> str:
-    where = plan.path.rstrip("/") + "/" + plan.name
-    return (
-        f"name collision: item '{where}' already comes from '{other_key}' (rename one, or "
-        "change plan.preserve_folders / plan.slots)"
-    )[:300]
+def _object_infos(db: sqlite3.Connection, job: str, keys: Sequence[str]) -> dict[str, ObjectInfo]:
+    out: dict[str, ObjectInfo] = {}
+    for chunk in _chunks(keys):
+        rows = db.execute(
+            "SELECT key, etag, size, last_modified FROM objects WHERE job=? "
+            f"AND key IN ({','.join('?' * len(chunk))})",
+            (job, *chunk),
+        )
+        out.update((k, ObjectInfo(k, int(size), str(etag), str(lm))) for k, etag, size, lm in rows)
+    return out
 
 
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+def _recorded_items(
+    db: sqlite3.Connection, job: str, idents: Sequence[Ident]
+) -> dict[Ident, tuple[int, tuple[str, ...]]]:
+    """(id, keys) of recorded items by (path, name), chunked."""
+    wanted = list(dict.fromkeys(idents))
+    out: dict[Ident, tuple[int, tuple[str, ...]]] = {}
+    for chunk in _chunks(wanted):
+        rows = db.execute(
+            f"SELECT i.path, i.name, i.id, i.keys FROM (VALUES {_values(len(chunk), 2)}) AS v "
+            "JOIN items i ON i.job=? AND i.path=v.column1 AND i.name=v.column2",
+            [*(x for ident in chunk for x in ident), job],
+        )
+        out.update(
+            ((path, name), (int(item_id), tuple(codec.legacy_keys(_blob(keys)))))
+            for path, name, item_id, keys in rows
+        )
+    return out
 
 
-class _Tx:
-    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error) on an autocommit connection."""
+if TYPE_CHECKING:  # mypy proves the backend implements the whole port
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+    def _implements_port(ledger: SqliteLedger) -> LedgerPort:
+        return ledger
