@@ -76,7 +76,9 @@ class Collisions:
         ]
 
 
-collide = Collisions()
+def collide(item: Item, recorded: tuple[str, ...]) -> list[Skip]:
+    """The same policy, recording nothing (for pages with no collision to look at)."""
+    return Collisions()(item, recorded)
 
 
 async def record(

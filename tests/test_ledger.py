@@ -1,359 +1,593 @@
-"""The SQLite ledger: pages, checkpoints, sending, outcomes, streams, crash durability, memory."""
+"""The SQLite ledger itself: its thread, files (legacy, foreign, broken), crash durability, memory.
+
+What every backend must do is in the contract suite (tests/ledger_contract.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
-import itertools
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import tracemalloc
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 
-from ingest.ledger import Ledger
-from ingest.model import ItemPlan, ObjectInfo, Outcome, Skip, State
+from ingest.errors import LedgerBusy, LedgerError
+from ingest.ledger import SCHEMA_VERSION, SqliteLedger, codec, memory, open_ledger
+from ingest.ledger.sqlite import _ADDED_COLUMNS, _SCHEMA
+from ingest.model import (
+    ImageFacts,
+    Item,
+    ItemType,
+    Media,
+    ObjectInfo,
+    Rendition,
+    Slot,
+    UploadFacts,
+    VideoFacts,
+)
+from tests.ledger_contract import collide, page, record
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
-
-def o(key: str, etag: str = "e1", size: int = 10) -> ObjectInfo:
-    return ObjectInfo(key, size, etag=etag, last_modified="2024-01-01T00:00:00Z")
-
-
-def single(key: str) -> ItemPlan:
-    folder, _, name = key.rpartition("/")
-    path = "/" + folder if folder else "/"
-    payload = {"path": path, "type": "image", "storage_key": key, "name": name}
-    return ItemPlan(path, name, payload, (key,))
-
-
-def page(keys: list[str]) -> tuple[list[ObjectInfo], list[ItemPlan | Skip]]:
-    objs = [o(k) for k in keys]
-    plans: list[ItemPlan | Skip] = [
-        Skip(x, "unsupported file type '.txt'") if x.key.endswith(".txt") else single(x.key)
-        for x in objs
-    ]
-    return objs, plans
+REPO = str(Path(__file__).resolve().parents[1])
 
 
-@pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    lg = Ledger(tmp_path / "l.sqlite", "job-1")
-    lg.start_run("run")
-    return lg
+def user_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
 
 
-def report(lg: Ledger) -> dict[str, tuple[str, str]]:
-    return {r.key: (r.state, r.reason) for r in lg.report_rows()}
+# --- the thread -----------------------------------------------------------------------------------
 
 
-def test_record_page_returns_new_items_once(ledger: Ledger) -> None:
-    objs, plans = page(["a/1.jpg", "a/2.jpg", "a/n.txt"])
-    new = ledger.record_page("s0", "a/n.txt", False, objs, plans)
-    assert [(i.path, i.name) for i in new] == [("/a", "1.jpg"), ("/a", "2.jpg")]
-    assert new[0].payload["storage_key"] == "a/1.jpg"
-    # The same page again (re-listing after a crash): nothing new.
-    assert ledger.record_page("s0", "a/n.txt", False, objs, plans) == []
-    st = ledger.status()
-    assert st.items_by_state == {"PLANNED": 2}
-    assert st.objects_by_state == {"PLANNED": 2, "SKIPPED": 1}
-    assert report(ledger)["a/n.txt"] == ("SKIPPED", "unsupported file type '.txt'")
-    assert st.changed_objects == 0
+async def test_the_event_loop_keeps_running_while_a_big_page_commits(tmp_path: Path) -> None:
+    """20k objects in one record_page: a task ticking on the loop keeps ticking meanwhile."""
+    async with open_ledger(tmp_path / "l.sqlite", "j") as lg:
+        await lg.start_run("run")
+        objs, plans = page([f"big/{i:06d}.jpg" for i in range(20_000)])
+        ticks = 0
+        stop = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)  # the ticker has started
+        before = ticks
+        new = await lg.record_page("s", "", True, objs, plans, collide)
+        during = ticks - before
+        stop = True
+        await task
+        assert len(new) == 20_000
+        # Had the page been written on the loop's thread, not one tick could happen during it.
+        assert during > 100, during
 
 
-def test_changed_etag_is_flagged(ledger: Ledger) -> None:
-    objs, plans = page(["a/1.jpg", "a/2.jpg"])
-    ledger.record_page("s0", "", True, objs, plans)
-    relisted = [o("a/1.jpg", etag="e2"), o("a/2.jpg")]
-    assert ledger.record_page("s0", "", True, relisted, plans) == []
-    assert ledger.status().changed_objects == 1
-    rows = {r.key: r for r in ledger.report_rows()}
-    assert rows["a/1.jpg"].etag == "e1"  # the registered version is the one recorded
+async def test_every_statement_runs_on_the_ledgers_own_thread(tmp_path: Path) -> None:
+    import threading
+
+    seen: set[int] = set()
+    async with open_ledger(tmp_path / "l.sqlite", "j") as lg:
+        assert isinstance(lg, SqliteLedger)
+
+        def spy(db: sqlite3.Connection) -> None:
+            db.set_trace_callback(lambda _sql: seen.add(threading.get_ident()))
+
+        await lg._run(spy)
+        await lg.start_run("run")
+        await record(lg, ["a.jpg", "b.jpg"])
+        _ = [p async for p in lg.pending()]
+        await lg.status()
+    assert len(seen) == 1 and threading.get_ident() not in seen
 
 
-def test_an_item_is_not_planned_twice_in_different_jobs_or_twice_in_one(tmp_path: Path) -> None:
-    a = Ledger(tmp_path / "l.sqlite", "job-a")
-    b = Ledger(tmp_path / "l.sqlite", "job-b")
-    objs, plans = page(["x.jpg"])
-    assert len(a.record_page("s", "", True, objs, plans)) == 1
-    assert len(b.record_page("s", "", True, objs, plans)) == 1  # jobs are independent
-    assert a.record_page("s", "", True, objs, plans) == []
-    a.close()
-    b.close()
+async def test_a_scratch_ledger_in_memory() -> None:
+    async with memory("j") as a, open_ledger(":memory:", "j") as b:
+        await a.start_run("plan")
+        assert len(await record(a, ["x.jpg"])) == 1
+        assert (await b.status()).items_by_state == {}  # each one its own
 
 
-def test_checkpoints_resume_and_listing_complete(tmp_path: Path) -> None:
+async def test_a_closed_ledger_says_so(tmp_path: Path) -> None:
+    lg = await open_ledger(tmp_path / "l.sqlite", "j")
+    await lg.close()
+    await lg.close()  # twice is fine
+    with pytest.raises(LedgerError, match="closed"):
+        await lg.status()
+
+
+# --- files it cannot use -------------------------------------------------------------------------
+
+
+def one_line(exc: LedgerError, *words: str) -> None:
+    msg = str(exc)
+    assert "\n" not in msg and "Traceback" not in msg
+    for w in words:
+        assert w in msg, msg
+    # No driver exception chained to it: nothing but this line to show.
+    assert exc.__cause__ is None and (exc.__context__ is None or exc.__suppress_context__)
+
+
+async def test_a_missing_directory_is_created(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "ledger.sqlite"
+    async with open_ledger(path, "j") as lg:
+        await lg.start_run("run")
+    assert user_version(path) == SCHEMA_VERSION
+
+
+async def test_a_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError) as e:
+        await open_ledger(tmp_path, "j")
+    one_line(e.value, str(tmp_path), "is a directory")
+
+
+async def test_an_unwritable_place_is_refused() -> None:
+    if sys.platform != "linux":
+        pytest.skip("needs /proc")
+    target = Path("/proc/ingest-ledger-test.sqlite")  # not writable, not even by root
+    with pytest.raises(LedgerError) as e:
+        await open_ledger(target, "j")
+    one_line(e.value, str(target))
+
+
+async def test_a_read_only_file_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes read-only files")
     path = tmp_path / "l.sqlite"
-    lg = Ledger(path, "j")
-    assert lg.start_run("run").resume_listing is False
-    objs, plans = page(["a/1.jpg"])
-    lg.record_page("s0", "a/1.jpg", False, objs, plans)
-    lg.record_page("s1", "b/9.jpg", False, [], [])
-    # "" keeps the stored checkpoint (the planner still holds part of a folder).
-    lg.record_page("s0", "", False, [], [])
-    lg.record_page("s1", "", True, [], [])
-    assert lg.checkpoints() == {"s0": ("a/1.jpg", False), "s1": ("b/9.jpg", True)}
-    lg.close()
-
-    # Crash: the listing was never completed → the next run resumes from the checkpoints.
-    lg = Ledger(path, "j")
-    info = lg.start_run("run")
-    assert info.resume_listing is True
-    assert lg.checkpoints() == {"s0": ("a/1.jpg", False), "s1": ("b/9.jpg", True)}
-    lg.record_page("s0", "a/5.jpg", True, [], [])
-    lg.mark_listing_complete()
-    lg.finish_run(info.run_id, "completed", {"listed": 1})
-    assert lg.checkpoints() == {}
-    # A completed listing starts over next time.
-    assert lg.start_run("run").resume_listing is False
-    runs = lg.status().last_runs
-    assert [r["status"] for r in runs] == ["running", "completed", "interrupted"]
-    assert runs[1]["counts"] == {"listed": 1}
-    lg.close()
+    async with open_ledger(path, "j"):
+        pass
+    path.chmod(0o444)
+    with pytest.raises(LedgerError) as e:
+        async with open_ledger(path, "j") as lg:
+            await lg.start_run("run")
+    one_line(e.value, str(path), "not writable")
 
 
-def test_mark_sent_counts_attempts_and_outcomes(ledger: Ledger) -> None:
-    objs, plans = page(["a/1.jpg", "a/2.jpg", "a/3.jpg"])
-    new = ledger.record_page("s", "", True, objs, plans)
-    assert ledger.mark_sent(new[:2]) == {("/a", "1.jpg"): 1, ("/a", "2.jpg"): 1}
-    assert ledger.item_state("/a", "1.jpg") is State.SENT
-    assert ledger.mark_sent(new[:1]) == {("/a", "1.jpg"): 2}
-    ledger.record_outcomes(
-        [
-            Outcome("/a", "1.jpg", State.REGISTERED, v7_id="id-1"),
-            Outcome("/a", "2.jpg", State.BLOCKED, reason="ALREADY_EXISTS"),
-        ]
-    )
-    rows = {r.key: r for r in ledger.report_rows()}
-    assert (rows["a/1.jpg"].state, rows["a/1.jpg"].v7_id) == ("REGISTERED", "id-1")
-    assert (rows["a/2.jpg"].state, rows["a/2.jpg"].reason) == ("BLOCKED", "ALREADY_EXISTS")
-    assert rows["a/3.jpg"].state == "PLANNED"
-    assert (rows["a/1.jpg"].item_path, rows["a/1.jpg"].item_name) == ("/a", "1.jpg")
-    st = ledger.status()
-    assert st.items_by_state == {"REGISTERED": 1, "BLOCKED": 1, "PLANNED": 1}
-    assert ("BLOCKED: ALREADY_EXISTS", 1) in st.failures_by_reason
-    # The attempt count survives: pending_items reports it for the SENT-then-requeued item.
-    pend = {(p.path, p.name): n for p, n in ledger.pending_items()}
-    assert pend == {("/a", "3.jpg"): 0}
+async def test_a_junk_file_is_not_a_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"these are my notes, not a database\n" * 200)
+    with pytest.raises(LedgerError) as e:
+        await open_ledger(path, "j")
+    one_line(e.value, str(path), "is not an ingest ledger (file is not a database)")
+    assert path.read_bytes().startswith(b"these are my notes")
 
 
-def test_pending_items_streams_only_planned_and_sent_and_not_rows_added_meanwhile(
-    ledger: Ledger,
+@pytest.mark.parametrize(
+    ("sql", "version"),
+    [
+        ("CREATE TABLE photos (id INTEGER PRIMARY KEY, title TEXT)", 0),
+        ("CREATE TABLE photos (id INTEGER PRIMARY KEY, title TEXT)", 3),
+        ("CREATE TABLE objects (id INTEGER PRIMARY KEY, blob BLOB)", 0),
+        ("CREATE TABLE items (x); CREATE TABLE objects (y)", 2),
+    ],
+    ids=["foreign-tables", "foreign-versioned", "our-table-name", "our-names-other-columns"],
+)
+async def test_another_applications_database_is_refused(
+    tmp_path: Path, sql: str, version: int
 ) -> None:
-    keys = [f"k/{i:04d}.jpg" for i in range(25)]
-    objs, plans = page(keys)
-    new = ledger.record_page("s", "", False, objs, plans)
-    ledger.mark_sent(new[5:10])
-    ledger.record_outcomes([Outcome(p.path, p.name, State.REGISTERED, "x") for p in new[10:15]])
-    ledger.record_outcomes(
-        [Outcome(p.path, p.name, State.FAILED, reason="boom") for p in new[15:17]]
-    )
-    seen: list[tuple[str, int]] = []
-    for extra, (plan, attempts) in enumerate(ledger.pending_items(batch=4)):
-        seen.append((plan.name, attempts))
-        # Rows planned while the stream is open are not part of it...
-        objs2, plans2 = page([f"late/{extra}.jpg"])
-        assert len(ledger.record_page("s", "", False, objs2, plans2)) == 1
-        # ...and items finished meanwhile are not returned later.
-        if plan.name == "0000.jpg":
-            ledger.record_outcomes([Outcome("/k", "0020.jpg", State.REGISTERED, "y")])
-    expected = (
-        [(f"{i:04d}.jpg", 0) for i in range(5)]
-        + [(f"{i:04d}.jpg", 1) for i in range(5, 10)]
-        + [(f"{i:04d}.jpg", 0) for i in range(17, 25) if i != 20]
-    )
-    assert seen == expected
-    assert seen and all(isinstance(n, int) for _, n in seen)
-    first = next(iter(ledger.pending_items()))[0]
-    assert first.payload == {
-        "path": "/k",
-        "type": "image",
-        "storage_key": "k/0000.jpg",
-        "name": "0000.jpg",
-    }
-    assert first.keys == ("k/0000.jpg",)
+    path = tmp_path / "app.db"
+    db = sqlite3.connect(path)
+    db.executescript(sql)
+    db.execute(f"PRAGMA user_version={version}")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError) as e:
+        await open_ledger(path, "j")
+    one_line(e.value, str(path), "another application", "not an ingest ledger")
+    db = sqlite3.connect(path)  # left as it was: not even switched to WAL
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert int(db.execute("PRAGMA user_version").fetchone()[0]) == version
+    db.close()
 
 
-def test_requeue_failed(ledger: Ledger) -> None:
-    objs, plans = page(["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
-    ledger.record_page("s", "", True, objs, plans)
-    ledger.record_outcomes(
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    async with open_ledger(path, "j"):
+        pass
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError) as e:
+        await open_ledger(path, "j")
+    one_line(e.value, str(path), "newer version", "upgrade")
+
+
+async def test_postgresql_is_not_available_yet() -> None:
+    with pytest.raises(LedgerError) as e:
+        await open_ledger("postgresql://u@db/ingest", "j")
+    one_line(e.value, "PostgreSQL ledger not available yet")
+
+
+async def test_a_ledger_locked_too_long_is_busy_and_retryable(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    lg = await SqliteLedger.open(path, "j", busy_timeout_s=0.05)
+    try:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writing for a long time
+        with pytest.raises(LedgerBusy) as e:
+            await lg.start_run("run")
+        assert e.value.retryable is True and isinstance(e.value, LedgerError)
+        one_line(e.value, str(path), "locked", "try again")
+        other.execute("ROLLBACK")
+        other.close()
+        await lg.start_run("run")  # usable again once the other writer is done
+        assert len(await record(lg, ["a.jpg"])) == 1
+    finally:
+        await lg.close()
+
+
+# --- old ledgers ---------------------------------------------------------------------------------
+
+SCHEMA_4 = """CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    job TEXT NOT NULL,
+    path TEXT NOT NULL,
+    name TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    keys BLOB NOT NULL,
+    state TEXT NOT NULL,
+    v7_id TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    run_id INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    media TEXT NOT NULL DEFAULT '',
+    readonly_endpoint INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    final INTEGER NOT NULL DEFAULT 0,  -- FAILED for good (422, corrupt media): no automatic retry
+    UNIQUE (job, path, name)
+);
+CREATE INDEX IF NOT EXISTS items_pending ON items (job, state, id);
+CREATE TABLE IF NOT EXISTS objects (
+    job TEXT NOT NULL,
+    key TEXT NOT NULL,
+    etag TEXT NOT NULL DEFAULT '',
+    size INTEGER NOT NULL DEFAULT 0,
+    last_modified TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    item_id INTEGER,
+    reason TEXT NOT NULL DEFAULT '',
+    changed INTEGER NOT NULL DEFAULT 0,
+    changed_etag TEXT NOT NULL DEFAULT '',
+    vanished_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS listing (
+    job TEXT NOT NULL,
+    shard_id TEXT NOT NULL,
+    checkpoint TEXT NOT NULL DEFAULT '',
+    done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, shard_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS jobs (
+    job TEXT PRIMARY KEY,
+    listing_complete INTEGER NOT NULL DEFAULT 1
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS media_cache (
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    result BLOB NOT NULL,
+    PRIMARY KEY (bucket, key, etag, kind)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (
+    job TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    acquired_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    job TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    status TEXT NOT NULL,
+    counts BLOB
+);
+"""
+
+
+def _legacy_ledger(path: Path) -> None:
+    """A ledger as the engine before typed items left it: schema 4, V7 wire payloads."""
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_4)
+
+    def obj(key: str, etag: str, size: int, state: str = "PLANNED") -> None:
+        db.execute(
+            "INSERT INTO objects(job, key, etag, size, last_modified, state) "
+            "VALUES ('job', ?, ?, ?, '2024-05-01T00:00:00Z', ?)",
+            (key, etag, size, state),
+        )
+
+    def item(
+        path: str,
+        name: str,
+        payload: object,
+        keys: list[str],
+        state: str,
+        attempts: int = 0,
+        media: str = "",
+        readonly: int = 0,
+    ) -> None:
+        cur = db.execute(
+            "INSERT INTO items(job, path, name, payload, keys, state, attempts, updated_at, "
+            "media, readonly_endpoint) VALUES ('job',?,?,?,?,?,?,1.0,?,?)",
+            (
+                path,
+                name,
+                orjson.dumps(payload),
+                orjson.dumps(keys),
+                state,
+                attempts,
+                media,
+                readonly,
+            ),
+        )
+        db.executemany(
+            "UPDATE objects SET item_id=? WHERE job='job' AND key=?",
+            [(cur.lastrowid, k) for k in keys],
+        )
+
+    for key, etag, size in [
+        ("a/1.jpg", "e1", 11),
+        ("ro/t.jpg", "et", 12),
+        ("s/1.dcm", "d1", 1),
+        ("s/2.dcm", "d2", 2),
+        ("s/a.jpg", "da", 3),
+        ("v/c.mp4", "ev", 5000),
+        ("done.jpg", "ed", 4),
+    ]:
+        obj(key, etag, size)
+    obj("held.dcm", "eh", 9, "DISCOVERED")
+    item(
+        "/a",
+        "1.jpg",
+        {"path": "/a", "type": "image", "storage_key": "a/1.jpg", "name": "1.jpg"},
+        ["a/1.jpg"],
+        "PLANNED",
+    )
+    item(
+        "/ro",
+        "t.jpg",
+        {
+            "path": "/ro",
+            "type": "image",
+            "storage_key": "ro/t.jpg",
+            "name": "t.jpg",
+            "storage_thumbnail_key": "th/t.jpg",
+            "width": 40,
+            "height": 30,
+        },
+        ["ro/t.jpg"],
+        "SENT",
+        attempts=1,
+        readonly=1,
+    )
+    series = [
+        {"slot_name": "0", "type": "dicom", "storage_key": "s/1.dcm", "file_name": "1.dcm"},
+        {"slot_name": "0", "type": "dicom", "storage_key": "s/2.dcm", "file_name": "2.dcm"},
+        {"slot_name": "a.jpg", "type": "image", "storage_key": "s/a.jpg", "file_name": "a.jpg"},
+    ]
+    item(
+        "/",
+        "s",
+        {"path": "/", "name": "s", "slots": series},
+        ["s/1.dcm", "s/2.dcm", "s/a.jpg"],
+        "PROCESSING",
+        media="upload",
+    )
+    item(
+        "/v",
+        "c.mp4",
+        {"path": "/v", "name": "c.mp4", "slots": [VIDEO_SLOT]},
+        ["v/c.mp4"],
+        "PLANNED",
+        readonly=1,
+    )
+    item(
+        "/",
+        "done.jpg",
+        {"path": "/", "type": "image", "storage_key": "done.jpg", "name": "done.jpg"},
+        ["done.jpg"],
+        "REGISTERED",
+    )
+    db.executemany(
+        "INSERT INTO media_cache VALUES ('bkt', ?, ?, ?, ?)",
         [
-            Outcome("/", "a.jpg", State.FAILED, reason="HTTP 500"),
-            Outcome("/", "b.jpg", State.BLOCKED, reason="ALREADY_EXISTS"),
-            Outcome("/", "c.jpg", State.BLOCKED, reason="FILE_UPLOAD_TIMEOUT"),
-            Outcome("/", "d.jpg", State.REGISTERED, v7_id="i"),
-        ]
+            (
+                "ro/t.jpg",
+                "et",
+                "thumbnail/v1",
+                orjson.dumps({"storage_thumbnail_key": "th/t.jpg", "height": 30, "width": 40}),
+            ),
+            ("a/1.jpg", "e1", "upload/v1", orjson.dumps("art/files/abc/1.jpg")),
+            ("v/c.mp4", "ev", "video/v1:opts", orjson.dumps(VIDEO_SLOT)),
+        ],
     )
-    assert ledger.requeue_failed() == 1
-    assert ledger.item_state("/", "a.jpg") is State.PLANNED
-    assert ledger.requeue_failed("FILE_UPLOAD_TIMEOUT") == 1
-    assert ledger.item_state("/", "c.jpg") is State.PLANNED
-    assert ledger.item_state("/", "b.jpg") is State.BLOCKED
-    assert ledger.item_state("/", "d.jpg") is State.REGISTERED
-    assert report(ledger)["a.jpg"] == ("PLANNED", "")
-    assert sorted(p.name for p, _ in ledger.pending_items()) == ["a.jpg", "c.jpg"]
+    db.execute("INSERT INTO jobs VALUES ('job', 0)")
+    db.execute("INSERT INTO listing VALUES ('job', 's0', 'v/c.mp4', 0)")
+    db.execute("PRAGMA user_version=4")
+    db.commit()
+    db.close()
 
 
-def test_report_rows_stream_in_key_order_across_chunks(ledger: Ledger) -> None:
-    keys = [f"r/{i:03d}.jpg" for i in range(30)] + ["r/zz.txt", "a/ü.jpg", "a/b c.jpg"]
-    for chunk in (keys[20:], keys[:20]):  # inserted out of order
-        objs, plans = page(chunk)
-        ledger.record_page("s", "", False, objs, plans)
-    rows = list(ledger.report_rows(batch=7))
-    assert [r.key for r in rows] == sorted(keys)
-    assert all(r.size == 10 and r.etag == "e1" for r in rows)
-
-
-def test_multi_key_item_maps_every_object(ledger: Ledger) -> None:
-    objs = [o("f/1.jpg"), o("f/2.jpg")]
-    plan = ItemPlan("/", "f", {"path": "/", "name": "f", "slots": []}, ("f/1.jpg", "f/2.jpg"))
-    assert len(ledger.record_page("s", "", True, objs, [plan])) == 1
-    ledger.record_outcomes([Outcome("/", "f", State.REGISTERED, "id")])
-    assert {k: v[0] for k, v in report(ledger).items()} == {
-        "f/1.jpg": "REGISTERED",
-        "f/2.jpg": "REGISTERED",
-    }
-
-
-# --- crash durability -------------------------------------------------------------------------
-
-_CHILD = textwrap.dedent(
-    """
-    import sys, time
-    from ingest.ledger import Ledger
-    from ingest.model import ItemPlan, ObjectInfo
-    lg = Ledger(sys.argv[1], "job-1")
-    lg.start_run("run")
-    objs = [ObjectInfo(f"c/{i}.jpg", 5, "e") for i in range(50)]
-    plans = [ItemPlan("/c", f"{i}.jpg", {"name": f"{i}.jpg"}, (f"c/{i}.jpg",)) for i in range(50)]
-    lg.record_page("s", "c/49.jpg", False, objs, plans)
-    lg.mark_sent(plans[:10])
-    print("SENT", flush=True)
-    time.sleep(600)
-    """
+VIDEO_SLOT = {
+    "slot_name": "c.mp4",
+    "file_name": "c.mp4",
+    "type": "video",
+    "storage_key": "v/c.mp4",
+    "width": 640,
+    "height": 360,
+    "native_fps": 25.0,
+    "visible_frames": 50,
+    "total_frames": 50,
+    "hls_segments": {
+        "high_quality": {"index": "#EXTM3U\nh.ts\n", "bitrate": 1000.0},
+        "low_quality": {"index": "#EXTM3U\nl.ts\n", "bitrate": 100.0},
+    },
+    "storage_sections_key_prefix": "art/v/sections/high",
+    "storage_sections_key_extension": "jpg",
+    "storage_frames_manifest_key": "art/v/frames_manifest.txt",
+    "storage_thumbnail_key": "art/v/thumbnail.jpg",
+    "storage_audio_peaks_key": "art/v/audio_peaks.gz",
+    "size_bytes": 5000,
+}
+VIDEO_FACTS = VideoFacts(
+    storage_key="v/c.mp4",
+    width=640,
+    height=360,
+    native_fps=25.0,
+    visible_frames=50,
+    total_frames=50,
+    high=Rendition("#EXTM3U\nh.ts\n", 1000.0),
+    low=Rendition("#EXTM3U\nl.ts\n", 100.0),
+    sections_prefix="art/v/sections/high",
+    sections_extension="jpg",
+    frames_manifest_key="art/v/frames_manifest.txt",
+    thumbnail_key="art/v/thumbnail.jpg",
+    size_bytes=5000,
+    audio_peaks_key="art/v/audio_peaks.gz",
 )
 
 
-def test_mark_sent_survives_sigkill_right_after_it_returns(tmp_path: Path) -> None:
-    db = tmp_path / "crash.sqlite"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(db)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "SENT"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(10) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    lg = Ledger(db, "job-1")
-    try:
-        assert lg.status().items_by_state == {"SENT": 10, "PLANNED": 40}
-        pend = dict(((p.name, n) for p, n in lg.pending_items()))
-        assert pend["0.jpg"] == 1 and pend["10.jpg"] == 0
-        info = lg.start_run("run")
-        assert info.resume_listing is True
-        assert lg.checkpoints() == {"s": ("c/49.jpg", False)}
-        assert lg.status().last_runs[1]["status"] == "interrupted"
-    finally:
-        lg.close()
+def _info(key: str, etag: str, size: int) -> ObjectInfo:
+    return ObjectInfo(key, size, etag, "2024-05-01T00:00:00Z")
 
 
-# --- memory ---------------------------------------------------------------------------------
-
-N_BIG = 200_000
-
-
-@pytest.fixture(scope="module")
-def big_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    db = tmp_path_factory.mktemp("big") / "big.sqlite"
-    lg = Ledger(db, "big")
-    lg.start_run("run")
-    step = 5000
-    for start in range(0, N_BIG, step):
-        keys = [f"data/{i // 1000:04d}/object-{i:08d}.jpg" for i in range(start, start + step)]
-        lg.record_page("s", keys[-1], False, *page(keys))
-    lg.close()
-    return db
-
-
-def _peak(fn: object) -> tuple[int, int]:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        n = fn()  # type: ignore[operator]
-        return n, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
-def test_streams_use_bounded_memory_over_200k_rows(big_ledger: Path) -> None:
-    lg = Ledger(big_ledger, "big")
-    try:
-        # Reference: what holding every row at once would cost, from 1/40 of them held.
-        part = N_BIG // 40
-        n_part, part_peak = _peak(lambda: len(list(itertools.islice(lg.pending_items(), part))))
-        assert n_part == part
-        all_peak = part_peak * 40
-
-        def drain_pending() -> int:
-            return sum(1 for _ in lg.pending_items())
-
-        def drain_report() -> int:
-            n = 0
-            last = ""
-            for r in lg.report_rows():
-                assert r.key > last
-                last = r.key
-                n += 1
-            return n
-
-        n_p, pending_peak = _peak(drain_pending)
-        n_r, report_peak = _peak(drain_report)
-    finally:
-        lg.close()
-    assert n_p == n_r == N_BIG
-    assert all_peak > 50_000_000  # sanity: 200k materialised plans are big
-    assert pending_peak < all_peak / 20, (pending_peak, all_peak)
-    assert report_peak < all_peak / 20, (report_peak, all_peak)
-    assert max(pending_peak, report_peak) < 8_000_000
-
-
-def test_a_name_collision_is_skipped_with_its_reason_not_hidden(ledger: Ledger) -> None:
-    """Two keys planned to one (path, name) (e.g. preserve_folders = false): the second can
-    never be sent, so it must not show as part of the first one's item."""
-    first = ItemPlan("/", "x.jpg", {"path": "/", "name": "x.jpg"}, ("a/x.jpg",))
-    second = ItemPlan("/", "x.jpg", {"path": "/", "name": "x.jpg"}, ("b/x.jpg",))
-    new = ledger.record_page("s0", "", False, [o("a/x.jpg"), o("b/x.jpg")], [first, second])
-    assert [i.keys for i in new] == [("a/x.jpg",)]
-    rows = report(ledger)
-    assert rows["a/x.jpg"] == ("PLANNED", "")
-    state, reason = rows["b/x.jpg"]
-    assert state == "SKIPPED"
-    assert "name collision" in reason and "a/x.jpg" in reason
-    # Re-listing the first object keeps it linked to its item.
-    assert ledger.record_page("s0", "", False, [o("a/x.jpg")], [first]) == []
-    assert report(ledger)["a/x.jpg"] == ("PLANNED", "")
+async def test_a_schema_4_ledger_migrates_and_its_items_decode(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    _legacy_ledger(path)
+    async with open_ledger(path, "job") as lg:
+        assert user_version(path) == SCHEMA_VERSION  # an old engine now refuses the file
+        got = [(p.item, p.attempts) async for p in lg.pending()]
+        assert got == [
+            (
+                Item(
+                    "/a",
+                    "1.jpg",
+                    (Slot("0", ItemType.IMAGE, (_info("a/1.jpg", "e1", 11),), "1.jpg"),),
+                    compact=True,
+                ),
+                0,
+            ),
+            (
+                Item(
+                    "/ro",
+                    "t.jpg",
+                    (
+                        Slot(
+                            "0",
+                            ItemType.IMAGE,
+                            (_info("ro/t.jpg", "et", 12),),
+                            "t.jpg",
+                            facts=(ImageFacts(40, 30, "th/t.jpg"),),
+                        ),
+                    ),
+                    compact=True,
+                    readonly_endpoint=True,
+                ),
+                1,
+            ),
+            (
+                Item(
+                    "/",
+                    "s",
+                    (
+                        Slot(
+                            "0",
+                            ItemType.DICOM,
+                            (_info("s/1.dcm", "d1", 1), _info("s/2.dcm", "d2", 2)),
+                            "1.dcm",
+                        ),
+                        Slot("a.jpg", ItemType.IMAGE, (_info("s/a.jpg", "da", 3),), "a.jpg"),
+                    ),
+                    media=Media.UPLOAD,
+                ),
+                0,
+            ),
+            (
+                Item(
+                    "/v",
+                    "c.mp4",
+                    (
+                        Slot(
+                            "c.mp4",
+                            ItemType.VIDEO,
+                            (_info("v/c.mp4", "ev", 5000),),
+                            "c.mp4",
+                            facts=(VIDEO_FACTS,),
+                        ),
+                    ),
+                    readonly_endpoint=True,
+                ),
+                0,
+            ),
+        ]
+        # The old media cache still answers.
+        assert await lg.cached_facts("bkt", _info("ro/t.jpg", "et", 12), "thumbnail/v1") == (
+            ImageFacts(40, 30, "th/t.jpg")
+        )
+        assert await lg.cached_facts("bkt", _info("a/1.jpg", "e1", 11), "upload/v1") == (
+            UploadFacts("art/files/abc/1.jpg")
+        )
+        assert await lg.cached_facts("bkt", _info("v/c.mp4", "ev", 5000), "video/v1:opts") == (
+            VIDEO_FACTS
+        )
+        # The interrupted listing resumes; re-listed objects of legacy items are not new.
+        info = await lg.start_run("run")
+        assert info.resume_listing and await lg.checkpoints() == {"s0": ("v/c.mp4", False)}
+        assert await record(lg, ["a/1.jpg", "done.jpg"]) == []
+        assert (await lg.known(["held.dcm"]))["held.dcm"].unplanned
+        assert await lg.item_key_count("s/2.dcm") == 3
+        # Stored again after its media work: now in the new format.
+        series = got[2][0]
+        await lg.media_done(
+            replace(
+                series,
+                slots=tuple(
+                    replace(s, facts=tuple(UploadFacts(f"up/{o.key}") for o in s.objects))
+                    for s in series.slots
+                ),
+            )
+        )
+        await lg.mark_sent([got[0][0]])
+        assert (await lg.status()).items_by_state == {"SENT": 2, "PLANNED": 2, "REGISTERED": 1}
+    db = sqlite3.connect(path)
+    payload = db.execute("SELECT payload FROM items WHERE name='s'").fetchone()[0]
+    legacy = db.execute("SELECT payload FROM items WHERE name='done.jpg'").fetchone()[0]
+    db.close()
+    assert codec.is_current(payload) and not codec.is_current(legacy)
+    async with open_ledger(path, "job") as again:  # and it opens again, pending as stored
+        items = {p.item.name: p.item async for p in again.pending()}
+        assert items["s"].slots[0].facts == (UploadFacts("up/s/1.dcm"), UploadFacts("up/s/2.dcm"))
+        assert items["s"].media is Media.NONE
 
 
 @pytest.mark.parametrize("half_done", [False, True])
-def test_an_old_ledger_is_migrated_even_if_a_migration_was_cut_off(
+async def test_a_schema_1_ledger_is_migrated_even_if_a_migration_was_cut_off(
     tmp_path: Path, half_done: bool
 ) -> None:
     """A schema-1 ledger (no media, sync or failure columns) opens, keeps its rows and gains
     the new columns; one whose migration was killed after some ALTERs opens too."""
-    import re
-    import sqlite3
-
-    from ingest.ledger import _ADDED_COLUMNS, _SCHEMA, SCHEMA_VERSION
-
     schema = _SCHEMA
     for _table, column, _decl in _ADDED_COLUMNS:
         schema = re.sub(rf"\n    {column} [^\n]*", "", schema)  # the whole line
@@ -362,7 +596,8 @@ def test_an_old_ledger_is_migrated_even_if_a_migration_was_cut_off(
     db.executescript(schema)
     db.execute(
         "INSERT INTO items(job, path, name, payload, keys, state, updated_at) "
-        "VALUES ('job', '/', 'a.jpg', '{}', '[\"a.jpg\"]', 'FAILED', 1.0)"
+        "VALUES ('job', '/', 'a.jpg', ?, '[\"a.jpg\"]', 'FAILED', 1.0)",
+        (orjson.dumps({"path": "/", "type": "image", "storage_key": "a.jpg", "name": "a.jpg"}),),
     )
     if half_done:
         db.execute("ALTER TABLE items ADD COLUMN media TEXT NOT NULL DEFAULT ''")
@@ -370,10 +605,144 @@ def test_an_old_ledger_is_migrated_even_if_a_migration_was_cut_off(
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
-    with Ledger(path, "job") as ledger:
-        assert ledger.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        for table, column, _decl in _ADDED_COLUMNS:
-            assert column in {r[1] for r in ledger.db.execute(f"PRAGMA table_info({table})")}
-        assert ledger.requeue_due(lambda _f, _at: True) == 1  # an old failure is not final
-    with Ledger(path, "job") as again:  # and it opens again
-        assert again.status().items_by_state == {"PLANNED": 1}
+    async with open_ledger(path, "job") as lg:
+        assert await lg.requeue_due(lambda _f, _at: True) == 1  # an old failure is not final
+        assert [p.item.name async for p in lg.pending()] == ["a.jpg"]
+    assert user_version(path) == SCHEMA_VERSION
+    db = sqlite3.connect(path)
+    for table, column, _decl in _ADDED_COLUMNS:
+        assert column in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+    db.close()
+    async with open_ledger(path, "job") as again:  # and it opens again
+        assert (await again.status()).items_by_state == {"PLANNED": 1}
+
+
+async def test_two_ledgers_opening_an_old_file_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    _legacy_ledger(path)
+    a, b = await asyncio.gather(open_ledger(path, "job"), open_ledger(path, "job"))
+    try:
+        assert len([p async for p in a.pending()]) == len([p async for p in b.pending()]) == 4
+    finally:
+        await a.close()
+        await b.close()
+
+
+# --- crash durability -----------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from ingest.ledger import open_ledger
+    from ingest.model import Item, ItemType, ObjectInfo, Slot
+
+    async def main():
+        lg = await open_ledger(sys.argv[1], "job-1")
+        await lg.start_run("run")
+        objs = [ObjectInfo(f"c/{i}.jpg", 5, "e") for i in range(50)]
+        items = [
+            Item("/c", f"{i}.jpg", (Slot("0", ItemType.IMAGE, (o,), f"{i}.jpg"),), compact=True)
+            for i, o in enumerate(objs)
+        ]
+        await lg.record_page("s", "c/49.jpg", False, objs, items, lambda _i, _k: [])
+        await lg.mark_sent(items[:10])
+        print("SENT", flush=True)
+        await asyncio.sleep(600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_mark_sent_survives_sigkill_right_after_it_returns(tmp_path: Path) -> None:
+    db = tmp_path / "crash.sqlite"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD, str(db), stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line.strip() == b"SENT"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert await asyncio.wait_for(proc.wait(), 10) == -signal.SIGKILL
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    async with open_ledger(db, "job-1") as lg:
+        assert (await lg.status()).items_by_state == {"SENT": 10, "PLANNED": 40}
+        pend = {p.item.name: p.attempts async for p in lg.pending()}
+        assert pend["0.jpg"] == 1 and pend["10.jpg"] == 0
+        info = await lg.start_run("run")
+        assert info.resume_listing is True
+        assert await lg.checkpoints() == {"s": ("c/49.jpg", False)}
+        assert (await lg.status()).last_runs[1]["status"] == "interrupted"
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+N_BIG = 200_000
+
+
+@pytest.fixture(scope="module")
+async def big_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("big") / "big.sqlite"
+    async with open_ledger(db, "big") as lg:
+        await lg.start_run("run")
+        step = 5000
+        for start in range(0, N_BIG, step):
+            keys = [f"data/{i // 1000:04d}/object-{i:08d}.jpg" for i in range(start, start + step)]
+            objs, plans = page(keys)
+            await lg.record_page("s", keys[-1], False, objs, plans, collide)
+    return db
+
+
+async def _peak(fn: Callable[[], Awaitable[int]]) -> tuple[int, int]:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        n = await fn()
+        return n, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+async def test_streams_use_bounded_memory_over_200k_rows(big_ledger: Path) -> None:
+    async with open_ledger(big_ledger, "big") as lg:
+        # Reference: what holding every item at once would cost, from 1/40 of them held.
+        part = N_BIG // 40
+
+        async def hold_part() -> int:
+            held = []
+            async for p in lg.pending():
+                held.append(p)
+                if len(held) == part:
+                    break
+            return len(held)
+
+        n_part, part_peak = await _peak(hold_part)
+        assert n_part == part
+        all_peak = part_peak * 40
+
+        async def drain_pending() -> int:
+            n = 0
+            async for _ in lg.pending():
+                n += 1
+            return n
+
+        async def drain_report() -> int:
+            n, last = 0, ""
+            async for r in lg.report_rows():
+                assert r.key > last
+                last = r.key
+                n += 1
+            return n
+
+        n_p, pending_peak = await _peak(drain_pending)
+        n_r, report_peak = await _peak(drain_report)
+    assert n_p == n_r == N_BIG
+    assert all_peak > 40_000_000  # sanity: 200k materialised items are big
+    assert pending_peak < all_peak / 20, (pending_peak, all_peak)
+    assert report_peak < all_peak / 20, (report_peak, all_peak)
+    assert max(pending_peak, report_peak) < 8_000_000

@@ -11,7 +11,11 @@ PostgreSQL (several processes share one job). The port is shaped for the second 
 - ``holder`` (from ``acquire_lease``) is what a multi-process backend fences writes with.
 
 Errors: a backend raises ``ingest.errors.LedgerError`` (terminal: the message says what to fix)
-for a ledger it cannot open or use, never its driver's exception.
+for a ledger it cannot open or use, never its driver's exception; ``LedgerBusy`` (a
+``LedgerError`` with ``retryable = True``) when another process kept it locked too long.
+
+Batched reads (``known``, ``item_states``, ``object_infos``, ``in_manifest``) take any number
+of keys and leave out the ones the ledger does not hold.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from ingest.model import Facts, Item, ObjectInfo, Outcome, Skip, State
 Ident = tuple[str, str]  # an item's (path, name)
 
 # (item planned now, the keys of the item already recorded under the same (path, name)) ->
-# the skips to record for the new item's objects (the planner's collision policy).
+# the skips to record for the new item's objects (the planner's collision policy). Called only
+# when the new item has keys the recorded one lacks (a plain re-listing asks nothing); the
+# skips apply to objects that are not already part of an item.
 CollisionPolicy = Callable[[Item, tuple[str, ...]], list[Skip]]
 
 
@@ -175,13 +181,15 @@ class LedgerPort(Protocol):
 
     async def mark_sent(self, items: Sequence[Item]) -> list[int]:
         """SENT and one more attempt each, committed before returning (before the POST).
-        Returns each item's attempt count, in order."""
+        Returns each item's attempt count, in order (an item twice in the batch counts twice;
+        one the ledger does not hold counts as a first attempt, 1)."""
         ...
 
     async def unmark_sent(self, items: Sequence[Item]) -> None:
         """The request never reached V7 (a graceful stop while it waited for its slot, or it
-        was answered only with 429s): take the attempt back. An item sent by an earlier run
-        stays SENT, one never sent before is PLANNED again."""
+        was answered only with 429s): take the attempt back (once per occurrence in
+        ``items``). An item sent by an earlier run stays SENT, one never sent before (attempts
+        back to 0) is PLANNED again; an item no longer SENT (an outcome came) is untouched."""
         ...
 
     async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None: ...
@@ -208,8 +216,10 @@ class LedgerPort(Protocol):
     async def known_range(
         self, prefix: str, recursive: bool, start: str, inclusive: bool, limit: int
     ) -> list[Known]:
-        """Up to ``limit`` objects of one shard in key order from ``start``: keys under
-        ``prefix`` (``recursive``) or directly under it (sub-folders skipped by seeking)."""
+        """Up to ``limit`` objects of one shard in key order from ``start`` (itself included
+        when ``inclusive``; a ``start`` before ``prefix`` means from the first key under it):
+        keys under ``prefix`` (``recursive``) or directly under it (sub-folders skipped by
+        seeking). Fewer than ``limit`` means the shard has no more."""
         ...
 
     async def known(self, keys: Sequence[str]) -> dict[str, Known]: ...
