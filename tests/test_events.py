@@ -906,14 +906,14 @@ async def test_a_failed_ack_does_not_end_the_worker_s_event_loop(tmp_path: Path)
     carries on instead of raising into the task group that also runs the sync."""
     from types import SimpleNamespace
 
-    from ingest.ledger import Ledger
+    from ingest.ledger import open_ledger
     from ingest.worker.loop import Worker
 
     cfg = Config()
     cfg.worker.events_wait_s = 0.01
     worker = Worker(cfg)
     events = _AckFails(worker.stop)
-    with Ledger(tmp_path / "l.sqlite", "job") as ledger:
+    async with open_ledger(str(tmp_path / "l.sqlite"), "job") as ledger:
         engine = SimpleNamespace(ledger=ledger)
         await asyncio.wait_for(worker._events_loop(engine, events), 30)  # type: ignore[arg-type]
     assert events.acks == 1

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -620,7 +620,7 @@ class SqliteLedger:
 
         return await self._run(work)
 
-    async def pending(self) -> AsyncIterator[Pending]:
+    async def pending(self) -> AsyncGenerator[Pending, None]:
         """Items left PLANNED, PROCESSING or SENT (crash recovery), oldest first. Only items
         that existed when the stream started are returned, so items planned meanwhile are not
         seen twice. An item whose media work was not finished comes back with ``media`` set."""
@@ -1299,7 +1299,7 @@ class SqliteLedger:
 
         return await self._run(work)
 
-    async def report_rows(self) -> AsyncIterator[ReportRow]:
+    async def report_rows(self) -> AsyncGenerator[ReportRow, None]:
         """One row per object in key order, streamed in chunks."""
         job = self.job
         eff = self._EFFECTIVE
@@ -1353,7 +1353,7 @@ class SqliteLedger:
 
         return await self._run(work)
 
-    async def manifest_items(self) -> AsyncIterator[ManifestItem]:
+    async def manifest_items(self) -> AsyncGenerator[ManifestItem, None]:
         """Manifest items grouped by (path, name), slots in file order, streamed in chunks."""
         job = self.job
 

@@ -255,21 +255,22 @@ class IdResolver:
         finally:
             self._done.set()
             c = self.counts
-            level = logging.WARNING if c.unknown else logging.INFO
-            log.log(
-                level,
-                "V7 ids looked up: %d found, %d still unknown",
-                c.found,
-                c.unknown + len(self._pending),
-                extra={
-                    "ids_found": c.found,
-                    "ids_not_found": c.not_found,
-                    "ids_dropped": c.dropped,
-                    "ids_failed": c.failed,
-                    "ids_left": len(self._pending),
-                    "lookup_requests": c.requests,
-                },
-            )
+            if c.added or c.requests:  # say nothing when nothing was asked for
+                level = logging.WARNING if c.unknown else logging.INFO
+                log.log(
+                    level,
+                    "V7 ids looked up: %d found, %d still unknown",
+                    c.found,
+                    c.unknown + len(self._pending),
+                    extra={
+                        "ids_found": c.found,
+                        "ids_not_found": c.not_found,
+                        "ids_dropped": c.dropped,
+                        "ids_failed": c.failed,
+                        "ids_left": len(self._pending),
+                        "lookup_requests": c.requests,
+                    },
+                )
 
     async def close(self) -> None:
         """Stop accepting idents, look up what waits, then stop ``run``. If ``run`` was never
