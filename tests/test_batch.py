@@ -1,4 +1,8 @@
-"""BatchBuilder with a fake clock; run_batcher with real bounded queues and a controllable clock."""
+"""BatchBuilder with a fake clock; run_batcher with real bounded queues and a controllable clock.
+
+An item's size is the wire module's estimate of its JSON (``wire.approx_bytes``): the items
+here are built to an exact estimate, and the estimate is checked against the real JSON.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +10,125 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from ingest.batch import ENVELOPE_OVERHEAD_BYTES, BatchBuilder, item_bytes, run_batcher
-from ingest.model import ItemPlan
+from ingest.model import (
+    ImageFacts,
+    Item,
+    ItemType,
+    ObjectInfo,
+    Rendition,
+    Slot,
+    UploadFacts,
+    VideoFacts,
+)
+from ingest.registrar import wire
 
 pytestmark = pytest.mark.timeout(30)
 
-
-def item(i: int, size: int = 100) -> ItemPlan:
-    return ItemPlan("/", f"n{i}", {"name": f"n{i}"}, (f"k{i}",), size_hint=size)
+SIZE = 400  # the default item size below (a small single-image item is ~300 bytes)
 
 
-def names(batch: list[ItemPlan]) -> list[str]:
+def item(i: int, size: int = SIZE) -> Item:
+    """A single-image item whose byte estimate is exactly ``size``: its key is padded (counted
+    twice), its file name by one byte for an odd remainder."""
+    name = f"n{i}"
+
+    def build(key: str, file_name: str) -> Item:
+        obj = ObjectInfo(key, 1)
+        return Item("/", name, (Slot(name, ItemType.IMAGE, (obj,), file_name),), compact=True)
+
+    pad = size - wire.approx_bytes(build("k", name))
+    assert pad >= 0, f"an item cannot be smaller than {size - pad} bytes"
+    out = build("k" + "x" * (pad // 2), name + "y" * (pad % 2))
+    assert item_bytes(out) == size
+    return out
+
+
+def names(batch: list[Item]) -> list[str]:
     return [it.name for it in batch]
 
 
 # --- BatchBuilder (pure) ----------------------------------------------------------------------
 
 
-def test_item_bytes_uses_the_hint_or_the_serialized_payload() -> None:
-    assert item_bytes(item(1, 77)) == 77
-    assert item_bytes(ItemPlan("/", "x", {"name": "x"}, ("x",))) == len(b'{"name":"x"}')
+def _video(prefix: str, segments: int) -> VideoFacts:
+    def index(q: str) -> str:
+        lines = ["#EXTM3U", "#EXT-X-VERSION:3", "#EXT-X-TARGETDURATION:2"]
+        for n in range(segments):
+            lines += ["#EXTINF:2.000000,", f"{prefix}/segments/{q}/{n:09d}.ts"]
+        return "\n".join([*lines, "#EXT-X-ENDLIST", ""])
+
+    return VideoFacts(
+        storage_key=f"{prefix}/clip.mp4",
+        width=1920,
+        height=1080,
+        native_fps=30000 / 1001,
+        visible_frames=107892,
+        total_frames=107892,
+        high=Rendition(index("high"), 5123456.789),
+        low=Rendition(index("low"), 812345.678),
+        sections_prefix=f"{prefix}/sections/high",
+        sections_extension="png",
+        frames_manifest_key=f"{prefix}/frames_manifest.txt",
+        thumbnail_key=f"{prefix}/thumbnail.jpg",
+        size_bytes=12_345_678_901,
+        low_sections_prefix=f"{prefix}/sections/low",
+        audio_peaks_key=f"{prefix}/audio_peaks.gz",
+    )
+
+
+PREFIX = "thumbnails/0b0e9f4c-7a55-4c2b/files/6e1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"
+
+def _one(key: str, t: ItemType = ItemType.IMAGE, **slot: Any) -> Item:
+    """A single-object item (compact unless it carries video facts)."""
+    folder, _, name = key.rpartition("/")
+    s = Slot(name, t, (ObjectInfo(key, 1),), name, **slot)
+    return Item("/" + folder, name, (s,), compact=s.video is None)
+
+
+def _estimate_cases() -> list[Any]:
+    uni = "ünïcødé/画像 ファイル.png"
+    series = tuple(ObjectInfo(f"scan/p1/{n:04d}.dcm", 1) for n in range(50))
+    folder = (
+        Slot("a.jpg", ItemType.IMAGE, (ObjectInfo("car/a.jpg", 1),), "a.jpg"),
+        Slot("b.mp4", ItemType.VIDEO, (ObjectInfo("car/b.mp4", 1),), "b.mp4", fps=12.5),
+    )
+    dicom = Slot("0", ItemType.DICOM, series, "0000.dcm", extract_views=True)
+    thumb = ImageFacts(4000, 3000, f"{PREFIX}/thumbnail.jpg")
+    upload = UploadFacts(f"thumbnails/files/{'f' * 32}/a.jpg")
+    return [
+        pytest.param(_one("d/a.jpg"), id="compact image"),
+        pytest.param(_one(uni), id="unicode"),
+        pytest.param(_one("v/c.mp4", ItemType.VIDEO, fps="native"), id="compact video"),
+        pytest.param(_one("d/a.jpg", facts=(thumb,)), id="read-only image"),
+        pytest.param(_one("d/a.jpg", facts=(upload,)), id="uploaded local file"),
+        pytest.param(Item("/", "car", folder), id="folder"),
+        pytest.param(Item("/scan", "p1", (dicom,)), id="dicom series"),
+        pytest.param(_one("v/c.mp4", ItemType.VIDEO, facts=(_video(PREFIX, 3),)), id="short video"),
+        pytest.param(
+            _one("v/c.mp4", ItemType.VIDEO, facts=(_video(PREFIX, 1800),)),
+            id="hour-long video",
+        ),
+    ]
+
+
+AZURE = "a-63-character-azure-container-name-" + "x" * 26 + "/"
+
+
+@pytest.mark.parametrize("storage_prefix", ["", AZURE], ids=["s3", "azure"])
+@pytest.mark.parametrize("it", _estimate_cases())
+def test_item_bytes_is_never_below_the_wire_json(it: Item, storage_prefix: str) -> None:
+    """The batcher's byte limit is a request body limit: the estimate must not undercount."""
+    sent = len(orjson.dumps(wire.item_json(it, wire.KeyMap(storage_prefix))))
+    assert item_bytes(it) == wire.approx_bytes(it)
+    assert item_bytes(it) >= sent, f"estimated {item_bytes(it)}, sent {sent} bytes"
+
+
+def test_the_item_helper_sizes_are_exact() -> None:
+    assert [item_bytes(item(1, n)) for n in (SIZE, SIZE + 1, 5000)] == [SIZE, SIZE + 1, 5000]
 
 
 def test_full_by_count() -> None:
@@ -43,15 +144,15 @@ def test_full_by_count() -> None:
 
 
 def test_full_by_bytes_never_exceeds_max_bytes_unless_alone() -> None:
-    limit = ENVELOPE_OVERHEAD_BYTES + 3 * 101
+    limit = ENVELOPE_OVERHEAD_BYTES + 3 * (SIZE + 1)
     b = BatchBuilder(max_items=100, max_bytes=limit, max_wait_s=1.0)
     assert b.add(item(1), 0) == [] and b.add(item(2), 0) == []
     (batch,) = b.add(item(3), 0)  # exactly reaches the limit
     assert names(batch) == ["n1", "n2", "n3"]
     b.add(item(4), 0)
     b.add(item(5), 0)
-    # 150 more bytes would overflow: the pending pair goes out first, the new item stays.
-    (batch,) = b.add(item(6, 150), 0)
+    # A bigger item would overflow: the pending pair goes out first, the new item stays.
+    (batch,) = b.add(item(6, SIZE + 50), 0)
     assert names(batch) == ["n4", "n5"]
     assert len(b) == 1
 
@@ -97,7 +198,7 @@ class Clock:
         return self.t
 
 
-async def _get(q: asyncio.Queue[list[ItemPlan] | None]) -> list[ItemPlan]:
+async def _get(q: asyncio.Queue[list[Item] | None]) -> list[Item]:
     """Wait for the next batch (the timeout only turns a hang into a failure)."""
     batch = await asyncio.wait_for(q.get(), 10.0)
     assert batch is not None
@@ -106,8 +207,8 @@ async def _get(q: asyncio.Queue[list[ItemPlan] | None]) -> list[ItemPlan]:
 
 async def test_trickle_is_flushed_after_max_wait_without_more_items() -> None:
     loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[ItemPlan | None] = asyncio.Queue(10)
-    outbox: asyncio.Queue[list[ItemPlan] | None] = asyncio.Queue(10)
+    inbox: asyncio.Queue[Item | None] = asyncio.Queue(10)
+    outbox: asyncio.Queue[list[Item] | None] = asyncio.Queue(10)
     builder = BatchBuilder(max_items=10, max_bytes=10**9, max_wait_s=0.05)
     task = asyncio.create_task(run_batcher(inbox, outbox, builder, loop.time))
     t0 = loop.time()
@@ -125,8 +226,8 @@ async def test_trickle_is_flushed_after_max_wait_without_more_items() -> None:
 
 
 async def test_batcher_follows_the_injected_clock_not_the_wall_clock() -> None:
-    inbox: asyncio.Queue[ItemPlan | None] = asyncio.Queue(10)
-    outbox: asyncio.Queue[list[ItemPlan] | None] = asyncio.Queue(10)
+    inbox: asyncio.Queue[Item | None] = asyncio.Queue(10)
+    outbox: asyncio.Queue[list[Item] | None] = asyncio.Queue(10)
     clock = Clock()
     builder = BatchBuilder(max_items=10, max_bytes=10**9, max_wait_s=0.01)
     task = asyncio.create_task(run_batcher(inbox, outbox, builder, clock))
@@ -145,13 +246,13 @@ async def test_batcher_follows_the_injected_clock_not_the_wall_clock() -> None:
 
 async def test_no_item_lost_or_duplicated_and_final_flush() -> None:
     loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[ItemPlan | None] = asyncio.Queue(7)
-    outbox: asyncio.Queue[list[ItemPlan] | None] = asyncio.Queue(2)
+    inbox: asyncio.Queue[Item | None] = asyncio.Queue(7)
+    outbox: asyncio.Queue[list[Item] | None] = asyncio.Queue(2)
     builder = BatchBuilder(
-        max_items=4, max_bytes=ENVELOPE_OVERHEAD_BYTES + 5 * 101, max_wait_s=0.01
+        max_items=4, max_bytes=ENVELOPE_OVERHEAD_BYTES + 5 * (SIZE + 1), max_wait_s=0.01
     )
     n = 503
-    sizes = [100 if i % 17 else 5000 for i in range(n)]  # some oversize items go alone
+    sizes = [SIZE if i % 17 else 5000 for i in range(n)]  # some oversize items go alone
 
     async def produce() -> None:
         for i in range(n):
@@ -169,12 +270,14 @@ async def test_no_item_lost_or_duplicated_and_final_flush() -> None:
         assert 1 <= len(b) <= 4
         if len(b) > 1:
             assert sum(item_bytes(x) + 1 for x in b) + ENVELOPE_OVERHEAD_BYTES <= builder.max_bytes
+            body = wire.envelope(b, wire.Target("team", "dataset", "storage"), wire.KeyMap())
+            assert len(orjson.dumps(body)) <= builder.max_bytes  # what is really sent
 
 
 async def test_bounded_queues_apply_back_pressure() -> None:
     loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[ItemPlan | None] = asyncio.Queue(5)
-    outbox: asyncio.Queue[list[ItemPlan] | None] = asyncio.Queue(1)
+    inbox: asyncio.Queue[Item | None] = asyncio.Queue(5)
+    outbox: asyncio.Queue[list[Item] | None] = asyncio.Queue(1)
     builder = BatchBuilder(max_items=2, max_bytes=10**9, max_wait_s=60)
     batcher = asyncio.create_task(run_batcher(inbox, outbox, builder, loop.time))
     put_count = 0
@@ -208,11 +311,11 @@ async def _until(pred: Callable[[], bool]) -> None:
 
 
 async def collect(
-    outbox: asyncio.Queue[list[ItemPlan] | None], *tasks: asyncio.Task[None]
-) -> list[list[ItemPlan]]:
+    outbox: asyncio.Queue[list[Item] | None], *tasks: asyncio.Task[None]
+) -> list[list[Item]]:
     """Every batch until the tasks are done and the outbox is empty."""
     done: asyncio.Future[list[None]] = asyncio.ensure_future(asyncio.gather(*tasks))
-    batches: list[list[ItemPlan]] = []
+    batches: list[list[Item]] = []
     while not (done.done() and outbox.empty()):
         getter = asyncio.ensure_future(outbox.get())
         pending: set[asyncio.Future[Any]] = {getter, done}

@@ -12,6 +12,7 @@ from ingest.errors import ConfigError
 from ingest.manifest import read_manifest
 from ingest.model import Media, ObjectInfo
 from ingest.planner import ShardPlanner, plan_manifest_item
+from ingest.registrar import wire
 from tests.conftest import seed_bucket
 from tests.support.e2e import DATASET, Emulator, job_config, run_cli
 
@@ -76,7 +77,7 @@ def test_manifest_item_payload_and_problems() -> None:
         _planner(), "car", "cars", [("front", front, front.key), ("video", clip, clip.key)]
     )
     assert problem == ""
-    assert plan.payload == {
+    assert wire.item_json(plan, wire.KeyMap()) == {
         "path": "/root/cars",
         "name": "car",
         "slots": [

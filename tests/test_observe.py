@@ -17,9 +17,10 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.errors import RateLimited, ServerError, TransportError
-from ingest.model import ItemPlan
+from ingest.model import Item, ItemType, ObjectInfo, Slot
+from ingest.registrar import wire
 from ingest.registrar.rate import Limiter, RateController
-from ingest.registrar.registrar import Registrar
+from ingest.registrar.registrar import DrySending, Registrar
 from ingest.registrar.retry import RetryPolicy
 from ingest.stats import LATENCY_BOUNDS_S, LatencyHistogram, Stats
 from ingest.worker.observe import (
@@ -216,15 +217,15 @@ def registrar(api: ScriptedApi, stats: Stats) -> Registrar:
         limiter,
         RetryPolicy(base_s=0.01, cap_s=0.01, max_total_s=60.0),
         stats,
-        team="t",
-        dataset_slug="d",
-        storage_slug="s",
+        target=wire.Target("t", "d", "s"),
+        keys=wire.KeyMap(),
         readonly=False,
     )
 
 
-def plan(name: str) -> ItemPlan:
-    return ItemPlan(path="/", name=name, payload={"path": "/", "name": name}, keys=(name,))
+def plan(name: str) -> Item:
+    slot = Slot(name, ItemType.IMAGE, (ObjectInfo(name, 1),), name)
+    return Item(path="/", name=name, slots=(slot,), compact=True)
 
 
 async def test_registrar_observes_request_latency_of_answers_and_errors() -> None:
@@ -238,7 +239,7 @@ async def test_registrar_observes_request_latency_of_answers_and_errors() -> Non
             (0.3, None),
         ],
     )
-    outcomes = await registrar(api, stats).register([plan("a")], [])
+    outcomes = await registrar(api, stats).register([plan("a")], DrySending())
     assert [o.state for o in outcomes] == ["REGISTERED"]
     h = stats.request_latency_s
     assert h.count == 4 == stats.requests
@@ -251,7 +252,7 @@ async def test_registrar_observes_request_latency_of_answers_and_errors() -> Non
 async def test_a_cancelled_request_is_not_observed() -> None:
     stats = Stats()
     api = ScriptedApi(FakeTime(), [(1.0, None)], hang=asyncio.Event())
-    task = asyncio.create_task(registrar(api, stats).register([plan("a")], []))
+    task = asyncio.create_task(registrar(api, stats).register([plan("a")], DrySending()))
     for _ in range(20):
         await asyncio.sleep(0)
         if stats.in_flight:

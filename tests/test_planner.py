@@ -1,4 +1,7 @@
-"""Planner payload conformance (v7-contract.md "Items"): pure, fast, exhaustive.
+"""Planner conformance (v7-contract.md "Items"): pure, fast, exhaustive.
+
+The planner emits typed ``Item``s; what V7 receives is their wire JSON (``wire.item_json``), so
+the expected payloads below are checked through it: the same JSON as when the planner built it.
 
 Read-only planning is deliberately not tested here (being reworked for media processing).
 """
@@ -10,13 +13,21 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.config import Config, PlanConfig
-from ingest.model import ItemPlan, ObjectInfo, Skip
-from ingest.planner import ShardPlanner, file_type, make_shard_planner, request_options
+from ingest.model import Item, ObjectInfo, Skip
+from ingest.planner import (
+    ShardPlanner,
+    collision,
+    file_type,
+    make_shard_planner,
+    request_options,
+)
+from ingest.registrar import wire
 
 IMAGE_EXTS = [
     "png",
@@ -49,12 +60,12 @@ def plan_all(
     pages: Sequence[int] | None = None,
     strip: str = "",
     **plan: Any,
-) -> list[ItemPlan | Skip]:
+) -> list[Item | Skip]:
     """Feed ``keys`` (sorted) page by page (``pages`` = page sizes; None = one page)."""
     objs = [k if isinstance(k, ObjectInfo) else obj(k) for k in keys]
     objs.sort(key=lambda o: o.key)
     p = planner(strip, **plan)
-    out: list[ItemPlan | Skip] = []
+    out: list[Item | Skip] = []
     i = 0
     for n in pages or [len(objs)]:
         out += p.feed(objs[i : i + n])
@@ -65,15 +76,20 @@ def plan_all(
     return out
 
 
-def items(out: Iterable[ItemPlan | Skip]) -> list[ItemPlan]:
-    return [p for p in out if isinstance(p, ItemPlan)]
+def items(out: Iterable[Item | Skip]) -> list[Item]:
+    return [p for p in out if isinstance(p, Item)]
 
 
-def skips(out: Iterable[ItemPlan | Skip]) -> dict[str, str]:
+def skips(out: Iterable[Item | Skip]) -> dict[str, str]:
     return {p.obj.key: p.reason for p in out if isinstance(p, Skip)}
 
 
-def only_item(out: list[ItemPlan | Skip]) -> ItemPlan:
+def payload(it: Item, keys: wire.KeyMap | None = None) -> dict[str, Any]:
+    """The item's register_existing JSON (S3 / GCS: storage key = provider key)."""
+    return wire.item_json(it, keys or wire.KeyMap())
+
+
+def only_item(out: list[Item | Skip]) -> Item:
     its = items(out)
     assert len(its) == 1 and not skips(out), out
     return its[0]
@@ -84,38 +100,44 @@ def only_item(out: list[ItemPlan | Skip]) -> ItemPlan:
 
 def test_single_slot_image_payload_is_exactly_the_shorthand() -> None:
     it = only_item(plan_all(["car_folder/car_1.png"]))
-    assert it.payload == {
+    assert payload(it) == {
         "path": "/car_folder",
         "type": "image",
         "storage_key": "car_folder/car_1.png",
         "name": "car_1.png",
     }
-    assert list(it.payload) == ["path", "type", "storage_key", "name"]
+    assert list(payload(it)) == ["path", "type", "storage_key", "name"]
     assert (it.path, it.name, it.keys) == ("/car_folder", "car_1.png", ("car_folder/car_1.png",))
-    assert it.size_hint > 0
+    assert it.compact and it.slots[0].obj == obj("car_folder/car_1.png")
+    assert wire.approx_bytes(it) >= len(orjson.dumps(payload(it)))
 
 
-def test_storage_key_comes_from_the_source_adapter() -> None:
-    p = ShardPlanner(PlanConfig(), lambda k: f"container/{k}")
-    (it,) = p.feed([obj("a/b.jpg")])
-    assert isinstance(it, ItemPlan)
-    assert it.payload["storage_key"] == "container/a/b.jpg"
+def test_storage_key_comes_from_the_source_key_map() -> None:
+    # Items hold provider keys; the storage prefix (Azure: the container) is added at the wire.
+    (it,) = ShardPlanner(PlanConfig(), lambda k: f"container/{k}").feed([obj("a/b.jpg")])
+    assert isinstance(it, Item)
+    assert it.keys == ("a/b.jpg",)
+    assert payload(it, wire.KeyMap("container/"))["storage_key"] == "container/a/b.jpg"
     assert it.name == "b.jpg"
+    (series,) = items(plan_all(["s/1.dcm", "s/2.dcm"]))
+    got = payload(series, wire.KeyMap("c/"))["slots"]
+    assert [s["storage_key"] for s in got] == ["c/s/1.dcm", "c/s/2.dcm"]
+    assert wire.approx_bytes(series) >= len(orjson.dumps(payload(series, wire.KeyMap("c/"))))
 
 
 @pytest.mark.parametrize("ext", IMAGE_EXTS)
 def test_every_image_extension_any_case(ext: str) -> None:
     for variant in (ext, ext.upper(), ext.capitalize()):
         it = only_item(plan_all([f"x/f.{variant}"]))
-        assert it.payload["type"] == "image"
-        assert "fps" not in it.payload
+        assert payload(it)["type"] == "image"
+        assert "fps" not in payload(it)
 
 
 @pytest.mark.parametrize("ext", VIDEO_EXTS)
 def test_every_video_extension_any_case_has_fps(ext: str) -> None:
     for variant in (ext, ext.upper()):
         it = only_item(plan_all([f"v/clip.{variant}"]))
-        assert it.payload == {
+        assert payload(it) == {
             "path": "/v",
             "type": "video",
             "storage_key": f"v/clip.{variant}",
@@ -125,9 +147,9 @@ def test_every_video_extension_any_case_has_fps(ext: str) -> None:
 
 
 def test_pdf_and_single_dicom() -> None:
-    assert only_item(plan_all(["d/doc.PDF"])).payload["type"] == "pdf"
+    assert payload(only_item(plan_all(["d/doc.PDF"])))["type"] == "pdf"
     it = only_item(plan_all(["d/scan.DCM"], dicom_series=False))
-    assert it.payload == {
+    assert payload(it) == {
         "path": "/d",
         "name": "scan.DCM",
         "slots": [
@@ -147,11 +169,11 @@ def test_pdf_and_single_dicom() -> None:
 )
 def test_video_fps_native_or_number_int_stays_int(fps: Any, expected: Any) -> None:
     it = only_item(plan_all(["a.mp4"], fps=fps))
-    assert it.payload["fps"] == expected
-    assert type(it.payload["fps"]) is type(expected)
+    assert payload(it)["fps"] == expected
+    assert type(payload(it)["fps"]) is type(expected)
     # In a multi-slot item the video slot carries it too; the image slot does not.
     grouped = only_item(plan_all(["f/a.mp4", "f/b.jpg"], fps=fps, slots="folder"))
-    slots = {s["slot_name"]: s for s in grouped.payload["slots"]}
+    slots = {s["slot_name"]: s for s in payload(grouped)["slots"]}
     assert slots["a.mp4"]["fps"] == expected and type(slots["a.mp4"]["fps"]) is type(expected)
     assert "fps" not in slots["b.jpg"]
 
@@ -208,9 +230,9 @@ def test_unsupported_and_odd_objects_are_skipped_with_a_reason_never_raised() ->
 )
 def test_odd_but_valid_keys_are_planned_verbatim(key: str) -> None:
     it = only_item(plan_all([key]))
-    assert it.payload["storage_key"] == key
+    assert payload(it)["storage_key"] == key
     folder, _, name = key.rpartition("/")
-    assert it.name == name and it.payload["name"] == name
+    assert it.name == name and payload(it)["name"] == name
     assert it.path == ("/" + folder if folder else "/")
 
 
@@ -234,8 +256,8 @@ def test_odd_but_valid_keys_are_planned_verbatim(key: str) -> None:
 def test_paths(opts: dict[str, Any], expected_path: str) -> None:
     it = only_item(plan_all(["set/1/img.jpg"], **opts))
     assert (it.path, it.name) == (expected_path, "img.jpg")
-    assert it.payload["path"] == expected_path
-    assert it.payload["storage_key"] == "set/1/img.jpg"  # stripping never touches the key
+    assert payload(it)["path"] == expected_path
+    assert payload(it)["storage_key"] == "set/1/img.jpg"  # stripping never touches the key
 
 
 def test_strip_prefix_auto_is_the_source_prefix() -> None:
@@ -244,12 +266,12 @@ def test_strip_prefix_auto_is_the_source_prefix() -> None:
     cfg.plan.strip_prefix = "auto"
     p = make_shard_planner(cfg, lambda k: k, readonly=False)
     (it,) = p.feed([obj("set/1/img.jpg")])
-    assert isinstance(it, ItemPlan)
+    assert isinstance(it, Item)
     assert it.path == "/1"
     cfg.plan.strip_prefix = ""
     p = make_shard_planner(cfg, lambda k: k, readonly=False)
     (it,) = p.feed([obj("set/1/img.jpg")])
-    assert isinstance(it, ItemPlan)
+    assert isinstance(it, Item)
     assert it.path == "/set/1"
 
 
@@ -259,8 +281,8 @@ def test_same_key_always_plans_to_the_same_path_and_name() -> None:
     for others in (["a/a.jpg"], ["a/b/b.png", "a/b/d.mp4"], ["z.pdf", "a/b/c.jpgx"]):
         out = items(plan_all([key, *others]))
         mine = [i for i in out if key in i.keys]
-        assert [(i.path, i.name, i.payload) for i in mine] == [
-            (first.path, first.name, first.payload)
+        assert [(i.path, i.name, payload(i)) for i in mine] == [
+            (first.path, first.name, payload(first))
         ]
 
 
@@ -269,7 +291,7 @@ def test_same_key_always_plans_to_the_same_path_and_name() -> None:
 
 def test_folder_slots_payload() -> None:
     it = only_item(plan_all(["car_folder/car_1.png", "car_folder/cars.mp4"], slots="folder"))
-    assert it.payload == {
+    assert payload(it) == {
         "path": "/",
         "name": "car_folder",
         "slots": [
@@ -296,7 +318,7 @@ def test_folder_slots_nested_folders_root_files_and_interleaving() -> None:
         ["top.jpg", "a/1.jpg", "a/b/2.jpg", "a/b/3.jpg", "a/c.jpg", "a/d/4.jpg", "z/5.png"],
         slots="folder",
     )
-    got = {(i.path, i.name): [s["storage_key"] for s in i.payload["slots"]] for i in items(out)}
+    got = {(i.path, i.name): [s["storage_key"] for s in payload(i)["slots"]] for i in items(out)}
     assert got == {
         ("/", "root"): ["top.jpg"],
         ("/", "a"): ["a/1.jpg", "a/c.jpg"],  # a/b/… sorts between them: still one item
@@ -312,7 +334,7 @@ def test_folder_slot_names_never_zero_and_unique_even_for_a_repeated_object() ->
     p = planner(slots="folder")
     out = p.feed([obj("f/a.jpg"), obj("f/a.jpg"), obj("f/b.jpg")]) + p.finish()
     (it,) = items(out)
-    names = [s["slot_name"] for s in it.payload["slots"]]
+    names = [s["slot_name"] for s in payload(it)["slots"]]
     assert len(set(names)) == len(names)
     assert "0" not in names
     assert names[0] == "a.jpg"
@@ -352,7 +374,7 @@ def test_max_slots_overflow_skips_the_whole_folder_only() -> None:
     for pages in (None, [1, 1, 1, 1, 1, 1, 1], [3, 2]):
         out = plan_all(keys, pages=pages, slots="folder", max_slots=3)
         (it,) = items(out)
-        assert it.name == "ok" and len(it.payload["slots"]) == 3
+        assert it.name == "ok" and len(payload(it)["slots"]) == 3
         sk = skips(out)
         assert sorted(sk) == [f"big/{i}.jpg" for i in range(4)]
         assert all("more than 3" in r for r in sk.values())
@@ -365,7 +387,7 @@ def test_dicom_series_payload_and_options() -> None:
     out = plan_all(["scan/p1/a.dcm", "scan/p1/b.DCM", "scan/p1/c.jpg", "scan/p2/x.dcm"])
     by = {(i.path, i.name): i for i in items(out)}
     assert set(by) == {("/scan", "p1"), ("/scan/p1", "c.jpg"), ("/scan", "p2")}
-    assert by[("/scan", "p1")].payload == {
+    assert payload(by[("/scan", "p1")]) == {
         "path": "/scan",
         "name": "p1",
         "slots": [
@@ -383,7 +405,11 @@ def test_dicom_series_payload_and_options() -> None:
             },
         ],
     }
-    assert by[("/scan/p1", "c.jpg")].payload["type"] == "image"
+    # Typed: one slot "0" holding the series' slices in listing order.
+    (series,) = by[("/scan", "p1")].slots
+    assert (series.name, series.type) == ("0", "dicom")
+    assert [o.key for o in series.objects] == ["scan/p1/a.dcm", "scan/p1/b.DCM"]
+    assert payload(by[("/scan/p1", "c.jpg")])["type"] == "image"
     assert request_options(PlanConfig()) is None
     assert request_options(PlanConfig(ignore_dicom_layout=True)) == {"ignore_dicom_layout": True}
 
@@ -391,19 +417,19 @@ def test_dicom_series_payload_and_options() -> None:
 def test_dicom_extract_views_only_on_slot_zero_and_only_when_enabled() -> None:
     keys = ["s/a.dcm", "s/b.dcm", "s/c.jpg", "s/d.mp4"]
     plain = items(plan_all(keys, slots="folder"))
-    assert all("extract_views" not in s for i in plain for s in i.payload["slots"])
+    assert all("extract_views" not in s for i in plain for s in payload(i)["slots"])
     (it,) = items(plan_all(keys, slots="folder", extract_views=True))
-    for s in it.payload["slots"]:
+    for s in payload(it)["slots"]:
         if s["slot_name"] == "0":
             assert s["type"] == "dicom" and s["extract_views"] == "true"
         else:
             assert "extract_views" not in s
-    assert [s["slot_name"] for s in it.payload["slots"]] == ["0", "0", "c.jpg", "d.mp4"]
+    assert [s["slot_name"] for s in payload(it)["slots"]] == ["0", "0", "c.jpg", "d.mp4"]
 
 
 def test_dicom_series_off_in_folder_mode_names_slots_by_file() -> None:
     (it,) = items(plan_all(["s/a.dcm", "s/b.dcm"], slots="folder", dicom_series=False))
-    assert [s["slot_name"] for s in it.payload["slots"]] == ["a.dcm", "b.dcm"]
+    assert [s["slot_name"] for s in payload(it)["slots"]] == ["a.dcm", "b.dcm"]
     # Single-object mode without series: one item per slice.
     assert len(items(plan_all(["s/a.dcm", "s/b.dcm"], dicom_series=False))) == 2
 
@@ -415,6 +441,26 @@ def test_dicom_series_split_over_pages() -> None:
     assert p.feed([obj("s/3.dcm")]) == []
     (series,) = items(p.finish())
     assert series.keys == ("s/1.dcm", "s/3.dcm")
+
+
+# --- name collisions (the policy the ledger applies) ----------------------------------------
+
+
+def test_collision_skips_only_the_objects_not_in_the_recorded_item() -> None:
+    # preserve_folders = false: a/x.jpg and b/x.jpg both plan to ("/", "x.jpg").
+    (first,) = items(plan_all(["a/x.jpg"], preserve_folders=False))
+    (second,) = items(plan_all(["b/x.jpg"], preserve_folders=False))
+    assert first.ident == second.ident == ("/", "x.jpg")
+    (skip,) = collision(second, first.keys)
+    assert skip.obj == obj("b/x.jpg")
+    assert skip.reason.startswith("name collision: item '/x.jpg' already comes from 'a/x.jpg'")
+    assert "plan.preserve_folders" in skip.reason and len(skip.reason) <= 300
+    assert collision(first, first.keys) == []  # the same item planned again: no collision
+    # A folder item that gained a file: only the new file is refused.
+    (grown,) = items(plan_all(["f/1.jpg", "f/2.jpg"], slots="folder"))
+    assert [s.obj.key for s in collision(grown, ("f/1.jpg",))] == ["f/2.jpg"]
+    long = Item("/" + "d" * 400, "n", grown.slots)
+    assert all(len(s.reason) == 300 for s in collision(long, ("k",)))
 
 
 # --- properties ---------------------------------------------------------------------------------
@@ -450,10 +496,10 @@ def _splits(n: int, data: st.DataObject) -> list[int]:
     return sizes
 
 
-def _canon(out: list[ItemPlan | Skip]) -> list[Any]:
+def _canon(out: list[Item | Skip]) -> list[Any]:
     return [
-        ("item", p.path, p.name, p.payload, p.keys)
-        if isinstance(p, ItemPlan)
+        ("item", p.path, p.name, payload(p), p.keys)
+        if isinstance(p, Item)
         else ("skip", p.obj.key, p.reason)
         for p in out
     ]
@@ -475,7 +521,9 @@ def test_property_each_key_once_and_page_splits_do_not_matter(
             seen[p.obj.key] += 1
             continue
         seen.update(p.keys)
-        slots = p.payload.get("slots")
+        # The batcher's byte estimate is an upper bound of what is sent.
+        assert wire.approx_bytes(p) >= len(orjson.dumps(payload(p, wire.KeyMap("container/"))))
+        slots = payload(p).get("slots")
         if slots:
             assert [s["storage_key"] for s in slots] == list(p.keys)
             non_dicom = [s["slot_name"] for s in slots if s["type"] != "dicom"]
@@ -485,7 +533,7 @@ def test_property_each_key_once_and_page_splits_do_not_matter(
             if any(s["slot_name"] == "0" for s in slots):
                 assert all(s["type"] == "dicom" for s in slots if s["slot_name"] == "0")
         else:
-            assert p.keys == (p.payload["storage_key"],)
+            assert p.keys == (payload(p)["storage_key"],)
     assert seen == Counter(ordered)
     ids = [(p.path, p.name) for p in items(reference)]
     assert len(ids) == len(set(ids)), "two items share (path, name)"

@@ -4,13 +4,16 @@ commit-then-fail, the retry budget, fatal errors, stats.
 
 Waits go through a fake clock (the limiter's sleep advances it), so retries and Retry-After
 cost no real time; one test runs on the real loop clock to show a 429 pausing every sender.
+
+Items are typed; the bodies V7 receives are their wire JSON (``wire.envelope``). The ledger's
+side of sending (``mark_sent`` / ``unmark_sent``) is a recording fake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +23,11 @@ import pytest_asyncio
 from aiohttp import web
 
 from ingest.errors import AuthError, Interrupted, NotFoundError, QuotaError
-from ingest.model import ItemPlan, Outcome, State
+from ingest.model import Item, ItemType, ObjectInfo, Outcome, Slot, State
+from ingest.registrar import wire
 from ingest.registrar.client import V7Client
 from ingest.registrar.rate import Limiter, RateController
-from ingest.registrar.registrar import OURS, Registrar
+from ingest.registrar.registrar import OURS, DrySending, Registrar
 from ingest.registrar.retry import RetryPolicy
 from ingest.stats import Stats
 
@@ -60,6 +64,40 @@ def norm(path: str) -> str:
 
 
 @dataclass
+class FakeSending:
+    """The ledger's side of sending, as the ledger contract has it: attempt counts per
+    (path, name), the same item twice in one call counting twice; every call recorded as
+    ("mark" | "unmark", names, fake time)."""
+
+    clock: Callable[[], float] = lambda: 0.0
+    attempts: dict[tuple[str, str], int] = field(default_factory=dict)
+    calls: list[tuple[str, list[str], float]] = field(default_factory=list)
+
+    def sent_before(self, *names: str, path: str = "/") -> FakeSending:
+        for n in names:
+            self.attempts[(path, n)] = 1
+        return self
+
+    async def mark_sent(self, items: Sequence[Item]) -> list[int]:
+        self.calls.append(("mark", [i.name for i in items], self.clock()))
+        await asyncio.sleep(0)  # a ledger write: other tasks may run meanwhile
+        out = []
+        for i in items:
+            self.attempts[i.ident] = self.attempts.get(i.ident, 0) + 1
+            out.append(self.attempts[i.ident])
+        return out
+
+    async def unmark_sent(self, items: Sequence[Item]) -> None:
+        self.calls.append(("unmark", [i.name for i in items], self.clock()))
+        await asyncio.sleep(0)
+        for i in items:
+            self.attempts[i.ident] -= 1
+
+    def kinds(self) -> list[tuple[str, list[str]]]:
+        return [(kind, names) for kind, names, _at in self.calls]
+
+
+@dataclass
 class Request:
     at: float
     endpoint: str
@@ -85,6 +123,7 @@ class FakeV7:
     bad: set[str] = field(default_factory=set)  # names that make the batch a 422
     blocked: dict[str, str] = field(default_factory=dict)  # name -> reason
     omit: set[str] = field(default_factory=set)  # names left out of the response
+    blocked_ids: bool = False  # ALREADY_EXISTS entries carry the existing item's id
     script: list[str] = field(default_factory=list)
     always: str = ""
     requests: list[Request] = field(default_factory=list)
@@ -104,13 +143,14 @@ class FakeV7:
                     }
                 )
             elif key in self.store:
-                blocked.append(
-                    {
-                        "name": key[1],
-                        "path": key[0],
-                        "slots": [{"slot_name": "0", "reason": "ALREADY_EXISTS"}],
-                    }
-                )
+                entry = {
+                    "name": key[1],
+                    "path": key[0],
+                    "slots": [{"slot_name": "0", "reason": "ALREADY_EXISTS"}],
+                }
+                if self.blocked_ids:
+                    entry["id"] = self.store[key]
+                blocked.append(entry)
             else:
                 self.store[key] = next(self.ids)
                 if item["name"] not in self.omit:
@@ -171,6 +211,7 @@ class Rig:
         policy: RetryPolicy | None = None,
         readonly: bool = False,
         options: dict[str, Any] | None = None,
+        storage_prefix: str = "",
         rng: float = 0.5,
     ) -> Registrar:
         limiter = Limiter(self.controller, 4, clock=self.time.clock, sleep=self.time.sleep)
@@ -179,13 +220,14 @@ class Rig:
             limiter,
             policy or RetryPolicy(base_s=0.05, cap_s=1.0, max_total_s=60.0),
             self.stats,
-            team=TEAM,
-            dataset_slug="ds",
-            storage_slug="st",
+            target=wire.Target(TEAM, "ds", "st", options),
+            keys=wire.KeyMap(storage_prefix),
             readonly=readonly,
-            options=options,
             rng=FixedRng(rng),
         )
+
+    def sending(self) -> FakeSending:
+        return FakeSending(self.time.clock)
 
 
 async def serve(v7: FakeV7) -> web.AppRunner:
@@ -213,12 +255,12 @@ async def rig() -> AsyncIterator[Rig]:
         await runner.cleanup()
 
 
-def plan(name: str, path: str = "/") -> ItemPlan:
-    payload = {"path": path, "type": "image", "storage_key": f"data/{name}", "name": name}
-    return ItemPlan(path=path, name=name, payload=payload, keys=(f"data/{name}",))
+def plan(name: str, path: str = "/") -> Item:
+    slot = Slot(name, ItemType.IMAGE, (ObjectInfo(f"data/{name}", 1),), name)
+    return Item(path=path, name=name, slots=(slot,), compact=True)
 
 
-def plans(n: int) -> list[ItemPlan]:
+def plans(n: int) -> list[Item]:
     return [plan(f"img_{i:02d}.jpg") for i in range(n)]
 
 
@@ -231,37 +273,56 @@ def states(outcomes: list[Outcome]) -> list[State]:
 
 async def test_a_batch_registers_with_ids_in_input_order(rig: Rig) -> None:
     items = plans(10)
-    out = await rig.registrar().register(items, [])
+    sending = rig.sending()
+    out = await rig.registrar().register(items, sending)
     assert [(o.path, o.name) for o in out] == [(p.path, p.name) for p in items]
     assert states(out) == [State.REGISTERED] * 10
     assert [o.v7_id for o in out] == [rig.v7.store[("/", p.name)] for p in items]
     (req,) = rig.v7.requests
     assert req.endpoint == "register_existing"
     assert req.body == {
-        "items": [p.payload for p in items],
+        "items": [
+            {"path": "/", "type": "image", "storage_key": f"data/{p.name}", "name": p.name}
+            for p in items
+        ],
         "dataset_slug": "ds",
         "storage_slug": "st",
     }
+    assert req.body == wire.envelope(items, wire.Target(TEAM, "ds", "st"), wire.KeyMap())
+    assert sending.kinds() == [("mark", [p.name for p in items])]  # once, for the one request
     assert (rig.stats.requests, rig.stats.retries, rig.stats.in_flight) == (1, 0, 0)
     assert rig.stats.current_rate_per_s == rig.controller.rate
 
 
 async def test_readonly_endpoint_and_options(rig: Rig) -> None:
     reg = rig.registrar(readonly=True, options={"ignore_dicom_layout": True})
-    await reg.register(plans(2), [])
+    await reg.register(plans(2), DrySending())
+    # A batch may pick the other endpoint (locally processed videos on read-write storage).
+    await rig.registrar().register(plans(1), DrySending(), readonly=True)
+    first, second = rig.v7.requests
+    assert first.endpoint == second.endpoint == "register_existing_readonly"
+    assert first.body["options"] == {"ignore_dicom_layout": True}
+    assert "options" not in second.body
+    assert wire.endpoint(TEAM, True) == f"v2/teams/{TEAM}/items/register_existing_readonly"
+
+
+async def test_storage_keys_get_the_storage_prefix_at_the_wire(rig: Rig) -> None:
+    # Azure: items hold blob names, V7 is told container/blob.
+    out = await rig.registrar(storage_prefix="container/").register(plans(1), DrySending())
+    assert states(out) == [State.REGISTERED]
     (req,) = rig.v7.requests
-    assert req.endpoint == "register_existing_readonly"
-    assert req.body["options"] == {"ignore_dicom_layout": True}
+    assert req.body["items"][0]["storage_key"] == "container/data/img_00.jpg"
 
 
 async def test_empty_batch_sends_nothing(rig: Rig) -> None:
-    assert await rig.registrar().register([], []) == []
-    assert rig.v7.requests == []
+    sending = rig.sending()
+    assert await rig.registrar().register([], sending) == []
+    assert rig.v7.requests == [] and sending.calls == []
 
 
 async def test_response_matched_by_path_and_name(rig: Rig) -> None:
     items = [plan("a.jpg", "/x/"), plan("a.jpg", "/y"), plan("a.jpg")]
-    out = await rig.registrar().register(items, [])
+    out = await rig.registrar().register(items, rig.sending())
     assert states(out) == [State.REGISTERED] * 3
     assert out[0].v7_id == rig.v7.store[("/x", "a.jpg")]
     assert out[1].v7_id == rig.v7.store[("/y", "a.jpg")]
@@ -274,7 +335,7 @@ async def test_response_matched_by_path_and_name(rig: Rig) -> None:
 async def test_bisection_isolates_two_bad_items_among_ten(rig: Rig) -> None:
     items = plans(10)
     rig.v7.bad = {items[2].name, items[7].name}
-    out = await rig.registrar().register(items, [])
+    out = await rig.registrar().register(items, rig.sending())
     failed = [i for i, o in enumerate(out) if o.state is State.FAILED]
     assert failed == [2, 7]
     for i in failed:
@@ -292,7 +353,7 @@ async def test_bisection_isolates_two_bad_items_among_ten(rig: Rig) -> None:
 async def test_a_single_bad_item_fails_alone(rig: Rig) -> None:
     (item,) = plans(1)
     rig.v7.bad = {item.name}
-    (out,) = await rig.registrar().register([item], [])
+    (out,) = await rig.registrar().register([item], rig.sending())
     assert out.state is State.FAILED
     assert len(rig.v7.requests) == 1
 
@@ -304,22 +365,46 @@ async def test_already_exists_is_blocked_unless_we_sent_it_before(rig: Rig) -> N
     a, b, c = plan("a.jpg"), plan("b.jpg"), plan("c.jpg")
     rig.v7.store[("/", "a.jpg")] = "someone-else"
     rig.v7.store[("/", "b.jpg")] = "an-earlier-run-of-ours"
-    out = await rig.registrar().register([a, b, c], [("/", "b.jpg")])
+    sending = rig.sending().sent_before("b.jpg")
+    out = await rig.registrar().register([a, b, c], sending)
     assert out[0] == Outcome("/", "a.jpg", State.BLOCKED, reason="ALREADY_EXISTS")
     assert out[1] == Outcome("/", "b.jpg", State.REGISTERED, v7_id="", reason=OURS)
     assert out[2].state is State.REGISTERED and out[2].v7_id
+    assert sending.attempts == {("/", "a.jpg"): 1, ("/", "b.jpg"): 2, ("/", "c.jpg"): 1}
+
+
+async def test_already_exists_with_an_id_for_an_item_sent_before_keeps_the_id(rig: Rig) -> None:
+    rig.v7.blocked_ids = True
+    rig.v7.store[("/", "a.jpg")] = "someone-else"
+    rig.v7.store[("/", "b.jpg")] = "id-of-an-earlier-run"
+    sending = rig.sending().sent_before("b.jpg")
+    out = await rig.registrar().register([plan("a.jpg"), plan("b.jpg")], sending)
+    # Not ours: still blocked, whatever id the entry carries.
+    assert out[0] == Outcome("/", "a.jpg", State.BLOCKED, reason="ALREADY_EXISTS")
+    assert out[1] == Outcome(
+        "/", "b.jpg", State.REGISTERED, v7_id="id-of-an-earlier-run", reason=OURS
+    )
+
+
+async def test_commit_then_502_then_already_exists_with_ids(rig: Rig) -> None:
+    rig.v7.blocked_ids = True
+    rig.v7.script = ["502-after-commit"]
+    out = await rig.registrar().register(plans(2), rig.sending())
+    assert [(o.state, o.reason) for o in out] == [(State.REGISTERED, OURS)] * 2
+    assert [o.v7_id for o in out] == [rig.v7.store[("/", o.name)] for o in out]
 
 
 async def test_other_block_reasons_are_kept(rig: Rig) -> None:
     rig.v7.blocked = {"b.jpg": "FILE_UPLOAD_FAILED"}
-    out = await rig.registrar().register([plan("a.jpg"), plan("b.jpg")], [("/", "b.jpg")])
+    sending = rig.sending().sent_before("b.jpg")
+    out = await rig.registrar().register([plan("a.jpg"), plan("b.jpg")], sending)
     assert out[0].state is State.REGISTERED
     assert out[1] == Outcome("/", "b.jpg", State.BLOCKED, reason="FILE_UPLOAD_FAILED")
 
 
 async def test_an_item_missing_from_the_response_fails_retryable(rig: Rig) -> None:
     rig.v7.omit = {"b.jpg"}
-    out = await rig.registrar().register([plan("a.jpg"), plan("b.jpg")], [])
+    out = await rig.registrar().register([plan("a.jpg"), plan("b.jpg")], rig.sending())
     assert out[0].state is State.REGISTERED
     assert out[1] == Outcome(
         "/", "b.jpg", State.FAILED, reason="missing from V7 response", retryable=True
@@ -327,9 +412,14 @@ async def test_an_item_missing_from_the_response_fails_retryable(rig: Rig) -> No
 
 
 async def test_duplicates_in_one_batch_each_get_one_outcome(rig: Rig) -> None:
-    out = await rig.registrar().register([plan("a.jpg"), plan("a.jpg")], [])
+    # Every item on its first attempt: the copy is refused like anyone else's item.
+    out = await rig.registrar().register([plan("a.jpg"), plan("a.jpg")], DrySending())
     assert states(out) == [State.REGISTERED, State.BLOCKED]
     assert out[1].reason == "ALREADY_EXISTS"
+    # Through the ledger, the copy is a second attempt of the same item (mark_sent counts it
+    # twice): its ALREADY_EXISTS is ours.
+    out = await rig.registrar().register([plan("b.jpg"), plan("b.jpg")], rig.sending())
+    assert [(o.state, o.reason) for o in out] == [(State.REGISTERED, ""), (State.REGISTERED, OURS)]
 
 
 # --- retries -----------------------------------------------------------------------------------
@@ -338,7 +428,7 @@ async def test_duplicates_in_one_batch_each_get_one_outcome(rig: Rig) -> None:
 async def test_429_retry_after_is_honoured_and_slows_the_controller(rig: Rig) -> None:
     rig.v7.script = ["429:0.75"]
     rate_before = rig.controller.rate
-    out = await rig.registrar(rng=0.0).register(plans(3), [])
+    out = await rig.registrar(rng=0.0).register(plans(3), rig.sending())
     assert states(out) == [State.REGISTERED] * 3
     first, second = rig.v7.requests
     assert second.at - first.at >= 0.75 - 1e-9
@@ -348,7 +438,7 @@ async def test_429_retry_after_is_honoured_and_slows_the_controller(rig: Rig) ->
 
 async def test_429_without_retry_after_backs_off_with_jitter(rig: Rig) -> None:
     rig.v7.script = ["429", "429"]
-    out = await rig.registrar(rng=1.0).register(plans(1), [])
+    out = await rig.registrar(rng=1.0).register(plans(1), rig.sending())
     assert out[0].state is State.REGISTERED
     t = [r.at for r in rig.v7.requests]
     # Full-jitter ceilings with rand = 1: 0.05 then 0.1.
@@ -359,7 +449,7 @@ async def test_429_without_retry_after_backs_off_with_jitter(rig: Rig) -> None:
 
 async def test_5xx_is_retried(rig: Rig) -> None:
     rig.v7.script = ["500", "503"]
-    out = await rig.registrar().register(plans(4), [])
+    out = await rig.registrar().register(plans(4), rig.sending())
     assert states(out) == [State.REGISTERED] * 4
     assert (rig.stats.requests, rig.stats.retries, rig.stats.server_errors) == (3, 2, 2)
     assert rig.controller.cuts == 0  # a 5xx is not a rate signal
@@ -368,7 +458,7 @@ async def test_5xx_is_retried(rig: Rig) -> None:
 async def test_commit_then_502_ends_registered_not_blocked(rig: Rig) -> None:
     rig.v7.script = ["502-after-commit"]
     items = plans(5)
-    out = await rig.registrar().register(items, [])
+    out = await rig.registrar().register(items, rig.sending())
     assert states(out) == [State.REGISTERED] * 5
     assert all(o.reason == OURS and o.v7_id == "" for o in out)
     assert len(rig.v7.store) == 5
@@ -377,7 +467,7 @@ async def test_commit_then_502_ends_registered_not_blocked(rig: Rig) -> None:
 
 async def test_connection_dropped_after_commit_ends_registered(rig: Rig) -> None:
     rig.v7.script = ["drop-after-commit"]
-    out = await rig.registrar().register(plans(3), [])
+    out = await rig.registrar().register(plans(3), rig.sending())
     assert states(out) == [State.REGISTERED] * 3
     assert all(o.reason == OURS for o in out)
     assert rig.stats.transport_errors == 1
@@ -387,14 +477,14 @@ async def test_a_429_then_already_exists_is_not_ours(rig: Rig) -> None:
     """A 429 stores nothing: an ALREADY_EXISTS after it is somebody else's item."""
     rig.v7.script = ["429:0.1"]
     rig.v7.store[("/", "img_00.jpg")] = "theirs"
-    out = await rig.registrar().register(plans(1), [])
+    out = await rig.registrar().register(plans(1), rig.sending())
     assert out[0] == Outcome("/", "img_00.jpg", State.BLOCKED, reason="ALREADY_EXISTS")
 
 
 async def test_the_retry_budget_ends_in_a_retryable_failure(rig: Rig) -> None:
     rig.v7.always = "503"
     policy = RetryPolicy(base_s=0.1, cap_s=0.4, max_total_s=1.0)
-    out = await rig.registrar(policy=policy, rng=1.0).register(plans(3), [])
+    out = await rig.registrar(policy=policy, rng=1.0).register(plans(3), rig.sending())
     # Waits 0.1, 0.2, 0.4 (0.7 s in all); the next 0.4 would pass the 1 s budget.
     assert len(rig.v7.requests) == 4
     for o in out:
@@ -407,14 +497,15 @@ async def test_the_retry_budget_ends_in_a_retryable_failure(rig: Rig) -> None:
 
 
 async def test_a_stop_before_a_retry_leaves_the_batch_unsent(rig: Rig) -> None:
-    """Graceful shutdown: the request in flight finishes, but no retry starts (the items stay
-    SENT in the ledger and the next run re-sends them)."""
+    """Graceful shutdown: the request in flight finishes, but no retry starts (after a 5xx the
+    items may have been stored: they stay SENT in the ledger and the next run re-sends them)."""
     rig.v7.always = "503"
     stop = asyncio.Event()
-    stop.set()  # before the first attempt: nothing goes out
+    stop.set()  # before the first attempt: nothing goes out, nothing is marked SENT
+    sending = rig.sending()
     with pytest.raises(Interrupted):
-        await rig.registrar().register(plans(3), [], stop=stop)
-    assert rig.v7.requests == []
+        await rig.registrar().register(plans(3), sending, stop=stop)
+    assert rig.v7.requests == [] and sending.calls == []
     stop.clear()
     real_sleep = rig.time.sleep
 
@@ -423,10 +514,138 @@ async def test_a_stop_before_a_retry_leaves_the_batch_unsent(rig: Rig) -> None:
         await real_sleep(delay)
 
     rig.time.sleep = stop_while_backing_off  # type: ignore[method-assign]
+    items = plans(3)
     with pytest.raises(Interrupted, match="HTTP 503"):
-        await rig.registrar().register(plans(3), [], stop=stop)
+        await rig.registrar().register(items, sending, stop=stop)
     assert len(rig.v7.requests) == 1  # the request on the wire was answered, none followed
     assert rig.stats.in_flight == 0
+    assert sending.kinds() == [("mark", [p.name for p in items])]  # not taken back
+    assert set(sending.attempts.values()) == {1}
+
+
+async def test_a_stop_while_waiting_for_the_slot_marks_nothing(rig: Rig) -> None:
+    """SENT is marked once the limiter grants the slot, never while the batch waits for it."""
+    rig.controller = RateController(1.0, 1.0)  # one request a second
+    stop = asyncio.Event()
+    waits: list[float] = []
+
+    async def stop_while_pacing(delay: float) -> None:
+        waits.append(delay)
+        stop.set()  # SIGTERM while the next batch waits for its turn
+        await asyncio.Event().wait()
+
+    rig.time.sleep = stop_while_pacing  # type: ignore[method-assign]
+    reg = rig.registrar()
+    sending = rig.sending()
+    # The first request goes at once (no wait); the next must wait about a second.
+    assert states(await reg.register([plan("first.jpg")], sending)) == [State.REGISTERED]
+    assert waits == []
+    with pytest.raises(Interrupted):
+        await asyncio.wait_for(reg.register(plans(2), sending, stop=stop), 10)
+    assert waits and waits[0] > 0.5  # it was waiting for the rate slot
+    assert sending.kinds() == [("mark", ["first.jpg"])]  # never marked, never taken back
+    assert len(rig.v7.requests) == 1
+
+
+async def test_mark_sent_happens_when_the_slot_is_granted(rig: Rig) -> None:
+    """A batch waiting for its rate slot is not SENT yet; it is marked once the wait is over,
+    right before its POST (at the same clock time)."""
+    rig.controller = RateController(1.0, 1.0)  # one request a second
+    waiting, release = asyncio.Event(), asyncio.Event()
+    real_sleep = rig.time.sleep
+
+    async def gated(delay: float) -> None:
+        waiting.set()
+        await release.wait()
+        await real_sleep(delay)
+
+    rig.time.sleep = gated  # type: ignore[method-assign]
+    reg = rig.registrar()
+    sending = rig.sending()
+    await reg.register([plan("first.jpg")], sending)  # takes the slot: the next one waits
+    items = plans(2)
+    task = asyncio.create_task(reg.register(items, sending))
+    await asyncio.wait_for(waiting.wait(), 10)
+    assert sending.kinds() == [("mark", ["first.jpg"])]  # waiting: not SENT
+    assert len(rig.v7.requests) == 1
+    release.set()
+    assert states(await asyncio.wait_for(task, 10)) == [State.REGISTERED] * 2
+    assert sending.kinds() == [("mark", ["first.jpg"]), ("mark", [p.name for p in items])]
+    marked_at = [at for _k, _n, at in sending.calls]
+    assert marked_at == [r.at for r in rig.v7.requests]
+    assert marked_at[1] - marked_at[0] >= 1.0
+
+
+async def test_a_stop_after_429s_only_takes_the_attempt_back(rig: Rig) -> None:
+    """Answers that prove nothing was stored (429) and then a stop: the items were marked SENT
+    for nothing; the attempt is taken back so a later ALREADY_EXISTS is not taken for ours."""
+    rig.v7.always = "429"
+    stop = asyncio.Event()
+    real_sleep = rig.time.sleep
+    backoffs = 0
+
+    async def stop_on_second_backoff(delay: float) -> None:
+        nonlocal backoffs
+        backoffs += 1
+        if backoffs == 2:
+            stop.set()  # two 429s answered; SIGTERM while waiting for the third try
+        await real_sleep(delay)
+
+    rig.time.sleep = stop_on_second_backoff  # type: ignore[method-assign]
+    items = plans(3)
+    sending = rig.sending().sent_before("img_01.jpg")
+    with pytest.raises(Interrupted):
+        await rig.registrar().register(items, sending, stop=stop)
+    assert len(rig.v7.requests) == 2
+    names = [p.name for p in items]
+    assert sending.kinds() == [("mark", names), ("unmark", names)]  # marked once per call
+    assert sending.attempts == {("/", n): 1 if n == "img_01.jpg" else 0 for n in names}
+
+
+async def test_a_stop_after_a_5xx_then_429_keeps_the_items_sent(rig: Rig) -> None:
+    """One unclear answer (5xx) is enough: the items may be stored, they stay SENT."""
+    rig.v7.script = ["503", "429", "429"]
+    stop = asyncio.Event()
+    real_sleep = rig.time.sleep
+    backoffs = 0
+
+    async def stop_on_second_backoff(delay: float) -> None:
+        nonlocal backoffs
+        backoffs += 1
+        if backoffs == 2:
+            stop.set()
+        await real_sleep(delay)
+
+    rig.time.sleep = stop_on_second_backoff  # type: ignore[method-assign]
+    sending = rig.sending()
+    with pytest.raises(Interrupted):
+        await rig.registrar().register(plans(2), sending, stop=stop)
+    assert len(rig.v7.requests) == 2
+    assert [kind for kind, _n in sending.kinds()] == ["mark"]
+
+
+async def test_a_stop_in_a_bisection_takes_back_only_the_unanswered_429_half(rig: Rig) -> None:
+    items = plans(4)
+    rig.v7.bad = {items[0].name}
+    # 4 -> 422; [0, 1] -> 422; [0] -> 422; [1] -> ok; [2, 3] -> 429, then a stop.
+    rig.v7.script = ["", "", "", "", "429"]
+    stop = asyncio.Event()
+    real_sleep = rig.time.sleep
+
+    async def stop_on_backoff(delay: float) -> None:
+        if rig.v7.requests and rig.v7.requests[-1].names == [items[2].name, items[3].name]:
+            stop.set()
+        await real_sleep(delay)
+
+    rig.time.sleep = stop_on_backoff  # type: ignore[method-assign]
+    sending = rig.sending()
+    with pytest.raises(Interrupted):
+        await rig.registrar().register(items, sending, stop=stop)
+    assert [len(r.names) for r in rig.v7.requests] == [4, 2, 1, 1, 2]
+    assert sending.kinds() == [
+        ("mark", [p.name for p in items]),
+        ("unmark", [items[2].name, items[3].name]),
+    ]
 
 
 async def test_a_stop_during_a_retry_wait_ends_the_wait(rig: Rig) -> None:
@@ -441,15 +660,18 @@ async def test_a_stop_during_a_retry_wait_ends_the_wait(rig: Rig) -> None:
 
     rig.time.sleep = long_sleep  # type: ignore[method-assign]
     policy = RetryPolicy(base_s=0.05, cap_s=1.0, max_total_s=3600.0)
+    sending = rig.sending()
+    reg = rig.registrar(policy=policy)
     with pytest.raises(Interrupted):
-        await asyncio.wait_for(rig.registrar(policy=policy).register(plans(2), [], stop=stop), 10)
+        await asyncio.wait_for(reg.register(plans(2), sending, stop=stop), 10)
     assert len(rig.v7.requests) == 1
+    assert [kind for kind, _n in sending.kinds()] == ["mark", "unmark"]  # a 429 stores nothing
 
 
 async def test_retry_after_beyond_the_budget_gives_up_at_once(rig: Rig) -> None:
     rig.v7.script = ["429:120"]
     policy = RetryPolicy(base_s=0.1, cap_s=1.0, max_total_s=60.0)
-    (out,) = await rig.registrar(policy=policy).register(plans(1), [])
+    (out,) = await rig.registrar(policy=policy).register(plans(1), rig.sending())
     assert out.state is State.FAILED and out.retryable
     assert out.reason.startswith("gave up after 1 attempts over 0.0 s: ")
     assert len(rig.v7.requests) == 1
@@ -464,7 +686,7 @@ async def test_retry_after_beyond_the_budget_gives_up_at_once(rig: Rig) -> None:
 async def test_fatal_errors_propagate(rig: Rig, fault: str, exc: type[Exception]) -> None:
     rig.v7.script = [fault]
     with pytest.raises(exc) as info:
-        await rig.registrar().register(plans(2), [])
+        await rig.registrar().register(plans(2), rig.sending())
     assert KEY not in str(info.value)
     assert len(rig.v7.requests) == 1
     assert rig.stats.in_flight == 0
@@ -474,7 +696,7 @@ async def test_a_bad_item_and_a_5xx_in_the_same_call(rig: Rig) -> None:
     items = plans(4)
     rig.v7.bad = {items[0].name}
     rig.v7.script = ["", "503"]  # the first request is the 422; the first half then gets a 503
-    out = await rig.registrar().register(items, [])
+    out = await rig.registrar().register(items, rig.sending())
     assert states(out) == [State.FAILED, State.REGISTERED, State.REGISTERED, State.REGISTERED]
     assert rig.stats.server_errors == 1
 
@@ -495,14 +717,13 @@ async def test_a_429_pauses_every_concurrent_sender() -> None:
             Limiter(controller, 8),
             RetryPolicy(0.01, 0.05, 30.0),
             stats,
-            team=TEAM,
-            dataset_slug="ds",
-            storage_slug="st",
+            target=wire.Target(TEAM, "ds", "st"),
+            keys=wire.KeyMap(),
             readonly=False,
             rng=FixedRng(0.0),
         )
         batches = [[plan(f"{k}-{i}.jpg") for i in range(2)] for k in range(3)]
-        results = await asyncio.gather(*(registrar.register(b, []) for b in batches))
+        results = await asyncio.gather(*(registrar.register(b, DrySending()) for b in batches))
     finally:
         await client.close()
         await runner.cleanup()

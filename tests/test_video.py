@@ -34,6 +34,8 @@ from ingest.media.video import (
     visible_flags,
     visible_step,
 )
+from ingest.model import Item, ItemType, ObjectInfo, Slot, VideoFacts
+from ingest.registrar import wire
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 
@@ -103,6 +105,15 @@ def make_clip(
     return path
 
 
+def wire_slot(facts: VideoFacts, file_name: str) -> dict[str, Any]:
+    """The slot V7 is sent for these facts (what the pool used to return as a dict)."""
+    obj = ObjectInfo(f"src/{file_name}", facts.size_bytes)
+    slot = Slot(file_name, ItemType.VIDEO, (obj,), file_name, facts=(facts,))
+    (out,) = wire.item_json(Item("/", file_name, (slot,)), wire.KeyMap())["slots"]
+    assert isinstance(out, dict)
+    return out
+
+
 def process(
     src: Path,
     opts: VideoOptions | None = None,
@@ -111,11 +122,12 @@ def process(
     pool: VideoPool | None = None,
     source_storage_key: str | None = "src/clip.mp4",
 ) -> tuple[dict[str, Any], MemoryBucket]:
+    """Cut ``src``; return its wire slot and the bucket it was streamed to."""
     bucket = bucket or MemoryBucket()
     pool = pool or VideoPool(workers=1)
     size = src.stat().st_size
 
-    async def go() -> dict[str, Any]:
+    async def go() -> VideoFacts:
         return await pool.process(
             src,
             prefix=PREFIX,
@@ -126,7 +138,10 @@ def process(
             opts=opts or VideoOptions(),
         )
 
-    return asyncio.run(go()), bucket
+    facts = asyncio.run(go())
+    assert isinstance(facts, VideoFacts)
+    assert facts.size_bytes == size
+    return wire_slot(facts, src.name), bucket
 
 
 def manifest(bucket: MemoryBucket) -> list[str]:
@@ -238,6 +253,25 @@ def test_artifacts_keys_and_content_types(
 
 def test_slot_payload(default_run: tuple[dict[str, Any], MemoryBucket]) -> None:
     slot, bucket = default_run
+    assert list(slot) == [  # V7's ReadOnlyVideoSlot, as the pool used to build it
+        "slot_name",
+        "file_name",
+        "type",
+        "storage_key",
+        "width",
+        "height",
+        "native_fps",
+        "visible_frames",
+        "total_frames",
+        "hls_segments",
+        "storage_sections_key_prefix",
+        "storage_sections_key_extension",
+        "storage_frames_manifest_key",
+        "storage_thumbnail_key",
+        "storage_low_quality_sections_key_prefix",
+        "storage_audio_peaks_key",
+        "size_bytes",
+    ]
     assert slot["type"] == "video"
     assert slot["slot_name"] == slot["file_name"] == "clip.mp4"
     assert (slot["width"], slot["height"], slot["native_fps"]) == (320, 240, 30.0)

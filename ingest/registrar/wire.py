@@ -154,8 +154,11 @@ def approx_bytes(item: Item) -> int:
     for slot in item.slots:
         v = slot.video
         if v is not None:
-            n += 2 * _SLOT_OVERHEAD + len(v.high.index) + len(v.low.index)
-            n += 8 * (len(v.thumbnail_key) + 64)
+            # Playlists: JSON escapes each newline as two bytes; names may be non-ASCII.
+            for text in (v.high.index, v.low.index):
+                n += len(text.encode()) + text.count("\n")
+            n += 2 * _SLOT_OVERHEAD + len(slot.name.encode()) + len(slot.file_name.encode())
+            n += 8 * (len(v.thumbnail_key.encode()) + 64)
             continue
         per = _SLOT_OVERHEAD + len(slot.name.encode()) + len(slot.file_name.encode())
         if slot.image is not None:
