@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from ingest.ledger import prefix_end
 from ingest.ledger.port import Known
 from ingest.model import Item, ItemType, ObjectInfo, Slot
+from ingest.planner import collision
 from ingest.registrar import wire
 from ingest.sync import (
     FlushVanished,
@@ -28,13 +29,6 @@ from ingest.sync import (
 )
 
 KEYS = st.text(alphabet="ab/é\U0001f600", min_size=1, max_size=5)
-
-# The tests of the ledger's side below were written for the old synchronous ``Ledger``; they
-# are skipped until they are ported to the async ledger port (their items are already typed
-# ``Item``s). ``Ledger`` stands for the old class meanwhile.
-ledger_pending = pytest.mark.skip(reason="ledger port pending")
-Ledger: Any = None
-
 
 class FakeLedger:
     """Answers a merge's requests from a dict, ``chunk`` rows at a time, and records them."""
@@ -235,8 +229,23 @@ def test_prefix_end(prefix: str, end: str | None) -> None:
     assert prefix_end(prefix) == end
 
 
-@ledger_pending
-def test_ledger_shard_streams_match_brute_force(tmp_path: Path) -> None:
+async def _known_keys(
+    ledger: Any, prefix: str, recursive: bool, start: str = "", limit: int = 7
+) -> list[str]:
+    """A shard's ledger keys the way the sync stage reads them: chunk after chunk."""
+    out: list[str] = []
+    cursor, inclusive = start, True
+    while True:
+        rows = await ledger.known_range(prefix, recursive, cursor, inclusive, limit)
+        out += [r.key for r in rows]
+        if len(rows) < limit:
+            return out
+        cursor, inclusive = rows[-1].key, False
+
+
+async def test_ledger_shard_streams_match_brute_force(tmp_path: Path) -> None:
+    from ingest.ledger import open_ledger
+
     rng = random.Random(7)
     parts = ["a", "b", "é", "z", "\U0001f600"]
     keys = sorted(
@@ -245,192 +254,65 @@ def test_ledger_shard_streams_match_brute_force(tmp_path: Path) -> None:
             for _ in range(3000)
         }
     )
-    ledger = Ledger(tmp_path / "l.sqlite", "job")
-    ledger.start_run("run")
-    objs = [ObjectInfo(k, 1, "e") for k in keys]
-    ledger.record_page("s", "", False, objs, [])
-    other = Ledger(tmp_path / "l.sqlite", "other-job")  # another job's keys never leak in
-    other.record_page("s", "", False, [ObjectInfo("a/zzz", 1)], [])
-    for prefix in ["", "a/", "aa/", "b/b/", "é/", "nope/"]:
-        under = [k for k in keys if k.startswith(prefix)]
-        got = [k.key for k in ledger.iter_known(prefix, True, batch=7)]
-        assert got == under
-        direct = [k for k in under if "/" not in k[len(prefix) :]]
-        assert [k.key for k in ledger.iter_known(prefix, False, batch=7)] == direct
-        start = under[len(under) // 2] if under else ""
-        assert [k.key for k in ledger.iter_known(prefix, True, start, batch=5)] == [
-            k for k in under if k >= start
-        ]
-        folders = sorted(
-            {k[: k.index("/", len(prefix)) + 1] for k in under if "/" in k[len(prefix) :]}
-        )
-        assert list(ledger.sub_folders(prefix)) == folders
-    assert ledger.mark_vanished_under("b/") == sum(1 for k in keys if k.startswith("b/"))
-    assert ledger.status().vanished_objects == sum(1 for k in keys if k.startswith("b/"))
-    assert ledger.known("a/zzz") is None  # other job's key
-    ledger.close()
-    other.close()
+    path = str(tmp_path / "l.sqlite")
+    async with open_ledger(path, "job") as ledger, open_ledger(path, "other-job") as other:
+        await ledger.start_run("run")
+        objs = [ObjectInfo(k, 1, "e") for k in keys]
+        await ledger.record_page("s", "", False, objs, [], collision)
+        # another job's keys never leak in
+        await other.record_page("s", "", False, [ObjectInfo("a/zzz", 1)], [], collision)
+        for prefix in ["", "a/", "aa/", "b/b/", "é/", "nope/"]:
+            under = [k for k in keys if k.startswith(prefix)]
+            assert await _known_keys(ledger, prefix, True) == under
+            direct = [k for k in under if "/" not in k[len(prefix) :]]
+            assert await _known_keys(ledger, prefix, False) == direct
+            start = under[len(under) // 2] if under else ""
+            got = await _known_keys(ledger, prefix, True, start, limit=5)
+            assert got == [k for k in under if k >= start]
+            folders = sorted(
+                {k[: k.index("/", len(prefix)) + 1] for k in under if "/" in k[len(prefix) :]}
+            )
+            assert await ledger.sub_folders(prefix) == folders
+        n_b = sum(1 for k in keys if k.startswith("b/"))
+        assert await ledger.mark_vanished_under("b/") == n_b
+        assert (await ledger.status()).vanished_objects == n_b
+        assert "a/zzz" not in await ledger.known(["a/zzz"])  # the other job's key
 
 
-@ledger_pending
-def test_lease_is_exclusive_until_expiry_or_death(tmp_path: Path) -> None:
-    a = Ledger(tmp_path / "l.sqlite", "job")
-    b = Ledger(tmp_path / "l.sqlite", "job")
-    assert a.acquire_lease("A", 60, now=1000) is None
-    held = b.acquire_lease("B", 60, now=1010)
-    assert held is not None and held.holder == "A" and held.expires_at == 1060
-    assert a.renew_lease("A", 60, now=1050)
-    assert b.acquire_lease("B", 60, now=1100) is not None  # renewed until 1110
-    assert b.acquire_lease("B", 60, now=1111) is None  # expired: taken over
-    assert not a.renew_lease("A", 60, now=1112)  # A learns it lost the lease
-    assert a.acquire_lease("A", 60, now=1113, holder_dead=lambda h: h == "B") is None
-    a.release_lease("A")
-    assert b.acquire_lease("B", 60, now=1114) is None
-    a.close()
-    b.close()
+# Leases, failed items coming back when due, final failures and new versions are covered by
+# the ledger contract suite (tests/ledger_contract.py).
 
 
-@ledger_pending
-def test_failed_items_come_back_only_when_due(tmp_path: Path) -> None:
-    from ingest.model import Outcome, State
-
-    ledger = Ledger(tmp_path / "l.sqlite", "job")
-    ledger.start_run("run")
-    plans = [_item("/", f"{i}.jpg", (f"{i}.jpg",)) for i in range(4)]
-    ledger.record_page("s", "", False, [ObjectInfo(p.keys[0], 1) for p in plans], plans)
-    ledger.mark_sent(plans)
-    ledger.record_outcomes(
-        [Outcome(p.path, p.name, State.FAILED, reason="x", retryable=True) for p in plans[:3]]
-    )
-    seen: list[int] = []
-
-    def due(failures: int, _at: float) -> bool:
-        seen.append(failures)
-        return len(seen) % 2 == 1
-
-    assert ledger.requeue_due(due, batch=2) == 2
-    assert seen == [1, 1, 1]
-    assert ledger.status().items_by_state == {"PLANNED": 2, "FAILED": 1, "SENT": 1}
-    # The one left FAILED: once its object is gone from the bucket it is never retried.
-    left = next(p for p in plans[:3] if ledger.item_state(p.path, p.name) is State.FAILED)
-    ledger.record_sync_page(vanished=[left.keys[0]])
-    assert ledger.requeue_due(lambda _f, _at: True) == 0
-    ledger.record_sync_page(reappeared=[left.keys[0]])
-    assert ledger.requeue_due(lambda _f, _at: True) == 1
-    ledger.close()
-
-
-@ledger_pending
-def test_final_failures_are_left_to_ingest_retry(tmp_path: Path) -> None:
-    """A 422 or corrupt media fails the same way every time: the worker's back-off retries
-    skip it (a new version of the object or `ingest retry` is what helps)."""
-    from ingest.model import Outcome, State
-
-    ledger = Ledger(tmp_path / "l.sqlite", "job")
-    ledger.start_run("run")
-    plans = [_item("/", f"{i}.jpg", (f"{i}.jpg",)) for i in range(3)]
-    ledger.record_page("s", "", False, [ObjectInfo(p.keys[0], 1) for p in plans], plans)
-    ledger.mark_sent(plans)
-    rejected, flaky, corrupt = plans
-    ledger.record_outcomes(
-        [
-            Outcome(rejected.path, rejected.name, State.FAILED, reason="HTTP 422", retryable=False),
-            Outcome(flaky.path, flaky.name, State.FAILED, reason="gave up", retryable=True),
-        ]
-    )
-    ledger.media_failed(corrupt, "truncated image file", final=True)
-    assert ledger.requeue_due(lambda _f, _at: True) == 1
-    assert ledger.item_state(flaky.path, flaky.name) is State.PLANNED
-    assert ledger.item_state(rejected.path, rejected.name) is State.FAILED
-    assert ledger.requeue_failed() == 2  # by hand: everything, final or not
-    # ...and once re-sent and failing again for a transient reason, the worker retries it.
-    ledger.mark_sent([rejected])
-    ledger.record_outcomes(
-        [Outcome(rejected.path, rejected.name, State.FAILED, reason="5xx", retryable=True)]
-    )
-    assert ledger.requeue_due(lambda _f, _at: True) == 1
-    ledger.close()
-
-
-@ledger_pending
-def test_unplanned_objects_new_versions_and_vanished_counts(tmp_path: Path) -> None:
-    from ingest.model import Skip
-
-    ledger = Ledger(tmp_path / "l.sqlite", "job")
-    ledger.start_run("run")
-    series = _item("/s", "s", ("s/1.dcm", "s/2.dcm"))
-    one = _item("/", "a.jpg", ("a.jpg",))
-    objs = [ObjectInfo(k, 1, "e") for k in ("a.jpg", "b.txt", "s/1.dcm", "s/2.dcm")]
-    # The planner still held the series when the page was recorded (checkpoint kept).
-    ledger.record_page("s", "", False, objs, [one, Skip(objs[1], "unsupported")])
-    flags = {k.key: k.unplanned for k in ledger.iter_known("", True)}
-    assert flags == {"a.jpg": False, "b.txt": False, "s/1.dcm": True, "s/2.dcm": True}
-    known = ledger.known("s/2.dcm")
-    assert known is not None and known.unplanned
-    # Meanwhile a held slice changed: it is planned with its new version, not "changed".
-    objs[3] = ObjectInfo("s/2.dcm", 1, "e2")
-    ledger.record_page("s", "z", True, objs[2:], [series])
-    assert not any(k.unplanned for k in ledger.iter_known("", True))
-    held = ledger.known("s/2.dcm")
-    assert held is not None and held.etag == "e2"
-    assert ledger.status().changed_objects == 0
-    assert ledger.item_key_count("s/1.dcm") == 2
-    assert ledger.item_key_count("a.jpg") == 1 and ledger.item_key_count("b.txt") == 0
-
-    # A new version registered once; the object changing back to it later points at it
-    # again instead of staying "changed" forever.
-    v1, v2 = as_new_version(one, "v1"), as_new_version(one, "v2")
-    assert v1 is not None and v2 is not None
-    assert ledger.record_new_version(ObjectInfo("a.jpg", 2, "v1"), v1)
-    assert ledger.record_new_version(ObjectInfo("a.jpg", 3, "v2"), v2)
-    assert not ledger.record_new_version(ObjectInfo("a.jpg", 2, "v1"), v1)
-    again = ledger.known("a.jpg")
-    assert again is not None and again.etag == "v1" and again.changed_etag == ""
-    # Another key whose new version has the same name (same file name, same content, folders
-    # not preserved) is not pointed at a.jpg's item: it is reported changed instead.
-    ledger.record_page("s", "", False, [ObjectInfo("x/a.jpg", 1, "e")], [])
-    assert not ledger.record_new_version(ObjectInfo("x/a.jpg", 2, "v1"), v1)
-    other = ledger.known("x/a.jpg")
-    assert other is not None and other.changed_etag == "v1" and other.etag == "e"
-    assert ledger.item_key_count("x/a.jpg") == 0
-
-    assert ledger.record_sync_page(vanished=["a.jpg", "nope.jpg"]) == 1
-    assert ledger.record_sync_page(vanished=["a.jpg"]) == 0  # already vanished
-    ledger.close()
-
-
-@ledger_pending
 async def test_a_failed_lease_renewal_is_retried_not_fatal(tmp_path: Path) -> None:
-    """SQLite busy past busy_timeout (another job writing the same file): the renewal tries
-    again at the next tick instead of dying silently and letting the lease expire."""
+    """The ledger busy past its timeout (another job writing the same file): the renewal
+    tries again at the next tick instead of dying silently and letting the lease expire."""
     import asyncio
-    import sqlite3
 
     from ingest.engine import hold_lease
+    from ingest.errors import LedgerBusy
+    from ingest.ledger import open_ledger
 
-    ledger = Ledger(tmp_path / "l.sqlite", "job")
-    calls: list[bool] = []
-    renewed = asyncio.Event()
-    real_renew = ledger.renew_lease
+    path = str(tmp_path / "l.sqlite")
+    async with open_ledger(path, "job") as ledger, open_ledger(path, "job") as other:
+        calls: list[bool] = []
+        renewed = asyncio.Event()
+        real_renew = ledger.renew_lease
 
-    def flaky_renew(holder: str, ttl_s: float, now: float) -> bool:
-        calls.append(True)
-        if len(calls) == 1:
-            raise sqlite3.OperationalError("database is locked")
-        renewed.set()
-        return bool(real_renew(holder, ttl_s, now))
+        async def flaky_renew(holder: str, ttl_s: float, now: float) -> bool:
+            calls.append(True)
+            if len(calls) == 1:
+                raise LedgerBusy("database is locked")
+            renewed.set()
+            return await real_renew(holder, ttl_s, now)
 
-    ledger.renew_lease = flaky_renew
-    lost: list[bool] = []
-    async with hold_lease(ledger, 3.0, lambda: lost.append(True)) as holder:
-        await asyncio.wait_for(renewed.wait(), 10)
-        assert not lost
-        other = Ledger(tmp_path / "l.sqlite", "job")
-        held = other.acquire_lease("someone else", 60, now=time.time())
-        assert held is not None and held.holder == holder
-        other.close()
-    assert len(calls) >= 2
-    ledger.close()
+        ledger.renew_lease = flaky_renew  # type: ignore[method-assign]
+        lost: list[bool] = []
+        async with hold_lease(ledger, 3.0, lambda: lost.append(True)) as holder:
+            await asyncio.wait_for(renewed.wait(), 10)
+            assert not lost
+            held = await other.acquire_lease("someone else", 60, time.time(), lambda _h: False)
+            assert held is not None and held.holder == holder
+        assert len(calls) >= 2
 
 
 def test_a_dead_holder_is_only_recognised_in_the_same_pid_namespace() -> None:
