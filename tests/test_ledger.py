@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -32,6 +33,7 @@ from ingest.model import (
     ObjectInfo,
     Rendition,
     Slot,
+    State,
     UploadFacts,
     VideoFacts,
 )
@@ -95,6 +97,57 @@ async def test_every_statement_runs_on_the_ledgers_own_thread(tmp_path: Path) ->
         _ = [p async for p in lg.pending()]
         await lg.status()
     assert len(seen) == 1 and threading.get_ident() not in seen
+
+
+async def test_calls_queued_meanwhile_share_one_commit(tmp_path: Path) -> None:
+    """Group commit: 16 senders marking their batches SENT while the thread is busy cost
+    fewer commits than calls, every attempt is counted, and one call's failure undoes only
+    its own writes."""
+    async with open_ledger(tmp_path / "l.sqlite", "j") as lg:
+        assert isinstance(lg, SqliteLedger)
+        await lg.start_run("run")
+        keys = [f"k/{i:03d}.jpg" for i in range(160)]
+        items = await record(lg, keys)
+        statements: list[str] = []
+
+        def spy(db: sqlite3.Connection) -> None:
+            db.set_trace_callback(statements.append)
+
+        await lg._run(spy)
+        gate = threading.Event()
+
+        def busy(_db: sqlite3.Connection) -> None:
+            gate.wait(10)  # hold the thread until every call below is queued
+
+        def broken(db: sqlite3.Connection) -> None:
+            from ingest.ledger.sqlite import _tx
+
+            with _tx(db):
+                db.execute("UPDATE items SET reason='half-done' WHERE job='j'")
+                db.execute("SELECT * FROM no_such_table")
+
+        blocker = asyncio.ensure_future(lg._run(busy))
+        await asyncio.sleep(0)
+        batches = [items[i : i + 10] for i in range(0, 160, 10)]
+        calls = [asyncio.ensure_future(lg.mark_sent(b)) for b in batches]
+        failing = asyncio.ensure_future(lg._run(broken))
+        await asyncio.sleep(0)
+        gate.set()
+        await blocker
+        attempts = await asyncio.gather(*calls)
+        with pytest.raises(LedgerError, match="no_such_table"):
+            await failing
+        commits = sum(1 for sql in statements if sql.strip().upper() == "COMMIT")
+        assert attempts == [[1] * 10] * 16
+        assert 1 <= commits < 16, commits
+        states = await lg.item_states([i.ident for i in items])
+        assert set(states.values()) == {State.SENT}
+        st = await lg.status()
+        assert st.items_by_state == {"SENT": 160}
+        reasons = await lg._run(
+            lambda db: db.execute("SELECT count(*) FROM items WHERE reason='half-done'").fetchone()
+        )
+        assert reasons[0] == 0
 
 
 async def test_a_scratch_ledger_in_memory() -> None:
