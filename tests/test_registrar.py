@@ -624,7 +624,9 @@ async def test_a_stop_after_a_5xx_then_429_keeps_the_items_sent(rig: Rig) -> Non
     assert [kind for kind, _n in sending.kinds()] == ["mark"]
 
 
-async def test_a_stop_in_a_bisection_takes_back_only_the_unanswered_429_half(rig: Rig) -> None:
+async def test_a_stop_in_a_bisection_takes_back_what_never_reached_v7(rig: Rig) -> None:
+    """The 422-rejected item and the 429-only half are taken back; the item V7 answered 200
+    for keeps its attempt."""
     items = plans(4)
     rig.v7.bad = {items[0].name}
     # 4 -> 422; [0, 1] -> 422; [0] -> 422; [1] -> ok; [2, 3] -> 429, then a stop.
@@ -644,8 +646,46 @@ async def test_a_stop_in_a_bisection_takes_back_only_the_unanswered_429_half(rig
     assert [len(r.names) for r in rig.v7.requests] == [4, 2, 1, 1, 2]
     assert sending.kinds() == [
         ("mark", [p.name for p in items]),
-        ("unmark", [items[2].name, items[3].name]),
+        ("unmark", [items[0].name, items[2].name, items[3].name]),
     ]
+
+
+async def test_giving_up_after_429s_only_takes_the_attempt_back(rig: Rig) -> None:
+    """The retry budget runs out with nothing but 429s: FAILED (retryable), and not counted as
+    sent, so a retry's ALREADY_EXISTS (someone else's item) stays BLOCKED, never ours."""
+    rig.v7.always = "429"
+    items = plans(2)
+    sending = rig.sending()
+    reg = rig.registrar(policy=RetryPolicy(base_s=0.01, cap_s=0.02, max_total_s=0.05))
+    outcomes = await reg.register(items, sending)
+    assert [o.state for o in outcomes] == [State.FAILED, State.FAILED]
+    names = [p.name for p in items]
+    assert sending.kinds() == [("mark", names), ("unmark", names)]
+    assert sending.attempts == {("/", n): 0 for n in names}
+
+
+async def test_a_cancelled_call_keeps_items_whose_request_was_on_the_wire(rig: Rig) -> None:
+    """A second signal cancels the send while the POST is out: it may have reached V7, so the
+    items stay SENT (the next run's ALREADY_EXISTS for them is ours)."""
+    items = plans(2)
+    sending = rig.sending()
+    posted = asyncio.Event()
+    never = asyncio.Event()
+
+    async def hang(team: str, readonly: bool, body: dict[str, object]) -> dict[str, object]:
+        posted.set()
+        await never.wait()
+        return {}
+
+    reg = rig.registrar()
+    reg.client = type("Hanging", (), {"register": staticmethod(hang)})()
+    task = asyncio.ensure_future(reg.register(items, sending))
+    await posted.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    names = [p.name for p in items]
+    assert sending.kinds() == [("mark", names)]
 
 
 async def test_a_stop_during_a_retry_wait_ends_the_wait(rig: Rig) -> None:

@@ -22,8 +22,9 @@ input order:
 
 Exactly-once: an item is marked SENT (``Sending.mark_sent``, committed) once its rate slot is
 granted, immediately before its first POST — never while it waits — so after a stop or a
-crash only items that may really have reached V7 are SENT. A batch interrupted after answers
-that prove nothing was stored (429 only) has its attempt taken back (``unmark_sent``).
+crash only items that may really have reached V7 are SENT. However a call ends (answered,
+given up, stopped, cancelled), items whose requests were only ever refused outright (429,
+400/413/422) have their attempt taken back (``unmark_sent``).
 
 Every attempt takes a token from the limiter. The only waits are the limiter's.
 """
@@ -157,9 +158,8 @@ class Registrar:
         if items:
             try:
                 await self._send(call, list(range(len(items))))
-            except Interrupted:
-                await self._take_back(call)
-                raise
+            finally:  # however the call ended: finished, gave up, stopped, cancelled
+                await asyncio.shield(self._take_back(call))
         out: list[Outcome] = []
         for plan, result in zip(call.items, call.results, strict=True):
             # Unreachable unless a bug: never drop an item silently.
@@ -167,13 +167,14 @@ class Registrar:
         return out
 
     async def _take_back(self, call: _Call) -> None:
-        """An interrupted call: items whose requests were only ever refused outright (429)
-        never reached V7; their attempt is taken back so a later ALREADY_EXISTS is not ours."""
+        """Items marked SENT whose requests never reached V7 — only ever refused outright (429,
+        400/413/422) before the call ended (given up, stopped, cancelled) — have their attempt
+        taken back, so a later ALREADY_EXISTS for them is not taken for ours. An item that V7
+        answered (200), that may have been stored (5xx, reset), or whose request was on the
+        wire when the call was cancelled keeps it."""
+        kept = call.reached | call.maybe_committed | call.on_wire
         back = [
-            call.items[i]
-            for i in sorted(call.marked)
-            if call.results[i] is None
-            and item_key(*call.items[i].ident) not in call.maybe_committed
+            call.items[i] for i in sorted(call.marked) if item_key(*call.items[i].ident) not in kept
         ]
         if back:
             await call.sending.unmark_sent(back)
@@ -208,15 +209,19 @@ class Registrar:
                         self.stats.retries += 1
                     self.stats.in_flight += 1
                     asked_at = self._clock()
+                    call.on_wire.update(keys)
                     try:
                         response = await self.client.register(self.team, call.readonly, body)
                     except Exception:
                         # An error is an outcome too (429, 5xx, reset, timeout): its latency
-                        # counts. A cancelled request (BaseException) got neither: not observed.
+                        # counts. A cancelled request (BaseException) got neither: not observed,
+                        # and its items stay on the wire (they may have reached V7).
                         self._observe_latency(asked_at)
+                        call.on_wire.difference_update(keys)
                         raise
                     else:
                         self._observe_latency(asked_at)
+                        call.on_wire.difference_update(keys)
                     finally:
                         self.stats.in_flight -= 1
             except RateLimited as e:
@@ -240,6 +245,7 @@ class Registrar:
             else:
                 self.limiter.success(sent_at)
                 self._update_rate()
+                call.reached.update(keys)
                 self._resolve(call, indices, response)
                 return
             self._update_rate()
@@ -357,6 +363,8 @@ class _Call:
         "items",
         "marked",
         "maybe_committed",
+        "on_wire",
+        "reached",
         "readonly",
         "results",
         "sending",
@@ -369,6 +377,8 @@ class _Call:
         self.results = results
         self.sending = sending
         self.marked: set[int] = set()  # indices marked SENT by this call
+        self.reached: set[Key] = set()  # answered 200 by V7
+        self.on_wire: set[Key] = set()  # in a request that has not been answered yet
         self.sent_before: set[Key] = set()  # sent by an earlier run (attempts > 1)
         self.maybe_committed: set[Key] = set()
         self.readonly = False
