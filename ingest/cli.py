@@ -23,6 +23,7 @@ import orjson
 
 from ingest import __version__, config
 from ingest.errors import (
+    Aborted,
     ConfigError,
     IngestError,
     LeaseHeld,
@@ -381,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LeaseHeld as e:
         print(f"busy: {e}", file=sys.stderr)
         return EXIT_BUSY
+    except Aborted:
+        return EXIT_INTERRUPTED
     except LedgerError as e:
         print(f"ledger: {e}", file=sys.stderr)
         return EXIT_FATAL if e.retryable else EXIT_CONFIG

@@ -10,6 +10,7 @@ something is fixed). A caller decides what to do from the class and that flag al
     │   └── LedgerBusy           transient locked by another writer for too long
     ├── LeaseHeld                transient another run of the job holds the lease: exit 5
     ├── Interrupted              transient a graceful stop came while a batch waited
+    ├── Aborted                  transient a second signal stopped the command at once: 130
     ├── FatalError               terminal  the run cannot go on
     ├── MediaError               either    one object's media work failed (``final``: terminal)
     ├── V7Error                            the V7 API
@@ -76,6 +77,13 @@ class LedgerError(IngestError):
 
 class LedgerBusy(LedgerError):
     """The ledger stayed locked by another writer past the busy timeout: try again."""
+
+    retryable = True
+
+
+class Aborted(IngestError):
+    """A second signal (or the end of the grace period) stopped the command at once: exit 130;
+    the next start resumes from the ledger."""
 
     retryable = True
 

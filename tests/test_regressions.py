@@ -258,3 +258,54 @@ def test_kill_dash_nine_at_random_instants_then_exactly_once(
     rows = _report(cfg)
     assert sorted(rows) == sorted(keys), why
     assert Counter(r["state"] for r in rows.values()) == {"REGISTERED": n}, why
+
+
+# --- 4. a second signal ends `ingest run` at once: exit 130, one line, no traceback -------------
+
+
+@pytest.mark.timeout(120)
+def test_a_second_sigterm_exits_130_without_a_traceback(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    keys = [f"two/{i % 4}/img_{i:04d}.jpg" for i in range(300)]
+    seed_bucket(moto_url, bucket_name, keys)
+    storage = emulator.storage_for(bucket_name, prefix="t")
+    # Slow answers keep requests in flight, so the first SIGTERM leaves work to wait for.
+    emulator.configure(latency_ms=2000)
+    cfg = job_config(
+        tmp_path,
+        emulator,
+        moto_url,
+        bucket_name,
+        storage,
+        extra="[rate]\nrequests_per_s = 50\nmax_in_flight = 4\n",
+    )
+    proc = _start(cfg)
+    try:
+        assert wait_for(
+            lambda: emulator.counters().get("register_requests", 0) >= 2 or proc.poll() is not None,
+            60,
+        )
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        # The second signal only once the first was handled (two pending ones merge into one).
+        assert proc.stderr is not None
+        seen = []
+        while "finishing in-flight work" not in (line := proc.stderr.readline()):
+            assert line, "the run ended before handling the first SIGTERM"
+            seen.append(line)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        err = "".join(seen) + line + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert "second SIGTERM" in err, err[-3000:]
+    # The next start resumes and ends with every object registered once.
+    emulator.configure(latency_ms=0)
+    final = run_cli("run", "--config", str(cfg), timeout=90)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert sorted(_stored_keys(emulator)) == sorted(keys)

@@ -15,6 +15,8 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
+from ingest.errors import Aborted
+
 log = logging.getLogger("ingest")
 
 EXIT_OK = 0
@@ -81,6 +83,14 @@ class Lifecycle:
                 loop.remove_signal_handler(sig)
 
     async def run(self, aw: Awaitable[T]) -> T:
-        """Await ``aw`` with the handlers installed. A forced stop raises CancelledError."""
+        """Await ``aw`` with the handlers installed. A forced stop raises ``Aborted`` (exit
+        130), not a bare CancelledError that would end the process with a traceback."""
         with self.installed():
-            return await aw
+            try:
+                return await aw
+            except asyncio.CancelledError:
+                if not self.forced:
+                    raise
+                if self._task is not None:
+                    self._task.uncancel()
+                raise Aborted("stopped at once; run again to resume") from None

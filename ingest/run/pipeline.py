@@ -216,14 +216,13 @@ class Pipeline:
     ) -> None:
         """Recovery and listing, then the media workers drain, then the batcher is told."""
         workers = self.media.start(tg) if self.media is not None else []
-        try:
-            await self._produce(resume_listing, list_bucket, objects)
-        finally:
-            if self.media is not None:
-                await self.media.close()
-            await asyncio.gather(*workers, return_exceptions=True)
-            # Always release the batcher, even when failing: the TaskGroup cancels the rest.
-            await self.items.put(None)
+        # On an error or a cancellation this raises and the TaskGroup cancels every other
+        # stage: nothing to drain, and a put into a full queue nobody reads would hang.
+        await self._produce(resume_listing, list_bucket, objects)
+        if self.media is not None:
+            await self.media.close()
+        await asyncio.gather(*workers)
+        await self.items.put(None)  # the batcher flushes and tells the senders
 
     async def _produce(
         self, resume_listing: bool, list_bucket: bool, objects: Sequence[ObjectInfo] | None

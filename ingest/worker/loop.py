@@ -23,7 +23,7 @@ from typing import Any
 
 from ingest.config import Config
 from ingest.engine import Engine, hold_lease, open_engine
-from ingest.errors import IngestError, PreflightError
+from ingest.errors import Aborted, IngestError, PreflightError
 from ingest.log import redact, set_run_id
 from ingest.model import ObjectInfo
 from ingest.run.lifecycle import (
@@ -96,19 +96,19 @@ class Worker:
         life = Lifecycle(self.stop, grace_period_s=self.cfg.worker.grace_period_s)
         set_run_id(f"worker:{self.cfg.job}")
         try:
-            with life.installed():
-                async with self._http():
-                    log.info(
-                        "worker started",
-                        extra={"schedule": self.schedule.text, "http_port": self.http_port},
-                    )
-                    return await self._live(once)
-        except asyncio.CancelledError:
-            if life.forced:
-                return EXIT_INTERRUPTED
-            raise
+            return await life.run(self._serve_http(once))
+        except Aborted:
+            return EXIT_INTERRUPTED
         finally:
             log.info("worker stopped", extra={"forced": life.forced})
+
+    async def _serve_http(self, once: bool) -> int:
+        async with self._http():
+            log.info(
+                "worker started",
+                extra={"schedule": self.schedule.text, "http_port": self.http_port},
+            )
+            return await self._live(once)
 
     @contextlib.asynccontextmanager
     async def _http(self) -> Any:
