@@ -295,7 +295,7 @@ def test_a_second_sigterm_exits_130_without_a_traceback(
             assert line, "the run ended before handling the first SIGTERM"
             seen.append(line)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=60)
         err = "".join(seen) + line + err
     finally:
         if proc.poll() is None:
