@@ -13,6 +13,7 @@ import os
 import random
 import secrets
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -430,11 +431,17 @@ async def plan_only(
             await client.close()
     target = wire.Target(team, cfg.v7.dataset, cfg.v7.storage, request_options(cfg.plan))
     stats = Stats()
-    async with open_source(cfg) as source, open_ledger(":memory:", cfg.job) as scratch:
-        await check_source(source)
-        dry = DryRun(out, team, target, wire.KeyMap(source.storage_key("")), done)
-        # Order is all that matters in a dry run: batches fill by count and bytes only.
-        cfg = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, max_wait_s=3600.0))
-        pipeline = Pipeline(cfg, source, scratch, dry, stats, readonly=readonly, dry_run=True)
-        await pipeline.run("plan")
+    # The scratch ledger is a temporary file, not memory: a plan of 10M objects must not
+    # hold them all in RAM.
+    with tempfile.TemporaryDirectory(prefix="ingest-plan-", dir=cfg.media.temp_dir or None) as d:
+        async with (
+            open_source(cfg) as source,
+            open_ledger(str(Path(d) / "plan.sqlite"), cfg.job) as scratch,
+        ):
+            await check_source(source)
+            dry = DryRun(out, team, target, wire.KeyMap(source.storage_key("")), done)
+            # Order is all that matters in a dry run: batches fill by count and bytes only.
+            cfg = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, max_wait_s=3600.0))
+            pipeline = Pipeline(cfg, source, scratch, dry, stats, readonly=readonly, dry_run=True)
+            await pipeline.run("plan")
     return dry.requests, dry.items, stats.skipped

@@ -1069,7 +1069,9 @@ class SqliteLedger:
             rows = db.execute(
                 "SELECT id, failures, updated_at FROM items WHERE job=? AND state=? "
                 "AND final=0 AND id > ? AND NOT EXISTS (SELECT 1 FROM json_each(CAST(items.keys "
-                "AS TEXT)) AS k JOIN objects o ON o.job=items.job AND o.key=k.value "
+                # CROSS JOIN keeps json_each outside: one primary-key probe per key, not a
+                # scan of the job's objects per key (13 s → 1 ms at 1k FAILED, 200k objects).
+                "AS TEXT)) AS k CROSS JOIN objects o ON o.job=items.job AND o.key=k.value "
                 "WHERE o.vanished_at>0) ORDER BY id LIMIT ?",
                 (job, State.FAILED, last, CHUNK),
             ).fetchall()
@@ -1420,9 +1422,10 @@ class SqliteLedger:
                 "THEN 'vanished' WHEN o.changed=1 AND o.changed_etag!='' THEN "
                 "'changed (etag ' || o.changed_etag || ')' WHEN o.changed=1 THEN 'changed' "
                 "ELSE '' END FROM objects o "
-                "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=? AND (? OR o.key > ?) "
-                "ORDER BY o.key LIMIT ?",
-                (job, first, last, CHUNK),
+                "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=? AND o.key >= ? "
+                "AND (? OR o.key > ?) ORDER BY o.key LIMIT ?",
+                # key >= last is a range the primary key serves; the OR only drops ``last``.
+                (job, last, first, last, CHUNK),
             ).fetchall()
             return [ReportRow(*r) for r in rows]
 

@@ -22,11 +22,11 @@ from typing import Protocol
 
 from ingest.batch import BatchBuilder, run_batcher
 from ingest.config import Config
-from ingest.ledger import LedgerPort
+from ingest.ledger import LedgerPort, ManifestItem
 from ingest.log import set_run_id
 from ingest.manifest import read_manifest
 from ingest.model import Item, Media, ObjectInfo, Skip
-from ingest.planner import collision, plan_manifest_item
+from ingest.planner import ShardPlanner, collision, plan_manifest_item
 from ingest.run.merge import SyncMerge
 from ingest.run.planning import Planning, chunks, partition_events, without_prefixes
 from ingest.run.processing import MediaWorkers, Prepare
@@ -40,6 +40,7 @@ log = logging.getLogger("ingest.pipeline")
 ITEM_QUEUE_BATCHES = 4  # item queue holds this many batches' worth per in-flight request
 PAGE_QUEUE_PAGES = 8
 PLAN_CHUNK_OBJECTS = 200  # objects planned and recorded between yields to the loop
+MANIFEST_CHUNK_ITEMS = 500  # manifest items looked up and recorded per ledger call
 RESOLVE_AT_START = 10_000  # registered items without a V7 id, looked up again per pass
 
 
@@ -326,17 +327,35 @@ class Pipeline:
 
     async def _plan_manifest(self) -> None:
         """After the listing: one item per manifest item, its keys checked against what was
-        listed. Items already in the ledger are neither re-planned nor re-sent."""
+        listed. Items already in the ledger are neither re-planned nor re-sent. Manifest items
+        go in chunks: one lookup of their objects and one recorded page per chunk."""
         planner = self.planning.new_planner()
+        chunk: list[ManifestItem] = []
         async with contextlib.aclosing(self.ledger.manifest_items()) as items:
             async for m in items:
                 if self._stop.is_set():
                     return
-                infos = await self.ledger.object_infos([k for _s, k in m.slots])
-                objs = [(slot, infos.get(key), key) for slot, key in m.slots]
-                plan, problem = plan_manifest_item(planner, m.name, m.path, objs)
-                if problem:
-                    if await self.ledger.add_failed_item(plan, problem):
-                        self._count_failure(problem)
-                    continue
-                await self._record("manifest", "", False, [], [plan])
+                chunk.append(m)
+                if len(chunk) >= MANIFEST_CHUNK_ITEMS:
+                    await self._plan_manifest_chunk(planner, chunk)
+                    chunk = []
+        if chunk and not self._stop.is_set():
+            await self._plan_manifest_chunk(planner, chunk)
+
+    async def _plan_manifest_chunk(self, planner: ShardPlanner, chunk: list[ManifestItem]) -> None:
+        infos = await self.ledger.object_infos([k for m in chunk for _s, k in m.slots])
+        plans: list[Item | Skip] = []
+        for m in chunk:
+            objs = [(slot, infos.get(key), key) for slot, key in m.slots]
+            plan, problem = plan_manifest_item(planner, m.name, m.path, objs)
+            if not problem:
+                plans.append(plan)
+            elif self.dry_run:  # `ingest plan`: say it, count its objects as skipped
+                log.warning(
+                    "manifest item cannot be registered", extra={"item": m.name, "reason": problem}
+                )
+                self.stats.skipped += len(m.slots)
+            elif await self.ledger.add_failed_item(plan, problem):
+                self._count_failure(problem)
+        if plans:
+            await self._record("manifest", "", False, [], plans)
