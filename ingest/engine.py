@@ -248,6 +248,7 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
                     client_finder(client, target.team, target.dataset_id),
                     ledger.set_v7_ids,
                     acquire_slot=limiter_slot(registrar.limiter, stop),
+                    missed=ledger.note_id_misses,
                 )
                 return Pipeline(
                     cfg,

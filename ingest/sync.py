@@ -19,7 +19,7 @@ DICOM series or folder item) goes back to the planner as new, so the item is pla
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any, Union
@@ -38,7 +38,7 @@ class PageDiff:
     unchanged: int = 0
 
 
-# What the merge asks of the ledger while it runs (answered by the caller: see ``drive``).
+# What the merge asks of the ledger while it runs (answered by ``ingest.run.merge``).
 @dataclass(frozen=True, slots=True)
 class NeedKnown:
     """The next chunk of this shard's ledger keys from ``start`` (answer: list[Known], [] at
@@ -71,8 +71,8 @@ class ShardMerge:
 
     Pure and I/O-free: ``steps(page, last)`` is a generator that yields what it needs from the
     ledger (``NeedKnown``, ``NeedLookup``, ``FlushVanished``) and returns the page's
-    ``PageDiff``; the caller answers each request (``drive`` does it with plain callables, the
-    sync stage with the async ledger port). Only one chunk of ledger keys is held at a time.
+    ``PageDiff``; the caller answers each request (the sync stage does it with the async ledger
+    port; tests with plain dicts). Only one chunk of ledger keys is held at a time.
     ``resume_after``: the shard's listing restarts after this key (its checkpoint), so ledger
     keys up to it were merged by the interrupted sync and are not called vanished; keys after
     it that are not listed now are.
@@ -145,29 +145,6 @@ class ShardMerge:
             diff.still_changed += 1
         else:
             diff.changed.append(obj)
-
-
-def drive(
-    steps: Steps,
-    known_chunk: Callable[[NeedKnown], list[Known]],
-    lookup: Callable[[str], Known | None],
-    flush: Callable[[list[str]], None],
-) -> PageDiff:
-    """Run a merge's steps with plain callables (tests, tools); the sync stage has an async
-    twin over the ledger port."""
-    answer: Any = None
-    try:
-        while True:
-            need = steps.send(answer)
-            if isinstance(need, NeedKnown):
-                answer = known_chunk(need)
-            elif isinstance(need, NeedLookup):
-                answer = lookup(need.key)
-            else:
-                flush(need.keys)
-                answer = None
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
 
 
 def versioned_name(name: str, etag: str) -> str:

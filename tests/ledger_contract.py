@@ -464,6 +464,18 @@ async def test_v7_ids_learned_later(ledger: LedgerPort) -> None:
     assert rows == {"i/0.jpg": "i0", "i/1.jpg": "i1", "i/2.jpg": "", "i/3.jpg": "i3", "i/4.jpg": ""}
 
 
+async def test_items_the_listing_keeps_missing_are_not_looked_up_for_ever(
+    ledger: LedgerPort,
+) -> None:
+    items = await record(ledger, ["m/a.jpg", "m/b.jpg"])
+    await ledger.record_outcomes([Outcome(i.path, i.name, State.REGISTERED) for i in items])
+    for _ in range(2):
+        await ledger.note_id_misses([items[0].ident, ("/m", "unknown.jpg")])
+    assert await ledger.registered_without_id(10) == [i.ident for i in items]
+    await ledger.note_id_misses([items[0].ident])
+    assert await ledger.registered_without_id(10) == [items[1].ident]
+
+
 async def test_item_states_batched(ledger: LedgerPort) -> None:
     items = await record(ledger, [f"b/{n:04d}.jpg" for n in range(1200)])
     await ledger.mark_sent(items[:600])

@@ -300,3 +300,16 @@ async def test_client_tells_resets_from_timeouts_against_the_emulator() -> None:
         await server.close()
     assert stats.transport_by_kind == Counter({"reset": 1, "timeout": 1})
     assert stats.http_statuses == Counter({502: 1})
+
+
+async def test_the_fault_log_task_ends_on_close_even_before_it_started() -> None:
+    from ingest.registrar.faults import FaultLog
+
+    early = FaultLog(Stats())
+    await early.close()
+    await asyncio.wait_for(early.run(), 5)  # returns at once, no hang
+    late = FaultLog(Stats())
+    task = asyncio.ensure_future(late.run())
+    await asyncio.sleep(0)
+    await late.close()
+    await asyncio.wait_for(task, 5)

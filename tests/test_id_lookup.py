@@ -17,9 +17,10 @@ from aiohttp.test_utils import TestServer
 from ingest.emulator import API_KEY
 from ingest.emulator.server import EmulatorConfig, make_app
 from ingest.errors import Interrupted, NotFoundError, RejectedError, ServerError, TransportError
-from ingest.registrar.client import Ident, SlotFactory, V7Client, lookup_chunks
+from ingest.registrar.client import SlotFactory, V7Client, lookup_chunks
 from ingest.registrar.lookup import FlushPolicy, IdResolver, Pair, Record, client_finder
 from ingest.registrar.retry import RetryPolicy
+from ingest.registrar.wire import Ident
 from ingest.stats import Stats
 from tests.support.e2e import DATASET, STORAGE_RW, emulator_process
 
@@ -289,6 +290,20 @@ async def test_resolver_batches_dedupes_and_records() -> None:
     assert r.pending == 0
 
 
+async def test_resolver_tells_which_idents_the_listing_did_not_show() -> None:
+    finder, rec = FakeFinder({("/", "0"): "id0"}), Recorder()
+    missed: list[Ident] = []
+
+    async def note(idents: list[Ident]) -> None:
+        missed.extend(idents)
+
+    r = resolver(finder, rec, missed=note)
+    r.add([("/", "0"), ("/", "1"), ("/", "2")])
+    await r.close()
+    assert rec.pairs == [(("/", "0"), "id0")]
+    assert missed == [("/", "1"), ("/", "2")]
+
+
 async def test_resolver_close_without_run_drains() -> None:
     finder, rec = FakeFinder({("/a", "x"): "1"}), Recorder()
     r = resolver(finder, rec)
@@ -436,3 +451,12 @@ async def test_limiter_slot_reports_answers_to_the_shared_limiter() -> None:
         async with slot():
             raise RateLimited("429", status=429, delay_s=30.0)
     assert controller.paused_until > limiter.now() + 20  # every sender waits for Retry-After
+    # A 5xx says nothing about the rate: the controller neither speeds up nor slows down.
+    from ingest.errors import ServerError
+
+    fresh = RateController(1000.0, burst=10)
+    before = (fresh.rate, fresh.paused_until, fresh.cuts)
+    with pytest.raises(ServerError):
+        async with limiter_slot(Limiter(fresh, max_in_flight=2))():
+            raise ServerError("502", status=502)
+    assert (fresh.rate, fresh.paused_until, fresh.cuts) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,37 @@ from ingest.sync import (
     NeedLookup,
     PageDiff,
     ShardMerge,
+    Steps,
     as_new_version,
-    drive,
     versioned_name,
 )
 
+
+def drive(
+    steps: Steps,
+    known_chunk: Callable[[NeedKnown], list[Known]],
+    lookup: Callable[[str], Known | None],
+    flush: Callable[[list[str]], None],
+) -> PageDiff:
+    """Run a merge's steps with plain callables (the engine answers them through the async
+    ledger port: ``ingest.run.merge``)."""
+    answer: Any = None
+    try:
+        while True:
+            need = steps.send(answer)
+            if isinstance(need, NeedKnown):
+                answer = known_chunk(need)
+            elif isinstance(need, NeedLookup):
+                answer = lookup(need.key)
+            else:
+                flush(need.keys)
+                answer = None
+    except StopIteration as done:
+        return done.value
+
+
 KEYS = st.text(alphabet="ab/é\U0001f600", min_size=1, max_size=5)
+
 
 class FakeLedger:
     """Answers a merge's requests from a dict, ``chunk`` rows at a time, and records them."""

@@ -57,6 +57,8 @@ from ingest.model import Facts, Item, Media, ObjectInfo, Outcome, Skip, State
 T = TypeVar("T")
 
 SCHEMA_VERSION = 5
+# An item whose id the items listing did not show this many times is not looked up again.
+MAX_ID_LOOKUPS = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -76,6 +78,7 @@ CREATE TABLE IF NOT EXISTS items (
     readonly_endpoint INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
     final INTEGER NOT NULL DEFAULT 0,
+    id_lookups INTEGER NOT NULL DEFAULT 0,  -- items listing searched without finding the id
     UNIQUE (job, path, name)
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items (job, state, id);
@@ -151,6 +154,7 @@ _ADDED_COLUMNS = (
     ("objects", "vanished_at", "REAL NOT NULL DEFAULT 0"),
     ("items", "failures", "INTEGER NOT NULL DEFAULT 0"),
     ("items", "final", "INTEGER NOT NULL DEFAULT 0"),
+    ("items", "id_lookups", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 CHUNK = 1000  # rows per read of a stream
@@ -1009,12 +1013,28 @@ class SqliteLedger:
 
         await self._run(work)
 
+    async def note_id_misses(self, idents: Sequence[Ident]) -> None:
+        job = self.job
+        rows = list(dict.fromkeys(idents))
+
+        def work(db: sqlite3.Connection) -> None:
+            with _tx(db):
+                for chunk in _chunks(rows):
+                    db.execute(
+                        f"UPDATE items SET id_lookups=id_lookups+1 FROM (VALUES "
+                        f"{_values(len(chunk), 2)}) AS v WHERE items.job=? "
+                        "AND items.path=v.column1 AND items.name=v.column2",
+                        [*(x for ident in chunk for x in ident), job],
+                    )
+
+        await self._run(work)
+
     async def registered_without_id(self, limit: int) -> list[Ident]:
         def work(db: sqlite3.Connection) -> list[Ident]:
             rows = db.execute(
                 "SELECT path, name FROM items WHERE job=? AND state=? AND v7_id='' "
-                "ORDER BY id LIMIT ?",
-                (self.job, State.REGISTERED, limit),
+                "AND id_lookups < ? ORDER BY id LIMIT ?",
+                (self.job, State.REGISTERED, MAX_ID_LOOKUPS, limit),
             ).fetchall()
             return [(str(p), str(n)) for p, n in rows]
 

@@ -44,13 +44,13 @@ from ingest.errors import (
     TransportError,
     V7Error,
 )
+from ingest.registrar.wire import Ident, norm_path
 
 if TYPE_CHECKING:
     from ingest.stats import Stats
 
 log = logging.getLogger("ingest.registrar.client")
 
-Ident = tuple[str, str]  # (folder path, item name): how V7 identifies an item in a dataset
 # Called once per HTTP request of a multi-request call; the request goes out inside it (the
 # engine passes its rate limiter's slot, so every GET stays within V7's limits).
 SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[object]]
@@ -99,14 +99,6 @@ def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
 
 def _team(team: str) -> str:
     return quote(team, safe="")
-
-
-def norm_path(path: object) -> str:
-    """A dataset folder as V7 compares it: leading slash, no trailing slash, "/" when empty."""
-    p = str(path or "/").strip()
-    if not p.startswith("/"):
-        p = "/" + p
-    return p.rstrip("/") or "/"
 
 
 def transport_kind(error: BaseException) -> str:

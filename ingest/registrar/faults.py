@@ -190,18 +190,24 @@ async def report_faults(
 
 
 class FaultLog:
-    """``report_faults`` as a pass's background task: ``run`` until ``close``."""
+    """``report_faults`` as a pass's background task: ``run`` until ``close`` (in any order:
+    a ``close`` before ``run`` started makes ``run`` return at once)."""
 
     def __init__(self, stats: Stats, interval_s: float = DEFAULT_INTERVAL_S) -> None:
         self._stats = stats
         self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
 
     async def run(self) -> None:
-        self._task = asyncio.current_task()
-        with contextlib.suppress(asyncio.CancelledError):
-            await report_faults(self._stats, self._interval_s)
+        if self._closed.is_set():
+            return
+        reporter = asyncio.ensure_future(report_faults(self._stats, self._interval_s))
+        try:
+            await self._closed.wait()
+        finally:
+            reporter.cancel()  # logs the partial last interval
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._closed.set()

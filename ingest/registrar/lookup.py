@@ -51,15 +51,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass
 from typing import Protocol
 
-from ingest.errors import Interrupted, RateLimited, RejectedError, Retry, V7Error
-from ingest.registrar.client import Ident, SlotFactory, norm_path
+from ingest.errors import Interrupted, RejectedError, Retry, V7Error
+from ingest.registrar.client import SlotFactory
 from ingest.registrar.rate import Limiter
 from ingest.registrar.retry import RetryPolicy
+from ingest.registrar.wire import Ident, norm_path
 
 log = logging.getLogger("ingest.registrar.lookup")
 
 Pair = tuple[Ident, str]
 Record = Callable[[list[Pair]], Awaitable[None]]
+Missed = Callable[[list[Ident]], Awaitable[None]]
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -110,15 +112,10 @@ def limiter_slot(limiter: Limiter, stop: asyncio.Event | None = None) -> SlotFac
         async with limiter.slot(stop) as sent_at:
             try:
                 yield sent_at
-            except RateLimited as e:
-                limiter.rate_limited(sent_at, e.delay_s)
+            except Exception as e:
+                limiter.answered(sent_at, e)
                 raise
-            except V7Error as e:
-                if e.status is not None:
-                    limiter.success(sent_at)  # answered (not 429): the rate was fine
-                raise
-            else:
-                limiter.success(sent_at)
+            limiter.answered(sent_at)
 
     return slot
 
@@ -176,6 +173,7 @@ class IdResolver:
         record: Record,
         *,
         acquire_slot: SlotFactory | None = None,
+        missed: Missed | None = None,
         policy: FlushPolicy | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_attempts: int = 4,
@@ -189,6 +187,7 @@ class IdResolver:
         self._find = find
         self._record = record
         self._slot: SlotFactory = acquire_slot or _no_slot
+        self._missed = missed  # told the idents the listing did not show (not retried forever)
         self.policy = policy or FlushPolicy()
         self.max_pending = max_pending
         self.max_attempts = max_attempts
@@ -315,6 +314,8 @@ class IdResolver:
         if pairs:
             await self._record(pairs)
             self.counts.found += len(pairs)
+        if self._missed is not None and len(pairs) < len(batch):
+            await self._missed([k for k in batch if k not in found])
 
     async def _lookup(self, batch: list[Ident]) -> dict[Ident, str] | None:
         """Ids found for the batch; None when the lookup was given up; ``_TooLarge`` when the

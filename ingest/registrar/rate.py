@@ -63,7 +63,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from ingest.errors import Interrupted
+from ingest.errors import Interrupted, RateLimited, RejectedError
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -444,6 +444,15 @@ class Limiter:
                     await t
         if stop.is_set():
             raise Interrupted("stopped while waiting to send")
+
+    def answered(self, sent_at: float | None, error: BaseException | None = None) -> None:
+        """What a request's answer tells the controller — the one rule for every endpoint:
+        an answer (2xx, or a refused payload) proves the rate was fine; a 429 pauses and slows
+        every sender; a 5xx, a reset or a timeout says nothing about the rate."""
+        if error is None or isinstance(error, RejectedError):
+            self.success(sent_at)
+        elif isinstance(error, RateLimited):
+            self.rate_limited(sent_at, error.delay_s)
 
     def success(self, sent_at: float | None = None) -> None:
         self.controller.on_success(self.now(), sent_at)

@@ -49,6 +49,7 @@ from ingest.model import Item, Outcome, State
 from ingest.registrar import wire
 from ingest.registrar.rate import Limiter
 from ingest.registrar.retry import RetryPolicy
+from ingest.registrar.wire import item_key
 from ingest.stats import Stats
 
 log = logging.getLogger("ingest.registrar")
@@ -57,7 +58,7 @@ ALREADY_EXISTS = "ALREADY_EXISTS"
 OURS = "ALREADY_EXISTS after an earlier attempt of ours"
 MISSING = "missing from V7 response"
 
-Key = tuple[str, str]  # (path, name)
+Key = wire.Ident
 
 
 class RegisterApi(Protocol):
@@ -85,16 +86,6 @@ class Rng(Protocol):
     def random(self) -> float: ...
 
 
-def norm_path(path: object) -> str:
-    """A dataset folder as V7 compares it: leading slash, no trailing slash, "/" when empty."""
-    p = str(path or "/").strip()
-    if not p.startswith("/"):
-        p = "/" + p
-    return p.rstrip("/") or "/"
-
-
-def item_key(path: object, name: object) -> Key:
-    return norm_path(path), str(name)
 
 
 def _blocked_reasons(entry: dict[str, Any]) -> list[str]:
@@ -226,11 +217,11 @@ class Registrar:
                         self.stats.in_flight -= 1
             except RateLimited as e:
                 self.stats.rate_limited += 1
-                self.limiter.rate_limited(sent_at, e.delay_s)
+                self.limiter.answered(sent_at, e)
                 self.stats.record_pause(self.limiter.now(), self.limiter.controller.paused_until)
                 error = e
             except RejectedError as e:
-                self.limiter.success(sent_at)  # answered: the rate was fine
+                self.limiter.answered(sent_at, e)
                 self._update_rate()
                 await self._rejected(call, indices, e)
                 return
@@ -243,7 +234,7 @@ class Registrar:
                 call.maybe_committed.update(keys)
                 error = e
             else:
-                self.limiter.success(sent_at)
+                self.limiter.answered(sent_at)
                 self._update_rate()
                 call.reached.update(keys)
                 self._resolve(call, indices, response)

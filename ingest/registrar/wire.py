@@ -12,6 +12,22 @@ from typing import Any
 
 from ingest.model import Item, ItemType, Slot, VideoFacts
 
+Ident = tuple[str, str]  # an item's (path, name), as V7 compares them
+
+
+def norm_path(path: object) -> str:
+    """A dataset folder as V7 compares it: leading slash, no trailing slash, "/" when empty."""
+    p = str(path or "/").strip()
+    if not p.startswith("/"):
+        p = "/" + p
+    return p.rstrip("/") or "/"
+
+
+def item_key(path: object, name: object) -> Ident:
+    """An item's identity as V7 compares it (answers may spell the path differently)."""
+    return norm_path(path), str(name)
+
+
 REGISTER = "register_existing"
 REGISTER_READONLY = "register_existing_readonly"
 
