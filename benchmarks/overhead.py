@@ -106,7 +106,7 @@ def _engine_fast_parse(config: str) -> int:
     is patched in this process only)."""
     from aiobotocore.session import AioSession
 
-    import ingest.sources.s3 as s3mod
+    import ingest.providers.aws.s3 as s3mod
     from ingest.cli import main as cli_main
 
     class FastSession(AioSession):

@@ -27,10 +27,10 @@ import pytest
 from ingest.config import Config
 from ingest.errors import ConfigError, SourceError, SourceRetryable
 from ingest.model import ObjectInfo
-from ingest.sources import Shard
-from ingest.sources.azure import AzureSource
-from ingest.sources.s3 import S3Source
-from ingest.worker.events import (
+from ingest.providers import Shard
+from ingest.providers.aws.s3 import S3Source
+from ingest.providers.azure.blob import AzureSource
+from ingest.providers.events import (
     AzureQueueEventSource,
     Delivery,
     ObjectEvent,

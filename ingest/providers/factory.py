@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from ingest.config import Config, SourceConfig
 from ingest.errors import ConfigError
-from ingest.sources import Source
+from ingest.providers import Source
 
 
 @asynccontextmanager
@@ -22,19 +22,19 @@ async def open_bucket(sc: SourceConfig) -> AsyncIterator[Source]:
     provider = sc.provider
     source: Source
     if provider == "aws":
-        from ingest.sources.s3 import S3Source
+        from ingest.providers.aws.s3 import S3Source
 
         source = S3Source(sc)
     elif provider == "gcp":
-        from ingest.sources.gcs import GCSSource
+        from ingest.providers.gcp.gcs import GCSSource
 
         source = GCSSource(sc)
     elif provider == "azure":
-        from ingest.sources.azure import AzureSource
+        from ingest.providers.azure.blob import AzureSource
 
         source = AzureSource(sc)
     elif provider == "local":
-        from ingest.sources.local import LocalSource
+        from ingest.providers.local import LocalSource
 
         source = LocalSource(sc)
     else:

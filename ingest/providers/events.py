@@ -22,7 +22,7 @@ returned; the rest are dropped, their messages still delivered (and so acked). K
 what the source's listing yields; ETags are normalised like the sources do (quotes stripped).
 An event carries no object Last-Modified (only the event's own time), so ``last_modified`` is "".
 
-SDK imports are lazy, as in ``ingest.sources.factory``: a worker without events loads neither.
+SDK imports are lazy, as in ``ingest.providers.factory``: a worker without events loads neither.
 """
 
 from __future__ import annotations
@@ -544,7 +544,7 @@ class AzureQueueEventSource:
     def _open_queue(self) -> QueueClient:
         from azure.storage.queue.aio import QueueClient
 
-        from ingest.sources.azure import ACCOUNT_KEY_ENV, _account_from_url, account_name
+        from ingest.providers.azure.blob import ACCOUNT_KEY_ENV, _account_from_url, account_name
 
         sc = self.cfg.source
         opts: dict[str, Any] = {

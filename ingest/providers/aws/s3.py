@@ -19,8 +19,9 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
 from ingest.model import ObjectInfo
-from ingest.sources import Page, Shard, s3_xml
-from ingest.sources.s3_xml import fast_timestamp
+from ingest.providers import Page, Shard
+from ingest.providers.aws import s3_xml
+from ingest.providers.aws.s3_xml import fast_timestamp
 
 __all__ = ["S3Source", "fast_timestamp"]
 
@@ -106,7 +107,7 @@ class S3Source:
                     kwargs["aws_secret_access_key"] = self._creds[1]
                 self._ctx = session.create_client("s3", **kwargs)
                 client = await self._ctx.__aenter__()
-                # ListObjectsV2 pages are parsed by ingest.sources.s3_xml (one walk of the
+                # ListObjectsV2 pages are parsed by ingest.providers.aws.s3_xml (one walk of the
                 # tree instead of botocore's per-element shape walk and its second parse for
                 # the "200 with an error" check); anything unusual still goes to botocore.
                 s3_xml.install(client.meta.events)

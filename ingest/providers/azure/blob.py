@@ -45,7 +45,7 @@ from ingest.errors import (
     SourceRetryable,
 )
 from ingest.model import ObjectInfo
-from ingest.sources import Page, Shard
+from ingest.providers import Page, Shard
 
 ACCOUNT_KEY_ENV = "AZURE_STORAGE_KEY"
 CHUNK_BYTES = 4 * 1024 * 1024
