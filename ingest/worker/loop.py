@@ -26,7 +26,8 @@ from ingest.engine import Engine, hold_lease, open_engine
 from ingest.errors import IngestError, PreflightError
 from ingest.log import redact, set_run_id
 from ingest.model import ObjectInfo
-from ingest.providers.events import Delivery, EventSource, open_events
+from ingest.providers import Delivery, EventSource
+from ingest.providers.factory import open_events
 from ingest.run.lifecycle import (
     EXIT_CONFIG,
     EXIT_FATAL,
