@@ -102,11 +102,11 @@ def fast_timestamp(text: str) -> Any:
 
 def _engine_fast_parse(config: str) -> int:
     """`ingest run` with the S3 source's botocore session using ``fast_timestamp``: what the
-    engine would do with that three-line change in ingest/sources/s3.py (a what-if: the source
-    is patched in this process only)."""
+    engine would do with that three-line change in ingest/providers/aws/s3.py (a what-if: the
+    client factory, ingest/providers/aws/client.py, is patched in this process only)."""
     from aiobotocore.session import AioSession
 
-    import ingest.providers.aws.s3 as s3mod
+    import ingest.providers.aws.client as clientmod
     from ingest.cli import main as cli_main
 
     class FastSession(AioSession):
@@ -116,7 +116,7 @@ def _engine_fast_parse(config: str) -> int:
                 timestamp_parser=fast_timestamp
             )
 
-    s3mod.AioSession = FastSession  # type: ignore[misc]
+    clientmod.AioSession = FastSession  # type: ignore[misc]
     return cli_main(["run", "--config", config])
 
 

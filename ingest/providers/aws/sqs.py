@@ -9,7 +9,6 @@ default chain or ``source.profile``).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from collections.abc import Awaitable, Sequence
@@ -26,6 +25,7 @@ from botocore.exceptions import (
 from ingest.config import Config
 from ingest.errors import AccessDenied, ConfigError, SourceError, SourceRetryable
 from ingest.providers import Delivery
+from ingest.providers.aws.client import AwsClient, ClientSpec
 from ingest.providers.events import (
     CALL_BUDGET_S,
     CONNECT_TIMEOUT_S,
@@ -77,39 +77,25 @@ class SqsEventSource:
         self.region = region
         self.visibility_timeout_s = visibility_timeout_s
         self.retries = retries
-        self._creds = (aws_access_key_id, aws_secret_access_key)
-        self._client: Any = None
-        self._ctx: Any = None
-        self._lock = asyncio.Lock()
+        self._client = AwsClient(
+            ClientSpec(
+                "sqs",
+                connect_timeout_s=CONNECT_TIMEOUT_S,
+                read_timeout_s=READ_TIMEOUT_S,
+                max_attempts=1 + retries,
+                region=region,
+                profile=self.profile,
+                endpoint_url=self.endpoint_url,
+                access_key_id=aws_access_key_id,
+                secret_access_key=aws_secret_access_key,
+            )
+        )
 
     async def _sqs(self) -> Any:
-        async with self._lock:
-            if self._client is None:
-                from aiobotocore.session import AioSession
-                from botocore.config import Config as BotoConfig
-
-                session = AioSession(profile=self.profile or None)
-                kwargs: dict[str, Any] = {
-                    "region_name": self.region or None,
-                    "config": BotoConfig(
-                        connect_timeout=CONNECT_TIMEOUT_S,
-                        read_timeout=READ_TIMEOUT_S,
-                        retries={"mode": "standard", "max_attempts": 1 + self.retries},
-                    ),
-                }
-                if self.endpoint_url:
-                    kwargs["endpoint_url"] = self.endpoint_url
-                if self._creds[0]:
-                    kwargs["aws_access_key_id"] = self._creds[0]
-                    kwargs["aws_secret_access_key"] = self._creds[1]
-                self._ctx = session.create_client("sqs", **kwargs)
-                self._client = await self._ctx.__aenter__()
-            return self._client
+        return await self._client.get()
 
     async def close(self) -> None:
-        if self._ctx is not None:
-            ctx, self._ctx, self._client = self._ctx, None, None
-            await ctx.__aexit__(None, None, None)
+        await self._client.close()
 
     def _map(self, e: BaseException, what: str) -> SourceError:
         where = f"SQS queue '{self.queue_url}'"
