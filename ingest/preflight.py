@@ -114,7 +114,7 @@ async def check_v7(cfg: Config, api: V7Api) -> Target:
         )
     if v7_bucket and bucket_cfg.provider == "azure":
         # V7's `bucket` is the storage account; ours comes from the credentials (names only).
-        from ingest.providers.azure.blob import account_name
+        from ingest.providers.azure.auth import account_name
 
         account = account_name(bucket_cfg)
         if account and account != v7_bucket:

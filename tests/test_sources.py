@@ -31,7 +31,8 @@ from ingest.errors import (
 from ingest.preflight import check_v7
 from ingest.providers import Page, Shard, Source
 from ingest.providers.aws.s3 import S3Source
-from ingest.providers.azure.blob import AzureSource, account_name
+from ingest.providers.azure.auth import account_name
+from ingest.providers.azure.blob import AzureSource
 from ingest.providers.fanout import discover_shards, iter_shard_pages
 from ingest.providers.gcp.gcs import GCSSource
 from ingest.providers.local import LocalSource

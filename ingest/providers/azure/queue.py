@@ -13,7 +13,6 @@ or ``EndpointSuffix=``), else ``worker.events_endpoint_url`` or ``source.account
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from azure.storage.queue.aio import QueueClient
 from ingest.config import Config
 from ingest.errors import AccessDenied, ConfigError, SourceError, SourceRetryable
 from ingest.providers import Delivery
+from ingest.providers.azure.auth import AccountAuth, connection_string_env
 from ingest.providers.events import (
     CALL_BUDGET_S,
     CONNECT_TIMEOUT_S,
@@ -77,14 +77,11 @@ class AzureQueueEventSource:
         self.prefix = cfg.source.prefix
         self.visibility_timeout_s = visibility_timeout_s
         self.retries = retries
-        self._credential: Any = None
-        self._where = f"Azure queue '{self.queue_name}'"
+        self._auth = AccountAuth(cfg.source)
         # No I/O yet: a missing endpoint or a bad connection string fails here, at startup.
         self._queue: QueueClient | None = self._open_queue()
 
     def _open_queue(self) -> QueueClient:
-        from ingest.providers.azure.blob import ACCOUNT_KEY_ENV, _account_from_url, account_name
-
         sc = self.cfg.source
         opts: dict[str, Any] = {
             "connection_timeout": CONNECT_TIMEOUT_S,
@@ -96,36 +93,27 @@ class AzureQueueEventSource:
             "increment_base": 2,
             "random_jitter_range": 1,
         }
-        env = sc.connection_string_env
-        conn = os.environ.get(env, "") if env else ""
-        if conn:
-            account = account_name(sc)
-            if account:
-                self._where += f" in account '{account}'"
-            try:
-                return QueueClient.from_connection_string(conn, self.queue_name, **opts)
-            except ValueError:
-                # The SDK's message may quote the string, and the string holds the key.
-                raise ConfigError(f"${env} is not a valid Azure connection string") from None
         url = self.cfg.worker.events_endpoint_url
         if not url and sc.account_url and ".blob." in sc.account_url:
             url = sc.account_url.replace(".blob.", ".queue.", 1)
-        if not url:
-            raise ConfigError(
+        return self._auth.open(
+            url=url,
+            missing=(
                 'worker.events = "azure_queue" needs the queue endpoint: set '
-                f"${env or 'AZURE_STORAGE_CONNECTION_STRING'}, source.account_url "
+                f"${connection_string_env(sc)}, source.account_url "
                 "(https://<account>.blob.core.windows.net) or worker.events_endpoint_url"
-            )
-        account = _account_from_url(url)
-        self._where += f" in account '{account}'"
-        key = os.environ.get(ACCOUNT_KEY_ENV, "")
-        if key:
-            credential: Any = {"account_name": account, "account_key": key}
-        else:
-            from azure.identity.aio import DefaultAzureCredential
+            ),
+            from_connection_string=lambda conn: QueueClient.from_connection_string(
+                conn, self.queue_name, **opts
+            ),
+            from_url=lambda url, credential: QueueClient(
+                url, self.queue_name, credential=credential, **opts
+            ),
+        )
 
-            credential = self._credential = DefaultAzureCredential()
-        return QueueClient(url, self.queue_name, credential=credential, **opts)
+    @property
+    def _where(self) -> str:
+        return f"Azure queue '{self.queue_name}'{self._auth.where}"
 
     def _q(self) -> QueueClient:
         if self._queue is None:
@@ -136,9 +124,7 @@ class AzureQueueEventSource:
         if self._queue is not None:
             queue, self._queue = self._queue, None
             await queue.close()
-        if self._credential is not None:
-            credential, self._credential = self._credential, None
-            await credential.close()
+        await self._auth.close()
 
     def _map(self, e: BaseException, what: str) -> SourceError:
         if isinstance(e, TimeoutError):
