@@ -1,4 +1,4 @@
-"""The fast ListObjectsV2 parser (ingest/sources/s3_xml.py).
+"""The fast ListObjectsV2 parser (ingest/providers/aws/s3_xml.py).
 
 Three layers: the parser against botocore's own on hand-written bodies (the edge cases of XML
 that a key can hit); the S3 source against moto over a socket, compared key for key with a
