@@ -7,7 +7,7 @@ quotes, LastModified as ISO 8601 text). Rounds alternate a, b, a, b, … in one 
 best round of each is reported (the box is shared: the minimum is the steadiest figure).
 
 - **aiobotocore**: a plain ``AioSession`` client, botocore's own parser end to end.
-- **S3Source**: ``ingest.sources.s3.S3Source.list_pages`` exactly as the engine calls it.
+- **S3Source**: ``ingest.providers.aws.s3.S3Source.list_pages`` exactly as the engine calls it.
 
 CPU µs per key is this process's user+system time (the server's is not counted) over the keys
 listed; ``b/a`` < 1 means the source is cheaper.
@@ -98,8 +98,8 @@ async def list_aiobotocore(endpoint: str, folders: list[str], concurrency: int) 
 
 async def list_source(endpoint: str, folders: list[str], concurrency: int) -> int:
     from ingest.config import SourceConfig
-    from ingest.sources import Shard
-    from ingest.sources.s3 import S3Source
+    from ingest.providers import Shard
+    from ingest.providers.aws.s3 import S3Source
 
     cfg = SourceConfig(
         provider="aws",

@@ -32,6 +32,8 @@ from ingest.model import Item, ObjectInfo, Outcome, State
 from ingest.planner import request_options, video_local
 from ingest.preflight import Target, check_source, check_v7
 from ingest.progress import run_progress
+from ingest.providers import Source
+from ingest.providers.factory import open_bucket, open_source
 from ingest.registrar import wire
 from ingest.registrar.client import V7Client
 from ingest.registrar.faults import FaultLog
@@ -41,8 +43,6 @@ from ingest.registrar.registrar import Registrar, Sending
 from ingest.registrar.retry import RetryPolicy
 from ingest.run.lifecycle import Lifecycle
 from ingest.run.pipeline import Pipeline, RunResult
-from ingest.sources import Source
-from ingest.sources.factory import open_bucket, open_source
 from ingest.stats import Stats
 
 log = logging.getLogger("ingest.engine")

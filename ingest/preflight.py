@@ -20,7 +20,7 @@ from ingest.errors import (
     Unreachable,
     V7Error,
 )
-from ingest.sources import Source
+from ingest.providers import Source
 
 
 class V7Api(Protocol):
@@ -114,7 +114,7 @@ async def check_v7(cfg: Config, api: V7Api) -> Target:
         )
     if v7_bucket and bucket_cfg.provider == "azure":
         # V7's `bucket` is the storage account; ours comes from the credentials (names only).
-        from ingest.sources.azure import account_name
+        from ingest.providers.azure.auth import account_name
 
         account = account_name(bucket_cfg)
         if account and account != v7_bucket:

@@ -27,18 +27,13 @@ import pytest
 from ingest.config import Config
 from ingest.errors import ConfigError, SourceError, SourceRetryable
 from ingest.model import ObjectInfo
-from ingest.sources import Shard
-from ingest.sources.azure import AzureSource
-from ingest.sources.s3 import S3Source
-from ingest.worker.events import (
-    AzureQueueEventSource,
-    Delivery,
-    ObjectEvent,
-    SqsEventSource,
-    open_events,
-    parse_azure_message,
-    parse_s3_message,
-)
+from ingest.providers import Delivery, ObjectEvent, Shard
+from ingest.providers.aws.s3 import S3Source
+from ingest.providers.aws.sqs import SqsEventSource
+from ingest.providers.azure.blob import AzureSource
+from ingest.providers.azure.queue import AzureQueueEventSource
+from ingest.providers.events import parse_azure_message, parse_s3_message
+from ingest.providers.factory import open_events
 from tests.conftest import s3_client
 from tests.support.e2e import free_port
 from tests.support.emulators import (

@@ -30,8 +30,8 @@ from ingest.model import (
     VideoFacts,
 )
 from ingest.planner import ShardPlanner
+from ingest.providers.local import LocalSource
 from ingest.registrar import wire
-from ingest.sources.local import LocalSource
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The fast ListObjectsV2 parser (ingest/sources/s3_xml.py).
+"""The fast ListObjectsV2 parser (ingest/providers/aws/s3_xml.py).
 
 Three layers: the parser against botocore's own on hand-written bodies (the edge cases of XML
 that a key can hit); the S3 source against moto over a socket, compared key for key with a
@@ -21,9 +21,10 @@ from botocore.parsers import RestXMLParser
 
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, SourceRetryable
-from ingest.sources import Page, Shard, s3_xml
-from ingest.sources.s3 import S3Source
-from ingest.sources.s3_xml import fast_timestamp, parse_list_objects_v2
+from ingest.providers import Page, Shard
+from ingest.providers.aws import s3_xml
+from ingest.providers.aws.s3 import S3Source
+from ingest.providers.aws.s3_xml import fast_timestamp, parse_list_objects_v2
 from tests.conftest import s3_client
 from tests.support.e2e import free_port
 

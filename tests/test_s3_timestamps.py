@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 
-from ingest.sources.s3 import fast_timestamp
+from ingest.providers.aws.s3 import fast_timestamp
 
 
 @pytest.mark.parametrize(

@@ -29,12 +29,13 @@ from ingest.errors import (
     PreflightError,
 )
 from ingest.preflight import check_v7
-from ingest.sources import Page, Shard, Source
-from ingest.sources.azure import AzureSource, account_name
-from ingest.sources.fanout import discover_shards, iter_shard_pages
-from ingest.sources.gcs import GCSSource
-from ingest.sources.local import LocalSource
-from ingest.sources.s3 import S3Source
+from ingest.providers import Page, Shard, Source
+from ingest.providers.aws.s3 import S3Source
+from ingest.providers.azure.auth import account_name
+from ingest.providers.azure.blob import AzureSource
+from ingest.providers.fanout import discover_shards, iter_shard_pages
+from ingest.providers.gcp.gcs import GCSSource
+from ingest.providers.local import LocalSource
 from tests.conftest import s3_client
 from tests.support.e2e import free_port
 from tests.support.emulators import (

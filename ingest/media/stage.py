@@ -37,8 +37,8 @@ from ingest.model import (
     UploadFacts,
     VideoFacts,
 )
+from ingest.providers import Source
 from ingest.registrar.wire import KeyMap
-from ingest.sources import Source
 
 log = logging.getLogger("ingest.media")
 

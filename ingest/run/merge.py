@@ -11,8 +11,8 @@ from ingest.config import Config
 from ingest.ledger import LedgerPort
 from ingest.model import Item, ObjectInfo, Skip
 from ingest.planner import ShardPlanner
-from ingest.sources import Page, Shard, Source
-from ingest.sources.fanout import ShardPage
+from ingest.providers import Page, Shard, Source
+from ingest.providers.fanout import ShardPage
 from ingest.stats import Stats
 from ingest.sync import NeedKnown, NeedLookup, PageDiff, ShardMerge, Steps, as_new_version
 

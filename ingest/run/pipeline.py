@@ -27,12 +27,12 @@ from ingest.log import set_run_id
 from ingest.manifest import read_manifest
 from ingest.model import Item, Media, ObjectInfo, Skip
 from ingest.planner import ShardPlanner, collision, plan_manifest_item
+from ingest.providers import Page, Shard, Source
+from ingest.providers.fanout import ShardPage, discover_shards, iter_shard_pages
 from ingest.run.merge import SyncMerge
 from ingest.run.planning import Planning, chunks, partition_events, without_prefixes
 from ingest.run.processing import MediaWorkers, Prepare
 from ingest.run.sending import Register, Resolve, Sender
-from ingest.sources import Page, Shard, Source
-from ingest.sources.fanout import ShardPage, discover_shards, iter_shard_pages
 from ingest.stats import Stats, count_reason
 
 log = logging.getLogger("ingest.pipeline")

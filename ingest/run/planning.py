@@ -7,9 +7,9 @@ from collections.abc import Callable
 from ingest.config import Config
 from ingest.model import Item, ObjectInfo, Skip
 from ingest.planner import ShardPlanner, make_shard_planner
-from ingest.sources import Page
-from ingest.sources.fanout import ShardPage
-from ingest.sources.globs import compile_filter
+from ingest.providers import Page
+from ingest.providers.fanout import ShardPage
+from ingest.providers.globs import compile_filter
 
 NOT_IN_MANIFEST = "not named in the manifest (plan.manifest)"
 

@@ -26,6 +26,8 @@ from ingest.engine import Engine, hold_lease, open_engine
 from ingest.errors import Aborted, IngestError, PreflightError
 from ingest.log import redact, set_run_id
 from ingest.model import ObjectInfo
+from ingest.providers import Delivery, EventSource
+from ingest.providers.factory import open_events
 from ingest.run.lifecycle import (
     EXIT_CONFIG,
     EXIT_FATAL,
@@ -35,7 +37,6 @@ from ingest.run.lifecycle import (
     Lifecycle,
 )
 from ingest.stats import Stats
-from ingest.worker.events import Delivery, EventSource, open_events
 from ingest.worker.observe import Health, default_max_sync_age_s, serve_http
 from ingest.worker.schedule import (
     failed_retry_due,

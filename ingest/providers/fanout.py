@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from ingest.sources import Page, Shard, Source
+from ingest.providers import Page, Shard, Source
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,17 +1,27 @@
-"""Bucket adapters behind one protocol.
+"""Cloud providers behind two protocols: buckets (``Source``) and object-event queues
+(``EventSource``).
+
+Layout: one package per cloud, each with its SDK adapters and the one place its clients are
+built (``aws/client.py`` for S3 and SQS, ``azure/auth.py`` for blob and queue); ``gcp/gcs.py``;
+``local.py``; ``events.py`` the pure parsing of queue messages into ``ObjectEvent``s;
+``factory.py`` opens the configured adapters, importing only the SDK a run needs.
 
 A listing is split into *shards* (a prefix listed recursively, or one folder level listed with a
 delimiter) so several can be listed at once. Each shard's pages come in key order and carry an
 opaque ``checkpoint`` string from which the listing resumes after a crash (S3 ``StartAfter``, GCS
 ``startOffset``, Azure continuation marker): the caller stores it, never interprets it.
+
+The worker long-polls an ``EventSource`` for ``Delivery`` objects (one per queue message, each
+with the object events it carried, possibly none), records the objects in the ledger, and only
+then acks the deliveries: at-least-once (``events.py`` says more).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from ingest.model import ObjectInfo
 
@@ -73,5 +83,34 @@ class Source(Protocol):
         content_type: str,
         content_encoding: str | None = None,
     ) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# --- object events --------------------------------------------------------------------------------
+
+ObjectEventKind = Literal["created", "deleted"]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectEvent:
+    kind: ObjectEventKind
+    obj: ObjectInfo  # key as the source lists it; etag without quotes; size 0 on deletes
+
+
+@dataclass
+class Delivery:
+    events: list[ObjectEvent]  # may be empty: a test event, another bucket, a poison message
+    receipt: object  # opaque, passed back to ack()
+
+
+class EventSource(Protocol):
+    async def receive(self, max_messages: int, wait_s: float) -> list[Delivery]:
+        """At most ``max_messages`` deliveries; waits up to ``wait_s`` for the first; [] then."""
+        ...
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Delete the messages (only after the ledger recorded their objects)."""
+        ...
 
     async def close(self) -> None: ...

@@ -12,18 +12,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from aiobotocore.session import AioSession
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
 from ingest.model import ObjectInfo
-from ingest.sources import Page, Shard, s3_xml
-from ingest.sources.s3_xml import fast_timestamp
+from ingest.providers import Page, Shard
+from ingest.providers.aws import s3_xml
+from ingest.providers.aws.client import AwsClient, ClientSpec
+from ingest.providers.aws.s3_xml import fast_timestamp
 
 __all__ = ["S3Source", "fast_timestamp"]
 
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
+MAX_ATTEMPTS = 5  # botocore's "standard" retries max_attempts
 MULTIPART_THRESHOLD_BYTES = 64 * 1024 * 1024
 PART_BYTES = 16 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
@@ -35,6 +38,13 @@ _DENIED = {
     "SignatureDoesNotMatch",
     "AllAccessDisabled",
 }
+
+
+def _install_list_parser(client: Any) -> None:
+    # ListObjectsV2 pages are parsed by ingest.providers.aws.s3_xml (one walk of the tree
+    # instead of botocore's per-element shape walk and its second parse for the "200 with an
+    # error" check); anything unusual still goes to botocore.
+    s3_xml.install(client.meta.events)
 
 
 def _objects(contents: list[dict[str, Any]]) -> list[ObjectInfo]:
@@ -71,52 +81,32 @@ class S3Source:
     ) -> None:
         self.bucket = cfg.bucket
         self.cfg = cfg
-        self._creds = (aws_access_key_id, aws_secret_access_key)
-        self._client: Any = None
-        self._ctx: Any = None
-        self._lock = asyncio.Lock()
+        spec = ClientSpec(
+            "s3",
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+            read_timeout_s=READ_TIMEOUT_S,
+            max_attempts=MAX_ATTEMPTS,
+            region=cfg.region,
+            profile=cfg.profile,
+            endpoint_url=cfg.endpoint_url,
+            access_key_id=aws_access_key_id,
+            secret_access_key=aws_secret_access_key,
+            max_pool_connections=max(10, cfg.list_concurrency * 2),
+            # botocore parses every LastModified through dateutil: a quarter of the engine's
+            # CPU at a million keys. S3 sends ISO 8601, which the standard library parses ~20x
+            # faster; anything else goes to botocore's own parser.
+            timestamp_parser=fast_timestamp,
+        )
+        self._client = AwsClient(spec, on_open=_install_list_parser)
 
     def storage_key(self, key: str) -> str:
         return key
 
     async def _s3(self) -> Any:
-        async with self._lock:
-            if self._client is None:
-                session = AioSession(profile=self.cfg.profile or None)
-                # botocore parses every LastModified through dateutil: a quarter of the
-                # engine's CPU at a million keys. S3 sends ISO 8601, which the standard
-                # library parses ~20x faster; anything else goes to botocore's own parser.
-                session.get_component("response_parser_factory").set_parser_defaults(
-                    timestamp_parser=fast_timestamp
-                )
-                boto_cfg = BotoConfig(
-                    connect_timeout=10,
-                    read_timeout=60,
-                    retries={"mode": "standard", "max_attempts": 5},
-                    max_pool_connections=max(10, self.cfg.list_concurrency * 2),
-                )
-                kwargs: dict[str, Any] = {
-                    "region_name": self.cfg.region or None,
-                    "config": boto_cfg,
-                }
-                if self.cfg.endpoint_url:
-                    kwargs["endpoint_url"] = self.cfg.endpoint_url
-                if self._creds[0]:
-                    kwargs["aws_access_key_id"] = self._creds[0]
-                    kwargs["aws_secret_access_key"] = self._creds[1]
-                self._ctx = session.create_client("s3", **kwargs)
-                client = await self._ctx.__aenter__()
-                # ListObjectsV2 pages are parsed by ingest.sources.s3_xml (one walk of the
-                # tree instead of botocore's per-element shape walk and its second parse for
-                # the "200 with an error" check); anything unusual still goes to botocore.
-                s3_xml.install(client.meta.events)
-                self._client = client
-            return self._client
+        return await self._client.get()
 
     async def close(self) -> None:
-        if self._ctx is not None:
-            await self._ctx.__aexit__(None, None, None)
-            self._ctx = self._client = None
+        await self._client.close()
 
     def _where(self) -> str:
         return f" at {self.cfg.endpoint_url}" if self.cfg.endpoint_url else ""

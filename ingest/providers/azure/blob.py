@@ -1,10 +1,10 @@
 """Azure Blob Storage through azure-storage-blob's aio client.
 
 ``source.bucket`` is the CONTAINER; the storage account comes from the credentials, tried in
-this order: a connection string in the env variable named by ``source.connection_string_env``,
-``source.account_url`` + the account key in $AZURE_STORAGE_KEY, ``source.account_url`` +
-DefaultAzureCredential (managed identity, workload identity, az login...). V7's storage_key is
-``container/blob`` (v7-contract.md).
+this order (``auth.py``, shared with the queue event source): a connection string in the env
+variable named by ``source.connection_string_env``, ``source.account_url`` + the account key in
+$AZURE_STORAGE_KEY, ``source.account_url`` + DefaultAzureCredential (managed identity, workload
+identity, az login...). V7's storage_key is ``container/blob`` (v7-contract.md).
 
 Checkpoint: a small JSON object with the service's continuation marker *and* the last key. The
 marker resumes exactly where the next page starts (Azure has no "start after" for List Blobs);
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from azure.core.exceptions import (
     AzureError,
@@ -39,15 +37,14 @@ from ingest.config import SourceConfig
 from ingest.errors import (
     AccessDenied,
     BucketNotFound,
-    ConfigError,
     ObjectNotFound,
     SourceError,
     SourceRetryable,
 )
 from ingest.model import ObjectInfo
-from ingest.sources import Page, Shard
+from ingest.providers import Page, Shard
+from ingest.providers.azure.auth import AccountAuth, connection_string_env
 
-ACCOUNT_KEY_ENV = "AZURE_STORAGE_KEY"
 CHUNK_BYTES = 4 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
@@ -59,40 +56,6 @@ _DENIED_CODES = {
     "InsufficientAccountPermissions",
     "AccountIsDisabled",
 }
-
-
-def _conn_fields(conn: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in conn.split(";"):
-        k, sep, v = part.partition("=")
-        if sep:
-            out[k.strip().lower()] = v.strip()
-    return out
-
-
-def _account_from_url(url: str) -> str:
-    """``https://acct.blob.core.windows.net`` → acct; emulator ``http://host:port/acct`` → acct."""
-    u = urlparse(url)
-    host = u.hostname or ""
-    if host.count(".") >= 2 and not host.replace(".", "").isdigit():
-        return host.split(".", 1)[0]
-    return u.path.strip("/").split("/", 1)[0]
-
-
-def account_name(cfg: SourceConfig) -> str:
-    """The storage account the configured credentials point at, or "" when unknown.
-
-    Only names are read from the connection string: the key inside it never leaves here."""
-    conn = os.environ.get(cfg.connection_string_env, "") if cfg.connection_string_env else ""
-    if conn:
-        fields = _conn_fields(conn)
-        if fields.get("accountname"):
-            return fields["accountname"]
-        if fields.get("blobendpoint"):
-            return _account_from_url(fields["blobendpoint"])
-        return ""
-    url = cfg.account_url or cfg.endpoint_url
-    return _account_from_url(url) if url else ""
 
 
 def _encode(last: str, marker: str) -> str:
@@ -117,9 +80,12 @@ class AzureSource:
         self.cfg = cfg
         self._service: BlobServiceClient | None = None
         self._container: ContainerClient | None = None
-        self._credential: Any = None
+        self._auth = AccountAuth(cfg)
         self._lock = asyncio.Lock()
-        self._where = ""
+
+    @property
+    def _where(self) -> str:
+        return self._auth.where
 
     def storage_key(self, key: str) -> str:
         return f"{self.bucket}/{key}"
@@ -136,40 +102,23 @@ class AzureSource:
             "connection_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": READ_TIMEOUT_S,
         }
-        env = self.cfg.connection_string_env
-        conn = os.environ.get(env, "") if env else ""
-        if conn:
-            account = account_name(self.cfg)
-            self._where = f" in account '{account}'" if account else ""
-            try:
-                return BlobServiceClient.from_connection_string(conn, **opts)
-            except ValueError:
-                # The SDK's message may quote the string, and the string holds the key.
-                raise ConfigError(f"${env} is not a valid Azure connection string") from None
-        url = self.cfg.account_url or self.cfg.endpoint_url
-        if not url:
-            raise ConfigError(
-                f"Azure source needs credentials: set ${env or 'AZURE_STORAGE_CONNECTION_STRING'}"
+        return self._auth.open(
+            url=self.cfg.account_url or self.cfg.endpoint_url,
+            missing=(
+                f"Azure source needs credentials: set ${connection_string_env(self.cfg)}"
                 " or source.account_url (with $AZURE_STORAGE_KEY or an Azure identity)"
-            )
-        account = _account_from_url(url)
-        self._where = f" in account '{account}'"
-        key = os.environ.get(ACCOUNT_KEY_ENV, "")
-        if key:
-            credential: Any = {"account_name": account, "account_key": key}
-        else:
-            from azure.identity.aio import DefaultAzureCredential
-
-            credential = self._credential = DefaultAzureCredential()
-        return BlobServiceClient(url, credential=credential, **opts)
+            ),
+            from_connection_string=lambda conn: BlobServiceClient.from_connection_string(
+                conn, **opts
+            ),
+            from_url=lambda url, credential: BlobServiceClient(url, credential=credential, **opts),
+        )
 
     async def close(self) -> None:
         if self._service is not None:
             await self._service.close()
             self._service = self._container = None
-        if self._credential is not None:
-            await self._credential.close()
-            self._credential = None
+        await self._auth.close()
 
     def _map(self, e: Exception, what: str, *, bucket_level: bool = False) -> SourceError:
         status = int(getattr(e, "status_code", 0) or 0)

@@ -26,7 +26,7 @@ from gcloud.aio.storage import Storage
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
 from ingest.model import ObjectInfo
-from ingest.sources import Page, Shard
+from ingest.providers import Page, Shard
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 CHUNK_BYTES = 1024 * 1024

@@ -1,0 +1,1 @@
+"""Google Cloud: Cloud Storage buckets (``gcs``)."""
