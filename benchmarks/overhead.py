@@ -35,6 +35,7 @@ from benchmarks import _common as c
 TARGET_KEYS_PER_S = 20_000
 TARGET_VS_DARWIN = 5.0
 ITEMS_PER_REQUEST = 10
+IN_FLIGHT = 16  # register requests in flight (--in-flight)
 DARWIN_KEYS = 50_000  # darwin-py holds every key in memory; its rate does not depend on N
 
 
@@ -137,6 +138,7 @@ def engine_run(objects: int, profile: str = "") -> dict[str, Any]:
             s3_url=s3,
             ledger=d / "ledger.sqlite",
             max_items=ITEMS_PER_REQUEST,
+            max_in_flight=IN_FLIGHT,
         )
         cmd = c.ingest_cmd(cfg)
         if profile:
@@ -183,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", type=int, default=0, help="small run (default 100,000)")
     ap.add_argument("--darwin-keys", type=int, default=DARWIN_KEYS, help="keys for darwin-py")
     ap.add_argument("--profile", default="", help="py-spy raw profile of the large engine run")
+    ap.add_argument("--in-flight", type=int, default=IN_FLIGHT, help="rate.max_in_flight")
     ap.add_argument("--list-only", metavar="ENDPOINT", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
+    global IN_FLIGHT
+    IN_FLIGHT = ns.in_flight
     if ns.list_only:
         _list_only(ns.list_only, 8, False)
         return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,6 +351,7 @@ def validate(cfg: Config) -> None:
             f'config: worker.events = "{w.events}" needs worker.events_queue (the SQS queue URL '
             "or the Azure queue name)"
         )
+    _validate_events(cfg)
     if not 0 <= w.http_port <= 65535:
         raise ConfigError("config: worker.http_port must be between 0 and 65535")
     if cfg.ledger.lease_ttl_s < 5:
@@ -358,6 +360,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: worker.events_max_batch must be >= 1, events_wait_s > 0")
     if cfg.source.list_concurrency < 1:
         raise ConfigError("config: source.list_concurrency must be >= 1")
+
+
+SQS_QUEUE_URL = re.compile(r"^https?://[^/]+/[^/]+/[^/]+/?$")
+AZURE_QUEUE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
+
+
+def _validate_events(cfg: Config) -> None:
+    """worker.events against the source's cloud and the queue's form."""
+    w = cfg.worker
+    if w.events == "sqs":
+        if cfg.source.provider != "aws":
+            raise ConfigError('config: worker.events = "sqs" needs source.provider = "aws"')
+        if not SQS_QUEUE_URL.match(w.events_queue):
+            raise ConfigError(
+                "config: worker.events_queue must be the SQS queue URL "
+                "(https://sqs.<region>.amazonaws.com/<account id>/<queue name>)"
+            )
+    elif w.events == "azure_queue":
+        if cfg.source.provider != "azure":
+            raise ConfigError(
+                'config: worker.events = "azure_queue" needs source.provider = "azure"'
+            )
+        if not AZURE_QUEUE_NAME.match(w.events_queue):
+            raise ConfigError(
+                f"config: worker.events_queue = {w.events_queue!r} is not an Azure queue name "
+                "(3-63 lowercase letters, digits and single hyphens)"
+            )
 
 
 def require_for_run(cfg: Config) -> None:

@@ -11,7 +11,7 @@ ancestor folders of the current key is ever held, and memory stays bounded.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -89,7 +89,6 @@ class ShardPlanner:
     def __init__(
         self,
         plan: PlanConfig,
-        storage_key: Callable[[str], str],
         *,
         readonly: bool = False,
         strip: str = "",
@@ -97,7 +96,6 @@ class ShardPlanner:
         local_files: bool = False,
     ) -> None:
         self.plan = plan
-        self.storage_key = storage_key
         self.readonly = readonly
         self.strip = strip
         # Videos are cut locally with ffmpeg and registered through the read-only endpoint
@@ -340,12 +338,9 @@ def video_local(cfg: Config, readonly: bool) -> bool:
     return readonly or mode == "local" or cfg.source.provider == "local"
 
 
-def make_shard_planner(
-    cfg: Config, storage_key: Callable[[str], str], readonly: bool
-) -> ShardPlanner:
+def make_shard_planner(cfg: Config, readonly: bool) -> ShardPlanner:
     return ShardPlanner(
         cfg.plan,
-        storage_key,
         readonly=readonly,
         strip=cfg.strip,
         video_local=video_local(cfg, readonly),

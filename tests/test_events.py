@@ -447,8 +447,25 @@ async def test_open_events_none() -> None:
         ("azure_queue", "aws", "q-name", 'needs source.provider = "azure"'),
         ("sqs", "aws", "my-queue", "must be the SQS queue URL"),
         ("azure_queue", "azure", "Bad_Name", "not an Azure queue name"),
-        ("azure_queue", "azure", "events", "needs the queue endpoint"),
     ],
+)
+def test_event_settings_are_validated_with_the_config(
+    events: str, provider: str, queue: str, match: str
+) -> None:
+    from ingest.config import validate
+
+    cfg = Config()
+    cfg.source.provider = provider  # type: ignore[assignment]
+    cfg.source.bucket = "b"
+    cfg.worker.events = events  # type: ignore[assignment]
+    cfg.worker.events_queue = queue
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("events", "provider", "queue", "match"),
+    [("azure_queue", "azure", "events", "needs the queue endpoint")],
 )
 async def test_open_events_config_errors(
     events: str, provider: str, queue: str, match: str, monkeypatch: pytest.MonkeyPatch

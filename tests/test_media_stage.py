@@ -126,7 +126,7 @@ def _stage(
 
 
 def _plan(key: str, size: int, **kw: Any) -> Item:
-    (item,) = ShardPlanner(PlanConfig(), lambda k: k, **kw).feed([ObjectInfo(key, size, "e1")])
+    (item,) = ShardPlanner(PlanConfig(), **kw).feed([ObjectInfo(key, size, "e1")])
     assert isinstance(item, Item)
     return item
 

@@ -52,7 +52,7 @@ def obj(key: str, size: int = 100) -> ObjectInfo:
 
 
 def planner(strip: str = "", **plan: Any) -> ShardPlanner:
-    return ShardPlanner(PlanConfig(**plan), lambda k: k, strip=strip)
+    return ShardPlanner(PlanConfig(**plan), strip=strip)
 
 
 def plan_all(
@@ -114,7 +114,7 @@ def test_single_slot_image_payload_is_exactly_the_shorthand() -> None:
 
 def test_storage_key_comes_from_the_source_key_map() -> None:
     # Items hold provider keys; the storage prefix (Azure: the container) is added at the wire.
-    (it,) = ShardPlanner(PlanConfig(), lambda k: f"container/{k}").feed([obj("a/b.jpg")])
+    (it,) = ShardPlanner(PlanConfig()).feed([obj("a/b.jpg")])
     assert isinstance(it, Item)
     assert it.keys == ("a/b.jpg",)
     assert payload(it, wire.KeyMap("container/"))["storage_key"] == "container/a/b.jpg"
@@ -264,12 +264,12 @@ def test_strip_prefix_auto_is_the_source_prefix() -> None:
     cfg = Config()
     cfg.source.prefix = "set/"
     cfg.plan.strip_prefix = "auto"
-    p = make_shard_planner(cfg, lambda k: k, readonly=False)
+    p = make_shard_planner(cfg, readonly=False)
     (it,) = p.feed([obj("set/1/img.jpg")])
     assert isinstance(it, Item)
     assert it.path == "/1"
     cfg.plan.strip_prefix = ""
-    p = make_shard_planner(cfg, lambda k: k, readonly=False)
+    p = make_shard_planner(cfg, readonly=False)
     (it,) = p.feed([obj("set/1/img.jpg")])
     assert isinstance(it, Item)
     assert it.path == "/set/1"

@@ -56,17 +56,12 @@ async def open_events(cfg: Config) -> AsyncIterator[EventSource | None]:
         yield None
         return
     source: EventSource
+    # Validated in ingest.config (provider pairing, queue URL / name).
     if kind == "sqs":
-        if cfg.source.provider != "aws":
-            raise ConfigError('config: worker.events = "sqs" needs source.provider = "aws"')
         from ingest.providers.aws.sqs import SqsEventSource
 
         source = SqsEventSource(cfg)
     elif kind == "azure_queue":
-        if cfg.source.provider != "azure":
-            raise ConfigError(
-                'config: worker.events = "azure_queue" needs source.provider = "azure"'
-            )
         from ingest.providers.azure.queue import AzureQueueEventSource
 
         source = AzureQueueEventSource(cfg)

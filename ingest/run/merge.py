@@ -7,7 +7,6 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from ingest.config import Config
 from ingest.ledger import LedgerPort
 from ingest.model import Item, ObjectInfo, Skip
 from ingest.planner import ShardPlanner
@@ -26,14 +25,14 @@ class SyncMerge:
 
     def __init__(
         self,
-        cfg: Config,
+        on_change: str,  # sync.on_change: "report" or "register"
         source: Source,
         ledger: LedgerPort,
         stats: Stats,
         new_planner: Callable[[], ShardPlanner],
         route: Callable[[Item], Awaitable[None]],
     ) -> None:
-        self.cfg = cfg
+        self.on_change = on_change
         self.source = source
         self.ledger = ledger
         self.stats = stats
@@ -51,7 +50,7 @@ class SyncMerge:
         if sp.last:
             del self._merges[sp.shard.id]
         await self._vanished(diff.vanished)
-        register_again = self.cfg.sync.on_change == "register"
+        register_again = self.on_change == "register"
         reported = [] if register_again else diff.changed
         await self.ledger.record_sync_page(
             reappeared=diff.reappeared, changed=[(o.key, o.etag) for o in reported]
@@ -63,7 +62,7 @@ class SyncMerge:
                 extra={
                     "changed": len(diff.changed),
                     "reappeared": len(diff.reappeared),
-                    "policy": self.cfg.sync.on_change,
+                    "policy": self.on_change,
                     "example": (diff.changed or [ObjectInfo(k, 0) for k in diff.reappeared])[0].key,
                 },
             )

@@ -26,7 +26,7 @@ from ingest.ledger import LedgerPort, ManifestItem
 from ingest.log import set_run_id
 from ingest.manifest import read_manifest
 from ingest.model import Item, Media, ObjectInfo, Skip
-from ingest.planner import ShardPlanner, collision, plan_manifest_item
+from ingest.planner import ShardPlanner, collision, make_shard_planner, plan_manifest_item
 from ingest.providers import Page, Shard, Source
 from ingest.providers.fanout import ShardPage, discover_shards, iter_shard_pages
 from ingest.run.merge import SyncMerge
@@ -102,7 +102,11 @@ class Pipeline:
         # Where thumbnails and video artifacts are written (by us, or by V7 on read-write
         # storage): never registered, never recorded, or every run would find them anew.
         self.ignore_prefixes = tuple(p.rstrip("/") + "/" for p in ignore_prefixes if p.strip("/"))
-        self.planning = Planning(cfg, source.storage_key, readonly)
+        self.planning = Planning(
+            cfg.source.include,
+            cfg.source.exclude,
+            lambda: make_shard_planner(cfg, readonly),
+        )
         self.media = (
             None
             if media is None
@@ -121,7 +125,9 @@ class Pipeline:
             registrar, ledger, stats, stop=self._stop, failed=self._count_failure, resolver=resolver
         )
         self.merge = (
-            SyncMerge(cfg, source, ledger, stats, self.planning.new_planner, self._route)
+            SyncMerge(
+                cfg.sync.on_change, source, ledger, stats, self.planning.new_planner, self._route
+            )
             if sync
             else None
         )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from ingest.config import Config
 from ingest.model import Item, ObjectInfo, Skip
-from ingest.planner import ShardPlanner, make_shard_planner
+from ingest.planner import ShardPlanner
 from ingest.providers import Page
 from ingest.providers.fanout import ShardPage
 from ingest.providers.globs import compile_filter
@@ -15,17 +14,20 @@ NOT_IN_MANIFEST = "not named in the manifest (plan.manifest)"
 
 
 class Planning:
-    """Filters and plans pages; a shard's planner holds the objects of an unfinished folder."""
+    """Filters and plans pages; a shard's planner holds the objects of an unfinished folder.
 
-    def __init__(self, cfg: Config, storage_key: Callable[[str], str], readonly: bool) -> None:
-        self._cfg = cfg
-        self._storage_key = storage_key
-        self._readonly = readonly
-        self._filter = compile_filter(cfg.source.include, cfg.source.exclude)
+    Handed only what it uses: the include/exclude patterns and a planner factory (built from
+    the ``[plan]`` section by ``ingest.planner.make_shard_planner``)."""
+
+    def __init__(
+        self,
+        include: Sequence[str],
+        exclude: Sequence[str],
+        new_planner: Callable[[], ShardPlanner],
+    ) -> None:
+        self._filter = compile_filter(list(include), list(exclude))
+        self.new_planner = new_planner
         self._planners: dict[str, ShardPlanner] = {}
-
-    def new_planner(self) -> ShardPlanner:
-        return make_shard_planner(self._cfg, self._storage_key, self._readonly)
 
     def plan_page(
         self, sp: ShardPage, manifest_keys: set[str] | None = None

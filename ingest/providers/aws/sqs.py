@@ -23,7 +23,7 @@ from botocore.exceptions import (
 )
 
 from ingest.config import Config
-from ingest.errors import AccessDenied, ConfigError, SourceError, SourceRetryable
+from ingest.errors import AccessDenied, SourceError, SourceRetryable
 from ingest.providers import Delivery
 from ingest.providers.aws.client import AwsClient, ClientSpec
 from ingest.providers.events import (
@@ -41,7 +41,6 @@ from ingest.providers.events import (
 SQS_MAX_MESSAGES = 10  # per ReceiveMessage / DeleteMessageBatch call
 SQS_MAX_WAIT_S = LONGEST_POLL_S  # longest long poll SQS allows
 
-_SQS_URL = re.compile(r"^https?://[^/]+/[^/]+/[^/]+/?$")
 _SQS_REGION = re.compile(
     r"^(?:sqs\.([a-z0-9-]+)\.amazonaws\.com|([a-z0-9-]+)\.queue\.amazonaws\.com)"
 )
@@ -60,11 +59,6 @@ class SqsEventSource:
         retries: int = RETRIES,
     ) -> None:
         self.queue_url = cfg.worker.events_queue
-        if not _SQS_URL.match(self.queue_url):
-            raise ConfigError(
-                "config: worker.events_queue must be the SQS queue URL "
-                "(https://sqs.<region>.amazonaws.com/<account id>/<queue name>)"
-            )
         self.bucket = cfg.source.bucket
         self.prefix = cfg.source.prefix
         self.endpoint_url = cfg.worker.events_endpoint_url

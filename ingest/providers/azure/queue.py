@@ -13,7 +13,6 @@ or ``EndpointSuffix=``), else ``worker.events_endpoint_url`` or ``source.account
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ from azure.core.exceptions import (
 from azure.storage.queue.aio import QueueClient
 
 from ingest.config import Config
-from ingest.errors import AccessDenied, ConfigError, SourceError, SourceRetryable
+from ingest.errors import AccessDenied, SourceError, SourceRetryable
 from ingest.providers import Delivery
 from ingest.providers.azure.auth import AccountAuth, connection_string_env
 from ingest.providers.events import (
@@ -46,7 +45,6 @@ AZURE_POLL_MAX_S = 1.0
 AZURE_SERVER_TIMEOUT_S = 30  # the service's own per-operation timeout
 AZURE_DELETE_CONCURRENCY = 16
 
-_AZURE_QUEUE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
 
 
 def _azure_code(e: BaseException) -> str:
@@ -67,11 +65,6 @@ class AzureQueueEventSource:
         retries: int = RETRIES,
     ) -> None:
         self.queue_name = cfg.worker.events_queue
-        if not _AZURE_QUEUE_NAME.match(self.queue_name):
-            raise ConfigError(
-                f"config: worker.events_queue = {self.queue_name!r} is not an Azure queue name "
-                "(3-63 lowercase letters, digits and single hyphens)"
-            )
         self.cfg = cfg
         self.container = cfg.source.bucket
         self.prefix = cfg.source.prefix
