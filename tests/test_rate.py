@@ -284,6 +284,36 @@ def test_conform_obeys_a_pause_and_allows_the_burst() -> None:
     assert c.conform(0.5) == pytest.approx(1.55)  # nothing before the pause ends
 
 
+def test_a_send_that_leaves_later_than_counted_pushes_the_next_one_back() -> None:
+    """Work between the slot and the POST (the ledger's commit of SENT) must not bunch two
+    requests at a burst-1 server: the next send keeps its distance from the real one."""
+    c = RateController(10.0, 1.0, tuning=EXACT)
+    assert c.conform(0.0) == 0.0
+    assert c.conform(0.2) == 0.0  # (the first send keeps two intervals)
+    c.sent_later(0.03)  # it left at 0.23
+    assert c.conform(0.3) == pytest.approx(0.03)  # not before 0.33
+    c.sent_later(-1.0)  # never earlier
+    assert c.conform(0.33 + 1e-9) == 0.0
+
+
+async def test_limiter_slot_runs_before_send_after_the_grant_and_counts_its_time() -> None:
+    ft = FakeTime()
+    ctl = RateController(10.0, 1.0, tuning=EXACT)
+    lim = Limiter(ctl, 4, clock=ft.clock, sleep=ft.sleep)
+    seen: list[float] = []
+
+    async def commit() -> None:
+        seen.append(ft.now)
+        ft.now += 0.05  # a slow commit
+
+    async with lim.slot(before_send=commit) as sent_at:
+        assert sent_at == pytest.approx(0.05)
+    async with lim.slot(before_send=commit) as second:
+        pass
+    assert seen[0] == 0.0
+    assert second - sent_at >= 0.2 - 1e-9  # two intervals after the real first send
+
+
 async def test_limiter_books_again_when_a_429_arrives_while_waiting() -> None:
     ft = FakeTime()
     ctl = RateController(10.0, tuning=EXACT)

@@ -183,6 +183,12 @@ class RateController:
         self._tat = max(tat, send_at) + interval
         return send_at - now
 
+    def sent_later(self, by_s: float) -> None:
+        """The send that ``conform`` just counted leaves ``by_s`` later than counted (its
+        caller did work in between): the next send keeps its distance from the real one."""
+        if by_s > 0 and self._sent_tat != -math.inf:
+            self._sent_tat += by_s
+
     def conform(self, now: float) -> float:
         """Check a send about to happen against the same token bucket, on *actual* send times;
         return how much longer to wait (0: go, and it is counted).
@@ -411,9 +417,23 @@ class Limiter:
                 return self.now()
 
     @contextlib.asynccontextmanager
-    async def slot(self, stop: asyncio.Event | None = None) -> AsyncIterator[float]:
+    async def slot(
+        self,
+        stop: asyncio.Event | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[float]:
+        """A send slot. ``before_send`` runs once the slot is granted, right before the send
+        (the registrar records SENT there); the time it takes counts as the send being later,
+        so the next sender keeps its distance from the actual send, not from the booking."""
         async with self._slots:
-            yield await self.acquire(stop)
+            granted = await self.acquire(stop)
+            if before_send is None:
+                yield granted
+                return
+            await before_send()
+            now = self.now()
+            self.controller.sent_later(now - granted)
+            yield now
 
     async def sleep(self, delay_s: float, stop: asyncio.Event | None = None) -> None:
         """Wait ``delay_s`` (a pacing wait or a retry backoff; the engine's waits all go through

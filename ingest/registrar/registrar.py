@@ -32,6 +32,7 @@ Every attempt takes a token from the limiter. The only waits are the limiter's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -193,8 +194,10 @@ class Registrar:
             sent_at: float | None = None
             error: Retry
             try:
-                async with self.limiter.slot(call.stop) as sent_at:
-                    await self._mark(call, indices)
+                # SENT is recorded once the booked slot has come, and the send time is
+                # checked again after it: the ledger's commit never bunches two requests.
+                mark = functools.partial(self._mark, call, indices)
+                async with self.limiter.slot(call.stop, before_send=mark) as sent_at:
                     self.stats.requests += 1
                     if attempt:
                         self.stats.retries += 1
