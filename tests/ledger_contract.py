@@ -22,13 +22,12 @@ from ingest.model import (
     Media,
     ObjectInfo,
     Outcome,
-    Rendition,
     Skip,
     Slot,
     State,
     UploadFacts,
-    VideoFacts,
 )
+from tests.support.samples import video_facts
 
 Factory = Callable[..., Awaitable[LedgerPort]]
 
@@ -308,22 +307,7 @@ async def test_pending_returns_items_exactly_as_recorded(ledger: LedgerPort) -> 
 
 # --- media --------------------------------------------------------------------------------------
 
-_VIDEO = VideoFacts(
-    storage_key="v/clip.mp4",
-    width=1920,
-    height=1080,
-    native_fps=29.97,
-    visible_frames=300,
-    total_frames=301,
-    high=Rendition("#EXTM3U\nhigh/0.ts\n", 4_000_000.5),
-    low=Rendition("#EXTM3U\nlow/0.ts\n", 500_000.0),
-    sections_prefix="art/v/sections/high",
-    sections_extension="jpg",
-    frames_manifest_key="art/v/frames_manifest.txt",
-    thumbnail_key="art/v/thumbnail.jpg",
-    size_bytes=1_000,
-    low_sections_prefix="art/v/sections/low",
-)
+_VIDEO = video_facts("v/clip.mp4", preview=True)
 _FACTS: list[Facts] = [
     ImageFacts(640, 480, "thumbs/a.jpg"),
     UploadFacts("container/files/abc/a.jpg"),

@@ -31,13 +31,12 @@ from ingest.model import (
     ItemType,
     Media,
     ObjectInfo,
-    Rendition,
     Slot,
     State,
     UploadFacts,
-    VideoFacts,
 )
 from tests.ledger_contract import collide, page, record
+from tests.support.samples import legacy_video_slot, video_facts
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -483,43 +482,8 @@ def _legacy_ledger(path: Path) -> None:
     db.close()
 
 
-VIDEO_SLOT = {
-    "slot_name": "c.mp4",
-    "file_name": "c.mp4",
-    "type": "video",
-    "storage_key": "v/c.mp4",
-    "width": 640,
-    "height": 360,
-    "native_fps": 25.0,
-    "visible_frames": 50,
-    "total_frames": 50,
-    "hls_segments": {
-        "high_quality": {"index": "#EXTM3U\nh.ts\n", "bitrate": 1000.0},
-        "low_quality": {"index": "#EXTM3U\nl.ts\n", "bitrate": 100.0},
-    },
-    "storage_sections_key_prefix": "art/v/sections/high",
-    "storage_sections_key_extension": "jpg",
-    "storage_frames_manifest_key": "art/v/frames_manifest.txt",
-    "storage_thumbnail_key": "art/v/thumbnail.jpg",
-    "storage_audio_peaks_key": "art/v/audio_peaks.gz",
-    "size_bytes": 5000,
-}
-VIDEO_FACTS = VideoFacts(
-    storage_key="v/c.mp4",
-    width=640,
-    height=360,
-    native_fps=25.0,
-    visible_frames=50,
-    total_frames=50,
-    high=Rendition("#EXTM3U\nh.ts\n", 1000.0),
-    low=Rendition("#EXTM3U\nl.ts\n", 100.0),
-    sections_prefix="art/v/sections/high",
-    sections_extension="jpg",
-    frames_manifest_key="art/v/frames_manifest.txt",
-    thumbnail_key="art/v/thumbnail.jpg",
-    size_bytes=5000,
-    audio_peaks_key="art/v/audio_peaks.gz",
-)
+VIDEO_FACTS = video_facts("v/c.mp4")
+VIDEO_SLOT = legacy_video_slot(VIDEO_FACTS)
 
 
 def _info(key: str, etag: str, size: int) -> ObjectInfo:

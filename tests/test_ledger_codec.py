@@ -24,6 +24,7 @@ from ingest.model import (
     UploadFacts,
     VideoFacts,
 )
+from tests.support.samples import legacy_video_slot, video_facts
 
 ints = st.integers(min_value=0, max_value=2**53)
 floats = st.floats(allow_nan=False, allow_infinity=False)
@@ -112,43 +113,8 @@ TABLE = {
     "r/1.jpg": ObjectInfo("r/1.jpg", 6, "l1"),
 }
 
-VIDEO_SLOT = {
-    "slot_name": "c.mp4",
-    "file_name": "c.mp4",
-    "type": "video",
-    "storage_key": "a/c.mp4",
-    "width": 1280,
-    "height": 720,
-    "native_fps": 30,
-    "visible_frames": 90,
-    "total_frames": 91,
-    "hls_segments": {
-        "high_quality": {"index": "#EXTM3U\nart/h/0.ts\n", "bitrate": 2500000},
-        "low_quality": {"index": "#EXTM3U\nart/l/0.ts\n", "bitrate": 300000.5},
-    },
-    "storage_sections_key_prefix": "art/sections/high",
-    "storage_sections_key_extension": "jpg",
-    "storage_frames_manifest_key": "art/frames_manifest.txt",
-    "storage_thumbnail_key": "art/thumbnail.jpg",
-    "storage_low_quality_sections_key_prefix": "art/sections/low",
-    "size_bytes": 5000,
-}
-VIDEO_FACTS = VideoFacts(
-    storage_key="a/c.mp4",
-    width=1280,
-    height=720,
-    native_fps=30.0,
-    visible_frames=90,
-    total_frames=91,
-    high=Rendition("#EXTM3U\nart/h/0.ts\n", 2500000.0),
-    low=Rendition("#EXTM3U\nart/l/0.ts\n", 300000.5),
-    sections_prefix="art/sections/high",
-    sections_extension="jpg",
-    frames_manifest_key="art/frames_manifest.txt",
-    thumbnail_key="art/thumbnail.jpg",
-    size_bytes=5000,
-    low_sections_prefix="art/sections/low",
-)
+VIDEO_FACTS = video_facts("a/c.mp4", peaks=False, preview=True)
+VIDEO_SLOT = legacy_video_slot(VIDEO_FACTS)
 THUMB = {"storage_thumbnail_key": "thumbs/a/1.jpg", "height": 300, "width": 400}
 
 
