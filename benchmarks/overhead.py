@@ -179,6 +179,7 @@ def engine_run(objects: int, profile: str = "") -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global IN_FLIGHT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="20,000 and 200,000 keys")
     ap.add_argument("--objects", type=int, default=0, help="large run (default 1,000,000)")
@@ -188,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-flight", type=int, default=IN_FLIGHT, help="rate.max_in_flight")
     ap.add_argument("--list-only", metavar="ENDPOINT", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
-    global IN_FLIGHT
     IN_FLIGHT = ns.in_flight
     if ns.list_only:
         _list_only(ns.list_only, 8, False)
