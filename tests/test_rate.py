@@ -290,10 +290,25 @@ def test_a_send_that_leaves_later_than_counted_pushes_the_next_one_back() -> Non
     c = RateController(10.0, 1.0, tuning=EXACT)
     assert c.conform(0.0) == 0.0
     assert c.conform(0.2) == 0.0  # (the first send keeps two intervals)
-    c.sent_later(0.03)  # it left at 0.23
+    c.sent_late(0.23)  # it left at 0.23
     assert c.conform(0.3) == pytest.approx(0.03)  # not before 0.33
-    c.sent_later(-1.0)  # never earlier
+    c.sent_late(0.1)  # an earlier real send never pulls the schedule back
     assert c.conform(0.33 + 1e-9) == 0.0
+
+
+def test_concurrent_late_sends_are_not_serialised_by_each_other() -> None:
+    """At a high rate, sixteen senders whose SENT commits finish together go together: the
+    schedule follows the latest real send, not the sum of every sender's delay."""
+    c = RateController(10_000.0, 1.0, tuning=EXACT)
+    t, counted = 0.0, 0
+    while counted < 16:  # sixteen sends counted about 0.1 ms apart
+        wait = c.conform(t)
+        counted += wait == 0.0
+        t += wait + 1e-12
+    assert t < 0.003
+    for _ in range(16):
+        c.sent_late(0.003)  # every commit of the group ends at 3 ms
+    assert c.conform(0.003 + 1e-4 + 1e-9) == 0.0
 
 
 async def test_limiter_slot_runs_before_send_after_the_grant_and_counts_its_time() -> None:

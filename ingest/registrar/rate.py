@@ -183,11 +183,15 @@ class RateController:
         self._tat = max(tat, send_at) + interval
         return send_at - now
 
-    def sent_later(self, by_s: float) -> None:
-        """The send that ``conform`` just counted leaves ``by_s`` later than counted (its
-        caller did work in between): the next send keeps its distance from the real one."""
-        if by_s > 0 and self._sent_tat != -math.inf:
-            self._sent_tat += by_s
+    def sent_late(self, actually_at: float) -> None:
+        """A send ``conform`` counted earlier really leaves at ``actually_at`` (its caller did
+        work in between, e.g. the ledger's commit): the next send keeps one interval from the
+        real send. The latest real send counts, not the sum of the delays, so concurrent
+        senders are not serialised by each other's work."""
+        if self._sent_tat == -math.inf:
+            return
+        interval = 1.0 / (self._rate * (1.0 - self._t.slack))
+        self._sent_tat = max(self._sent_tat, actually_at + interval)
 
     def conform(self, now: float) -> float:
         """Check a send about to happen against the same token bucket, on *actual* send times;
@@ -432,7 +436,8 @@ class Limiter:
                 return
             await before_send()
             now = self.now()
-            self.controller.sent_later(now - granted)
+            if now > granted:
+                self.controller.sent_late(now)
             yield now
 
     async def sleep(self, delay_s: float, stop: asyncio.Event | None = None) -> None:
