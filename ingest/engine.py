@@ -434,7 +434,10 @@ async def plan_only(
     stats = Stats()
     # The scratch ledger is a temporary file, not memory: a plan of 10M objects must not
     # hold them all in RAM.
-    with tempfile.TemporaryDirectory(prefix="ingest-plan-", dir=cfg.media.temp_dir or None) as d:
+    temp_root = cfg.media.temp_dir or None
+    if temp_root:
+        Path(temp_root).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before work)
+    with tempfile.TemporaryDirectory(prefix="ingest-plan-", dir=temp_root) as d:
         async with (
             open_source(cfg) as source,
             open_ledger(str(Path(d) / "plan.sqlite"), cfg.job) as scratch,

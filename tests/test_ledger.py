@@ -113,9 +113,10 @@ async def test_calls_queued_meanwhile_share_one_commit(tmp_path: Path) -> None:
             db.set_trace_callback(statements.append)
 
         await lg._run(spy)
-        gate = threading.Event()
+        gate, entered = threading.Event(), threading.Event()
 
         def busy(_db: sqlite3.Connection) -> None:
+            entered.set()
             gate.wait(10)  # hold the thread until every call below is queued
 
         def broken(db: sqlite3.Connection) -> None:
@@ -126,7 +127,7 @@ async def test_calls_queued_meanwhile_share_one_commit(tmp_path: Path) -> None:
                 db.execute("SELECT * FROM no_such_table")
 
         blocker = asyncio.ensure_future(lg._run(busy))
-        await asyncio.sleep(0)
+        await asyncio.to_thread(entered.wait, 10)
         batches = [items[i : i + 10] for i in range(0, 160, 10)]
         calls = [asyncio.ensure_future(lg.mark_sent(b)) for b in batches]
         failing = asyncio.ensure_future(lg._run(broken))
@@ -147,6 +148,67 @@ async def test_calls_queued_meanwhile_share_one_commit(tmp_path: Path) -> None:
             lambda db: db.execute("SELECT count(*) FROM items WHERE reason='half-done'").fetchone()
         )
         assert reasons[0] == 0
+
+
+async def test_an_error_that_ends_the_group_transaction_is_reported_truthfully(
+    tmp_path: Path,
+) -> None:
+    """A full disk (or an I/O error) rolls the whole group back: the calls before it get that
+    error (their writes are gone), the ones after it run alone and succeed."""
+    async with open_ledger(tmp_path / "l.sqlite", "j") as lg:
+        assert isinstance(lg, SqliteLedger)
+        await lg.start_run("run")
+        await record(lg, ["a.jpg", "b.jpg", "c.jpg"])
+        gate, entered = threading.Event(), threading.Event()
+
+        def busy(_db: sqlite3.Connection) -> None:
+            entered.set()
+            gate.wait(10)
+
+        def write(reason: str) -> Callable[[sqlite3.Connection], None]:
+            def work(db: sqlite3.Connection) -> None:
+                from ingest.ledger.sqlite import _tx
+
+                with _tx(db):
+                    db.execute("UPDATE items SET reason=? WHERE name=?", (reason, reason))
+
+            return work
+
+        def disk_full(db: sqlite3.Connection) -> None:
+            db.execute("ROLLBACK")  # what SQLite itself does on SQLITE_FULL
+            raise sqlite3.OperationalError("database or disk is full")
+
+        blocker = asyncio.ensure_future(lg._run(busy))
+        await asyncio.to_thread(entered.wait, 10)  # the thread is busy: the next calls queue
+        before = asyncio.ensure_future(lg._run(write("a.jpg")))
+        full = asyncio.ensure_future(lg._run(disk_full))
+        after = asyncio.ensure_future(lg._run(write("c.jpg")))
+        await asyncio.sleep(0)
+        gate.set()
+        await blocker
+        for fut in (before, full):
+            with pytest.raises(LedgerError, match="disk is full"):
+                await fut
+        await after
+        rows = await lg._run(
+            lambda db: db.execute("SELECT name FROM items WHERE reason=name").fetchall()
+        )
+        assert rows == [("c.jpg",)]
+
+
+async def test_a_schema_5_ledger_gains_the_id_lookups_column(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    async with open_ledger(path, "j") as lg:
+        await lg.start_run("run")
+        await record(lg, ["a.jpg"])
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE items DROP COLUMN id_lookups")
+    db.execute("PRAGMA user_version=5")
+    db.commit()
+    db.close()
+    async with open_ledger(path, "j") as lg:
+        assert await lg.registered_without_id(10) == []
+    assert user_version(path) == SCHEMA_VERSION == 6
 
 
 async def test_a_scratch_ledger_in_memory() -> None:

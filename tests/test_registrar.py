@@ -774,3 +774,47 @@ async def test_a_429_pauses_every_concurrent_sender() -> None:
     # Nobody (not the refused batch, not the two waiting for their turn) before the pause ends.
     assert min(later) >= refused_at + 0.3 - 0.005
     assert stats.rate_limited == 1 and stats.in_flight == 0
+
+
+async def test_an_unknown_error_after_the_post_keeps_the_items_sent(rig: Rig) -> None:
+    """A malformed answer (or any error the client does not map) may follow a stored batch:
+    the attempt is not taken back, so the next run's ALREADY_EXISTS counts as ours."""
+    items = plans(2)
+    sending = rig.sending()
+
+    async def garbled(team: str, readonly: bool, body: dict[str, object]) -> dict[str, object]:
+        raise RuntimeError("malformed HTTP response")
+
+    reg = rig.registrar()
+    reg.client = type("Garbled", (), {"register": staticmethod(garbled)})()
+    with pytest.raises(RuntimeError):
+        await reg.register(items, sending)
+    names = [p.name for p in items]
+    assert sending.kinds() == [("mark", names)]
+    assert sending.attempts == {("/", n): 1 for n in names}
+
+
+async def test_cancelled_while_sent_is_committed_the_items_are_taken_back(rig: Rig) -> None:
+    """A forced stop lands while the ledger commits SENT: the commit still happens, and since
+    the request never left, the attempt is taken back."""
+    items = plans(2)
+    committing, finish = asyncio.Event(), asyncio.Event()
+
+    class SlowSending(FakeSending):
+        async def mark_sent(self, batch: Sequence[Item]) -> list[int]:
+            committing.set()
+            await finish.wait()
+            return await super().mark_sent(batch)
+
+    sending = SlowSending()
+    task = asyncio.ensure_future(rig.registrar().register(items, sending))
+    await committing.wait()
+    task.cancel()
+    await asyncio.sleep(0)
+    finish.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    names = [p.name for p in items]
+    assert sending.kinds() == [("mark", names), ("unmark", names)]
+    assert sending.attempts == {("/", n): 0 for n in names}
+    assert rig.v7.requests == []

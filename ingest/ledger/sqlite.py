@@ -15,9 +15,10 @@ Every read that could return many rows is chunked with keyset pagination (``WHER
 LIMIT``): memory never grows with the number of objects, and rows updated while a stream is
 open are never seen twice.
 
-Schema 5 stores items in the ledger's own format (``codec``); rows of schema <= 4 hold V7's
+Schema 5 stores items in the ledger's own format (``codec``; schema 6 adds ``id_lookups``);
+rows of schema <= 4 hold V7's
 wire JSON and are decoded when read (the migration only adds columns: it stays O(1)). An
-older engine refuses a schema-5 file (it refuses any newer ``user_version``).
+older engine refuses a schema-5 or -6 file (it refuses any newer ``user_version``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from ingest.model import Facts, Item, Media, ObjectInfo, Outcome, Skip, State
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # An item whose id the items listing did not show this many times is not looked up again.
 MAX_ID_LOOKUPS = 3
 
@@ -229,8 +230,9 @@ def _tx(db: sqlite3.Connection) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            db.execute("ROLLBACK TO call")
-            db.execute("RELEASE call")
+            if db.in_transaction:  # an error such as a full disk may have ended it already
+                db.execute("ROLLBACK TO call")
+                db.execute("RELEASE call")
             raise
         db.execute("RELEASE call")
         return
@@ -396,7 +398,18 @@ class SqliteLedger:
         except sqlite3.Error as exc:
             err = _error(self.path, exc, self._busy_timeout_s)
             return [(c, None, err) for c in group]
-        done = [self._one(c) for c in group]
+        done: list[tuple[_Call, Any, BaseException | None]] = []
+        for n, call in enumerate(group):
+            result = self._one(call)
+            if not db.in_transaction:
+                # The error rolled the whole group back (a full disk, an I/O error): the calls
+                # before it lost their writes too, so they get its error; the rest run alone.
+                lost_err: BaseException = result[2] or LedgerError(
+                    f"ledger {self.path}: the transaction was lost"
+                )
+                lost = [(c, None, lost_err) for c, _v, _e in done] + [(call, None, lost_err)]
+                return lost + [self._one(c) for c in group[n + 1 :]]
+            done.append(result)
         try:
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -502,7 +515,7 @@ class SqliteLedger:
                     )
 
     def _migrate(self, db: sqlite3.Connection) -> None:
-        """Create the schema, or bring a schema 1..4 file to 5: one transaction, and every
+        """Create the schema, or bring a schema 1..5 file to 6: one transaction, and every
         step only if still needed (two processes opening an old ledger at once, or an old
         engine's migration killed half-way, must not leave a ledger that no longer opens)."""
         if int(db.execute("PRAGMA user_version").fetchone()[0]) >= SCHEMA_VERSION:

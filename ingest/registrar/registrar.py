@@ -32,6 +32,7 @@ Every attempt takes a token from the limiter. The only waits are the limiter's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -39,7 +40,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ingest.errors import (
+    AuthError,
     Interrupted,
+    NotFoundError,
+    QuotaError,
     RateLimited,
     RejectedError,
     Retry,
@@ -57,6 +61,8 @@ log = logging.getLogger("ingest.registrar")
 
 ALREADY_EXISTS = "ALREADY_EXISTS"
 OURS = "ALREADY_EXISTS after an earlier attempt of ours"
+# Answers that prove V7 stored nothing of the request.
+REFUSED = (RateLimited, RejectedError, AuthError, NotFoundError, QuotaError)
 MISSING = "missing from V7 response"
 
 Key = wire.Ident
@@ -85,8 +91,6 @@ class DrySending:
 
 class Rng(Protocol):
     def random(self) -> float: ...
-
-
 
 
 def _blocked_reasons(entry: dict[str, Any]) -> list[str]:
@@ -151,32 +155,50 @@ class Registrar:
             try:
                 await self._send(call, list(range(len(items))))
             finally:  # however the call ended: finished, gave up, stopped, cancelled
-                await asyncio.shield(self._take_back(call))
+                back = self._never_reached(call)
+                if back:
+                    await asyncio.shield(call.sending.unmark_sent(back))
         out: list[Outcome] = []
         for plan, result in zip(call.items, call.results, strict=True):
             # Unreachable unless a bug: never drop an item silently.
             out.append(result or self._failed(plan, "not resolved by the registrar", True))
         return out
 
-    async def _take_back(self, call: _Call) -> None:
-        """Items marked SENT whose requests never reached V7 — only ever refused outright (429,
-        400/413/422) before the call ended (given up, stopped, cancelled) — have their attempt
-        taken back, so a later ALREADY_EXISTS for them is not taken for ours. An item that V7
-        answered (200), that may have been stored (5xx, reset), or whose request was on the
-        wire when the call was cancelled keeps it."""
-        kept = call.reached | call.maybe_committed | call.on_wire
-        back = [
-            call.items[i] for i in sorted(call.marked) if item_key(*call.items[i].ident) not in kept
-        ]
-        if back:
-            await call.sending.unmark_sent(back)
+    @staticmethod
+    def _never_reached(call: _Call) -> list[Item]:
+        """Items marked SENT whose requests provably never reached V7's storage: never posted
+        (the call was stopped or cancelled between the mark and the POST), or only ever
+        refused outright (429, 400/413/422, 401/404, quota). Their attempt is taken back so a
+        later ALREADY_EXISTS for them is not taken for ours. Anything else keeps it: answered
+        200, a 5xx or a reset (may have been stored), an unknown error, or on the wire when
+        cancelled."""
+        out = []
+        for i in sorted(call.marked):
+            key = item_key(*call.items[i].ident)
+            if key in call.reached or key in call.maybe_committed or key in call.on_wire:
+                continue
+            if key not in call.posted or key in call.refused:
+                out.append(call.items[i])
+        return out
 
     async def _mark(self, call: _Call, indices: list[int]) -> None:
-        """SENT, once per item and call, right before its first request leaves."""
+        """SENT, once per item and call, right before its first request leaves. The commit
+        is shielded: cancelled meanwhile, the items it marked are still known as marked (and
+        taken back, since they never left)."""
         fresh = [i for i in indices if i not in call.marked]
         if not fresh:
             return
-        attempts = await call.sending.mark_sent([call.items[i] for i in fresh])
+        marking = asyncio.ensure_future(call.sending.mark_sent([call.items[i] for i in fresh]))
+        try:
+            attempts = await asyncio.shield(marking)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self._marked(call, fresh, await marking)
+            raise
+        self._marked(call, fresh, attempts)
+
+    @staticmethod
+    def _marked(call: _Call, fresh: list[int], attempts: list[int]) -> None:
         for i, n in zip(fresh, attempts, strict=True):
             call.marked.add(i)
             if n > 1:
@@ -204,14 +226,19 @@ class Registrar:
                     self.stats.in_flight += 1
                     asked_at = self._clock()
                     call.on_wire.update(keys)
+                    call.posted.update(keys)
                     try:
                         response = await self.client.register(self.team, call.readonly, body)
-                    except Exception:
+                    except Exception as e:
                         # An error is an outcome too (429, 5xx, reset, timeout): its latency
                         # counts. A cancelled request (BaseException) got neither: not observed,
                         # and its items stay on the wire (they may have reached V7).
                         self._observe_latency(asked_at)
                         call.on_wire.difference_update(keys)
+                        if isinstance(e, REFUSED):
+                            call.refused.update(keys)  # answered: nothing was stored
+                        elif not isinstance(e, Retry):
+                            call.maybe_committed.update(keys)  # unknown: assume it may have been
                         raise
                     else:
                         self._observe_latency(asked_at)
@@ -358,8 +385,10 @@ class _Call:
         "marked",
         "maybe_committed",
         "on_wire",
+        "posted",
         "reached",
         "readonly",
+        "refused",
         "results",
         "sending",
         "sent_before",
@@ -372,6 +401,8 @@ class _Call:
         self.sending = sending
         self.marked: set[int] = set()  # indices marked SENT by this call
         self.reached: set[Key] = set()  # answered 200 by V7
+        self.posted: set[Key] = set()  # in at least one request that left
+        self.refused: set[Key] = set()  # in a request V7 refused outright (nothing stored)
         self.on_wire: set[Key] = set()  # in a request that has not been answered yet
         self.sent_before: set[Key] = set()  # sent by an earlier run (attempts > 1)
         self.maybe_committed: set[Key] = set()

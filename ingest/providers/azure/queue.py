@@ -46,7 +46,6 @@ AZURE_SERVER_TIMEOUT_S = 30  # the service's own per-operation timeout
 AZURE_DELETE_CONCURRENCY = 16
 
 
-
 def _azure_code(e: BaseException) -> str:
     """The service's error code: ``error_code`` is a str enum whose str() is its Python name
     (StorageErrorCode.QUEUE_NOT_FOUND), not the code (QueueNotFound)."""
