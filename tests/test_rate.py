@@ -284,39 +284,49 @@ def test_conform_obeys_a_pause_and_allows_the_burst() -> None:
     assert c.conform(0.5) == pytest.approx(1.55)  # nothing before the pause ends
 
 
-def test_conform_can_check_without_counting() -> None:
+def test_a_send_that_leaves_later_than_counted_pushes_the_next_one_back() -> None:
+    """Work between the slot and the POST (the ledger's commit of SENT) must not bunch two
+    requests at a burst-1 server: the next send keeps its distance from the real one."""
     c = RateController(10.0, 1.0, tuning=EXACT)
-    assert c.conform(0.0, count=False) == 0.0
-    assert c.conform(0.0, count=False) == 0.0  # not counted: still free
     assert c.conform(0.0) == 0.0
-    assert c.conform(0.05, count=False) > 0
+    assert c.conform(0.2) == 0.0  # (the first send keeps two intervals)
+    c.sent_late(0.23)  # it left at 0.23
+    assert c.conform(0.3) == pytest.approx(0.03)  # not before 0.33
+    c.sent_late(0.1)  # an earlier real send never pulls the schedule back
+    assert c.conform(0.33 + 1e-9) == 0.0
 
 
-async def test_a_slow_commit_before_the_send_never_bunches_requests() -> None:
-    """SENT is committed between the slot and the POST; senders that one group commit
-    releases at the same instant still leave one interval apart, on their real send times."""
+def test_concurrent_late_sends_are_not_serialised_by_each_other() -> None:
+    """At a high rate, sixteen senders whose SENT commits finish together go together: the
+    schedule follows the latest real send, not the sum of every sender's delay."""
+    c = RateController(10_000.0, 1.0, tuning=EXACT)
+    t, counted = 0.0, 0
+    while counted < 16:  # sixteen sends counted about 0.1 ms apart
+        wait = c.conform(t)
+        counted += wait == 0.0
+        t += wait + 1e-12
+    assert t < 0.003
+    for _ in range(16):
+        c.sent_late(0.003)  # every commit of the group ends at 3 ms
+    assert c.conform(0.003 + 1e-4 + 1e-9) == 0.0
+
+
+async def test_limiter_slot_runs_before_send_after_the_grant_and_counts_its_time() -> None:
     ft = FakeTime()
     ctl = RateController(10.0, 1.0, tuning=EXACT)
-    lim = Limiter(ctl, 8, clock=ft.clock, sleep=ft.sleep)
-    release, all_marked = asyncio.Event(), asyncio.Event()
-    marked: list[float] = []
+    lim = Limiter(ctl, 4, clock=ft.clock, sleep=ft.sleep)
+    seen: list[float] = []
 
     async def commit() -> None:
-        marked.append(ft.now)
-        if len(marked) == 4:
-            all_marked.set()
-        await release.wait()  # the ledger thread answers every queued call at once
+        seen.append(ft.now)
+        ft.now += 0.05  # a slow commit
 
-    async def send() -> float:
-        async with lim.slot(before_send=commit) as at:
-            return at
-
-    tasks = [asyncio.ensure_future(send()) for _ in range(4)]
-    await asyncio.wait_for(all_marked.wait(), 10)  # every sender waits for the commit
-    release.set()
-    sent = sorted(await asyncio.gather(*tasks))
-    gaps = [b - a for a, b in itertools.pairwise(sent)]
-    assert all(g >= 0.1 - 1e-9 for g in gaps), gaps
+    async with lim.slot(before_send=commit) as sent_at:
+        assert sent_at == pytest.approx(0.05)
+    async with lim.slot(before_send=commit) as second:
+        pass
+    assert seen[0] == 0.0
+    assert second - sent_at >= 0.2 - 1e-9  # two intervals after the real first send
 
 
 async def test_a_pause_that_begins_during_the_commit_holds_the_send() -> None:
@@ -327,8 +337,8 @@ async def test_a_pause_that_begins_during_the_commit_holds_the_send() -> None:
     async def commit_then_429() -> None:
         ctl.on_rate_limited(ft.now, 3.0)  # another sender's 429 arrives meanwhile
 
-    sent = await lim.acquire(before_send=commit_then_429)
-    assert sent >= 3.0
+    async with lim.slot(before_send=commit_then_429) as sent:
+        assert sent >= 3.0
 
 
 async def test_limiter_books_again_when_a_429_arrives_while_waiting() -> None:
