@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.e2e import Emulator, emulator_process, free_port
 from tests.support.emulators import *  # noqa: F403
+from tests.support.postgres import *  # noqa: F403
 
 # moto's server logs every request through werkzeug: keep test output readable.
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
