@@ -212,12 +212,19 @@ def _exit_code(stats: Stats, stopped_early: bool, ledger_status: Any = None) -> 
 def _summary(
     stats: Stats, ledger_status: Any, out: Callable[[str], None], *, sync: bool = False
 ) -> None:
+    """The end-of-run text (stdout, even when piped; logs go to stderr). Counts are this
+    run's, each with its unit; the ledger's totals over every run follow on their own line."""
     elapsed = stats.elapsed_s()
     out(
-        f"done in {elapsed:.1f} s: listed {stats.listed:,}, registered {stats.registered:,}, "
-        f"blocked {stats.blocked:,}, failed {stats.failed:,}, skipped {stats.skipped:,}; "
-        f"{stats.requests:,} requests, {stats.rate_limited:,} answered 429, "
-        f"{stats.retries:,} retries; {stats.registered / elapsed:,.1f} items/s"
+        f"done in {elapsed:.1f} s (this run): registered {stats.registered:,} items "
+        f"({stats.registered_objects:,} objects), blocked {stats.blocked:,} items, "
+        f"failed {stats.failed:,} items, skipped {stats.skipped:,} objects; "
+        f"listed {stats.listed:,} objects"
+        + (f", recovered {stats.recovered:,} items from the ledger" if stats.recovered else "")
+    )
+    out(
+        f"  {stats.requests:,} requests, {stats.rate_limited:,} answered 429, "
+        f"{stats.retries:,} retries; {stats.settled / elapsed:,.1f} settled/s"
     )
     if sync or stats.changed or stats.vanished:
         out(
@@ -234,7 +241,7 @@ def _summary(
     for reason, n in stats.failures_by_reason.most_common(5):
         out(f"  failed {n:,}: {reason}")
     if ledger_status is not None:
-        out(f"ledger totals: {_fmt_counts(ledger_status.objects_by_state)}")
+        out(f"ledger totals (every run), objects: {_fmt_counts(ledger_status.objects_by_state)}")
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:

@@ -107,7 +107,8 @@ class LedgerConfig:
 @dataclass
 class OutputConfig:
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
-    progress: bool = True  # live progress line on a terminal
+    progress: bool = True  # live progress display on a terminal
+    progress_interval_s: float = 0.5  # seconds between redraws of the progress display
     plan_output: str = "plan.jsonl"  # `ingest plan` writes here ("-" = stdout)
 
 
@@ -303,6 +304,11 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+def _validate_output(out: OutputConfig) -> None:
+    if not 0.05 <= out.progress_interval_s <= 60:
+        raise ConfigError("config: output.progress_interval_s must be between 0.05 and 60")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no network. Raises ConfigError with one actionable line."""
     if cfg.plan.fps != "native":
@@ -352,6 +358,7 @@ def validate(cfg: Config) -> None:
             "or the Azure queue name)"
         )
     _validate_events(cfg)
+    _validate_output(cfg.output)
     if not 0 <= w.http_port <= 65535:
         raise ConfigError("config: worker.http_port must be between 0 and 65535")
     if cfg.ledger.lease_ttl_s < 5:

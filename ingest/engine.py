@@ -192,7 +192,9 @@ class Engine:
         must not write to a ledger that a worker holds)."""
         progress = None
         if self.cfg.output.progress:
-            progress = asyncio.create_task(run_progress(self.stats))
+            progress = asyncio.create_task(
+                run_progress(self.stats, interval_s=self.cfg.output.progress_interval_s)
+            )
         try:
             async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self._lost):
                 if under_lease is not None:

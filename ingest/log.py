@@ -6,14 +6,24 @@ into a message or its arguments, as a last line of defence (code must not log se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import orjson
 
+
+
+class TextSink(Protocol):
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+
+
 _SECRETS: set[str] = set()
+_HANDLER: dict[str, logging.StreamHandler[Any]] = {}  # "stderr": the handler setup() installed
 _RUN_ID = {"value": ""}
 REDACTED = "[REDACTED]"
 
@@ -89,8 +99,25 @@ def setup(log_format: str = "auto", level: int = logging.INFO) -> bool:
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
+    _HANDLER["stderr"] = handler
     root.setLevel(level)
     # Libraries are chatty at INFO (botocore credential discovery, aiohttp access logs).
     for noisy in ("botocore", "aiobotocore", "aiohttp.access", "urllib3", "azure", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return use_json
+
+
+@contextlib.contextmanager
+def log_stream(stream: TextSink) -> Iterator[None]:
+    """Log records go to ``stream`` meanwhile (the live progress display prints them above
+    itself, so a log line never tears a frame); stderr again afterwards."""
+    handler = _HANDLER.get("stderr")
+    if handler is None:
+        yield
+        return
+    previous = handler.setStream(stream)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            handler.setStream(previous)

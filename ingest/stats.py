@@ -96,8 +96,14 @@ class Stats:
     started_at: float = field(default_factory=time.monotonic)
     listed: int = 0  # objects seen in the listing
     planned: int = 0  # items planned (new this run)
+    recovered: int = 0  # items re-queued from the ledger (left by an earlier run, or `retry`)
+    planned_failed: int = 0  # items recorded FAILED while planning (manifest), never queued
+    # The total may still grow: True until the pass's recovery and listing end (and before
+    # a pass starts: preflight, lease).
+    listing: bool = True
     skipped: int = 0  # objects skipped (filtered / unsupported)
     registered: int = 0  # items registered
+    registered_objects: int = 0  # the objects of the items registered
     blocked: int = 0  # items refused by V7 (blocked_items)
     failed: int = 0  # items failed (4xx after bisection, retries exhausted, media errors)
     requests: int = 0  # register requests sent (every attempt)
@@ -148,3 +154,15 @@ class Stats:
 
     def items_per_s(self) -> float:
         return self.registered / self.elapsed_s()
+
+    @property
+    def settled(self) -> int:
+        """This run's items and objects that need nothing more from it: items registered,
+        blocked or failed, plus objects skipped by the filters."""
+        return self.registered + self.blocked + self.failed + self.skipped
+
+    @property
+    def to_settle(self) -> int:
+        """What this run has to settle so far: items queued (new, recovered from the ledger,
+        failed while planning) plus objects skipped. Final once ``listing`` is over."""
+        return self.planned + self.recovered + self.planned_failed + self.skipped

@@ -236,11 +236,21 @@ class Pipeline:
     ) -> None:
         if self._resolver is not None:  # ids still unknown from earlier runs
             self._resolver.add(await self.ledger.registered_without_id(RESOLVE_AT_START))
+        self.stats.listing = True  # the progress display's total grows until this ends
+        try:
+            await self._recover_and_list(resume_listing, list_bucket, objects)
+        finally:
+            self.stats.listing = False
+
+    async def _recover_and_list(
+        self, resume_listing: bool, list_bucket: bool, objects: Sequence[ObjectInfo] | None
+    ) -> None:
         # Recovery first: items left PLANNED, PROCESSING or SENT by an interrupted run.
         async with contextlib.aclosing(self.ledger.pending()) as pending:
             async for p in pending:
                 if self._stop.is_set():
                     return
+                self.stats.recovered += 1
                 await self._route(p.item)
         if objects is not None and not self._stop.is_set():
             await self._plan_events(list(objects))
@@ -362,6 +372,7 @@ class Pipeline:
                 )
                 self.stats.skipped += len(m.slots)
             elif await self.ledger.add_failed_item(plan, problem):
+                self.stats.planned_failed += 1
                 self._count_failure(problem)
         if plans:
             await self._record("manifest", "", False, [], plans)

@@ -72,9 +72,11 @@ class Sender:
             return
         await self.ledger.record_outcomes(outcomes)
         missing: list[tuple[str, str]] = []
+        objects = {i.ident: len(i.keys) for i in batch}
         for o in outcomes:
             if o.state is State.REGISTERED:
                 self.stats.registered += 1
+                self.stats.registered_objects += objects.get((o.path, o.name), 1)
                 if not o.v7_id:
                     missing.append((o.path, o.name))
             elif o.state is State.BLOCKED:

@@ -1,0 +1,161 @@
+"""The progress display: its figures (pure), and the CLI under a real pseudo-terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from ingest.progress import RateWindow, View, clock_text, lines, view
+from ingest.stats import Stats
+from tests.conftest import seed_bucket
+from tests.support.e2e import Emulator, cli_env, job_config
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]")
+COLUMNS = 80
+
+
+def _stats(**counts: int) -> Stats:
+    s = Stats(started_at=0.0, listing=False)
+    for k, v in counts.items():
+        setattr(s, k, v)
+    return s
+
+
+def test_settled_counts_every_outcome_and_the_total_includes_recovered_items() -> None:
+    s = _stats(planned=70, recovered=30, skipped=10, registered=50, blocked=5, failed=5)
+    v = view(s, RateWindow(), 10.0)
+    assert (v.settled, v.total) == (70, 110)
+    assert v.fraction == pytest.approx(70 / 110)
+
+
+def test_rate_and_eta_from_the_recent_window() -> None:
+    s = _stats(planned=1000)
+    w = RateWindow(window_s=20.0)
+    view(s, w, 0.0)
+    s.registered, s.blocked, s.skipped, s.requests = 80, 10, 10, 10
+    v = view(s, w, 10.0)
+    assert v.settled_per_s == pytest.approx(10.0)  # blocked and skipped count too
+    assert v.requests_per_s == pytest.approx(1.0)
+    assert v.eta_s == pytest.approx((1010 - 100) / 10.0)
+    assert "ETA 0:01:31" in lines(v)[1]
+
+
+def test_while_listing_there_is_no_percentage_or_eta() -> None:
+    s = _stats(planned=100, registered=10)
+    s.listing = True
+    w = RateWindow()
+    view(s, w, 0.0)
+    v = view(s, w, 1.0)
+    assert v.fraction is None and v.eta_s is None
+    head, timing, *_ = lines(v)
+    assert head.startswith("listing…") and "100+" in head and "%" not in head
+    assert "ETA …" in timing
+
+
+def test_a_stalled_run_has_an_unknown_eta_and_a_finished_one_zero() -> None:
+    w = RateWindow()
+    s = _stats(planned=10)
+    view(s, w, 0.0)
+    assert view(s, w, 5.0).eta_s == float("inf")
+    assert clock_text(float("inf")) == "-:--:--"
+    s.registered = 10
+    assert view(s, w, 6.0).eta_s == 0.0
+
+
+def test_lines_fit_80_columns_with_the_bar_for_millions() -> None:
+    v = View(
+        settled=9_876_543, total=9_999_999, listing=False, registered=9_000_000,
+        registered_objects=9_500_000, blocked=876_543, failed=999_999, skipped=999_999,
+        elapsed_s=98_765.0, settled_per_s=12_345.6, requests_per_s=1_234.5,
+        allowed_per_s=1_250.0, rate_limited=999_999, in_flight=64, processing=999,
+    )  # fmt: skip
+    from ingest.progress import BAR_COLUMNS
+
+    head, *rest = lines(v)
+    assert BAR_COLUMNS + 1 + len(head) <= COLUMNS
+    assert all(len(line) <= COLUMNS for line in rest)
+
+
+# --- the CLI under a pseudo-terminal --------------------------------------------------------
+
+
+def _read_until_exit(fd: int, proc: subprocess.Popen[bytes], timeout_s: float) -> bytes:
+    out = bytearray()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: every slave end is closed, the child is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    return bytes(out)
+
+
+def test_live_display_fits_80_columns_and_shows_total_percentage_and_eta(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    keys = [f"p/{i:04d}.jpg" for i in range(150)] + ["p/readme.txt"]
+    seed_bucket(moto_url, bucket_name, keys)
+    storage = emulator.storage_for(bucket_name)
+    cfg = job_config(
+        tmp_path, emulator, moto_url, bucket_name, storage,
+        extra="[rate]\nrequests_per_s = 5\nburst = 1\nadaptive = false\n"
+        "[batch]\nmax_items = 10\n",
+    )  # fmt: skip
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, COLUMNS, 0, 0))
+    env = {k: v for k, v in cli_env().items() if k not in ("COLUMNS", "LINES")}
+    env["TERM"] = "xterm-256color"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest", "run", "--config", str(cfg),
+         "--set", "output.progress=true", "--set", "output.log_format=auto",
+         "--set", "output.progress_interval_s=0.1"],
+        stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=env,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        raw = _read_until_exit(master, proc, 120)
+        assert proc.stdout is not None
+        summary = proc.stdout.read().decode()
+        assert proc.wait(30) == 0, raw.decode(errors="replace")[-3000:]
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    text = raw.decode()
+    # Every piece between cursor moves, carriage returns and newlines fits the terminal.
+    pieces = re.split(r"[\r\n]", ANSI.sub("\n", text))
+    widest = max(pieces, key=len)
+    assert len(widest) <= COLUMNS, widest
+    # Redraws overwrite: the cursor goes back up over the last frame every time.
+    frames = text.count("settled (this run)")
+    assert frames >= 10
+    net_lines = text.count("\n") - len(re.findall(r"\x1b\[(\d*)A", text))
+    assert net_lines < 30, net_lines  # the final frame and a few log lines, not one per frame
+    plain = ANSI.sub("", text)
+    final = re.findall(r"(\d+\.\d)%  ([\d,]+) / ([\d,]+) settled", plain)
+    assert final and final[-1] == ("100.0", "151", "151")
+    assert re.search(r"settled/s  elapsed \d:\d\d:\d\d  ETA \d:\d\d:\d\d", plain)
+    mid = [f for f in final if f[0] != "100.0"]
+    assert mid and all(t == "151" for _p, _d, t in mid)  # the total is final once listed
+    # stdout was a pipe: the summary went there, as text, with its units.
+    assert "registered 150 items (150 objects)" in summary
+    assert "skipped 1 objects" in summary
+    assert "settled (this run)" not in summary
+    assert plain.index("listing…") < plain.index("%  ")  # it said so until the listing ended
