@@ -150,6 +150,17 @@ async def test_jobs_are_independent(ledger_factory: Factory) -> None:
     assert (await b.status()).job == "job-b"
 
 
+async def test_jobs_lists_every_job_with_a_run(ledger_factory: Factory) -> None:
+    a = await ledger_factory("job-b")
+    assert await a.jobs() == []
+    await a.start_run("sync", listing=False)
+    b = await ledger_factory("job-a")
+    await b.start_run("run")
+    await b.start_run("run")
+    assert await a.jobs() == ["job-a", "job-b"]
+    assert await (await ledger_factory("job-c")).jobs() == ["job-a", "job-b"]  # opening adds none
+
+
 async def test_checkpoints_resume_and_listing_complete(ledger_factory: Factory) -> None:
     lg = await ledger_factory()
     assert (await lg.start_run("run")).resume_listing is False

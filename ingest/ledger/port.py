@@ -268,6 +268,11 @@ class LedgerPort(Protocol):
 
     async def status(self, runs: int = 5) -> Status: ...
 
+    async def jobs(self) -> list[str]:
+        """Every job this store holds a run of, sorted: what `ingest status` names when the
+        configured job is not among them (a changed prefix or bucket changes the job name)."""
+        ...
+
     def report_rows(self) -> AsyncGenerator[ReportRow, None]:
         """One row per object in key order, streamed in chunks."""
         ...

@@ -1442,6 +1442,13 @@ class SqliteLedger:
 
         return await self._run(work)
 
+    async def jobs(self) -> list[str]:
+        def work(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute("SELECT job FROM jobs UNION SELECT job FROM runs ORDER BY 1")
+            return [str(job) for (job,) in rows]
+
+        return await self._run(work)
+
     async def report_rows(self) -> AsyncGenerator[ReportRow, None]:
         """One row per object in key order, streamed in chunks."""
         job = self.job
