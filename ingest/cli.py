@@ -48,7 +48,15 @@ log = logging.getLogger("ingest")
 # --- argument parsing ----------------------------------------------------------------------------
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _flags(add: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """A parent parser of shared flags; each subcommand takes only the groups it uses, so its
+    --help lists only the flags it reads."""
+    parent = argparse.ArgumentParser(add_help=False)
+    add(parent)
+    return parent
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="TOML config file (see config/*.toml)")
     p.add_argument(
         "--set",
@@ -62,15 +70,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="override v7.storage")
     p.add_argument("--bucket", help="override source.bucket")
     p.add_argument("--prefix", help="override source.prefix")
+    p.add_argument("--ledger", help="override ledger.path")
+
+
+def _target_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="override source.endpoint_url (S3-compatible store)")
     p.add_argument("--base-url", help="override v7.base_url (default $DARWIN_BASE_URL or V7)")
-    p.add_argument("--ledger", help="override ledger.path")
-    p.add_argument("--rate", type=float, help="override rate.requests_per_s")
     p.add_argument("--batch-size", type=int, help="override batch.max_items")
     p.add_argument(
         "--log-format", choices=["auto", "json", "text"], help="override output.log_format"
     )
-    p.add_argument("--no-progress", action="store_true", help="no live progress line")
+
+
+def _send_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rate", type=float, help="override rate.requests_per_s")
+
+
+def _progress_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no live progress display")
 
 
 _FLAG_FIELDS = {
@@ -94,14 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ingest {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Which flags a subcommand reads: the config and the job's names (every one), where it
+    # reads and sends (not status/report), the rate (what sends), the progress display (what
+    # runs in a terminal).
+    names, target, send, progress = (
+        _flags(f) for f in (_config_flags, _target_flags, _send_flags, _progress_flags)
+    )
+    sending = [names, target, send]
 
     p = sub.add_parser(
         "run",
         help="one-off migration of a bucket prefix into a dataset",
         description="List the bucket prefix, plan items, register them within V7's rate limits. "
         "Resumable: run it again after a crash and it continues; what is done is never re-sent.",
+        parents=[*sending, progress],
     )
-    _common(p)
 
     p = sub.add_parser(
         "sync",
@@ -110,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "registered, changed (new ETag) and vanished objects are reported (sync.on_change), "
         "nothing is deleted in V7. Safe to schedule: a second sync of the same job is refused "
         "while one holds the ledger's lease.",
+        parents=[*sending, progress],
     )
-    _common(p)
 
     p = sub.add_parser(
         "worker",
@@ -121,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "failed items with back-off between runs, keeps going while V7 or the bucket is "
         "unreachable, serves health and Prometheus metrics, and on SIGTERM finishes in-flight "
         "work within worker.grace_period_s, then exits 0.",
+        parents=sending,
     )
-    _common(p)
     p.add_argument(
         "--once", action="store_true", help="one scheduled pass, then exit (for testing a config)"
     )
@@ -133,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="List and plan like `run`, but send nothing and write nothing to the ledger. "
         'Each output line is one request: {"endpoint", "body"}. Items the ledger already '
         "records as done are left out.",
+        parents=[names, target],
     )
-    _common(p)
     p.add_argument("--output", "-o", help="JSONL file to write ('-' = stdout; default plan.jsonl)")
     p.add_argument(
         "--readonly",
@@ -145,17 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status",
         help="what the ledger knows: counts per state, last runs, failures by reason",
-        description="Summarise the ledger of this job. Reads only the ledger; no network.",
+        description="Summarise the ledger of this job: counts per state (over every run), "
+        "the last runs, the top failure reasons. Reads only the ledger; no network.",
+        parents=[names],
     )
-    _common(p)
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--format", choices=["text", "json"], default="text", help="text tables, or JSON"
+    )
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # = --format json
 
     p = sub.add_parser(
         "report",
         help="one row per object: key, state, item name/path, V7 item id, reason",
         description="Export the ledger, one row per object, streamed (constant memory).",
+        parents=[names],
     )
-    _common(p)
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--output", "-o", default="-", help="file to write ('-' = stdout)")
     p.add_argument("--state", action="append", help="only rows in this state (repeatable)")
@@ -169,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "retry",
         help="re-queue failed objects and send them again",
         description="Move FAILED items (and, with --blocked, BLOCKED items with that reason) back "
-        "to PLANNED and register them; no listing.",
+        "to PLANNED and register them; no listing. With nothing to re-queue and nothing "
+        "pending it says so and records no run.",
+        parents=[*sending, progress],
     )
-    _common(p)
     p.add_argument("--blocked", metavar="REASON", help="also retry items blocked with REASON")
 
     p = sub.add_parser(
@@ -252,15 +281,27 @@ async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = Non
     from ingest.engine import open_engine
     from ingest.ledger import LedgerPort
 
-    async def requeue(ledger: LedgerPort) -> None:
+    async def requeue(ledger: LedgerPort) -> bool:
+        """Re-queue FAILED (and BLOCKED) items; False when there is nothing to send at all,
+        so a no-op `retry` records no run."""
         n = await ledger.requeue_failed(retry_blocked)
         log.info("re-queued items", extra={"count": n})
+        if n:
+            return True
+        async with contextlib.aclosing(ledger.pending()) as pending:
+            return await anext(pending, None) is not None
 
     async with open_engine(cfg) as engine:
         result = await engine.run(
             kind, list_bucket=kind != "retry", under_lease=requeue if kind == "retry" else None
         )
         status = await engine.ledger.status()
+        if result is None:
+            what = "FAILED items"
+            if retry_blocked:
+                what += f" nor items BLOCKED {retry_blocked!r}"
+            print(f"nothing to retry: no {what} and nothing pending; no run recorded")
+            return _exit_code(engine.stats, False, status)
         _summary(engine.stats, status, print, sync=kind == "sync")
         if engine.lease_lost:
             return EXIT_FATAL
@@ -301,27 +342,25 @@ async def _existing_ledger(cfg: config.Config) -> AsyncIterator[Any]:
 
 
 async def _status(cfg: config.Config, as_json: bool) -> int:
+    import time
+
+    from ingest.status_view import status_doc, status_lines, unknown_job_lines
+
     async with _existing_ledger(cfg) as ledger:
         if ledger is None:
             print(f"no ledger at {cfg.ledger.path}: nothing has run for this config yet")
             return EXIT_OK
         st = await ledger.status()
-    doc = st.as_dict()
+        jobs = await ledger.jobs()
+    now = time.time()
     if as_json:
+        doc = {**status_doc(st, now), "job_in_ledger": cfg.job in jobs, "ledger_jobs": jobs}
         print(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
-    print(f"job: {cfg.job}")
-    print(f"objects: {_fmt_counts(st.objects_by_state)}")
-    print(f"items:   {_fmt_counts(st.items_by_state)}")
-    if st.changed_objects or st.vanished_objects:
-        print(
-            f"sync:    {st.changed_objects:,} changed, {st.vanished_objects:,} vanished "
-            "(ingest report --sync changed|vanished)"
-        )
-    for run in st.last_runs:
-        print(f"run {run}")
-    for reason, n in st.failures_by_reason:
-        print(f"  {n:,} x {reason}")
+    if cfg.job not in jobs and not st.objects_by_state:
+        print("\n".join(unknown_job_lines(cfg.job, cfg.ledger.path, jobs)))
+        return EXIT_OK
+    print("\n".join(status_lines(st, cfg.ledger.path, now)))
     return EXIT_OK
 
 
@@ -380,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "plan":
             return _asyncio_run(_plan(cfg, ns.output or cfg.output.plan_output, ns.readonly))
         if ns.command == "status":
-            return _asyncio_run(_status(cfg, ns.json))
+            return _asyncio_run(_status(cfg, ns.json or ns.format == "json"))
         if ns.command == "report":
             return _asyncio_run(_report(cfg, ns.format, ns.output, ns.state, ns.sync))
     except (ConfigError, PreflightError) as e:

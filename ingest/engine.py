@@ -15,10 +15,10 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import orjson
 
@@ -185,11 +185,12 @@ class Engine:
         kind: str = "run",
         *,
         list_bucket: bool = True,
-        under_lease: Callable[[LedgerPort], Any] | None = None,
-    ) -> RunResult:
-        """One CLI pass with a lease, a progress line and signal handling. ``under_lease``
+        under_lease: Callable[[LedgerPort], Awaitable[bool]] | None = None,
+    ) -> RunResult | None:
+        """One CLI pass with a lease, a progress display and signal handling. ``under_lease``
         changes the ledger once the lease is ours (``ingest retry`` re-queueing FAILED items
-        must not write to a ledger that a worker holds)."""
+        must not write to a ledger that a worker holds); when it returns False there is
+        nothing to do: no pass, no run record, None."""
         progress = None
         if self.cfg.output.progress:
             progress = asyncio.create_task(
@@ -197,8 +198,8 @@ class Engine:
             )
         try:
             async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self._lost):
-                if under_lease is not None:
-                    await under_lease(self.ledger)
+                if under_lease is not None and not await under_lease(self.ledger):
+                    return None
                 return await Lifecycle(self.request_stop).run(
                     self.pass_(kind, list_bucket=list_bucket)
                 )

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 import orjson
 
 
-
 class TextSink(Protocol):
     def write(self, text: str, /) -> int: ...
     def flush(self) -> None: ...
