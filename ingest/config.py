@@ -122,14 +122,14 @@ class MediaConfig:
     # Bucket key prefix for thumbnails and video artifacts; "" = the V7 storage configuration's
     # prefix (its container segment dropped for Azure), or "thumbnails" when that is empty too.
     artifact_prefix: str = ""
-    thumbnail_workers: int = 0  # decoder processes; 0 = one per core
+    thumbnail_workers: int = 0  # decoder processes; 0 = one per usable CPU (cgroup quota)
     thumbnail_concurrency: int = 16  # images fetched / thumbnailed / uploaded at once
     max_image_bytes: int = 512 * 1024 * 1024  # larger images are FAILED, not loaded
     max_image_pixels: int = 300_000_000  # decompression-bomb guard
     # "auto": local for read-only storage (required there), server-side for read-write.
     video_processing: VideoProcessing = "auto"
-    video_workers: int = 0  # ffmpeg processes at once; 0 = derived from the core count
-    video_threads_per_worker: int = 0  # ffmpeg -threads; 0 = cores / workers
+    video_workers: int = 0  # ffmpeg processes at once; 0 = half the usable CPUs
+    video_threads_per_worker: int = 0  # ffmpeg -threads; 0 = usable CPUs / workers
     video_time_limit_s: float = 3600.0  # one video's processing time limit
     segment_length_s: int = 2  # HLS segment length (darwin-py: segment_length)
     extract_preview_frames: bool = True  # low-quality preview frames (darwin-py name)

@@ -24,6 +24,7 @@ import orjson
 
 from ingest import USER_AGENT
 from ingest.config import Config
+from ingest.cpus import available_cpus
 from ingest.errors import LeaseHeld, LedgerError, PreflightError
 from ingest.ledger import LedgerPort, open_ledger
 from ingest.log import set_run_id
@@ -288,8 +289,9 @@ def artifact_prefixes(cfg: Config, target: Target, media: MediaStage | None) -> 
 
 
 def video_workers(cfg: Config) -> int:
-    """ffmpeg processes at once: configured, or half the cores (each uses several threads)."""
-    return cfg.media.video_workers or max(1, (os.cpu_count() or 2) // 2)
+    """ffmpeg processes at once: configured, or half the usable CPUs (each uses several
+    threads)."""
+    return cfg.media.video_workers or max(1, available_cpus() // 2)
 
 
 async def check_media(cfg: Config, readonly: bool) -> None:
@@ -335,7 +337,7 @@ async def open_media(
         from ingest.media.video import VideoOptions, VideoPool
 
         workers = video_workers(cfg)
-        threads = m.video_threads_per_worker or max(1, (os.cpu_count() or 2) // workers)
+        threads = m.video_threads_per_worker or max(1, available_cpus() // workers)
         videos = VideoPool(
             workers=workers,
             threads_per_worker=threads,

@@ -98,6 +98,7 @@ from PIL import (  # the plugins are imported so that ``formats=`` can name them
     WebPImagePlugin,
 )
 
+from ingest.cpus import available_cpus
 from ingest.media import MediaError
 
 __all__ = [
@@ -384,9 +385,10 @@ def _work_path(path: str, max_pixels: int) -> Thumbnail:
 class ThumbnailPool:
     """Thumbnails in worker processes, with at most ``max_pending`` submissions in flight.
 
-    ``workers=0`` means ``os.cpu_count()``; ``max_pending=0`` means ``2 * workers`` (enough to
-    keep every worker busy while results travel back). Callers beyond that wait on a semaphore,
-    so memory held in submitted ``bytes`` stays bounded.
+    ``workers=0`` means one per usable CPU (``ingest.cpus``: cgroup quota, affinity);
+    ``max_pending=0`` means ``2 * workers`` (enough to keep every worker busy while results
+    travel back). Callers beyond that wait on a semaphore, so memory held in submitted
+    ``bytes`` stays bounded.
 
     Workers are started with ``spawn`` (safe with the engine's threads and event loop). If a
     worker dies (segfault, OOM kill), the pool is recreated; every item that was in flight is
@@ -404,7 +406,7 @@ class ThumbnailPool:
     ) -> None:
         if workers < 0 or max_pending < 0:
             raise ValueError("workers and max_pending must be >= 0")
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or available_cpus()
         self.max_pending = max_pending or 2 * self.workers
         self.max_pixels = max_pixels
         self._context = mp_context or multiprocessing.get_context("spawn")

@@ -43,6 +43,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
+from ingest.cpus import available_cpus
 from ingest.media import MediaError
 from ingest.media.ffmpeg import (
     FFMPEG,
@@ -484,7 +485,7 @@ def manifest_lines(pts_text: list[str], segment_counts: list[int], step: float) 
 
 
 def default_workers() -> int:
-    return max(1, (os.cpu_count() or 2) // 2)
+    return max(1, available_cpus() // 2)
 
 
 class VideoPool:
@@ -500,7 +501,7 @@ class VideoPool:
         max_pending_bytes: int = 512 * 1024 * 1024,
         on_pause: Callable[[], None] | None = None,
     ) -> None:
-        cores = os.cpu_count() or 2
+        cores = available_cpus()
         self.workers = workers if workers > 0 else default_workers()
         self.threads = (
             threads_per_worker if threads_per_worker > 0 else max(1, cores // self.workers)
