@@ -8,6 +8,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest import __version__
 from ingest.errors import RateLimited, ServerError, TransportError
 from ingest.model import Item, ItemType, ObjectInfo, Slot
 from ingest.registrar import wire
@@ -286,7 +288,7 @@ class Server:
         assert ctype == prometheus_client.CONTENT_TYPE_LATEST
         out: Samples = {}
         for family in text_string_to_metric_families(text):
-            assert family.name.startswith("ingest_")
+            assert family.name.startswith(("ingest_", "process_")), family.name
             for s in family.samples:
                 out[(s.name, frozenset(s.labels.items()))] = s.value
         return out
@@ -342,7 +344,6 @@ async def test_metrics_equal_the_stats(server: Server) -> None:
         "ingest_allowed_rate_requests_per_second": 7.5,
         "ingest_requests_in_flight": 3,
         "ingest_media_items_processing": 2,
-        "ingest_up": 1,
         "ingest_ready": 1,
     }
     for name, value in expected_counters.items():
@@ -355,6 +356,13 @@ async def test_metrics_equal_the_stats(server: Server) -> None:
     assert one(m, "ingest_queue_depth", queue="items") == 17
     assert one(m, "ingest_queue_depth", queue="batches") == 2
     assert not [k for k in m if k[0] == "ingest_last_successful_sync_timestamp_seconds"]
+    assert one(m, "ingest_build_info", version=__version__) == 1
+    assert not [k for k in m if k[0] == "ingest_up"]
+    # The process's own figures (prometheus_client's process collector, read from /proc).
+    assert one(m, "process_resident_memory_bytes") > 10e6
+    assert one(m, "process_open_fds") >= 3
+    assert one(m, "process_max_fds") > one(m, "process_open_fds")
+    assert one(m, "process_cpu_seconds_total") > 0
 
     # Live: the next scrape reads the Stats again.
     depth["items"] = 0
@@ -505,3 +513,35 @@ def test_reasons_are_counted_folded_and_in_bounded_keys() -> None:
         count_reason(counts, f"media error {chr(65 + i % 26)}{chr(65 + i // 26 % 26)}{i // 676}")
     assert len(counts) == MAX_REASON_KEYS + 1  # + "other"
     assert counts[OTHER] > 0 and sum(counts.values()) == 3 + 3 * MAX_REASON_KEYS
+
+
+async def test_queue_depths_read_zero_once_a_pass_is_over(tmp_path: Path) -> None:
+    """The senders leave their end-of-stream marker in the batch queue: an idle worker must
+    not read as one batch waiting. A real pipeline over a local directory, an in-memory
+    ledger; the registrar is a stand-in that registers every item (V7 is not under test)."""
+    from ingest import config
+    from ingest.ledger import memory
+    from ingest.model import Outcome, State
+    from ingest.providers.local import LocalSource
+    from ingest.run.pipeline import Pipeline
+
+    for i in range(30):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(b"x")
+    cfg = config.Config()
+    cfg.source = config.SourceConfig(provider="local", bucket=str(tmp_path))
+    cfg.rate.max_in_flight = 3
+
+    class Registered:
+        async def register(self, items: Any, sending: Any, **_: Any) -> list[Outcome]:
+            return [Outcome(i.path, i.name, State.REGISTERED, v7_id="x") for i in items]
+
+    stats = Stats()
+    async with memory("j") as ledger:
+        await Pipeline(
+            cfg, LocalSource(cfg.source), ledger, Registered(), stats, readonly=False, dry_run=True
+        ).run("run")  # dry_run: local files go on without their upload (not under test)
+    assert stats.registered == 30
+    assert {"items", "batches"} <= set(stats.queues)
+    assert {name: depth() for name, depth in stats.queues.items()} == dict.fromkeys(
+        stats.queues, 0
+    )

@@ -17,6 +17,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest import __version__
 from ingest.emulator import API_KEY
 from tests.conftest import s3_client, seed_bucket
 from tests.support.e2e import (
@@ -179,7 +180,8 @@ def test_worker_survives_v7_down_and_metrics_match_the_emulator(
             assert m["ingest_rate_limited_total"] == c["rate_limited"]
             assert m["ingest_items_registered_total"] == c["items_registered"] == 40
             assert m["ingest_objects_listed_total"] >= 40
-            assert m["ingest_up"] == 1 and m["ingest_ready"] == 1
+            assert m[f"ingest_build_info{{version={__version__}}}"] == 1 and m["ingest_ready"] == 1
+            assert "ingest_up" not in m and m["process_resident_memory_bytes"] > 0
             assert m["ingest_last_successful_sync_timestamp_seconds"] > 0
         # V7 goes away mid-life; new objects arrive meanwhile.
         s3 = s3_client(moto_url)

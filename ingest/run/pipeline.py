@@ -44,6 +44,10 @@ MANIFEST_CHUNK_ITEMS = 500  # manifest items looked up and recorded per ledger c
 RESOLVE_AT_START = 10_000  # registered items without a V7 id, looked up again per pass
 
 
+def _empty() -> int:
+    return 0
+
+
 class Background(Protocol):
     """A helper task that lives as long as the pass (fault log, id resolver)."""
 
@@ -170,6 +174,8 @@ class Pipeline:
             status = "interrupted"
             raise
         finally:
+            # The queues end holding end-of-stream markers, not work: idle reads 0.
+            self.stats.queues.update(dict.fromkeys(self.stats.queues, _empty))
             result.counts = {k: v - before.get(k, 0) for k, v in self.counts().items()}
             with contextlib.suppress(Exception):  # never mask the error that ended the pass
                 await asyncio.shield(self.ledger.finish_run(run.run_id, status, result.counts))

@@ -20,7 +20,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -29,6 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ingest import __version__
 from ingest.stats import OTHER, Stats, reason_label
 
 log = logging.getLogger("ingest.worker")
@@ -220,8 +226,16 @@ class IngestCollector(Collector):
             )
         ready, _ = self.health.ready(self.clock(), s.last_sync_success_at)
         yield _gauge("ingest_ready", "1 when /readyz answers 200.", 1.0 if ready else 0.0)
-        yield _gauge("ingest_up", "1 while the worker serves metrics.", 1.0)
+        yield self._build_info()
         yield self._latency()
+
+    @staticmethod
+    def _build_info() -> GaugeMetricFamily:
+        family = GaugeMetricFamily(
+            "ingest_build_info", "Always 1; the version running, as a label.", labels=["version"]
+        )
+        family.add_metric([__version__], 1.0)
+        return family
 
     def _by_reason(
         self, name: str, doc: str, labels: ReasonLabels, counts: Mapping[str, int]
@@ -259,9 +273,11 @@ class IngestCollector(Collector):
 
 
 def metrics_registry(stats: Stats, health: Health, clock: Clock = time.time) -> CollectorRegistry:
-    """A registry of its own holding only the ingest collector."""
+    """A registry of its own: the ingest collector and the process's own figures (memory,
+    CPU seconds, open file descriptors, start time: prometheus_client's process collector)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(IngestCollector(stats, health, clock))
+    ProcessCollector(registry=registry)
     return registry
 
 
