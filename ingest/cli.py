@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--once", action="store_true", help="one scheduled pass, then exit (for testing a config)"
     )
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)  # never shown
 
     p = sub.add_parser(
         "plan",

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from ingest import config
-from ingest.cli import EXIT_CONFIG, EXIT_FATAL, EXIT_INCOMPLETE, build_parser
+from ingest.cli import EXIT_BUSY, EXIT_CONFIG, EXIT_FATAL, EXIT_INCOMPLETE, build_parser
 from ingest.config import API_KEY_ENV, SyncConfig, WorkerConfig
 from ingest.stats import Stats
 from ingest.worker.observe import HEALTHZ, METRICS, READYZ, Health, make_app
@@ -112,7 +112,28 @@ def check_pod(
     # A read-only root file system needs a writable /tmp (video work, temp files).
     if c["securityContext"].get("readOnlyRootFilesystem"):
         assert "emptyDir" in mount_for(pod, c, "/tmp/x")["volume"]
+    # The disk /tmp may fill (videos) is requested, so the pod lands where it fits.
+    tmp_dir = mount_for(pod, c, "/tmp/x")["volume"].get("emptyDir", {})
+    if "sizeLimit" in tmp_dir:
+        request = quantity(c["resources"]["requests"]["ephemeral-storage"])
+        assert request >= quantity(tmp_dir["sizeLimit"])
+        assert quantity(c["resources"]["limits"]["ephemeral-storage"]) >= request
     return cfg
+
+
+_SUFFIX = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_SUFFIX |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(text: str | int) -> float:
+    """A Kubernetes resource quantity in bytes ("10Gi", "512Mi", "1G")."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kMGT]i?|Ki)?", str(text))
+    assert m, text
+    return float(m.group(1)) * _SUFFIX[m.group(2) or ""]
+
+
+def test_quantity() -> None:
+    assert quantity("10Gi") == 10 * 2**30 and quantity("1G") == 1e9 and quantity(512) == 512
 
 
 def test_worker_deployment(tmp_path: Path) -> None:
@@ -162,6 +183,25 @@ def test_sync_cronjob(tmp_path: Path) -> None:
     assert codes["operator"] == "In"
     assert codes["containerName"] == pod["containers"][0]["name"]
     assert set(codes["values"]) == {EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_FATAL}
+    # A hung sync ends before the next night: with Forbid, a Job still running would make the
+    # CronJob skip every later night.
+    assert spec["schedule"].split()[2:] == ["*", "*", "*"]  # daily
+    assert 0 < job["activeDeadlineSeconds"] + spec["startingDeadlineSeconds"] < 24 * 3600
+    assert pod["terminationGracePeriodSeconds"] > 0
+
+
+def test_every_schedule_is_the_same_hour_in_utc() -> None:
+    cron = only(docs("cronjob-sync.yaml"), "CronJob")["spec"]
+    assert cron["timeZone"] in ("Etc/UTC", "UTC")
+    minute, hour, *_ = cron["schedule"].split()
+    timer = unit("ingest-sync.timer")["Timer"]["OnCalendar"]
+    assert timer == f"*-*-* {int(hour):02d}:{int(minute):02d}:00 UTC"  # not the host's zone
+    # The worker's cron is evaluated in UTC, and its example says so.
+    from ingest.worker.schedule import parse_schedule
+
+    nightly = parse_schedule(f"{minute} {hour} * * *").next_after(0.0)  # from 1970-01-01 UTC
+    assert nightly == int(hour) * 3600 + int(minute) * 60
+    assert "UTC" in (DEPLOY / "worker.toml").read_text()
 
 
 # --- systemd -------------------------------------------------------------------------------
@@ -219,6 +259,7 @@ def test_sync_service_and_timer() -> None:
     success = svc["Service"].get("SuccessExitStatus", "").split()
     assert str(EXIT_INCOMPLETE) not in success
     assert "# SuccessExitStatus=3" in (SYSTEMD / "ingest-sync.service").read_text()
+    assert str(EXIT_BUSY) in success  # a manual sync is doing tonight's work
 
     timer = unit("ingest-sync.timer")["Timer"]
     assert timer["OnCalendar"] and timer["Persistent"] == "true"
@@ -239,6 +280,11 @@ def test_worker_service() -> None:
     example = config.load(DEPLOY / "worker.toml")
     assert timespan_s(s["TimeoutStopSec"]) > example.worker.grace_period_s
     assert str(EXIT_CONFIG) in s["RestartPreventExitStatus"].split()  # a bad config: no loop
+    assert str(EXIT_BUSY) not in s["RestartPreventExitStatus"].split()
+    # Restarts alone never reach the start limit (the unit never ends up "failed" for it).
+    u = svc["Unit"]
+    restarts_in_window = timespan_s(u["StartLimitIntervalSec"]) / timespan_s(s["RestartSec"])
+    assert restarts_in_window < int(u["StartLimitBurst"])
 
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")

@@ -542,6 +542,5 @@ async def test_queue_depths_read_zero_once_a_pass_is_over(tmp_path: Path) -> Non
         ).run("run")  # dry_run: local files go on without their upload (not under test)
     assert stats.registered == 30
     assert {"items", "batches"} <= set(stats.queues)
-    assert {name: depth() for name, depth in stats.queues.items()} == dict.fromkeys(
-        stats.queues, 0
-    )
+    depths = {name: depth() for name, depth in stats.queues.items()}
+    assert depths == dict.fromkeys(stats.queues, 0)

@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -323,3 +324,39 @@ def test_a_worker_whose_lease_is_taken_over_exits_4(
 def _metrics_or_empty(port: int) -> dict[str, float]:
     status, _ = _get(port, "/metrics")
     return _metrics(port) if status == 200 else {}
+
+
+def test_a_worker_started_while_a_manual_sync_holds_the_lease_waits_for_it(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    """Busy is not an exit (no exit 5 for systemd to restart until its start limit): the
+    worker stays up, not ready, saying why, and takes the job over once the sync is done."""
+    import asyncio
+
+    from ingest import config
+    from ingest.ledger import open_ledger
+
+    seed_bucket(moto_url, bucket_name, [f"b/{i}.jpg" for i in range(6)])
+    storage = emulator.storage_for(bucket_name)
+    cfg, port = _worker_config(tmp_path, emulator.url, moto_url, bucket_name, storage)
+    job = config.load(cfg).job
+    holder = "manual-sync:1:ab:elsewhere"  # another host's `ingest sync`
+
+    async def lease(take: bool) -> None:
+        async with open_ledger(tmp_path / "l.sqlite", job) as lg:
+            if take:
+                assert await lg.acquire_lease(holder, 600, time.time(), lambda _h: False) is None
+            else:
+                await lg.release_lease(holder)
+
+    asyncio.run(lease(True))
+    with _worker(cfg) as proc:
+        assert wait_for(lambda: "already running" in _get(port, "/readyz")[1], 60)
+        assert _get(port, "/readyz")[0] == 503 and proc.poll() is None
+        assert emulator.items() == []
+        asyncio.run(lease(False))  # the manual sync ends
+        assert wait_for(lambda: len(emulator.items()) == 6, 60)
+        assert wait_for(lambda: _get(port, "/readyz")[0] == 200, 30)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-3000:]
