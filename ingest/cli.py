@@ -246,11 +246,11 @@ def _summary(
     run's, each with its unit; the ledger's totals over every run follow on their own line."""
     elapsed = stats.elapsed_s()
     out(
-        f"done in {elapsed:.1f} s (this run): registered {stats.registered:,} items "
-        f"({stats.registered_objects:,} objects), blocked {stats.blocked:,} items, "
-        f"failed {stats.failed:,} items, skipped {stats.skipped:,} objects; "
-        f"listed {stats.listed:,} objects"
-        + (f", recovered {stats.recovered:,} items from the ledger" if stats.recovered else "")
+        f"done in {elapsed:.1f} s (this run): registered {_n(stats.registered, 'item')} "
+        f"({_n(stats.registered_objects, 'object')}), blocked {_n(stats.blocked, 'item')}, "
+        f"failed {_n(stats.failed, 'item')}, skipped {_n(stats.skipped, 'object')}; "
+        f"listed {_n(stats.listed, 'object')}"
+        + (f", recovered {_n(stats.recovered, 'item')} from the ledger" if stats.recovered else "")
     )
     out(
         f"  {stats.requests:,} requests, {stats.rate_limited:,} answered 429, "
@@ -272,6 +272,10 @@ def _summary(
         out(f"  failed {n:,}: {reason}")
     if ledger_status is not None:
         out(f"ledger totals (every run), objects: {_fmt_counts(ledger_status.objects_by_state)}")
+
+
+def _n(count: int, unit: str) -> str:
+    return f"{count:,} {unit}" + ("" if count == 1 else "s")
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:

@@ -18,7 +18,7 @@ import pytest
 from ingest.progress import RateWindow, View, clock_text, lines, view
 from ingest.stats import Stats
 from tests.conftest import seed_bucket
-from tests.support.e2e import Emulator, cli_env, job_config
+from tests.support.e2e import Emulator, cli_env, job_config, wait_for
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]")
 COLUMNS = 80
@@ -156,6 +156,52 @@ def test_live_display_fits_80_columns_and_shows_total_percentage_and_eta(
     assert mid and all(t == "151" for _p, _d, t in mid)  # the total is final once listed
     # stdout was a pipe: the summary went there, as text, with its units.
     assert "registered 150 items (150 objects)" in summary
-    assert "skipped 1 objects" in summary
+    assert "skipped 1 object;" in summary
     assert "settled (this run)" not in summary
     assert plain.index("listing…") < plain.index("%  ")  # it said so until the listing ended
+
+
+def test_a_resumed_run_counts_only_its_own_work(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    """Once read "listed 2,000  registered 2,610": the resumed run's figures are its own (the
+    items left queued by the first run are "recovered", part of its total), and the ledger's
+    totals over both runs come on their own line."""
+    import signal
+
+    keys = [f"r/{i // 100}/{i:04d}.jpg" for i in range(400)]
+    seed_bucket(moto_url, bucket_name, keys)
+    storage = emulator.storage_for(bucket_name)
+    cfg = job_config(
+        tmp_path, emulator, moto_url, bucket_name, storage,
+        extra="[rate]\nrequests_per_s = 4\nburst = 1\nadaptive = false\n"
+        "[batch]\nmax_items = 10\n",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest", "run", "--config", str(cfg),
+         "--set", "source.page_size=100"],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert wait_for(lambda: len(emulator.items()) >= 30 or proc.poll() is not None, 60)
+    proc.send_signal(signal.SIGINT)
+    first_out, first_err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, first_err[-3000:]
+    first = len(emulator.items())
+    assert 0 < first < 400
+
+    second = subprocess.run(
+        [sys.executable, "-m", "ingest", "run", "--config", str(cfg), "--rate", "500"],
+        env=cli_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(emulator.items()) == 400
+    head = second.stdout.splitlines()[0]
+    m = re.search(
+        r"registered (\d+) items \((\d+) objects\).*listed (\d+) objects, recovered (\d+) items",
+        head,
+    )
+    assert m, second.stdout
+    registered, objects, listed, recovered = map(int, m.groups())
+    assert registered == objects == 400 - first  # this run's, not the ledger's
+    assert recovered > 0 and registered <= recovered + listed
+    assert "ledger totals (every run), objects: REGISTERED 400" in second.stdout
