@@ -184,7 +184,7 @@ def test_a_resumed_run_counts_only_its_own_work(
     )  # fmt: skip
     assert wait_for(lambda: len(emulator.items()) >= 30 or proc.poll() is not None, 60)
     proc.send_signal(signal.SIGINT)
-    first_out, first_err = proc.communicate(timeout=60)
+    _out, first_err = proc.communicate(timeout=60)
     assert proc.returncode == 130, first_err[-3000:]
     first = len(emulator.items())
     assert 0 < first < 400
