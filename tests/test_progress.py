@@ -205,3 +205,28 @@ def test_a_resumed_run_counts_only_its_own_work(
     assert registered == objects == 400 - first  # this run's, not the ledger's
     assert recovered > 0 and registered <= recovered + listed
     assert "ledger totals (every run), objects: REGISTERED 400" in second.stdout
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
+def test_a_frame_is_cut_to_any_terminal_width_never_wrapped(width: int) -> None:
+    import io
+
+    from rich.console import Console
+
+    from ingest.progress import renderable
+
+    s = _stats(planned=9_999_999, registered=1_234_567, blocked=99_999, failed=9_999, skipped=7)
+    s.requests, s.processing, s.in_flight = 99_999, 12, 8
+    w = RateWindow()
+    view(s, w, 0.0)
+    s.registered += 1000
+    for listing in (True, False):
+        s.listing = listing
+        out = io.StringIO()
+        Console(file=out, width=width, force_terminal=True, color_system=None).print(
+            renderable(view(s, w, 2.0))
+        )
+        rows = out.getvalue().splitlines()
+        assert len(rows) == 4  # one row per line: nothing wrapped
+        assert all(len(r) <= width for r in rows), rows
+        assert ("listing…" in rows[0]) is listing
