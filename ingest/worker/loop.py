@@ -155,7 +155,7 @@ class Worker:
             )
             attempt += 1
             log.warning(
-                "V7 or the bucket is unavailable; trying again",
+                f"V7 or the bucket is unavailable ({self.health.last_error}); trying again",
                 extra={"retry_in_s": round(delay, 1), "attempt": attempt},
             )
             await self._sleep(delay)
@@ -234,6 +234,8 @@ class Worker:
         failed = c.get("failed", 0)
         self._last_exit = EXIT_INCOMPLETE if failed or c.get("blocked", 0) else EXIT_OK
         log.info("sync finished", extra={"stopped_early": result.stopped_early, **c})
+        for warning in result.warnings:
+            log.warning(warning)
         if result.stopped_early:
             return True
         if failed and not c.get("registered", 0) and c.get("requests", 0):

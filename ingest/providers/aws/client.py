@@ -19,6 +19,8 @@ from typing import Any
 from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
 
+from ingest.errors import ConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class ClientSpec:
@@ -80,7 +82,14 @@ class AwsClient:
         async with self._lock:
             if self._client is None:
                 ctx = create_client(self.spec)
-                client = await ctx.__aenter__()
+                try:
+                    client = await ctx.__aenter__()
+                except ValueError as e:  # botocore: "Invalid endpoint: …" (no scheme, no host)
+                    # Nothing was entered, so there is nothing for close() to exit.
+                    raise ConfigError(
+                        f"config: {self.spec.service} endpoint_url {self.spec.endpoint_url!r} "
+                        f"is not usable ({e}): give a full URL such as http://127.0.0.1:9000"
+                    ) from None
                 self._ctx = ctx
                 if self._on_open is not None:
                     self._on_open(client)
