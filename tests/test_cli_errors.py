@@ -312,3 +312,76 @@ async def test_an_endpoint_botocore_refuses_leaves_nothing_to_clean_up() -> None
         await source.check_access()
     await source.close()
     await source.close()
+
+
+# --- §5: credentials -----------------------------------------------------------------------------
+
+
+def _no_aws_credentials(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in cli_env(**extra).items() if not k.startswith("AWS_")}
+    # No file, no instance metadata: nothing of the default chain is left.
+    env.update(
+        AWS_CONFIG_FILE="/nonexistent/config",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    return env
+
+
+def test_missing_aws_credentials_name_the_fix(job: tuple[Path, Path]) -> None:
+    cfg, _ = job
+    line = one_line(run_cli("run", "-c", str(cfg), env=_no_aws_credentials()))
+    assert "no AWS credentials found" in line and "NoCredentialsError" not in line
+    assert "source.profile (or AWS_PROFILE)" in line and "AWS_ACCESS_KEY_ID" in line
+    assert "instance, task or pod role" in line
+
+
+def test_an_unknown_aws_profile_is_named(job: tuple[Path, Path]) -> None:
+    cfg, _ = job
+    res = run_cli("run", "-c", str(cfg), "--set", "source.profile=nope", env=_no_aws_credentials())
+    assert "AWS profile 'nope' (source.profile or AWS_PROFILE) is not in" in one_line(res)
+
+
+def _gcs_job(tmp_path: Path, emu: Emulator) -> Path:
+    emu.add_storage(name="gcs-rw", provider="gcp", bucket="gcs-bucket", prefix="t")
+    path = tmp_path / "gcs.toml"
+    path.write_text(
+        f'[v7]\nbase_url = "{emu.url}"\ndataset = "demo-dataset"\nstorage = "gcs-rw"\n'
+        '[source]\nprovider = "gcp"\nbucket = "gcs-bucket"\n'
+        f'[ledger]\npath = "{tmp_path / "l.sqlite"}"\n'
+        '[output]\nprogress = false\nlog_format = "json"\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def _no_gcp_credentials(home: Path, **extra: str) -> dict[str, str]:
+    env = cli_env()
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    env.pop("STORAGE_EMULATOR_HOST", None)
+    env.pop("CLOUDSDK_CONFIG", None)
+    # No gcloud login in this HOME; the metadata server is a port nobody listens on.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env.update(HOME=str(home), GCE_METADATA_HOST=f"127.0.0.1:{closed}", **extra)
+    return env
+
+
+def test_gcs_without_credentials_fails_at_once_naming_the_fix(
+    tmp_path: Path, emu: Emulator
+) -> None:
+    res = run_cli("run", "-c", str(_gcs_job(tmp_path, emu)), env=_no_gcp_credentials(tmp_path))
+    line = one_line(res)
+    assert "no Google Cloud credentials for GCS bucket 'gcs-bucket'" in line
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in line and "workload identity" in line
+    assert "did not answer" in line
+
+
+def test_a_gcs_key_file_that_is_not_there_is_named(tmp_path: Path, emu: Emulator) -> None:
+    env = _no_gcp_credentials(tmp_path, GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "k.json"))
+    res = run_cli("run", "-c", str(_gcs_job(tmp_path, emu)), env=env)
+    assert f"GOOGLE_APPLICATION_CREDENTIALS = '{tmp_path / 'k.json'}': no such file" in one_line(
+        res
+    )

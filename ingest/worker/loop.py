@@ -155,8 +155,12 @@ class Worker:
             )
             attempt += 1
             log.warning(
-                f"V7 or the bucket is unavailable ({self.health.last_error}); trying again",
-                extra={"retry_in_s": round(delay, 1), "attempt": attempt},
+                "V7 or the bucket is unavailable; trying again",
+                extra={
+                    "reason": self.health.last_error,
+                    "retry_in_s": round(delay, 1),
+                    "attempt": attempt,
+                },
             )
             await self._sleep(delay)
         return EXIT_OK

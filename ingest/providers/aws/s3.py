@@ -19,7 +19,7 @@ from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceEr
 from ingest.model import ObjectInfo
 from ingest.providers import Page, Shard
 from ingest.providers.aws import s3_xml
-from ingest.providers.aws.client import AwsClient, ClientSpec
+from ingest.providers.aws.client import AwsClient, ClientSpec, credentials_problem
 from ingest.providers.aws.s3_xml import fast_timestamp
 
 __all__ = ["S3Source", "fast_timestamp"]
@@ -112,6 +112,9 @@ class S3Source:
         return f" at {self.cfg.endpoint_url}" if self.cfg.endpoint_url else ""
 
     def _map(self, e: Exception, what: str) -> SourceError:
+        problem = credentials_problem(e, self.cfg.profile)
+        if problem is not None:
+            return AccessDenied(f"bucket '{self.bucket}': {problem}")
         if isinstance(e, ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -127,7 +130,7 @@ class S3Source:
             return SourceRetryable(f"{what}: S3 error {code or status}")
         if isinstance(e, EndpointConnectionError):
             return SourceRetryable(f"cannot reach S3{self._where()}")
-        return SourceRetryable(f"{what}: {type(e).__name__}")
+        return SourceRetryable(f"{what}: {type(e).__name__}: {str(e)[:200]}")
 
     async def check_access(self) -> None:
         s3 = await self._s3()
