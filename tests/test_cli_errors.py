@@ -385,3 +385,46 @@ def test_a_gcs_key_file_that_is_not_there_is_named(tmp_path: Path, emu: Emulator
     assert f"GOOGLE_APPLICATION_CREDENTIALS = '{tmp_path / 'k.json'}': no such file" in one_line(
         res
     )
+
+
+# --- §5: the emulator's own storage configurations ---------------------------------------------
+
+
+def test_emulator_storage_flag_adds_configurations(tmp_path: Path) -> None:
+    gcs = "name=gcs-ro,provider=gcp,bucket=gb,prefix=thumbs,readonly=true"
+    with emulator_process("--storage", gcs, "--storage", "name=az,provider=azure,bucket=acct") as e:
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"{e.url}/api/teams/emulator-team/storage",
+            headers={"Authorization": "ApiKey emulator-key"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            doc = orjson.loads(r.read())
+    found = {s["name"]: s for s in (doc if isinstance(doc, list) else doc.get("items", doc))}
+    assert {"s3-rw", "s3-ro", "gcs-ro", "az"} <= set(found)
+    assert found["gcs-ro"]["provider"] == "gcp" and found["gcs-ro"]["readonly"] is True
+    assert found["gcs-ro"]["bucket"] == "gb" and found["gcs-ro"]["prefix"] == "thumbs"
+    assert found["az"]["provider"] == "azure" and found["az"]["readonly"] is False
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("provider=gcp,bucket=b", "name= is required"),
+        ("name=x,provider=gcs", "provider must be one of aws, gcp, azure"),
+        ("name=x,readonly=yes", "readonly='yes': expected true or false"),
+        ("name=x,colour=red", "'colour=red': expected key=value with key one of name"),
+    ],
+)
+def test_emulator_storage_flag_refuses_a_typo(value: str, expected: str) -> None:
+    res = run_cli("emulator", "--port", "1", "--storage", value)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert expected in res.stderr.splitlines()[-1]
+
+
+def test_emulator_help_points_at_a_document_that_exists() -> None:
+    res = run_cli("emulator", "--help")
+    assert res.returncode == 0 and "docs/v7-contract.md" in res.stdout
+    root = Path(__file__).resolve().parent.parent
+    assert (root / "docs" / "v7-contract.md").is_file()
