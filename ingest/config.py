@@ -84,6 +84,9 @@ class SourceConfig:
     page_size: Annotated[int, Field(ge=1, le=1000)] = 1000  # keys per listing page (S3 max 1000)
     list_concurrency: PositiveInt = 8  # sub-prefixes listed at once
     fanout_depth: Count = 1  # levels of delimiter discovery below `prefix`
+    # Ceiling on storage requests per second to this bucket (listing, GET, PUT, SDK retries);
+    # 0 = none. See ingest/providers/cap.py.
+    max_requests_per_s: Annotated[float, Field(ge=0)] = 0.0
 
 
 @dataclass(config=STRICT)
