@@ -428,3 +428,16 @@ def test_emulator_help_points_at_a_document_that_exists() -> None:
     assert res.returncode == 0 and "docs/v7-contract.md" in res.stdout
     root = Path(__file__).resolve().parent.parent
     assert (root / "docs" / "v7-contract.md").is_file()
+
+
+def test_the_demo_says_what_to_install_without_moto() -> None:
+    # The demo as after a plain `pip install -e .`: moto cannot be imported.
+    code = (
+        "import runpy, sys; sys.modules['moto'] = None; sys.modules['moto.server'] = None; "
+        "sys.argv = ['demo']; sys.exit(runpy.run_module('ingest.demo', run_name='__main__'))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    line = one_line(res)
+    assert "the demo needs moto and boto3" in line and "pip install -e '.[demo]'" in line
