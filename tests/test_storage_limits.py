@@ -135,7 +135,7 @@ async def test_azure_requests_stay_under_the_cap(
 # --- retries of what the SDK does not retry ------------------------------------------------------
 
 
-async def _gcs_through(fake_gcs_url: str, proxy: Proxy, bucket: str) -> GCSSource:
+def _gcs_through(proxy: Proxy, bucket: str) -> GCSSource:
     return GCSSource(SourceConfig(provider="gcp", bucket=bucket, endpoint_url=proxy.url))
 
 
@@ -144,7 +144,7 @@ async def test_gcs_retries_a_503_and_a_dropped_body(fake_gcs_url: str) -> None:
     gcs_create_bucket(fake_gcs_url, bucket)
     gcs_seed(fake_gcs_url, bucket, {"a/1.bin": BODY})
     async with proxy_to(fake_gcs_url) as proxy:
-        source = await _gcs_through(fake_gcs_url, proxy, bucket)
+        source = _gcs_through(proxy, bucket)
         try:
             proxy.fail_next = 2
             pages = [p async for p in source.list_pages(Shard("a/"))]
@@ -153,8 +153,10 @@ async def test_gcs_retries_a_503_and_a_dropped_body(fake_gcs_url: str) -> None:
             proxy.cut_next = 1
             assert await source.read_range("a/1.bin", 0, len(BODY)) == BODY
             assert proxy.count("GET") == 5  # the cut read, then the whole read again
-            proxy.cut_next = 1
-            assert await source.upload("a/2.bin", BODY, "application/octet-stream") is None
+            proxy.fail_next = 1
+            await source.upload("a/2.bin", BODY[:100], "application/octet-stream")
+            assert proxy.count("POST") == 2  # a 503, then the upload
+            assert await source.read_range("a/2.bin", 0, 100) == BODY[:100]
         finally:
             await source.close()
 
@@ -164,7 +166,7 @@ async def test_gcs_gives_up_after_max_tries_and_never_retries_a_404(fake_gcs_url
     gcs_create_bucket(fake_gcs_url, bucket)
     gcs_seed(fake_gcs_url, bucket, {"a/1.bin": BODY})
     async with proxy_to(fake_gcs_url) as proxy:
-        source = await _gcs_through(fake_gcs_url, proxy, bucket)
+        source = _gcs_through(proxy, bucket)
         try:
             proxy.fail_next = 100
             with pytest.raises(SourceRetryable, match="GCS error 503"):
