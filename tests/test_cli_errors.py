@@ -441,3 +441,13 @@ def test_the_demo_says_what_to_install_without_moto() -> None:
     )
     line = one_line(res)
     assert "the demo needs moto and boto3" in line and "pip install -e '.[demo]'" in line
+
+
+def test_a_plan_of_an_empty_prefix_warns_too(job: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg, _ = job
+    out = tmp_path / "plan.jsonl"
+    res = run_cli("plan", "-c", str(cfg), "--prefix", "nothing-here/", "-o", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    (warning,) = log_lines(res.stderr, "warning")
+    assert "the listing of prefix 'nothing-here/' found no objects" in warning
+    assert out.read_bytes() == b""
