@@ -3,7 +3,12 @@
 Exit codes: 0 everything registered (or skipped / already there before us and not ours);
 2 bad configuration or a failed preflight check; 3 the run finished but some items failed or
 were blocked; 4 a fatal error stopped the run (e.g. the key was revoked); 5 another run, sync
-or worker of the same job holds the ledger's lease; 130 interrupted.
+or worker of the same job holds the ledger's lease; 130 interrupted; 141 the reader of stdout
+went away (``ingest report | head``): like ``cat`` killed by SIGPIPE, quietly, so a pipeline
+under ``set -o pipefail`` still sees that the output was cut short.
+
+Every error that ends a command goes through one table, ``_exit_for``: one line on stderr
+and an exit code, never a traceback (the tree it maps is drawn in ``ingest/errors.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ingest.errors import (
     V7Error,
 )
 from ingest.log import register_secret, setup
+from ingest.model import State
 from ingest.run.lifecycle import (
     EXIT_BUSY,
     EXIT_CONFIG,
@@ -207,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "emulator",
         help="run the local V7 API emulator (for dry runs, tests and benchmarks)",
-        description="A local implementation of V7's registration API (see docs/v7-contract.md), "
-        "with a configurable rate limit, latency and faults.",
+        description="A local implementation of V7's registration API (held to docs/v7-contract.md "
+        "in this repository), with a configurable rate limit, latency and faults. Storage "
+        "configurations: s3-rw and s3-ro (bucket demo-bucket) by default; --storage adds more.",
     )
     from ingest.emulator.server import add_arguments
 
@@ -308,6 +315,8 @@ async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = Non
             print(f"nothing to retry: no {what} and nothing pending; no run recorded")
             return _exit_code(engine.stats, False, status)
         _summary(engine.stats, status, print, sync=kind == "sync")
+        for warning in result.warnings:  # the run still ends 0: an empty prefix is no error
+            log.warning(warning)
         if engine.lease_lost:
             return EXIT_FATAL
         return _exit_code(engine.stats, result.stopped_early, status)
@@ -316,7 +325,7 @@ async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = Non
 async def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
     from ingest.engine import plan_only
 
-    out = sys.stdout.buffer if output == "-" else Path(output).open("wb")  # noqa: SIM115, ASYNC230 (a local file, opened once)
+    out = sys.stdout.buffer if output == "-" else _open_output(output, "wb")
     try:
         async with _existing_ledger(cfg) as done:
             n_requests, n_items, n_skipped = await plan_only(
@@ -332,6 +341,16 @@ async def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _open_output(path: str, mode: str) -> Any:
+    """The file a command writes (``-o``), or a ConfigError naming it."""
+    try:
+        if "b" in mode:
+            return Path(path).open(mode)
+        return Path(path).open(mode, newline="", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 @contextlib.asynccontextmanager
@@ -372,12 +391,12 @@ async def _status(cfg: config.Config, as_json: bool) -> int:
 async def _report(
     cfg: config.Config, fmt: str, output: str, states: list[str] | None, sync: str | None = None
 ) -> int:
-    wanted = {s.upper() for s in states} if states else None
+    wanted = set(check_states(states)) if states else None
     fields = ["key", "state", "item_path", "item_name", "v7_id", "reason", "etag", "size", "sync"]
     async with _existing_ledger(cfg) as ledger:
         if ledger is None:
             raise ConfigError(f"no ledger at {cfg.ledger.path}: run `ingest run` first")
-        out = sys.stdout if output == "-" else open(output, "w", newline="", encoding="utf-8")  # noqa: SIM115, ASYNC230
+        out = sys.stdout if output == "-" else _open_output(output, "w")
         try:
             writer = csv.writer(out) if fmt == "csv" else None
             if writer:
@@ -401,6 +420,53 @@ async def _report(
     return EXIT_OK
 
 
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head`
+
+# V7's blocked-item reasons (docs/v7-contract.md, "Known reasons"): what `retry --blocked` takes.
+BLOCKED_REASONS = (
+    "ALREADY_EXISTS",
+    "FILE_UPLOAD_TIMEOUT",
+    "FILE_UPLOAD_FAILED",
+    "UNEXPECTED_ERROR",
+    "ITEM_COUNT_LIMIT_EXCEEDED",
+)
+
+
+def check_states(states: Sequence[str]) -> list[str]:
+    """``report --state`` values, upper-cased; a typo is refused with the valid ones."""
+    valid = [str(s) for s in State]
+    out = []
+    for raw in states:
+        state = raw.strip().upper()
+        if state not in valid:
+            raise ConfigError(
+                f"report --state {raw!r} is not a state{_nearest(state, valid)} "
+                f"(one of: {', '.join(valid)})"
+            )
+        out.append(state)
+    return out
+
+
+def check_blocked_reason(reason: str) -> str:
+    """``retry --blocked`` value, upper-cased (V7's reasons are); each part of a combined
+    reason ("A,B", as the ledger stores several) must be one V7 gives."""
+    value = reason.strip().upper()
+    for part in value.split(","):
+        if part not in BLOCKED_REASONS:
+            raise ConfigError(
+                f"retry --blocked {reason!r} is not a reason V7 blocks items for"
+                f"{_nearest(part, BLOCKED_REASONS)} (one of: {', '.join(BLOCKED_REASONS)})"
+            )
+    return value
+
+
+def _nearest(value: str, known: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -410,41 +476,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup("text")
         return main_from_args(ns)
     try:
-        cfg = load_config(ns)
-        register_secret(cfg.api_key)
-        setup(cfg.output.log_format)
-        if ns.command in ("run", "retry", "sync"):
-            config.require_for_run(cfg)
-            return _asyncio_run(_run(cfg, ns.command, retry_blocked=getattr(ns, "blocked", None)))
-        if ns.command == "worker":
-            config.require_for_run(cfg)
-            from ingest.worker.loop import main as worker_main
+        code = _dispatch(ns)
+        sys.stdout.flush()  # a reader gone by now is a broken pipe too: handled below
+        return code
+    except (Exception, KeyboardInterrupt) as e:
+        line, code = _exit_for(e)
+        if line:
+            print(line, file=sys.stderr)
+        return code
 
-            return _asyncio_run(worker_main(cfg, once=ns.once))
-        if ns.command == "plan":
-            return _asyncio_run(_plan(cfg, ns.output or cfg.output.plan_output, ns.readonly))
-        if ns.command == "status":
-            return _asyncio_run(_status(cfg, ns.json or ns.format == "json"))
-        if ns.command == "report":
-            return _asyncio_run(_report(cfg, ns.format, ns.output, ns.state, ns.sync))
-    except (ConfigError, PreflightError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except LeaseHeld as e:
-        print(f"busy: {e}", file=sys.stderr)
-        return EXIT_BUSY
-    except Aborted:
-        return EXIT_INTERRUPTED
-    except LedgerError as e:
-        print(f"ledger: {e}", file=sys.stderr)
-        return EXIT_FATAL if e.retryable else EXIT_CONFIG
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except (V7Error, IngestError) as e:
-        print(f"fatal: {e}", file=sys.stderr)
-        return EXIT_FATAL
-    parser.error(f"unknown command {ns.command}")
-    return EXIT_CONFIG
+
+def _dispatch(ns: argparse.Namespace) -> int:
+    cfg = load_config(ns)
+    register_secret(cfg.api_key)
+    setup(cfg.output.log_format)
+    if ns.command in ("run", "retry", "sync"):
+        config.require_for_run(cfg)
+        blocked = getattr(ns, "blocked", None)
+        blocked = check_blocked_reason(blocked) if blocked else None
+        return _asyncio_run(_run(cfg, ns.command, retry_blocked=blocked))
+    if ns.command == "worker":
+        config.require_for_run(cfg)
+        from ingest.worker.loop import main as worker_main
+
+        return _asyncio_run(worker_main(cfg, once=ns.once))
+    if ns.command == "plan":
+        return _asyncio_run(_plan(cfg, ns.output or cfg.output.plan_output, ns.readonly))
+    if ns.command == "status":
+        return _asyncio_run(_status(cfg, ns.json or ns.format == "json"))
+    if ns.command == "report":
+        if ns.state:
+            check_states(ns.state)  # before the ledger is opened
+        return _asyncio_run(_report(cfg, ns.format, ns.output, ns.state, ns.sync))
+    raise ConfigError(f"unknown command {ns.command}")
+
+
+def _exit_for(e: BaseException) -> tuple[str, int]:
+    """The one mapping from an error that ended a command to its stderr line ("" = nothing
+    to say) and exit code. Anything not ours and not listed is a bug: re-raised, traceback."""
+    if isinstance(e, ConfigError | PreflightError):
+        return f"error: {e}", EXIT_CONFIG
+    if isinstance(e, LeaseHeld):
+        return f"busy: {e}", EXIT_BUSY
+    if isinstance(e, Aborted | KeyboardInterrupt):
+        return "", EXIT_INTERRUPTED
+    if isinstance(e, LedgerError):
+        return f"ledger: {e}", EXIT_FATAL if e.retryable else EXIT_CONFIG
+    if isinstance(e, V7Error | IngestError):
+        return f"fatal: {e}", EXIT_FATAL
+    if isinstance(e, BrokenPipeError):
+        _stdout_to_devnull()
+        return "", EXIT_PIPE
+    raise e
+
+
+def _stdout_to_devnull() -> None:
+    """The reader of stdout is gone: point stdout at /dev/null so that the interpreter's own
+    flush at exit does not fail again (Python's documented recipe for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _loop_runner() -> Any:

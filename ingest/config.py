@@ -1,42 +1,68 @@
 """Configuration: a TOML file under ``config/`` plus CLI overrides; the API key only from the env.
 
-Every field's unit is in its name (``_s`` seconds, ``_bytes``, ``per_s``). Validation happens once,
-up front, and fails with a single ``ConfigError`` line that names the field and the fix.
+Every field's unit is in its name (``_s`` seconds, ``_bytes``, ``per_s``). The sections are
+pydantic dataclasses in strict mode: a value of the wrong type is refused, never converted
+(``batch.max_items = 10.7`` is not 10, ``source.prefix = 5`` is not "5"; a float field takes
+an integer, nothing else), NaN and infinities are refused, unknown fields are refused with the
+nearest known name, and numeric fields carry their bounds. Validation happens once, up front,
+and fails with a single ``ConfigError`` line that names the field and the fix — never
+pydantic's multi-line dump. Checks across fields are small functions called by ``validate``.
+
+``--set section.field=value``: the value is read as a TOML value (``5``, ``2.5``, ``true``,
+``["*.jpg"]``, ``"text"``); a string field takes the text as typed (the command line is text:
+``--prefix 2024`` is the prefix "2024"), and a list field also takes ``a,b`` (comma-separated).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
 from ingest.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://darwin.v7labs.com"
 API_KEY_ENV = "DARWIN_API_KEY"
 BASE_URL_ENV = "DARWIN_BASE_URL"
+# V7's troubleshooting page: "500 or lower" items per register request (v7-contract.md).
+V7_MAX_ITEMS_PER_REQUEST = 500
 
 Provider = Literal["aws", "gcp", "azure", "local"]
 Mode = Literal["auto", "readwrite", "readonly"]
 SlotGrouping = Literal["none", "folder", "manifest"]
 
+# strict: no type conversion; forbid: unknown fields refused; no NaN/inf; an assignment in
+# code is checked like a value from the file.
+STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
-@dataclass
+PositiveInt = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]  # 0 has a documented meaning (derived / none)
+Seconds = Annotated[float, Field(gt=0)]
+SecondsOrZero = Annotated[float, Field(ge=0)]
+PerSecond = Annotated[float, Field(gt=0)]
+
+
+@dataclass(config=STRICT)
 class V7Config:
     base_url: str = ""  # "" → $DARWIN_BASE_URL → https://darwin.v7labs.com
     team: str = ""  # "" → the key's selected team (users/token_info)
     dataset: str = ""  # dataset slug
     storage: str = ""  # storage configuration name (the request's storage_slug)
     mode: Mode = "auto"  # auto: follow the storage configuration's `readonly` flag
-    connect_timeout_s: float = 10.0
-    request_timeout_s: float = 60.0
+    connect_timeout_s: Seconds = 10.0
+    request_timeout_s: Seconds = 60.0
 
 
-@dataclass
+@dataclass(config=STRICT)
 class SourceConfig:
     provider: Provider = "aws"
     bucket: str = ""  # S3/GCS bucket; Azure: the container (account comes from credentials)
@@ -55,12 +81,15 @@ class SourceConfig:
     connection_string_env: str = "AZURE_STORAGE_CONNECTION_STRING"
     include: list[str] = field(default_factory=list)  # globs on the key; empty = everything
     exclude: list[str] = field(default_factory=list)
-    page_size: int = 1000  # keys per listing page (S3 max 1000)
-    list_concurrency: int = 8  # sub-prefixes listed at once
-    fanout_depth: int = 1  # levels of delimiter discovery below `prefix`
+    page_size: Annotated[int, Field(ge=1, le=1000)] = 1000  # keys per listing page (S3 max 1000)
+    list_concurrency: PositiveInt = 8  # sub-prefixes listed at once
+    fanout_depth: Count = 1  # levels of delimiter discovery below `prefix`
+    # Ceiling on storage requests per second to this bucket (listing, GET, PUT, SDK retries);
+    # 0 = none. See ingest/providers/cap.py.
+    max_requests_per_s: Annotated[float, Field(ge=0)] = 0.0
 
 
-@dataclass
+@dataclass(config=STRICT)
 class PlanConfig:
     root_path: str = "/"  # dataset folder everything lands under
     preserve_folders: bool = True  # mirror the key's folders below root_path
@@ -73,68 +102,86 @@ class PlanConfig:
     ignore_dicom_layout: bool = False  # options.ignore_dicom_layout in the request
     extract_views: bool = False  # DICOM multi-planar view (extract_views: "true")
     fps: str = "native"  # videos: "native" or a number (as a string or number in TOML)
-    max_slots: int = 64  # folder grouping: more files than this in one folder → FAILED
+    max_slots: PositiveInt = 64  # folder grouping: more files than this in one folder → FAILED
+
+    @field_validator("fps", mode="before")
+    @classmethod
+    def _fps_number(cls, value: Any) -> Any:
+        """A TOML number is as good as its text; anything else is checked as a string."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        return value
 
 
-@dataclass
+@dataclass(config=STRICT)
 class BatchConfig:
-    max_items: int = 10  # what V7's own SDK sends
-    max_bytes: int = 1_000_000  # serialized request body limit
-    max_wait_s: float = 0.5  # flush a partial batch after this long
+    max_items: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=V7_MAX_ITEMS_PER_REQUEST,
+            description="V7's documented limit per register request: its troubleshooting "
+            'page says "500 or lower"; darwin-py sends 10',
+        ),
+    ] = 10  # what V7's own SDK sends
+    max_bytes: Annotated[int, Field(ge=1024)] = 1_000_000  # serialized request body limit
+    max_wait_s: Seconds = 0.5  # flush a partial batch after this long
 
 
-@dataclass
+@dataclass(config=STRICT)
 class RateConfig:
-    requests_per_s: float = 10.0  # starting and maximum request rate to V7
-    burst: float = 1.0  # token bucket depth (requests)
-    max_in_flight: int = 8  # concurrent register requests
+    requests_per_s: PerSecond = 10.0  # starting and maximum request rate to V7
+    burst: Annotated[float, Field(ge=1)] = 1.0  # token bucket depth (requests)
+    max_in_flight: PositiveInt = 8  # concurrent register requests
     adaptive: bool = True  # AIMD: cut the rate on 429, creep back up while it is quiet
-    min_requests_per_s: float = 0.2
-    retry_base_s: float = 0.5  # full-jitter exponential backoff base
-    retry_cap_s: float = 60.0  # one wait never exceeds this (except a longer Retry-After)
-    retry_max_total_s: float = 900.0  # give up on a batch after retrying this long
+    min_requests_per_s: PerSecond = 0.2
+    retry_base_s: Seconds = 0.5  # full-jitter exponential backoff base
+    retry_cap_s: Seconds = 60.0  # one wait never exceeds this (except a longer Retry-After)
+    retry_max_total_s: SecondsOrZero = 900.0  # give up on a batch after retrying this long
 
 
-@dataclass
+@dataclass(config=STRICT)
 class LedgerConfig:
-    path: str = "ingest-ledger.sqlite"
+    path: Annotated[str, Field(min_length=1)] = "ingest-ledger.sqlite"
     job: str = ""  # "" → derived from dataset + storage + bucket + prefix
     # A run, sync or worker holds a lease on the job in the ledger, renewed while it lives;
     # a second one is refused until the lease expires (a holder killed -9 blocks no longer).
-    lease_ttl_s: float = 60.0
+    lease_ttl_s: Annotated[float, Field(ge=5)] = 60.0
 
 
-@dataclass
+@dataclass(config=STRICT)
 class OutputConfig:
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, else JSON
     progress: bool = True  # live progress display on a terminal
-    progress_interval_s: float = 0.5  # seconds between redraws of the progress display
+    # seconds between redraws of the progress display
+    progress_interval_s: Annotated[float, Field(ge=0.05, le=60)] = 0.5
     plan_output: str = "plan.jsonl"  # `ingest plan` writes here ("-" = stdout)
 
 
 VideoProcessing = Literal["auto", "local", "server"]
 
 
-@dataclass
+@dataclass(config=STRICT)
 class MediaConfig:
     """Read-only images (thumbnails, sizes) and locally processed videos."""
 
     # Bucket key prefix for thumbnails and video artifacts; "" = the V7 storage configuration's
     # prefix (its container segment dropped for Azure), or "thumbnails" when that is empty too.
     artifact_prefix: str = ""
-    thumbnail_workers: int = 0  # decoder processes; 0 = one per usable CPU (cgroup quota)
-    thumbnail_concurrency: int = 16  # images fetched / thumbnailed / uploaded at once
-    max_image_bytes: int = 512 * 1024 * 1024  # larger images are FAILED, not loaded
-    max_image_pixels: int = 300_000_000  # decompression-bomb guard
+    thumbnail_workers: Count = 0  # decoder processes; 0 = one per usable CPU (cgroup quota)
+    thumbnail_concurrency: PositiveInt = 16  # images fetched / thumbnailed / uploaded at once
+    max_image_bytes: PositiveInt = 512 * 1024 * 1024  # larger images are FAILED, not loaded
+    max_image_pixels: PositiveInt = 300_000_000  # decompression-bomb guard
     # "auto": local for read-only storage (required there), server-side for read-write.
     video_processing: VideoProcessing = "auto"
-    video_workers: int = 0  # ffmpeg processes at once; 0 = half the usable CPUs
-    video_threads_per_worker: int = 0  # ffmpeg -threads; 0 = usable CPUs / workers
-    video_time_limit_s: float = 3600.0  # one video's processing time limit
-    segment_length_s: int = 2  # HLS segment length (darwin-py: segment_length)
+    video_workers: Count = 0  # ffmpeg processes at once; 0 = half the usable CPUs
+    video_threads_per_worker: Count = 0  # ffmpeg -threads; 0 = usable CPUs / workers
+    video_time_limit_s: Seconds = 3600.0  # one video's processing time limit
+    segment_length_s: PositiveInt = 2  # HLS segment length (darwin-py: segment_length)
     extract_preview_frames: bool = True  # low-quality preview frames (darwin-py name)
-    primary_frames_quality: int = 1  # 1 = PNG frames, 2..31 = JPEG -q:v (darwin-py name)
-    upload_concurrency: int = 8  # artifact uploads at once per video
+    # 1 = PNG frames, 2..31 = JPEG -q:v (darwin-py name)
+    primary_frames_quality: Annotated[int, Field(ge=1, le=31)] = 1
+    upload_concurrency: PositiveInt = 8  # artifact uploads at once per video
     temp_dir: str = ""  # where videos are downloaded and cut; "" = the system temp dir
 
 
@@ -142,7 +189,7 @@ ChangePolicy = Literal["report", "register"]
 EventKind = Literal["none", "sqs", "azure_queue"]
 
 
-@dataclass
+@dataclass(config=STRICT)
 class SyncConfig:
     """`ingest sync`: register only what is new since the ledger last saw the bucket."""
 
@@ -151,35 +198,35 @@ class SyncConfig:
     on_change: ChangePolicy = "report"
 
 
-@dataclass
+@dataclass(config=STRICT)
 class WorkerConfig:
     """`ingest worker`: scheduled syncs, optional object events, health and metrics."""
 
     # "every 15m" / "every 3600s" / "every 1h", or a 5-field cron expression in UTC
     # ("0 2 * * *" = 02:00 every night).
     schedule: str = "every 1h"
-    jitter_s: float = 0.0  # each scheduled sync starts up to this much later (random)
-    grace_period_s: float = 30.0  # SIGTERM: in-flight requests and uploads get this long
+    jitter_s: SecondsOrZero = 0.0  # each scheduled sync starts up to this much later (random)
+    grace_period_s: SecondsOrZero = 30.0  # SIGTERM: in-flight requests and uploads get this long
     # Failed items are retried by later syncs after base * 2^(attempts-1), capped.
-    retry_failed_base_s: float = 300.0
-    retry_failed_cap_s: float = 86400.0
+    retry_failed_base_s: Seconds = 300.0
+    retry_failed_cap_s: Seconds = 86400.0
     # V7 or the bucket unreachable: preflight is retried with backoff up to this wait.
-    unreachable_retry_cap_s: float = 300.0
+    unreachable_retry_cap_s: Seconds = 300.0
     http_host: str = "0.0.0.0"  # /healthz, /readyz, /metrics
-    http_port: int = 9464  # 0 = no HTTP endpoint
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 9464  # 0 = no HTTP endpoint
     # /readyz fails when the last successful sync is older than this; 0 = 2 x the schedule
     # period + jitter (at least 10 minutes).
-    ready_max_sync_age_s: float = 0.0
+    ready_max_sync_age_s: SecondsOrZero = 0.0
     # Event-driven mode: S3 event notifications in SQS, or Azure Blob events (Event Grid) in
     # an Azure storage queue. The scheduled sync stays on as reconciliation.
     events: EventKind = "none"
     events_queue: str = ""  # SQS queue URL, or the Azure queue name
     events_endpoint_url: str = ""  # SQS endpoint override (an emulator); "" = AWS
-    events_max_batch: int = 100  # objects registered together from events
-    events_wait_s: float = 1.0  # longest an event waits for others to batch with
+    events_max_batch: PositiveInt = 100  # objects registered together from events
+    events_wait_s: Seconds = 1.0  # longest an event waits for others to batch with
 
 
-@dataclass
+@dataclass(config=STRICT)
 class Config:
     v7: V7Config = field(default_factory=V7Config)
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -222,98 +269,141 @@ class Config:
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "api_key")
 
 
-def _coerce(section: str, name: str, typ: Any, value: Any) -> Any:
-    where = f"{section}.{name}"
-    origin = get_origin(typ)
-    if origin is Literal:
-        allowed = get_args(typ)
-        if value not in allowed:
-            raise ConfigError(
-                f"config: {where} = {value!r} is not one of {', '.join(map(repr, allowed))}"
-            )
-        return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"config: {where} must be true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config: {where} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config: {where} must be an integer, got {value!r}") from None
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config: {where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config: {where} must be a number, got {value!r}") from None
-    if typ is str:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"config: {where} must be a string, got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"config: {where} must be a list of strings, got {value!r}")
-        return list(value)
+def _section_class(section: str) -> type[Any]:
+    if section not in SECTIONS:
+        raise ConfigError(f"config: unknown section [{section}]{_suggest(section, SECTIONS)}")
+    return type(getattr(Config(), section))
+
+
+def _field_names(cls: type[Any]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _suggest(name: str, known: tuple[str, ...] | list[str]) -> str:
+    """The nearest known name as " (did you mean `x`?)", else the list of known names."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean `{close[0]}`?)"
+    return f" (known: {', '.join(known)})"
+
+
+def _read_override(cls: type[Any], name: str, text: str) -> Any:
+    """One ``--set`` value: a TOML value when it parses as one (``5``, ``true``, ``["a"]``,
+    ``"s"``); a string field takes the text as typed; a list field also takes ``a,b``."""
+    try:
+        value: Any = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    fields = getattr(cls, "__pydantic_fields__", {})
+    annotation = fields[name].annotation if name in fields else None
+    if annotation is str and not isinstance(value, str):
+        return text
+    if getattr(annotation, "__origin__", None) is list and isinstance(value, str):
+        return [v for v in value.split(",") if v]
     return value
 
 
-def _apply(cfg: Config, section: str, values: dict[str, Any]) -> None:
-    if section not in SECTIONS:
-        raise ConfigError(f"config: unknown section [{section}] (known: {', '.join(SECTIONS)})")
-    target = getattr(cfg, section)
-    hints = get_type_hints(type(target))
-    for name, value in values.items():
-        if name not in hints:
-            raise ConfigError(f"config: unknown field {section}.{name} (known: {', '.join(hints)})")
-        setattr(target, name, _coerce(section, name, hints[name], value))
+def _describe(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return repr(value)
+
+
+def _number(value: Any) -> Any:
+    """0.0 → 0 in messages."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _why(cls: type[Any], name: str) -> str:
+    info = getattr(cls, "__pydantic_fields__", {}).get(name)
+    return f" ({info.description})" if info is not None and info.description else ""
+
+
+_MESSAGES = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "list_type": "must be a list of strings",
+    "finite_number": "must be a finite number (not nan or inf)",
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "literal_error": "must be one of {expected}",
+    "string_too_short": "must not be empty",
+}
+
+
+def _one_line(section: str, cls: type[Any], err: ValidationError) -> ConfigError:
+    """Pydantic's errors as one line: the first error, naming the field and the value."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    loc = [str(p) for p in first["loc"]]
+    name = loc[0] if loc else ""
+    where = ".".join([section, *loc])
+    if first["type"] == "unexpected_keyword_argument":
+        return ConfigError(
+            f"config: unknown field {section}.{name}{_suggest(name, _field_names(cls))}"
+        )
+    template = _MESSAGES.get(first["type"])
+    ctx = {k: _number(v) for k, v in first.get("ctx", {}).items()}
+    msg = template.format(**ctx) if template else first["msg"]
+    if first["type"].startswith("less"):
+        msg += _why(cls, name)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ConfigError(f"config: {where} = {_describe(first['input'])}: {msg}{more}")
+
+
+def _build(section: str, values: dict[str, Any]) -> Any:
+    cls = _section_class(section)
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        raise _one_line(section, cls, e) from None
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read the TOML file (if any), apply ``section.field=value`` overrides, validate."""
-    cfg = Config()
+    data: dict[str, dict[str, Any]] = {}
     if path is not None:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config: file not found: {p}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config: {p} is a directory, not a TOML file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config: {p} is not a UTF-8 text file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {p} is not valid TOML: {e}") from None
-        for section, values in data.items():
+        for section, values in raw.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"config: top-level key {section!r} must be a [section]")
-            _apply(cfg, section, values)
+            _section_class(section)
+            data[section] = dict(values)
     for item in overrides or []:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot:
             raise ConfigError(f"--set expects section.field=value, got {item!r}")
-        _apply(cfg, section, {name: value.strip()})
-    cfg.api_key = os.environ.get(API_KEY_ENV, "")
+        cls = _section_class(section)
+        data.setdefault(section, {})[name] = _read_override(cls, name, text.strip())
+    sections = {section: _build(section, values) for section, values in data.items()}
+    cfg = Config(**sections, api_key=os.environ.get(API_KEY_ENV, ""))
     validate(cfg)
     return cfg
 
 
-def _validate_output(out: OutputConfig) -> None:
-    if not 0.05 <= out.progress_interval_s <= 60:
-        raise ConfigError("config: output.progress_interval_s must be between 0.05 and 60")
-
-
 def validate(cfg: Config) -> None:
-    """Checks that need no network. Raises ConfigError with one actionable line."""
+    """Checks that need no network, across fields (each field's own type and bounds are
+    checked by the schema, also on assignment). Raises ConfigError with one actionable line."""
+    _validate_urls(cfg)
     if cfg.plan.fps != "native":
         try:
-            if float(cfg.plan.fps) < 0:
+            fps = float(cfg.plan.fps)
+            if not math.isfinite(fps) or fps < 0:
                 raise ValueError
         except ValueError:
             raise ConfigError(
@@ -325,27 +415,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             'config: plan.slots = "manifest" needs plan.manifest = <path to CSV/JSONL>'
         )
-    if cfg.batch.max_items < 1:
-        raise ConfigError("config: batch.max_items must be >= 1")
-    if cfg.batch.max_bytes < 1024:
-        raise ConfigError("config: batch.max_bytes must be >= 1024")
-    if cfg.batch.max_wait_s <= 0:
-        raise ConfigError("config: batch.max_wait_s must be > 0")
-    if cfg.rate.requests_per_s <= 0:
-        raise ConfigError("config: rate.requests_per_s must be > 0")
-    if cfg.rate.max_in_flight < 1:
-        raise ConfigError("config: rate.max_in_flight must be >= 1")
-    if cfg.source.page_size < 1 or cfg.source.page_size > 1000:
-        raise ConfigError("config: source.page_size must be between 1 and 1000")
-    m = cfg.media
-    if not 1 <= m.primary_frames_quality <= 31:
-        raise ConfigError("config: media.primary_frames_quality must be 1 (PNG) or 2..31 (JPEG)")
-    if m.segment_length_s < 1:
-        raise ConfigError("config: media.segment_length_s must be >= 1")
-    if m.thumbnail_concurrency < 1 or m.upload_concurrency < 1:
-        raise ConfigError("config: media.*_concurrency must be >= 1")
-    if m.video_time_limit_s <= 0:
-        raise ConfigError("config: media.video_time_limit_s must be > 0")
+    if cfg.rate.min_requests_per_s > cfg.rate.requests_per_s:
+        raise ConfigError(
+            f"config: rate.min_requests_per_s ({cfg.rate.min_requests_per_s}) must not exceed "
+            f"rate.requests_per_s ({cfg.rate.requests_per_s})"
+        )
+    if cfg.rate.retry_base_s > cfg.rate.retry_cap_s:
+        raise ConfigError("config: rate.retry_base_s must not exceed rate.retry_cap_s")
     w = cfg.worker
     from ingest.worker.schedule import parse_schedule
 
@@ -358,15 +434,32 @@ def validate(cfg: Config) -> None:
             "or the Azure queue name)"
         )
     _validate_events(cfg)
-    _validate_output(cfg.output)
-    if not 0 <= w.http_port <= 65535:
-        raise ConfigError("config: worker.http_port must be between 0 and 65535")
-    if cfg.ledger.lease_ttl_s < 5:
-        raise ConfigError("config: ledger.lease_ttl_s must be >= 5")
-    if w.events_max_batch < 1 or w.events_wait_s <= 0:
-        raise ConfigError("config: worker.events_max_batch must be >= 1, events_wait_s > 0")
-    if cfg.source.list_concurrency < 1:
-        raise ConfigError("config: source.list_concurrency must be >= 1")
+
+
+HTTP_URL = re.compile(r"^https?://[^/\s]+", re.IGNORECASE)
+
+
+def _check_url(where: str, url: str) -> None:
+    if url and not HTTP_URL.match(url):
+        raise ConfigError(
+            f"config: {where} = {url!r} must start with http:// or https:// "
+            "(e.g. http://127.0.0.1:9000)"
+        )
+
+
+def _validate_urls(cfg: Config) -> None:
+    """Every endpoint is an http(s) URL: an SDK would otherwise fail deep inside, late."""
+    if not HTTP_URL.match(cfg.base_url):
+        where = "v7.base_url" if cfg.v7.base_url else f"${BASE_URL_ENV}"
+        raise ConfigError(
+            f"config: {where} = {cfg.base_url!r} must start with http:// or https:// "
+            f"(e.g. {DEFAULT_BASE_URL})"
+        )
+    _check_url("source.endpoint_url", cfg.source.endpoint_url)
+    _check_url("upload.endpoint_url", cfg.upload.endpoint_url)
+    _check_url("source.account_url", cfg.source.account_url)
+    _check_url("upload.account_url", cfg.upload.account_url)
+    _check_url("worker.events_endpoint_url", cfg.worker.events_endpoint_url)
 
 
 SQS_QUEUE_URL = re.compile(r"^https?://[^/]+/[^/]+/[^/]+/?$")

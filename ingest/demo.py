@@ -143,7 +143,16 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=20, help="emulator rate limit, requests/s")
     ns = ap.parse_args()
 
-    from moto.server import ThreadedMotoServer
+    try:
+        import boto3  # noqa: F401  (used by _s3)
+        from moto.server import ThreadedMotoServer
+    except ImportError as e:
+        print(
+            f"error: the demo needs moto and boto3 (a local S3), which `pip install -e .` does not "
+            f"install ({e.name} is missing): pip install -e '.[demo]', or run ./dev demo",
+            file=sys.stderr,
+        )
+        return 2
 
     work = Path(".demo")
     work.mkdir(exist_ok=True)

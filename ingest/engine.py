@@ -28,6 +28,7 @@ from ingest.cpus import available_cpus
 from ingest.errors import LeaseHeld, LedgerError, PreflightError
 from ingest.ledger import LedgerPort, open_ledger
 from ingest.log import set_run_id
+from ingest.manifest import check_manifest
 from ingest.media.stage import MediaStage, provider_artifact_prefix
 from ingest.model import Item, ObjectInfo, Outcome, State
 from ingest.planner import request_options, video_local
@@ -230,6 +231,8 @@ class Engine:
 async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[Engine]:
     """Preflight (V7, then the bucket) and build every part. Raises PreflightError first."""
     stats = stats or Stats()
+    if cfg.plan.slots == "manifest":
+        check_manifest(cfg.plan.manifest)  # a local file: before anything is opened
     client = make_client(cfg, stats)
     try:
         target = await check_v7(cfg, client)
@@ -452,5 +455,7 @@ async def plan_only(
             # Order is all that matters in a dry run: batches fill by count and bytes only.
             cfg = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, max_wait_s=3600.0))
             pipeline = Pipeline(cfg, source, scratch, dry, stats, readonly=readonly, dry_run=True)
-            await pipeline.run("plan")
+            result = await pipeline.run("plan")
+            for warning in result.warnings:
+                log.warning(warning)
     return dry.requests, dry.items, stats.skipped

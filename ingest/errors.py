@@ -29,8 +29,16 @@ something is fixed). A caller decides what to do from the class and that flag al
         └── ObjectNotFound       terminal  one object is gone
 
 Foreign exceptions are mapped to these at the edge that meets them (the V7 client, each
-bucket adapter, the ledger backend). Messages never contain secrets: API keys and
-credentials are never formatted into them.
+bucket adapter, the ledger backend, the worker's HTTP listener: a port in use is a
+ConfigError; missing AWS / Google credentials are AccessDenied naming the fix, so preflight
+refuses them with exit 2). Messages never contain secrets: API keys and credentials are never
+formatted into them.
+
+The CLI turns the error that ended a command into one stderr line and an exit code in one
+table, ``ingest.cli._exit_for``: ConfigError and PreflightError → 2 ("error: …"), LeaseHeld
+→ 5, Aborted → 130, LedgerError → 2 (LedgerBusy → 4), any other IngestError → 4; and one
+foreign error, BrokenPipeError (the reader of stdout went away) → 141, quietly. Anything else
+is a bug and keeps its traceback. An ExceptionGroup is unwrapped to its first error of ours.
 """
 
 from __future__ import annotations

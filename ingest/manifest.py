@@ -10,7 +10,7 @@ A malformed manifest is a ConfigError naming the file and line, raised before an
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import orjson
@@ -22,7 +22,7 @@ REQUIRED = ("item_name", "slot_name", "key")
 Row = tuple[str, str, str, str]  # item_name, slot_name, key, path
 
 
-def read_manifest(path: str | Path) -> Iterator[Row]:
+def read_manifest(path: str | Path) -> Generator[Row, None, None]:
     """Rows of a CSV or JSONL manifest (chosen by extension: .jsonl/.ndjson, else CSV)."""
     p = Path(path)
     if not p.is_file():
@@ -31,6 +31,23 @@ def read_manifest(path: str | Path) -> Iterator[Row]:
         yield from _jsonl(p)
     else:
         yield from _csv(p)
+
+
+def check_manifest(path: str | Path) -> None:
+    """Preflight: the file is there, readable, and its header and first row are well formed
+    (a ConfigError naming the file and line otherwise). Reads one row, not the whole file:
+    a later malformed row is found, just as clearly, when the manifest is staged."""
+    rows = read_manifest(path)
+    try:
+        next(rows, None)
+    except OSError as e:
+        raise ConfigError(
+            f"config: plan.manifest {path}: cannot read it ({e.strerror or e})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"manifest {path}: not UTF-8 text (a CSV or JSONL file)") from None
+    finally:
+        rows.close()
 
 
 def _check(p: Path, line: int, row: dict[str, object]) -> Row:

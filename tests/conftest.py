@@ -26,6 +26,7 @@ E2E_FIXTURES = frozenset(
 )
 E2E_MODULES = frozenset(
     {
+        "test_cli_errors",
         "test_deploy",
         "test_e2e",
         "test_faults",

@@ -54,3 +54,47 @@ def test_a_local_source_needs_an_upload_bucket() -> None:
     cfg.api_key = "k"
     with pytest.raises(ConfigError, match=r"needs \[upload\] bucket"):
         config.require_for_run(cfg)
+
+
+def test_set_values_are_toml_values_and_strings_stay_as_typed() -> None:
+    cfg = config.load(
+        None,
+        [
+            'source.include=["*.jpg", "*.png"]',
+            "source.exclude=*.tmp,*.part",
+            "source.prefix=2024",  # a string field takes the text as typed
+            "batch.max_items=25",
+            "output.progress=false",
+            "plan.fps=30",
+        ],
+    )
+    assert cfg.source.include == ["*.jpg", "*.png"]
+    assert cfg.source.exclude == ["*.tmp", "*.part"]
+    assert cfg.source.prefix == "2024" and cfg.batch.max_items == 25
+    assert cfg.output.progress is False and cfg.plan.fps == "30"
+
+
+def test_a_float_field_takes_an_integer_but_nothing_is_converted_otherwise(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[rate]\nrequests_per_s = 5\n[plan]\nfps = 12.5\n", encoding="utf-8")
+    cfg = config.load(path)
+    assert cfg.rate.requests_per_s == 5.0 and cfg.plan.fps == "12.5"
+    for bad in ("rate.adaptive=1", "batch.max_items=true", 'ledger.lease_ttl_s="60"'):
+        with pytest.raises(ConfigError):
+            config.load(None, [bad])
+
+
+def test_assignment_in_code_is_checked_and_errors_are_one_line() -> None:
+    cfg = config.Config()
+    with pytest.raises(ValueError):
+        cfg.batch.max_items = 10.7  # type: ignore[assignment]
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["batch.max_items=1.5", "rate.burst=0"])
+    assert "\n" not in str(e.value)
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="min_requests_per_s"):
+        config.load(None, ["rate.requests_per_s=1", "rate.min_requests_per_s=2"])
+    with pytest.raises(ConfigError, match=r"plan.fps"):
+        config.load(None, ["plan.fps=fast"])

@@ -199,6 +199,12 @@ def test_worker_survives_v7_down_and_metrics_match_the_emulator(
         _out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err[-3000:]
     assert _ledger_states(tmp_path / "l.sqlite") == {"REGISTERED": 45}
+    # Each "trying again" line says why (here: V7's port refused the connection).
+    retries = [
+        d for d in _json_lines(err) if d["msg"].startswith("V7 or the bucket is unavailable")
+    ]
+    assert retries and all(d["reason"] for d in retries)
+    assert any(f"V7 at {url} is not reachable" in d["reason"] for d in retries)
 
 
 def test_event_mode_registers_a_new_object_within_seconds(

@@ -9,6 +9,7 @@ Admin endpoints (no auth), for tests and benchmarks:
                                     "count": N}
   POST /_emulator/datasets         {"slug": "...", "name"?: "..."}
   POST /_emulator/storage          {"name", "provider", "bucket", "prefix", "readonly", "default"}
+                                   (at start: ``--storage name=…,provider=…,bucket=…,…``)
   GET  /_emulator/items?dataset=S  every item of a dataset (name, path, slots)
 
 Items listing (``GET /api/v2/teams/{team}/items``), as darwin-py calls it
@@ -38,6 +39,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -381,8 +383,13 @@ def make_app(cfg: EmulatorConfig | None = None, store: Store | None = None) -> w
     return app
 
 
-async def serve(cfg: EmulatorConfig, host: str, port: int) -> None:
-    runner = web.AppRunner(make_app(cfg), access_log=None, handle_signals=False)
+async def serve(
+    cfg: EmulatorConfig, host: str, port: int, storages: Sequence[StorageConfig] = ()
+) -> None:
+    store = Store.default()
+    for storage in storages:  # --storage: beside (or replacing, by name) s3-rw and s3-ro
+        store.add_storage(storage)
+    runner = web.AppRunner(make_app(cfg, store), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
@@ -391,6 +398,35 @@ async def serve(cfg: EmulatorConfig, host: str, port: int) -> None:
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+STORAGE_FIELDS = ("name", "provider", "bucket", "prefix", "readonly", "default", "region")
+PROVIDERS = ("aws", "gcp", "azure")
+
+
+def parse_storage(text: str) -> StorageConfig:
+    """``--storage name=gcs-ro,provider=gcp,bucket=b,prefix=thumbs,readonly=true``: one V7
+    storage configuration (``name`` required; the rest default as in StorageConfig; for Azure
+    ``bucket`` is the storage account, as V7 stores it)."""
+    doc: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in STORAGE_FIELDS:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: expected key=value with key one of {', '.join(STORAGE_FIELDS)}"
+            )
+        if key in ("readonly", "default"):
+            if value.lower() not in ("true", "false"):
+                raise argparse.ArgumentTypeError(f"{key}={value!r}: expected true or false")
+            doc[key] = value.lower() == "true"
+        else:
+            doc[key] = value.strip()
+    if not doc.get("name"):
+        raise argparse.ArgumentTypeError("name= is required (the storage configuration's name)")
+    if doc.get("provider", "aws") not in PROVIDERS:
+        raise argparse.ArgumentTypeError(f"provider must be one of {', '.join(PROVIDERS)}")
+    return StorageConfig(**doc)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -432,6 +468,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=API_KEY)
     p.add_argument("--team", default="emulator-team")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--storage",
+        action="append",
+        type=parse_storage,
+        default=[],
+        metavar="name=N,provider=P,bucket=B,prefix=X,readonly=BOOL",
+        help="add a V7 storage configuration (repeatable; provider aws|gcp|azure; for Azure the "
+        "bucket is the storage account; region= and default=true too); s3-rw and s3-ro (bucket "
+        "demo-bucket) are always there unless a --storage takes their name",
+    )
 
 
 def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
@@ -461,9 +507,9 @@ def main_from_args(ns: argparse.Namespace) -> int:
         try:
             import uvloop
 
-            uvloop.run(serve(cfg, ns.host, ns.port))
+            uvloop.run(serve(cfg, ns.host, ns.port, ns.storage))
         except ImportError:  # pragma: no cover
-            asyncio.run(serve(cfg, ns.host, ns.port))
+            asyncio.run(serve(cfg, ns.host, ns.port, ns.storage))
     except KeyboardInterrupt:
         pass
     except OSError as e:

@@ -30,7 +30,13 @@ from ingest.planner import ShardPlanner, collision, make_shard_planner, plan_man
 from ingest.providers import Page, Shard, Source
 from ingest.providers.fanout import ShardPage, discover_shards, iter_shard_pages
 from ingest.run.merge import SyncMerge
-from ingest.run.planning import Planning, chunks, partition_events, without_prefixes
+from ingest.run.planning import (
+    Planning,
+    chunks,
+    empty_listing_warning,
+    partition_events,
+    without_prefixes,
+)
 from ingest.run.processing import MediaWorkers, Prepare
 from ingest.run.sending import Register, Resolve, Sender
 from ingest.stats import Stats, count_reason
@@ -60,6 +66,9 @@ class RunResult:
     run_id: int = 0
     stopped_early: bool = False
     counts: dict[str, int] = field(default_factory=dict)
+    # A complete listing that gave nothing to register says why (empty prefix, patterns that
+    # match nothing): the caller logs it as a WARNING at the end; the exit code stays 0.
+    warnings: list[str] = field(default_factory=list)
 
 
 class Pipeline:
@@ -106,6 +115,7 @@ class Pipeline:
         # Where thumbnails and video artifacts are written (by us, or by V7 on read-write
         # storage): never registered, never recorded, or every run would find them anew.
         self.ignore_prefixes = tuple(p.rstrip("/") + "/" for p in ignore_prefixes if p.strip("/"))
+        self.warnings: list[str] = []
         self.planning = Planning(
             cfg.source.include,
             cfg.source.exclude,
@@ -170,6 +180,7 @@ class Pipeline:
             if list_bucket and not result.stopped_early:
                 await self.ledger.mark_listing_complete()
             status = "interrupted" if result.stopped_early else "completed"
+            result.warnings = [] if result.stopped_early else list(self.warnings)
         except asyncio.CancelledError:
             status = "interrupted"
             raise
@@ -307,10 +318,12 @@ class Pipeline:
         listing = iter_shard_pages(
             self.source, shards, resume, done, cfg.source.list_concurrency, PAGE_QUEUE_PAGES
         )
+        listed = 0
         async with contextlib.aclosing(listing) as pages:
             async for page in pages:
                 page, dropped = without_prefixes(page, self.ignore_prefixes)
                 self.stats.artifacts_ignored += dropped
+                listed += len(page.page.objects)
                 if self.merge is not None:
                     self.stats.listed += len(page.page.objects)
                     page = await self.merge.page(page, resume.get(page.shard.id))
@@ -328,6 +341,17 @@ class Pipeline:
             await self.merge.sweep_vanished_folders(shards)
         if manifest:
             await self._plan_manifest()
+        if not (resume or done):  # a resumed listing lists only what was left
+            warning = empty_listing_warning(
+                cfg.source.prefix,
+                cfg.source.include,
+                cfg.source.exclude,
+                listed=listed,
+                planned_from=self.planning.seen,
+                filtered=self.planning.filtered,
+            )
+            if warning:
+                self.warnings.append(warning)
 
     async def _plan_events(self, objects: list[ObjectInfo]) -> None:
         """Objects reported by bucket events: planned and recorded like a listed page. A key

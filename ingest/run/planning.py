@@ -28,6 +28,8 @@ class Planning:
         self._filter = compile_filter(list(include), list(exclude))
         self.new_planner = new_planner
         self._planners: dict[str, ShardPlanner] = {}
+        self.seen = 0  # objects handed to plan_page this pass
+        self.filtered = 0  # of which source.include / exclude left out
 
     def plan_page(
         self, sp: ShardPage, manifest_keys: set[str] | None = None
@@ -42,9 +44,12 @@ class Planning:
             planner = self._planners[sp.shard.id] = self.new_planner()
         kept: list[ObjectInfo] = []
         plans: list[Item | Skip] = []
+        self.seen += len(sp.page.objects)
         for obj in sp.page.objects:
             reason = self._filter(obj.key)
-            if reason is None and manifest_keys is not None:
+            if reason is not None:
+                self.filtered += 1
+            elif manifest_keys is not None:
                 if obj.key in manifest_keys:
                     continue
                 reason = NOT_IN_MANIFEST
@@ -58,6 +63,33 @@ class Planning:
             del self._planners[sp.shard.id]
             return plans, sp.page.checkpoint
         return plans, (sp.page.checkpoint if not planner.holding else "")
+
+
+def empty_listing_warning(
+    prefix: str,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    *,
+    listed: int,
+    planned_from: int,
+    filtered: int,
+) -> str | None:
+    """Why a complete listing gave nothing to register, or None: the prefix listed nothing,
+    or the patterns left out every object the planner saw (``planned_from``; a sync hands it
+    only the new ones). Pure; the run still ends 0 — an empty prefix is not an error."""
+    patterns = f"source.include = {list(include)}, source.exclude = {list(exclude)}"
+    if listed == 0:
+        return (
+            f"the listing of prefix {prefix!r} found no objects ({patterns}): check "
+            "source.bucket and source.prefix"
+        )
+    if planned_from > 0 and filtered == planned_from and (include or exclude):
+        return (
+            f"none of the {planned_from:,} objects listed under prefix {prefix!r} passed the "
+            f"patterns ({patterns}): check the patterns (a pattern without '/' matches the "
+            "file name, one with '/' the whole key)"
+        )
+    return None
 
 
 def chunks(sp: ShardPage, size: int) -> list[ShardPage]:

@@ -156,7 +156,11 @@ class Worker:
             attempt += 1
             log.warning(
                 "V7 or the bucket is unavailable; trying again",
-                extra={"retry_in_s": round(delay, 1), "attempt": attempt},
+                extra={
+                    "reason": self.health.last_error,
+                    "retry_in_s": round(delay, 1),
+                    "attempt": attempt,
+                },
             )
             await self._sleep(delay)
         return EXIT_OK
@@ -234,6 +238,8 @@ class Worker:
         failed = c.get("failed", 0)
         self._last_exit = EXIT_INCOMPLETE if failed or c.get("blocked", 0) else EXIT_OK
         log.info("sync finished", extra={"stopped_early": result.stopped_early, **c})
+        for warning in result.warnings:
+            log.warning(warning)
         if result.stopped_early:
             return True
         if failed and not c.get("registered", 0) and c.get("requests", 0):

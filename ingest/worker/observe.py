@@ -35,6 +35,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ingest import __version__
+from ingest.errors import ConfigError
 from ingest.stats import OTHER, Stats, reason_label
 
 log = logging.getLogger("ingest.worker")
@@ -322,7 +323,14 @@ async def serve_http(
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:  # EADDRINUSE, EACCES (< 1024), EADDRNOTAVAIL: fix the config
+            raise ConfigError(
+                f"config: worker.http_port {port} on {host!r} cannot be used "
+                f"({e.strerror or e}): another worker or process holds it? stop it, or set "
+                "worker.http_port to a free port (0 = no HTTP endpoint)"
+            ) from None
         bound = int(runner.addresses[0][1])
         log.info("serving health and metrics", extra={"host": host, "port": bound})
         yield bound

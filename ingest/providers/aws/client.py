@@ -18,6 +18,34 @@ from typing import Any
 
 from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    SSOError,
+    TokenRetrievalError,
+)
+
+from ingest.errors import ConfigError
+
+CREDENTIALS_FIX = (
+    "set source.profile (or AWS_PROFILE) to a profile of ~/.aws/config, export "
+    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance, task or pod role "
+    "(EC2 instance profile, ECS task role, EKS IRSA / Pod Identity) provides them"
+)
+
+
+def credentials_problem(e: BaseException, profile: str = "") -> str | None:
+    """What is wrong with the AWS credentials and how to fix it, when ``e`` says they are
+    missing, incomplete or expired; None for any other error. Never quotes a credential."""
+    if isinstance(e, NoCredentialsError):
+        return f"no AWS credentials found: {CREDENTIALS_FIX}"
+    if isinstance(e, PartialCredentialsError):
+        return f"incomplete AWS credentials ({e}): {CREDENTIALS_FIX}"
+    if isinstance(e, SSOError | TokenRetrievalError):
+        login = f"aws sso login --profile {profile}" if profile else "aws sso login"
+        return f"the AWS SSO session has expired or is missing: run `{login}`"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +108,19 @@ class AwsClient:
         async with self._lock:
             if self._client is None:
                 ctx = create_client(self.spec)
-                client = await ctx.__aenter__()
+                try:
+                    client = await ctx.__aenter__()
+                except ProfileNotFound:
+                    raise ConfigError(
+                        f"config: AWS profile {self.spec.profile!r} (source.profile or "
+                        "AWS_PROFILE) is not in ~/.aws/config or ~/.aws/credentials"
+                    ) from None
+                except ValueError as e:  # botocore: "Invalid endpoint: …" (no scheme, no host)
+                    # Nothing was entered, so there is nothing for close() to exit.
+                    raise ConfigError(
+                        f"config: {self.spec.service} endpoint_url {self.spec.endpoint_url!r} "
+                        f"is not usable ({e}): give a full URL such as http://127.0.0.1:9000"
+                    ) from None
                 self._ctx = ctx
                 if self._on_open is not None:
                     self._on_open(client)

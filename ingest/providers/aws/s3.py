@@ -8,19 +8,29 @@ they never appear in messages.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from aiohttp import ClientPayloadError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
 from ingest.model import ObjectInfo
 from ingest.providers import Page, Shard
 from ingest.providers.aws import s3_xml
-from ingest.providers.aws.client import AwsClient, ClientSpec
+from ingest.providers.aws.client import AwsClient, ClientSpec, credentials_problem
 from ingest.providers.aws.s3_xml import fast_timestamp
+from ingest.providers.cap import RequestCap
+from ingest.providers.transient import retry_transient
 
 __all__ = ["S3Source", "fast_timestamp"]
 
@@ -69,6 +79,26 @@ def _objects(contents: list[dict[str, Any]]) -> list[ObjectInfo]:
     return out
 
 
+# An object's body breaking off after its headers: botocore's retries stop at the headers.
+_BODY_ERRORS = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError, ClientPayloadError)
+
+
+class BodyBroken(Exception):
+    """The body of a GET broke off mid-stream; ``cause`` is the SDK's error. Retried here
+    (``ingest/providers/transient.py``), then mapped like any other error."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+async def _body(read: Awaitable[bytes]) -> bytes:
+    try:
+        return await read
+    except _BODY_ERRORS as e:
+        raise BodyBroken(e) from e
+
+
 class S3Source:
     provider = "aws"
 
@@ -97,7 +127,17 @@ class S3Source:
             # faster; anything else goes to botocore's own parser.
             timestamp_parser=fast_timestamp,
         )
-        self._client = AwsClient(spec, on_open=_install_list_parser)
+        self.cap = RequestCap(cfg.max_requests_per_s)
+        self._client = AwsClient(spec, on_open=self._on_open)
+
+    def _on_open(self, client: Any) -> None:
+        _install_list_parser(client)
+        if self.cap.active:
+            # Every HTTP request of this client, botocore's retries and multipart parts too.
+            client.meta.events.register("before-send.s3", self._before_send)
+
+    async def _before_send(self, **_: Any) -> None:
+        await self.cap.wait()  # None: botocore sends the request itself
 
     def storage_key(self, key: str) -> str:
         return key
@@ -112,6 +152,9 @@ class S3Source:
         return f" at {self.cfg.endpoint_url}" if self.cfg.endpoint_url else ""
 
     def _map(self, e: Exception, what: str) -> SourceError:
+        problem = credentials_problem(e, self.cfg.profile)
+        if problem is not None:
+            return AccessDenied(f"bucket '{self.bucket}': {problem}")
         if isinstance(e, ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -127,7 +170,7 @@ class S3Source:
             return SourceRetryable(f"{what}: S3 error {code or status}")
         if isinstance(e, EndpointConnectionError):
             return SourceRetryable(f"cannot reach S3{self._where()}")
-        return SourceRetryable(f"{what}: {type(e).__name__}")
+        return SourceRetryable(f"{what}: {type(e).__name__}: {str(e)[:200]}")
 
     async def check_access(self) -> None:
         s3 = await self._s3()
@@ -171,27 +214,38 @@ class S3Source:
     async def read_range(self, key: str, start: int, end: int) -> bytes:
         s3 = await self._s3()
         try:
-            resp = await s3.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
-            )
-            async with resp["Body"] as body:
-                return bytes(await body.read())
+            return await self._read_range(s3, key, start, end)
+        except BodyBroken as e:
+            raise self._map(e.cause, f"read '{key}'") from None
         except (ClientError, BotoCoreError) as e:
             raise self._map(e, f"read '{key}'") from None
+
+    @retry_transient(lambda e: isinstance(e, BodyBroken))
+    async def _read_range(self, s3: Any, key: str, start: int, end: int) -> bytes:
+        resp = await s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+        async with resp["Body"] as body:
+            return bytes(await _body(body.read()))
 
     async def download(self, key: str, dest: Path) -> None:
         s3 = await self._s3()
         try:
-            resp = await s3.get_object(Bucket=self.bucket, Key=key)
-            async with resp["Body"] as body:
-                f = await asyncio.to_thread(dest.open, "wb")
-                try:
-                    while chunk := await body.read(CHUNK_BYTES):
-                        await asyncio.to_thread(f.write, chunk)
-                finally:
-                    await asyncio.to_thread(f.close)
+            await self._download(s3, key, dest)
+        except BodyBroken as e:
+            raise self._map(e.cause, f"download '{key}'") from None
         except (ClientError, BotoCoreError) as e:
             raise self._map(e, f"download '{key}'") from None
+
+    @retry_transient(lambda e: isinstance(e, BodyBroken))
+    async def _download(self, s3: Any, key: str, dest: Path) -> None:
+        """The whole object again on a retry: ``dest`` is rewritten from the start."""
+        resp = await s3.get_object(Bucket=self.bucket, Key=key)
+        async with resp["Body"] as body:
+            f = await asyncio.to_thread(dest.open, "wb")
+            try:
+                while chunk := await _body(body.read(CHUNK_BYTES)):
+                    await asyncio.to_thread(f.write, chunk)
+            finally:
+                await asyncio.to_thread(f.close)
 
     async def upload(
         self,

@@ -18,14 +18,12 @@ from urllib.parse import urlparse
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    NoCredentialsError,
-    PartialCredentialsError,
 )
 
 from ingest.config import Config
 from ingest.errors import AccessDenied, SourceError, SourceRetryable
 from ingest.providers import Delivery
-from ingest.providers.aws.client import AwsClient, ClientSpec
+from ingest.providers.aws.client import AwsClient, ClientSpec, credentials_problem
 from ingest.providers.events import (
     CALL_BUDGET_S,
     CONNECT_TIMEOUT_S,
@@ -95,10 +93,9 @@ class SqsEventSource:
         where = f"SQS queue '{self.queue_url}'"
         if isinstance(e, TimeoutError):
             return SourceRetryable(f"{what} {where}: no answer in time")
-        if isinstance(e, NoCredentialsError | PartialCredentialsError):
-            return AccessDenied(
-                f"{what} {where}: no AWS credentials found (environment, profile, instance role)"
-            )
+        problem = credentials_problem(e, self.profile)
+        if problem is not None:
+            return AccessDenied(f"{what} {where}: {problem}")
         if isinstance(e, ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)

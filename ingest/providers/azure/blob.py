@@ -30,6 +30,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
     ServiceRequestError,
 )
+from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob import ContentSettings
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
@@ -44,6 +45,7 @@ from ingest.errors import (
 from ingest.model import ObjectInfo
 from ingest.providers import Page, Shard
 from ingest.providers.azure.auth import AccountAuth, connection_string_env
+from ingest.providers.cap import RequestCap
 
 CHUNK_BYTES = 4 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10
@@ -72,6 +74,20 @@ def _decode(checkpoint: str) -> tuple[str, str]:
         raise SourceError(f"not an Azure listing checkpoint: {checkpoint[:80]!r}") from None
 
 
+class CappedTransport(AioHttpTransport):  # type: ignore[misc]  # (lazily exported: Any)
+    """azure-core's aiohttp transport, waiting for the bucket's request cap before each send.
+    The transport is the pipeline's last step, so azure-core's retries count too (the blob
+    SDK builds its own policy list and takes no extra policies through a public argument)."""
+
+    def __init__(self, cap: RequestCap, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cap = cap
+
+    async def send(self, request: Any, **config: Any) -> Any:
+        await self.cap.wait()
+        return await super().send(request, **config)
+
+
 class AzureSource:
     provider = "azure"
 
@@ -82,6 +98,7 @@ class AzureSource:
         self._container: ContainerClient | None = None
         self._auth = AccountAuth(cfg)
         self._lock = asyncio.Lock()
+        self.cap = RequestCap(cfg.max_requests_per_s)
 
     @property
     def _where(self) -> str:
@@ -102,6 +119,8 @@ class AzureSource:
             "connection_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": READ_TIMEOUT_S,
         }
+        if self.cap.active:
+            opts["transport"] = CappedTransport(self.cap, **opts)
         return self._auth.open(
             url=self.cfg.account_url or self.cfg.endpoint_url,
             missing=(

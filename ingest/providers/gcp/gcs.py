@@ -15,6 +15,7 @@ uploaded with ``Content-Encoding: gzip`` and range offsets would not match the s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +28,8 @@ from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
 from ingest.model import ObjectInfo
 from ingest.providers import Page, Shard
+from ingest.providers.cap import RequestCap
+from ingest.providers.transient import retry_transient
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 CHUNK_BYTES = 1024 * 1024
@@ -40,6 +43,48 @@ _RAW = {"Accept-Encoding": "gzip"}
 _FIELDS = "nextPageToken,prefixes,items(name,size,etag,md5Hash,updated)"
 
 
+CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
+METADATA_HOST_ENV = ("GCE_METADATA_HOST", "GCE_METADATA_ROOT")  # gcloud-aio-auth's names
+METADATA_PROBE_TIMEOUT_S = 3.0
+CREDENTIALS_FIX = (
+    f"set source.credentials_file or {CREDENTIALS_ENV} to a service-account key file, run "
+    "`gcloud auth application-default login`, or run on GKE with workload identity (or on a "
+    "GCE VM with a service account)"
+)
+
+
+def adc_file() -> Path:
+    """gcloud's application-default credentials file (``gcloud auth application-default
+    login``), where gcloud-aio-auth looks after the explicit file and before the metadata
+    server."""
+    root = os.environ.get("CLOUDSDK_CONFIG") or str(Path.home() / ".config" / "gcloud")
+    return Path(root) / "application_default_credentials.json"
+
+
+def _key_file_problem(path: str, where: str) -> str | None:
+    """Why the credentials file named by ``where`` cannot be used, or None."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{where} = {path!r}: no such file"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{where} = {path!r}: cannot read it ({getattr(e, 'strerror', None) or e})"
+    except ValueError:
+        return f"{where} = {path!r}: not a JSON key file"
+    if not isinstance(doc, dict) or "type" not in doc:
+        return f'{where} = {path!r}: not a Google credentials file (no "type")'
+    return None
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth another try: throttled (429), a timeout (408) or server error, a dropped
+    connection or a body cut short. Not: 401/403/404 and other answers that will not change."""
+    if isinstance(e, aiohttp.ClientResponseError):
+        return e.status in (408, 429) or e.status >= 500
+    return isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError)
+
+
 class GCSSource:
     provider = "gcp"
 
@@ -48,7 +93,9 @@ class GCSSource:
         self.cfg = cfg
         self._root = cfg.endpoint_url or os.environ.get(EMULATOR_ENV, "")
         self._storage: Storage | None = None
+        self._session: aiohttp.ClientSession | None = None  # ours, only under a cap
         self._lock = asyncio.Lock()
+        self.cap = RequestCap(cfg.max_requests_per_s)
 
     def storage_key(self, key: str) -> str:
         return key
@@ -56,17 +103,41 @@ class GCSSource:
     async def _gcs(self) -> Storage:
         async with self._lock:
             if self._storage is None:
+                session: Any = self._capped_session()  # gcloud-aio types it by its build
                 if self._root:
                     root = self._root if "://" in self._root else f"http://{self._root}"
-                    self._storage = Storage(api_root=root.rstrip("/"), api_is_dev=True)
+                    self._storage = Storage(
+                        api_root=root.rstrip("/"), api_is_dev=True, session=session
+                    )
                 else:
-                    self._storage = Storage(service_file=self.cfg.credentials_file or None)
+                    self._storage = Storage(
+                        service_file=self.cfg.credentials_file or None, session=session
+                    )
             return self._storage
+
+    def _capped_session(self) -> aiohttp.ClientSession | None:
+        """Under ``source.max_requests_per_s``: a session whose every request (token fetches
+        included) first waits for the cap; else None (gcloud-aio's own session)."""
+        if not self.cap.active:
+            return None
+
+        async def before_request(*_: Any) -> None:
+            await self.cap.wait()
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_start.append(before_request)
+        # gcloud-aio verifies certificates except against an emulator (api_is_dev): the same.
+        connector = aiohttp.TCPConnector(ssl=not self._root)
+        self._session = aiohttp.ClientSession(connector=connector, trace_configs=[trace])
+        return self._session
 
     async def close(self) -> None:
         if self._storage is not None:
             await self._storage.close()
             self._storage = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def _where(self) -> str:
         return f" at {self._root}" if self._root else ""
@@ -92,8 +163,37 @@ class GCSSource:
             return SourceRetryable(f"{what}: GCS request timed out")
         return SourceRetryable(f"{what}: {type(e).__name__}")
 
+    async def check_credentials(self) -> None:
+        """Fail fast, naming the fix, when no credential source can work: gcloud-aio would
+        otherwise retry the metadata server for ~12 s and then say only "cannot reach GCS".
+        Same order as gcloud-aio-auth: the explicit file, gcloud's ADC file, the metadata
+        server (workload identity, GCE)."""
+        if self._root:
+            return  # an emulator takes no credentials
+        explicit = [
+            (self.cfg.credentials_file, "source.credentials_file"),
+            (os.environ.get(CREDENTIALS_ENV, ""), CREDENTIALS_ENV),
+        ]
+        for path, where in explicit:
+            if path:
+                problem = await asyncio.to_thread(_key_file_problem, path, where)
+                if problem:
+                    raise AccessDenied(f"GCS bucket '{self.bucket}': {problem}")
+                return
+        if await asyncio.to_thread(adc_file().is_file):
+            return
+        host = next((os.environ[k] for k in METADATA_HOST_ENV if os.environ.get(k)), "")
+        host = host or "metadata.google.internal"
+        if not await _metadata_server_answers(host):
+            raise AccessDenied(
+                f"no Google Cloud credentials for GCS bucket '{self.bucket}' (no key file, no "
+                f"gcloud application-default login, and the metadata server {host} did not "
+                f"answer): {CREDENTIALS_FIX}"
+            )
+
     async def check_access(self) -> None:
         """Lists one key: objectViewer-style roles may list and read but not get the bucket."""
+        await self.check_credentials()
         gcs = await self._gcs()
         try:
             await gcs.list_objects(
@@ -122,9 +222,7 @@ class GCSSource:
         seen: set[str] = set()
         while True:
             try:
-                resp = await gcs.list_objects(
-                    self.bucket, params=dict(params), timeout=REQUEST_TIMEOUT_S
-                )
+                resp = await self._list_page(gcs, params)
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise self._map(e, f"list '{shard.prefix}'", bucket_level=True) from None
             objects = [
@@ -148,33 +246,50 @@ class GCSSource:
                 return
             params["pageToken"] = str(token)
 
+    @retry_transient(_transient)
+    async def _list_page(self, gcs: Storage, params: dict[str, str]) -> dict[str, Any]:
+        resp: dict[str, Any] = await gcs.list_objects(
+            self.bucket, params=dict(params), timeout=REQUEST_TIMEOUT_S
+        )
+        return resp
+
     async def read_range(self, key: str, start: int, end: int) -> bytes:
         gcs = await self._gcs()
         try:
-            return await gcs.download(
-                self.bucket,
-                key,
-                headers={**_RAW, "Range": f"bytes={start}-{end - 1}"},
-                timeout=REQUEST_TIMEOUT_S,
-            )
+            return await self._read_range(gcs, key, start, end)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise self._map(e, f"read '{key}'") from None
+
+    @retry_transient(_transient)
+    async def _read_range(self, gcs: Storage, key: str, start: int, end: int) -> bytes:
+        data: bytes = await gcs.download(
+            self.bucket,
+            key,
+            headers={**_RAW, "Range": f"bytes={start}-{end - 1}"},
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        return data
 
     async def download(self, key: str, dest: Path) -> None:
         gcs = await self._gcs()
         try:
-            stream = await gcs.download_stream(
-                self.bucket, key, headers=dict(_RAW), timeout=REQUEST_TIMEOUT_S
-            )
-            async with stream:
-                f = await asyncio.to_thread(dest.open, "wb")
-                try:
-                    while chunk := await stream.read(CHUNK_BYTES):
-                        await asyncio.to_thread(f.write, chunk)
-                finally:
-                    await asyncio.to_thread(f.close)
+            await self._download(gcs, key, dest)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise self._map(e, f"download '{key}'") from None
+
+    @retry_transient(_transient)
+    async def _download(self, gcs: Storage, key: str, dest: Path) -> None:
+        """The whole object again on a retry: ``dest`` is rewritten from the start."""
+        stream = await gcs.download_stream(
+            self.bucket, key, headers=dict(_RAW), timeout=REQUEST_TIMEOUT_S
+        )
+        async with stream:
+            f = await asyncio.to_thread(dest.open, "wb")
+            try:
+                while chunk := await stream.read(CHUNK_BYTES):
+                    await asyncio.to_thread(f.write, chunk)
+            finally:
+                await asyncio.to_thread(f.close)
 
     async def upload(
         self,
@@ -184,49 +299,76 @@ class GCSSource:
         content_encoding: str | None = None,
     ) -> None:
         gcs = await self._gcs()
+        try:
+            await self._upload(gcs, key, data, content_type, content_encoding)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._map(e, f"upload '{key}'") from None
+
+    @retry_transient(_transient)
+    async def _upload(
+        self,
+        gcs: Storage,
+        key: str,
+        data: bytes | Path,
+        content_type: str,
+        content_encoding: str | None,
+    ) -> None:
+        """Idempotent (same key, same bytes), so a retry is safe; a file is reopened."""
         metadata: dict[str, Any] | None = (
             {"contentEncoding": content_encoding} if content_encoding else None
         )
+        if isinstance(data, bytes):
+            await gcs.upload(
+                self.bucket,
+                key,
+                data,
+                content_type=content_type,
+                metadata=metadata,
+                timeout=self._upload_timeout(len(data)),
+            )
+            return
+        size = (await asyncio.to_thread(data.stat)).st_size
+        if size <= STREAM_UPLOAD_BYTES:
+            body = await asyncio.to_thread(data.read_bytes)
+            await gcs.upload(
+                self.bucket,
+                key,
+                body,
+                content_type=content_type,
+                metadata=metadata,
+                timeout=self._upload_timeout(size),
+            )
+            return
+        # Resumable upload of the open file: aiohttp reads it in its executor, in chunks.
+        f = await asyncio.to_thread(data.open, "rb")
         try:
-            if isinstance(data, bytes):
-                await gcs.upload(
-                    self.bucket,
-                    key,
-                    data,
-                    content_type=content_type,
-                    metadata=metadata,
-                    timeout=self._upload_timeout(len(data)),
-                )
-                return
-            size = (await asyncio.to_thread(data.stat)).st_size
-            if size <= STREAM_UPLOAD_BYTES:
-                body = await asyncio.to_thread(data.read_bytes)
-                await gcs.upload(
-                    self.bucket,
-                    key,
-                    body,
-                    content_type=content_type,
-                    metadata=metadata,
-                    timeout=self._upload_timeout(size),
-                )
-                return
-            # Resumable upload of the open file: aiohttp reads it in its executor, in chunks.
-            f = await asyncio.to_thread(data.open, "rb")
-            try:
-                await gcs.upload(
-                    self.bucket,
-                    key,
-                    f,
-                    content_type=content_type,
-                    metadata=metadata,
-                    force_resumable_upload=True,
-                    timeout=self._upload_timeout(size),
-                )
-            finally:
-                await asyncio.to_thread(f.close)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise self._map(e, f"upload '{key}'") from None
+            await gcs.upload(
+                self.bucket,
+                key,
+                f,
+                content_type=content_type,
+                metadata=metadata,
+                force_resumable_upload=True,
+                timeout=self._upload_timeout(size),
+            )
+        finally:
+            await asyncio.to_thread(f.close)
 
     @staticmethod
     def _upload_timeout(size: int) -> int:
         return REQUEST_TIMEOUT_S + UPLOAD_S_PER_MIB * (size // (1024 * 1024))
+
+
+async def _metadata_server_answers(host: str) -> bool:
+    """Whether the GCE / GKE metadata server answers a service-account query within
+    METADATA_PROBE_TIMEOUT_S (one try: gcloud-aio retries it for much longer)."""
+    url = f"http://{host}/computeMetadata/v1/instance/service-accounts/default/email"
+    timeout = aiohttp.ClientTimeout(total=METADATA_PROBE_TIMEOUT_S)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, headers={"Metadata-Flavor": "Google"}) as resp,
+        ):
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return False
