@@ -183,6 +183,8 @@ class MediaConfig:
     primary_frames_quality: Annotated[int, Field(ge=1, le=31)] = 1
     upload_concurrency: PositiveInt = 8  # artifact uploads at once per video
     temp_dir: str = ""  # where videos are downloaded and cut; "" = the system temp dir
+    # frames/s of a read-only DICOM series converted to a video (ffmpeg takes up to 1000)
+    dicom_fps: Annotated[float, Field(gt=0, le=1000)] = 10.0
 
 
 ChangePolicy = Literal["report", "register"]

@@ -29,7 +29,7 @@ from ingest.errors import LeaseHeld, LedgerError, PreflightError
 from ingest.ledger import LedgerPort, open_ledger
 from ingest.log import set_run_id
 from ingest.manifest import check_manifest
-from ingest.media.stage import MediaStage, provider_artifact_prefix
+from ingest.media.stage import DicomOptions, MediaStage, provider_artifact_prefix
 from ingest.model import Item, ObjectInfo, Outcome, State
 from ingest.planner import request_options, video_local
 from ingest.preflight import Target, check_source, check_v7
@@ -367,6 +367,7 @@ async def open_media(
         max_image_bytes=m.max_image_bytes,
         temp_dir=Path(m.temp_dir) if m.temp_dir else None,
         destination=destination,
+        dicom=DicomOptions(m.dicom_fps, cfg.plan.ignore_dicom_layout) if target.readonly else None,
     )
 
 

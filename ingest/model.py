@@ -42,6 +42,7 @@ class Media(enum.StrEnum):
     IMAGE = "image"
     VIDEO = "video"
     UPLOAD = "upload"  # local files: uploaded to the bucket first (then thumbnails if read-only)
+    DICOM = "dicom"  # read-only DICOM: converted to a PNG (a slice) or a video (series, frames)
 
 
 class ItemType(enum.StrEnum):
@@ -117,7 +118,22 @@ class VideoFacts:
     audio_peaks_key: str = ""  # "" when the video has no audio stream
 
 
-Facts = Union[ImageFacts, UploadFacts, VideoFacts]  # noqa: UP007 (a runtime alias)
+@dataclass(frozen=True, slots=True)
+class ConvertedFacts:
+    """Read-only DICOM converted into what V7 can show (it takes no DICOM there).
+
+    ``storage_key`` is what V7 reads: the PNG of a single slice, or the video made of a series
+    or a multi-frame file. ``made`` holds its sizes and thumbnail (``ImageFacts``) or its
+    artifacts (``VideoFacts``). ``order`` is, per section (slice or frame, 0-based), the index
+    into the slot's objects it came from, so a report can say which slice is which section.
+    """
+
+    storage_key: str
+    made: ImageFacts | VideoFacts
+    order: tuple[int, ...] = ()
+
+
+Facts = Union[ImageFacts, UploadFacts, VideoFacts, ConvertedFacts]  # noqa: UP007 (runtime alias)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +144,8 @@ class Slot:
     ``name`` is V7's ``slot_name``; ``fps`` is sent for server-side video only. ``facts`` is
     what the media stage added (empty before it ran, and when nothing is needed): the
     ``UploadFacts`` of uploaded local files in object order, an ``ImageFacts`` for a read-only
-    image, a ``VideoFacts`` for a video cut locally.
+    image, a ``VideoFacts`` for a video cut locally, a ``ConvertedFacts`` for read-only DICOM
+    (the slot's ``type`` and ``file_name`` are then those of the converted image or video).
     """
 
     name: str
@@ -145,11 +162,26 @@ class Slot:
 
     @property
     def image(self) -> ImageFacts | None:
-        return next((f for f in self.facts if isinstance(f, ImageFacts)), None)
+        for f in self.facts:
+            if isinstance(f, ImageFacts):
+                return f
+            if isinstance(f, ConvertedFacts) and isinstance(f.made, ImageFacts):
+                return f.made
+        return None
 
     @property
     def video(self) -> VideoFacts | None:
-        return next((f for f in self.facts if isinstance(f, VideoFacts)), None)
+        for f in self.facts:
+            if isinstance(f, VideoFacts):
+                return f
+            if isinstance(f, ConvertedFacts) and isinstance(f.made, VideoFacts):
+                return f.made
+        return None
+
+    @property
+    def converted(self) -> ConvertedFacts | None:
+        """What a read-only DICOM slot was converted into (None: not converted)."""
+        return next((f for f in self.facts if isinstance(f, ConvertedFacts)), None)
 
     @property
     def uploaded(self) -> tuple[str, ...]:

@@ -155,11 +155,8 @@ class ShardPlanner:
             return f"unsupported file type '{ext}'" if ext else "no file extension"
         if obj.size == 0:
             return "empty object (0 bytes)"
-        if self.readonly:
-            if t is ItemType.DICOM:
-                return "read-only storage: V7 does not accept DICOM; convert to images first"
-            if t is ItemType.PDF:
-                return "read-only storage: PDFs need page sections (not supported yet)"
+        if self.readonly and t is ItemType.PDF:
+            return "read-only storage: PDFs need page sections (not supported yet)"
         return None
 
     def grouped(self, key: str) -> bool:
@@ -227,6 +224,10 @@ class ShardPlanner:
             media = Media.VIDEO
         elif self.local_files:
             media = Media.UPLOAD
+        elif ItemType.DICOM in types and self.readonly:
+            # V7 takes no DICOM from read-only storage: the media stage converts it (and makes
+            # the thumbnails of the item's other images on the way).
+            media = Media.DICOM
         elif ItemType.IMAGE in types and self.readonly:
             media = Media.IMAGE
         return Item(

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from ingest.model import (
+    ConvertedFacts,
     Facts,
     ImageFacts,
     Item,
@@ -44,6 +45,13 @@ def _facts_dict(f: Facts) -> dict[str, Any]:
         return {"t": "image", "width": f.width, "height": f.height, "thumbnail": f.thumbnail_key}
     if isinstance(f, UploadFacts):
         return {"t": "upload", "storage_key": f.storage_key}
+    if isinstance(f, ConvertedFacts):
+        return {
+            "t": "converted",
+            "storage_key": f.storage_key,
+            "made": _facts_dict(f.made),
+            "order": list(f.order),
+        }
     return {
         "t": "video",
         "storage_key": f.storage_key,
@@ -70,6 +78,13 @@ def _facts_from_dict(d: Mapping[str, Any]) -> Facts:
         return ImageFacts(int(d["width"]), int(d["height"]), str(d["thumbnail"]))
     if t == "upload":
         return UploadFacts(str(d["storage_key"]))
+    if t == "converted":
+        made = _facts_from_dict(d["made"])
+        if not isinstance(made, ImageFacts | VideoFacts):
+            raise CodecError(f"converted DICOM made {made!r}")
+        return ConvertedFacts(
+            str(d["storage_key"]), made, tuple(int(i) for i in d.get("order", ()))
+        )
     if t == "video":
         return VideoFacts(
             storage_key=str(d["storage_key"]),

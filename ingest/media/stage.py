@@ -19,14 +19,15 @@ import mimetypes
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ingest.errors import ObjectNotFound, SourceError
 from ingest.media import MediaError
 from ingest.media.thumbnail import thumbnail_key
 from ingest.model import (
+    ConvertedFacts,
     Facts,
     ImageFacts,
     Item,
@@ -39,6 +40,9 @@ from ingest.model import (
 )
 from ingest.providers import Source
 from ingest.registrar.wire import KeyMap
+
+if TYPE_CHECKING:
+    from ingest.media.convert import DicomConverter
 
 log = logging.getLogger("ingest.media")
 
@@ -115,6 +119,35 @@ def _bucket_errors(doing: str) -> Iterator[None]:
         raise MediaError(f"{doing}: {e}", final=False) from None
 
 
+@dataclass(frozen=True, slots=True)
+class DicomOptions:
+    """How read-only DICOM is converted (``media.dicom_fps``, ``plan.ignore_dicom_layout``)."""
+
+    fps: float = 10.0
+    ignore_layout: bool = False
+
+
+class StageBucket:
+    """The DICOM converter's view of the bucket: reads from the source, writes to the
+    destination, bucket failures as retryable MediaErrors, storage keys for V7."""
+
+    def __init__(self, source: Source, destination: Source, keys: KeyMap) -> None:
+        self._source = source
+        self._destination = destination
+        self._keys = keys
+
+    async def download(self, key: str, dest: Path) -> None:
+        with _bucket_errors("cannot download the DICOM file"):
+            await self._source.download(key, dest)
+
+    async def upload(self, key: str, data: bytes, content_type: str) -> None:
+        with _bucket_errors("cannot upload to the bucket"):
+            await self._destination.upload(key, data, content_type)
+
+    def to_storage(self, key: str) -> str:
+        return self._keys.to_storage(key)
+
+
 class MediaStage:
     """Prepares items that need media work. One instance per run; safe to call concurrently."""
 
@@ -131,6 +164,7 @@ class MediaStage:
         max_image_bytes: int,
         temp_dir: Path | None = None,
         destination: Source | None = None,
+        dicom: DicomOptions | None = None,
     ) -> None:
         self.source = source
         # Where uploads go and what V7 reads: the source bucket itself, or for a local
@@ -148,6 +182,24 @@ class MediaStage:
         self.temp_dir = temp_dir
         self._bucket_id = f"{source.provider}:{source.bucket}"
         self._uploader = SourceUploader(self.destination, self.keys)
+        self.bucket = StageBucket(source, self.destination, self.keys)
+        # Read-only DICOM is converted (V7 takes none there); None: DICOM goes as it is.
+        self.dicom: DicomConverter | None = None
+        if dicom is not None and thumbnails is not None:
+            from ingest.media.convert import DicomConverter
+
+            self.dicom = DicomConverter(
+                thumbnails,  # type: ignore[arg-type]  # a ThumbnailPool: it has call()
+                videos,
+                self.bucket,
+                self._uploader,
+                prefix=artifact_prefix,
+                storage_name=storage_name,
+                video_options=video_options,
+                fps=dicom.fps,
+                ignore_layout=dicom.ignore_layout,
+                temp_dir=temp_dir,
+            )
 
     async def prepare(self, item: Item) -> Item:
         """The item with the media facts of every slot (uploads, thumbnails and sizes,
@@ -156,6 +208,8 @@ class MediaStage:
         return replace(item, slots=slots, media=Media.NONE)
 
     async def _slot(self, item: Item, slot: Slot) -> Slot:
+        if slot.type is ItemType.DICOM and self.dicom is not None and item.readonly_endpoint:
+            return await self._dicom(slot)
         if slot.type is ItemType.VIDEO and item.media is Media.VIDEO:
             return replace(slot, facts=(await self._video(slot.obj),))
         facts: list[Facts] = []
@@ -220,6 +274,23 @@ class MediaStage:
     async def _upload(self, key: str, data: bytes, content_type: str) -> None:
         with _bucket_errors("cannot upload to the bucket"):
             await self.destination.upload(key, data, content_type)
+
+    # --- read-only DICOM ---------------------------------------------------------------------
+
+    async def _dicom(self, slot: Slot) -> Slot:
+        """A DICOM slot converted (or its conversion from the cache, for the same object
+        versions and options): an image slot (the PNG) or a video slot (the series)."""
+        from ingest.media.convert import converted_slot, layout
+
+        assert self.dicom is not None
+        kind = self.dicom.kind(slot)
+        cached = await self.cache.cached_facts(self._bucket_id, slot.obj, kind)
+        if isinstance(cached, ConvertedFacts):
+            facts = cached
+        else:
+            facts = await self.dicom.convert(slot)
+            await self.cache.cache_facts(self._bucket_id, slot.obj, kind, facts)
+        return converted_slot(slot, facts, layout(slot, self.prefix, self.storage_name))
 
     # --- videos ----------------------------------------------------------------------------
 

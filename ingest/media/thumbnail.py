@@ -337,6 +337,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def thumbnail_jpeg(im: Image.Image) -> bytes:
+    """V7's thumbnail of an image already decoded (e.g. a converted DICOM slice): fitted
+    inside 356x200, never enlarged, JPEG quality 50."""
+    small = _shrink(_normalise(im), thumbnail_size(im.width, im.height), None)
+    out = io.BytesIO()
+    _to_rgb(small).save(out, "JPEG", quality=THUMBNAIL_QUALITY)
+    return out.getvalue()
+
+
 # --- keys ----------------------------------------------------------------------------------
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -429,6 +438,11 @@ class ThumbnailPool:
 
     async def make_from_path(self, path: Path) -> Thumbnail:
         return await self._call(_work_path, os.fspath(path), self.max_pixels)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Any other decoding job (e.g. DICOM) in the same bounded, crash-safe workers:
+        ``fn`` must be a module-level function, its arguments and result picklable."""
+        return await self._call(fn, *args)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a module-level ``fn(*args)`` in a worker; the crash-handling core."""

@@ -95,6 +95,9 @@ def item_json(item: Item, keys: KeyMap) -> dict[str, Any]:
 
 
 def _storage_key(slot: Slot, i: int, keys: KeyMap) -> str:
+    converted = slot.converted
+    if converted is not None:  # read-only DICOM: V7 reads the PNG we made, not the .dcm
+        return converted.storage_key
     uploaded = slot.uploaded
     return uploaded[i] if i < len(uploaded) else keys.to_storage(slot.objects[i].key)
 
@@ -179,6 +182,8 @@ def approx_bytes(item: Item) -> int:
         per = _SLOT_OVERHEAD + len(slot.name.encode()) + len(slot.file_name.encode())
         if slot.image is not None:
             per += len(slot.image.thumbnail_key.encode()) + 64
+        if slot.converted is not None:
+            per += len(slot.converted.storage_key.encode())
         for obj in slot.objects:
             n += per + 2 * len(obj.key.encode()) + 64
     return n

@@ -61,9 +61,7 @@ class MediaWorkers:
         ]
 
     async def put(self, item: Item) -> None:
-        # Uploads of local files are I/O like thumbnails: same workers.
-        kind = Media.VIDEO if item.media is Media.VIDEO else Media.IMAGE
-        await self.queues[kind].put(item)
+        await self.queues[_queue(item)].put(item)
 
     async def close(self) -> None:
         for kind, n in self._workers.items():
@@ -98,3 +96,14 @@ class MediaWorkers:
     async def _fail(self, item: Item, reason: str, *, final: bool = False) -> None:
         await self.ledger.media_failed(item, reason, final=final)
         self._failed(reason)
+
+
+def _queue(item: Item) -> Media:
+    """Which workers take the item: videos and DICOM series (cut by ffmpeg) go to the video
+    workers; images, uploads of local files and single DICOM files (usually one slice: a PNG)
+    to the image workers."""
+    if item.media is Media.VIDEO:
+        return Media.VIDEO
+    if item.media is Media.DICOM and any(len(s.objects) > 1 for s in item.slots):
+        return Media.VIDEO
+    return Media.IMAGE

@@ -1,0 +1,394 @@
+"""Read-only DICOM converted into what V7 shows, with the artifacts in the bucket.
+
+- **One slice** (a slot of one single-frame file): a PNG at ``{prefix}/dicom/{digest}/{stem}.png``
+  and a thumbnail at the image thumbnail key; the slot becomes an ``image`` slot whose
+  ``storage_key`` is the PNG and whose size is Columns x Rows.
+- **A series** (a slot of several files) or **a multi-frame file**: one video, one frame per
+  slice (or per frame), in V7's order (``ingest.media.dicom.series_order``; the listing's
+  order with ``ignore_dicom_layout``). Frames are decoded one by one in the decoder processes
+  and piped as raw 8-bit video into ffmpeg's stdin, which writes a lossless FFV1 video in the
+  temp dir; that video goes through the ordinary video pipeline (``VideoPool.process``: HLS,
+  one HQ/LQ section per frame, thumbnail, manifest) and is uploaded beside its artifacts as the
+  slot's ``storage_key``. Lossless, so each HQ section is exactly the converted slice.
+- A multi-frame file inside a series contributes its frames in its place (V7 would give it a
+  slot of its own on read-write storage; a read-only item cannot gain slots here).
+- Slices of differing sizes in one series: ``FAILED`` with the sizes found (a video has one
+  frame size; splitting would change the item V7 is given, and the user decides:
+  ``plan.dicom_series = false`` registers each slice alone).
+
+Bounded: the slices are downloaded into the temp dir (like a video), headers are read without
+pixels, and at most ``window`` frames are being decoded or waiting for ffmpeg at a time.
+Idempotent: every key is derived from the object (or series folder) key, so a re-run
+overwrites; the facts are cached per object version, so an unchanged file is never converted
+twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from ingest.media import MediaError
+from ingest.media.dicom import (
+    SliceHeader,
+    SliceImage,
+    convert_frame,
+    convert_slice,
+    read_header,
+    series_order,
+    size_problem,
+)
+from ingest.media.ffmpeg import FFMPEG, kill, stderr_reason
+from ingest.media.thumbnail import thumbnail_key
+from ingest.model import ConvertedFacts, ImageFacts, ItemType, ObjectInfo, Slot, VideoFacts
+
+T = TypeVar("T")
+
+DICOM_KIND = "dicom/v1"
+DOWNLOAD_CONCURRENCY = 8
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class Decoders(Protocol):
+    """The decoder processes (``ThumbnailPool.call``) and how many jobs they take at once."""
+
+    max_pending: int
+    max_pixels: int
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+
+class Cutter(Protocol):
+    async def process(
+        self,
+        src: Path,
+        *,
+        prefix: str,
+        file_name: str,
+        uploader: Any,
+        source_storage_key: str | None,
+        size_bytes: int,
+        opts: Any,
+    ) -> VideoFacts: ...
+
+
+class Bucket(Protocol):
+    """What the converter needs of the media stage: downloads and uploads (provider keys),
+    storage keys for V7, bucket errors already turned into MediaError."""
+
+    async def download(self, key: str, dest: Path) -> None: ...
+    async def upload(self, key: str, data: bytes, content_type: str) -> None: ...
+    def to_storage(self, key: str) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a DICOM slot's conversion goes (provider keys), known before any decoding:
+    ``png``/``thumbnail`` when it is one slice, ``video_prefix`` + ``video_name`` when it is
+    a series or a multi-frame file."""
+
+    png: str
+    thumbnail: str
+    video_prefix: str
+    video_name: str
+
+
+def _stem(name: str) -> str:
+    stem = name.rsplit(".", 1)[0] if "." in name[1:] else name
+    return _UNSAFE.sub("_", stem).strip("._")[:80] or "dicom"
+
+
+def series_id(slot: Slot) -> str:
+    """The key a slot's conversion is derived from: the file's key for one file, the series
+    folder (``a/b/``) for several, so adding a slice keeps the prefix (a re-run overwrites)."""
+    if len(slot.objects) == 1:
+        return slot.obj.key
+    return slot.obj.key.rpartition("/")[0] + "/"
+
+
+def layout(slot: Slot, prefix: str, storage_name: str) -> Layout:
+    """Pure: the keys a DICOM slot converts into (see the module docstring)."""
+    from ingest.media.video import artifact_prefix
+
+    sid = series_id(slot)
+    digest = hashlib.sha256(sid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    base = sid.rstrip("/").rpartition("/")[2] or "series"
+    stem = _stem(base)
+    root = prefix.strip("/")
+    png = f"{root}/dicom/{digest}/{stem}.png" if root else f"dicom/{digest}/{stem}.png"
+    return Layout(
+        png=png,
+        thumbnail=thumbnail_key(sid, prefix),
+        video_prefix=artifact_prefix(prefix, storage_name, sid),
+        video_name=f"{stem}.mkv",
+    )
+
+
+def cache_kind(slot: Slot, fps: float, ignore_layout: bool, video_options: Any) -> str:
+    """The media-cache kind of a slot's conversion, cached on its first object: it names
+    every object version of the slot (a changed or added slice is a miss) and the options
+    that shape the output."""
+    h = hashlib.sha256()
+    for o in slot.objects:
+        h.update(f"{o.key}\0{o.etag}\0{o.size}\n".encode("utf-8", "surrogatepass"))
+    return f"{DICOM_KIND}:{h.hexdigest()[:32]}:{fps:g}:{int(ignore_layout)}:{video_options!r}"
+
+
+def section_order(headers: Sequence[SliceHeader], order: Sequence[int]) -> list[tuple[int, int]]:
+    """(object index, frame index) per section, in the series order: each file's frames in
+    their own order."""
+    return [(i, f) for i in order for f in range(headers[i].frames)]
+
+
+def series_fps(headers: Sequence[SliceHeader], default_fps: float) -> float:
+    """A single multi-frame file plays at its stated rate; a series of slices at the
+    configured ``media.dicom_fps``."""
+    if len(headers) == 1 and headers[0].frames > 1 and headers[0].fps > 0:
+        return round(headers[0].fps, 3)
+    return default_fps
+
+
+class DicomConverter:
+    """Converts read-only DICOM slots (one per call, safe to call concurrently)."""
+
+    def __init__(
+        self,
+        decoders: Decoders,
+        videos: Cutter | None,
+        bucket: Bucket,
+        uploader: Any,
+        *,
+        prefix: str,
+        storage_name: str,
+        video_options: Any,
+        fps: float,
+        ignore_layout: bool,
+        temp_dir: Path | None = None,
+    ) -> None:
+        self.decoders = decoders
+        self.videos = videos
+        self.bucket = bucket
+        self.uploader = uploader
+        self.prefix = prefix
+        self.storage_name = storage_name
+        self.video_options = video_options
+        self.fps = fps
+        self.ignore_layout = ignore_layout
+        self.temp_dir = temp_dir
+        self.conversions = 0  # slots actually converted (not from the cache)
+
+    def kind(self, slot: Slot) -> str:
+        return cache_kind(slot, self.fps, self.ignore_layout, self.video_options)
+
+    async def convert(self, slot: Slot) -> ConvertedFacts:
+        """Download, order, decode and write the slot's conversion; raises MediaError."""
+        work = Path(tempfile.mkdtemp(prefix="ingest-dicom-", dir=self.temp_dir))
+        try:
+            paths = await self._download(slot.objects, work)
+            names = [o.key.rpartition("/")[2] for o in slot.objects]
+            headers = await self._headers(paths, names)
+            keys = layout(slot, self.prefix, self.storage_name)
+            self.conversions += 1
+            if len(headers) == 1 and headers[0].frames == 1:
+                return await self._slice(paths[0], keys)
+            problem = size_problem(headers, names)
+            if problem:
+                raise MediaError(problem)
+            order = series_order(headers, names, ignore_layout=self.ignore_layout)
+            return await self._series(paths, headers, order, keys, work)
+        finally:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(shutil.rmtree, work, True)
+
+    async def _download(self, objects: Sequence[ObjectInfo], work: Path) -> list[Path]:
+        sem = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
+        paths = [work / f"{i:06d}.dcm" for i in range(len(objects))]
+
+        async def one(obj: ObjectInfo, dest: Path) -> None:
+            if obj.size <= 0:
+                raise MediaError(f"{obj.key.rpartition('/')[2]}: empty object (0 bytes)")
+            async with sem:
+                await self.bucket.download(obj.key, dest)
+
+        await _all([one(o, p) for o, p in zip(objects, paths, strict=True)])
+        return paths
+
+    async def _headers(self, paths: Sequence[Path], names: Sequence[str]) -> list[SliceHeader]:
+        async def one(path: Path, name: str) -> SliceHeader:
+            try:
+                return await self.decoders.call(read_header, str(path))
+            except MediaError as e:
+                if len(paths) == 1:
+                    raise
+                raise MediaError(f"{name}: {e.reason}"[:300], final=e.final) from None
+
+        sem = asyncio.Semaphore(max(1, self.decoders.max_pending))
+
+        async def bounded(path: Path, name: str) -> SliceHeader:
+            async with sem:
+                return await one(path, name)
+
+        return await _all([bounded(p, n) for p, n in zip(paths, names, strict=True)])
+
+    async def _slice(self, path: Path, keys: Layout) -> ConvertedFacts:
+        image: SliceImage = await self.decoders.call(
+            convert_slice, str(path), self.decoders.max_pixels
+        )
+        await self.bucket.upload(keys.png, image.png, "image/png")
+        await self.bucket.upload(keys.thumbnail, image.thumbnail, "image/jpeg")
+        facts = ImageFacts(image.width, image.height, self.bucket.to_storage(keys.thumbnail))
+        return ConvertedFacts(self.bucket.to_storage(keys.png), facts, (0,))
+
+    async def _series(
+        self,
+        paths: Sequence[Path],
+        headers: Sequence[SliceHeader],
+        order: Sequence[int],
+        keys: Layout,
+        work: Path,
+    ) -> ConvertedFacts:
+        if self.videos is None:
+            raise MediaError("local video processing is not available in this run")
+        sections = section_order(headers, order)
+        rgb = any(h.color for h in headers)
+        width, height = headers[0].columns, headers[0].rows
+        fps = series_fps(headers, self.fps)
+        video = work / keys.video_name
+        frames = self._frames(paths, sections, rgb)
+        await encode_lossless(frames, video, width=width, height=height, rgb=rgb, fps=fps)
+        opts = self.video_options
+        with contextlib.suppress(TypeError):  # every slice one visible section
+            opts = replace(opts, fps=0.0)
+        size = (await asyncio.to_thread(video.stat)).st_size
+        facts = await self.videos.process(
+            video,
+            prefix=self.bucket.to_storage(keys.video_prefix),
+            file_name=keys.video_name,
+            uploader=self.uploader,
+            source_storage_key=None,  # the video is ours: uploaded beside its artifacts
+            size_bytes=size,
+            opts=opts,
+        )
+        return ConvertedFacts(facts.storage_key, facts, tuple(i for i, _f in sections))
+
+    async def _frames(
+        self, paths: Sequence[Path], sections: Sequence[tuple[int, int]], rgb: bool
+    ) -> AsyncIterator[bytes]:
+        """Each section's 8-bit frame, in order; at most ``max_pending`` decoding ahead."""
+        ahead: deque[asyncio.Task[bytes]] = deque()
+        limit = max(1, self.decoders.max_pending)
+        try:
+            for i, frame in sections:
+                ahead.append(
+                    asyncio.ensure_future(
+                        self.decoders.call(convert_frame, str(paths[i]), frame, rgb)
+                    )
+                )
+                if len(ahead) >= limit:
+                    yield await ahead.popleft()
+            while ahead:
+                yield await ahead.popleft()
+        finally:
+            for task in ahead:
+                task.cancel()
+            if ahead:
+                await asyncio.gather(*ahead, return_exceptions=True)
+
+
+async def _all(aws: Sequence[Awaitable[T]]) -> list[T]:
+    """Gather; on the first error cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def encode_lossless(
+    frames: AsyncIterator[bytes], out: Path, *, width: int, height: int, rgb: bool, fps: float
+) -> int:
+    """Raw 8-bit frames (grey or RGB24, ``width`` x ``height``) from ``frames`` into a lossless
+    FFV1 Matroska file through ffmpeg's stdin; returns the number of frames. The entry point
+    of frames made by a converter into the video pipeline (``VideoPool.process`` takes the
+    file it writes)."""
+    frame_bytes = width * height * (3 if rgb else 1)
+    args = [
+        FFMPEG,
+        "-hide_banner",
+        "-nostats",
+        "-v",
+        "error",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24" if rgb else "gray",
+        "-s",
+        f"{width}x{height}",
+        "-framerate",
+        f"{fps:g}",
+        "-i",
+        "pipe:0",
+        "-c:v",
+        "ffv1",
+        "-y",
+        str(out),
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    err = asyncio.ensure_future(proc.stderr.read())
+    count = 0
+    try:
+        try:
+            async for frame in frames:
+                if len(frame) != frame_bytes:
+                    raise MediaError(
+                        f"frame {count}: {len(frame)} bytes, expected {frame_bytes} "
+                        f"({width}x{height})"
+                    )
+                proc.stdin.write(frame)
+                await proc.stdin.drain()
+                count += 1
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # ffmpeg exited early: its return code and stderr say why
+        finally:
+            proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await proc.stdin.wait_closed()
+        await proc.wait()
+        if proc.returncode != 0:
+            reason = stderr_reason(await err, f"exit {proc.returncode}")
+            raise MediaError(f"ffmpeg could not encode the slices: {reason}")
+    finally:
+        await kill(proc)
+        err.cancel()
+    if count == 0:
+        raise MediaError("no frames to encode")
+    return count
+
+
+def converted_slot(slot: Slot, facts: ConvertedFacts, keys: Layout) -> Slot:
+    """The slot as V7 gets it: an image (the PNG) or a video (the series video); its objects
+    stay the .dcm files (what the ledger and the report track)."""
+    if isinstance(facts.made, ImageFacts):
+        kind, file_name = ItemType.IMAGE, keys.png.rpartition("/")[2]
+    else:
+        kind, file_name = ItemType.VIDEO, keys.video_name
+    return replace(
+        slot, type=kind, file_name=file_name, facts=(facts,), extract_views=False, fps=None
+    )

@@ -1,0 +1,391 @@
+"""Read-only DICOM made displayable: headers, series order, display-correct 8-bit pixels.
+
+V7 takes no DICOM from read-only storage, so the engine converts it: a slice becomes a PNG (an
+``image`` item), a series or a multi-frame file a video (``ingest.media.convert``). This module
+holds the pure parts (:func:`series_order`, :func:`window`, :func:`to_display`) and the
+functions the decoder processes run (:func:`read_header`, :func:`convert_frame`,
+:func:`convert_slice`); they take paths, so a slice is read from the temp dir by the worker and
+only its header or its 8-bit frame crosses the process boundary.
+
+Pixels, in DICOM's own order (PS3.3 C.11 / C.7.6.3):
+
+1. decode (pydicom; JPEG baseline/extended/lossless, JPEG-LS and JPEG 2000 through pylibjpeg's
+   libjpeg and openjpeg plugins, RLE and uncompressed through pydicom + numpy); YBR colour
+   is converted to RGB by the decoder (pydicom's ``as_rgb``), planar configuration undone;
+2. grey: the modality LUT (RescaleSlope/RescaleIntercept, or a Modality LUT Sequence), then the
+   VOI: the VOI LUT Sequence when present, else the first WindowCenter/WindowWidth pair (with
+   VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID), else **min/max of the slice** (documented
+   fallback: every slice of a series is stretched on its own); MONOCHROME1 is inverted last;
+3. colour: RGB kept, PALETTE COLOR through its palette, samples above 8 bits scaled down.
+
+The size is always Columns x Rows: nothing is resized, rotated or padded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from ingest.media import MediaError
+
+# Tags the header read needs (sort keys, size, frames, colour, frame rate).
+HEADER_TAGS: Final = (
+    "SeriesNumber",
+    "InstanceNumber",
+    "SliceLocation",
+    "ImagePositionPatient",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "CineRate",
+    "RecommendedDisplayFrameRate",
+    "FrameTime",
+)
+PNG_COMPRESS_LEVEL: Final = 1  # measured: level 6 is no smaller on CT noise, and slower
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SliceHeader:
+    """What the header of one .dcm says (read without its pixels)."""
+
+    series_number: int | None
+    instance_number: int | None
+    slice_location: float | None
+    position: tuple[float, ...] | None  # ImagePositionPatient
+    rows: int
+    columns: int
+    frames: int
+    color: bool  # more than one sample per pixel, or a palette
+    fps: float = 0.0  # stated by the file (CineRate, RecommendedDisplayFrameRate, FrameTime)
+
+
+@dataclass(frozen=True, slots=True)
+class SliceImage:
+    """One slice converted: its PNG and a V7-style thumbnail (356x200, JPEG q50)."""
+
+    width: int
+    height: int
+    png: bytes
+    thumbnail: bytes
+
+
+# --- pure: order ---------------------------------------------------------------------------
+
+
+def _sort_key(h: SliceHeader, name: str) -> tuple[Any, ...]:
+    """V7's order (SeriesNumber, InstanceNumber, SliceLocation, ImagePositionPatient, file
+    name); a missing value sorts after every present one."""
+
+    def opt(v: Any) -> tuple[int, Any]:
+        return (1, 0) if v is None else (0, v)
+
+    return (
+        opt(h.series_number),
+        opt(h.instance_number),
+        opt(h.slice_location),
+        opt(h.position),
+        name,
+    )
+
+
+def series_order(
+    headers: Sequence[SliceHeader], names: Sequence[str], *, ignore_layout: bool = False
+) -> list[int]:
+    """Indices of ``headers`` in the order V7 shows slices; the listing's order when
+    ``ignore_layout`` (``options.ignore_dicom_layout``). Stable, pure."""
+    if ignore_layout:
+        return list(range(len(headers)))
+    return sorted(range(len(headers)), key=lambda i: _sort_key(headers[i], names[i]))
+
+
+def size_problem(headers: Sequence[SliceHeader], names: Sequence[str]) -> str:
+    """"" when every slice has one size, else the reason the series cannot be one video
+    (its frames must share one size): the sizes found and a file of each."""
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for h, n in zip(headers, names, strict=True):
+        sizes.setdefault((h.columns, h.rows), []).append(n)
+    if len(sizes) <= 1:
+        return ""
+    parts = [f"{w}x{h} ({len(ns)}, e.g. {ns[0]})" for (w, h), ns in sorted(sizes.items())]
+    return ("slices of differing sizes in one series: " + ", ".join(parts))[:300]
+
+
+# --- pure: pixels --------------------------------------------------------------------------
+
+
+def window(values: Any, center: float, width: float, function: str = "LINEAR") -> Any:
+    """The VOI window of PS3.3 C.11.2.1.2 onto 0..255 (a float array in, uint8 out)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    fn = (function or "LINEAR").upper()
+    if fn == "SIGMOID":
+        if width <= 0:
+            raise ValueError("window width must be > 0")
+        y = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    elif fn == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError("window width must be > 0")
+        y = np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    else:
+        if width < 1:
+            raise ValueError("window width must be >= 1")
+        if width == 1:
+            y = (x > center - 0.5).astype(np.float64)
+        else:
+            y = np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    return np.rint(y * 255.0).astype(np.uint8)
+
+
+def stretch(values: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    """``lo..hi`` (default: the array's min..max) onto 0..255; a flat image is all 0."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    lo = float(x.min()) if lo is None else lo
+    hi = float(x.max()) if hi is None else hi
+    if not hi > lo:
+        return np.zeros(x.shape, dtype=np.uint8)
+    return np.rint(np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _first(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+    return _first(value[0]) if len(value) else None
+
+
+def to_display(arr: Any, ds: Any) -> Any:
+    """Decoded pixels of one frame (rows x columns [x samples]) to display-correct 8-bit:
+    uint8 rows x columns (grey) or rows x columns x 3 (RGB). See the module docstring."""
+    import numpy as np
+    from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        return _eight_bit_rgb(rgb, 16 if rgb.dtype.itemsize > 1 else 8)
+    if arr.ndim == 3:
+        return _eight_bit_rgb(arr, int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8))
+    values = apply_modality_lut(arr, ds)
+    voi = ds.get("VOILUTSequence")
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if voi:
+        bits = int(voi[0].LUTDescriptor[2]) or 16
+        out = stretch(apply_voi(values, ds, index=0), 0.0, float(2**bits - 1))
+    elif center is not None and width is not None and width > 0:
+        function = str(ds.get("VOILUTFunction", "LINEAR"))
+        if function.upper() == "LINEAR" and width < 1:
+            function = "LINEAR_EXACT"
+        out = window(values, center, width, function)
+    else:
+        out = stretch(values)  # fallback: min/max of this frame
+    if photometric == "MONOCHROME1":
+        out = np.subtract(255, out, dtype=np.uint8)
+    return out
+
+
+def _eight_bit_rgb(arr: Any, bits: int) -> Any:
+    import numpy as np
+
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind == "f":
+        return stretch(arr)
+    top = float(2 ** min(max(bits, 8), 32) - 1)
+    return stretch(arr, 0.0, top)
+
+
+def as_rgb(gray_or_rgb: Any) -> Any:
+    import numpy as np
+
+    if gray_or_rgb.ndim == 3:
+        return gray_or_rgb
+    return np.repeat(gray_or_rgb[:, :, None], 3, axis=2)
+
+
+# --- worker side (runs in the decoder processes) -----------------------------------------
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Every pydicom / decoder failure as ``MediaError(reason)``, a short reason."""
+    from pydicom.errors import InvalidDicomError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return fn()
+        except MediaError:
+            raise
+        except InvalidDicomError:
+            raise MediaError("not a DICOM file (no DICM preamble / file meta)") from None
+        except MemoryError:
+            raise MediaError("DICOM image too large: out of memory") from None
+        except (NotImplementedError, RuntimeError) as e:  # no plugin / every plugin failed
+            raise MediaError(f"cannot decode the pixel data: {_short(e)}") from None
+        except (EOFError, OSError) as e:
+            raise MediaError(f"truncated or unreadable DICOM file: {_short(e)}") from None
+        except ValueError as e:
+            if "reshape" in str(e):
+                raise MediaError("truncated pixel data (fewer bytes than Rows x Columns)") from None
+            raise MediaError(f"corrupt DICOM data (ValueError: {_short(e)})") from None
+        except Exception as e:  # malformed elements surface as KeyError, TypeError, ...
+            raise MediaError(f"corrupt DICOM data ({type(e).__name__}: {_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:160] or type(e).__name__
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        v = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _position(value: Any) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        pos = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return pos or None
+
+
+def _stated_fps(ds: Any) -> float:
+    for tag in ("CineRate", "RecommendedDisplayFrameRate"):
+        v = _float(ds.get(tag))
+        if v and v > 0:
+            return v
+    ms = _float(ds.get("FrameTime"))
+    return 1000.0 / ms if ms and ms > 0 else 0.0
+
+
+def _check_decodable(ds: Any) -> None:
+    from pydicom.pixels.decoders.base import get_decoder
+
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid is None:
+        raise MediaError("not a DICOM file: no transfer syntax in its file meta")
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        name = getattr(uid, "name", str(uid))
+        raise MediaError(f"unsupported transfer syntax: {name}") from None
+    if not decoder.is_available:
+        raise MediaError(f"no decoder installed for transfer syntax: {uid.name}")
+
+
+def read_header(path: str) -> SliceHeader:
+    """The header of ``path`` without its pixel data (``stop_before_pixels``). Raises
+    MediaError: not DICOM, no image (e.g. a structured report), a syntax we cannot decode."""
+    return _guard(lambda: _read_header(path))
+
+
+def _read_header(path: str) -> SliceHeader:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+    rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
+    if not rows or not columns:
+        raise MediaError("no pixel data (a DICOM file without an image)")
+    _check_decodable(ds)
+    samples = _int(ds.get("SamplesPerPixel")) or 1
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    return SliceHeader(
+        series_number=_int(ds.get("SeriesNumber")),
+        instance_number=_int(ds.get("InstanceNumber")),
+        slice_location=_float(ds.get("SliceLocation")),
+        position=_position(ds.get("ImagePositionPatient")),
+        rows=rows,
+        columns=columns,
+        frames=max(1, _int(ds.get("NumberOfFrames")) or 1),
+        color=samples > 1 or photometric == "PALETTE COLOR",
+        fps=_stated_fps(ds),
+    )
+
+
+def _decode(path: str, index: int | None) -> tuple[Any, Any]:
+    import pydicom
+    from pydicom import Dataset
+    from pydicom.pixels.utils import pixel_array
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = Dataset()
+    # A path: pydicom reads only the frame asked for, never the whole multi-frame file.
+    # A deflated file cannot be read that way (the whole dataset is compressed).
+    meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows"]).file_meta
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        ds = pydicom.dcmread(path)
+        arr = pixel_array(ds, index=index)
+    else:
+        arr = pixel_array(path, ds_out=ds, index=index)
+    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+        arr = arr[0]  # one frame asked, one frame kept
+    return arr, ds
+
+
+def convert_frame(path: str, index: int, rgb: bool) -> bytes:
+    """Frame ``index`` of ``path`` as raw 8-bit pixels (grey, or RGB24 when ``rgb``), rows x
+    columns: what the video encoder reads from its stdin."""
+
+    def work() -> bytes:
+        arr, ds = _decode(path, index)
+        out = to_display(arr, ds)
+        return bytes((as_rgb(out) if rgb else _grey(out)).tobytes())
+
+    return _guard(work)
+
+
+def _grey(out: Any) -> Any:
+    if out.ndim == 2:
+        return out
+    from PIL import Image
+
+    return Image.fromarray(out).convert("L")
+
+
+def convert_slice(path: str, max_pixels: int) -> SliceImage:
+    """One single-frame slice to PNG + thumbnail (in a decoder process)."""
+
+    def work() -> SliceImage:
+        from PIL import Image
+
+        from ingest.media.thumbnail import thumbnail_jpeg
+
+        header = _read_header(path)
+        if header.rows * header.columns > max_pixels:
+            raise MediaError(f"image too large: {header.columns} x {header.rows}")
+        arr, ds = _decode(path, 0 if header.frames > 1 else None)
+        im = Image.fromarray(to_display(arr, ds))
+        buf = io.BytesIO()
+        im.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return SliceImage(im.width, im.height, buf.getvalue(), thumbnail_jpeg(im))
+
+    return _guard(work)
