@@ -393,6 +393,7 @@ async def _report(
 ) -> int:
     wanted = set(check_states(states)) if states else None
     fields = ["key", "state", "item_path", "item_name", "v7_id", "reason", "etag", "size", "sync"]
+    fields.append("converted")  # read-only DICOM: the PNG / series video made of the object
     async with _existing_ledger(cfg) as ledger:
         if ledger is None:
             raise ConfigError(f"no ledger at {cfg.ledger.path}: run `ingest run` first")

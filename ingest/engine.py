@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -30,7 +31,7 @@ from ingest.ledger import LedgerPort, open_ledger
 from ingest.log import set_run_id
 from ingest.manifest import check_manifest
 from ingest.media.stage import DicomOptions, MediaStage, provider_artifact_prefix
-from ingest.model import Item, ObjectInfo, Outcome, State
+from ingest.model import Item, ItemType, Media, ObjectInfo, Outcome, Slot, State
 from ingest.planner import request_options, video_local
 from ingest.preflight import Target, check_source, check_v7
 from ingest.progress import run_progress
@@ -391,6 +392,14 @@ class DryRun:
         self.done = done
         self.requests = 0
         self.items = 0
+        self.dicom_layout: Callable[[Slot], dict[str, object]] | None = None
+
+    def _pending(self, item: Item) -> dict[str, object]:
+        entry: dict[str, object] = {"path": item.path, "name": item.name, "media": str(item.media)}
+        layout = self.dicom_layout
+        if layout is not None and item.media is Media.DICOM:
+            entry["converted"] = [layout(s) for s in item.slots if s.type is ItemType.DICOM]
+        return entry
 
     async def register(
         self,
@@ -413,9 +422,7 @@ class DryRun:
         }
         # Thumbnails, sizes and video artifacts are made by `run`, not by a dry run: say which
         # items would get them, so the payloads above are read as the planned skeleton.
-        pending = [
-            {"path": i.path, "name": i.name, "media": str(i.media)} for i in batch if i.media
-        ]
+        pending = [self._pending(i) for i in batch if i.media]
         if pending:
             line["media_pending"] = pending
         self.out.write(orjson.dumps(line) + b"\n")
@@ -432,11 +439,12 @@ async def plan_only(
     read (``done``). When V7 is reachable (a key is set) the team, storage mode and endpoint
     come from preflight; otherwise from the config. Returns (requests, items, skipped)."""
     team, readonly = cfg.v7.team or "<team>", readonly_hint or cfg.v7.mode == "readonly"
+    storage: dict[str, Any] = {}
     if cfg.api_key:
         client = make_client(cfg)
         try:
             found = await check_v7(cfg, client)
-            team, readonly = found.team, found.readonly
+            team, readonly, storage = found.team, found.readonly, found.storage
         finally:
             await client.close()
     target = wire.Target(team, cfg.v7.dataset, cfg.v7.storage, request_options(cfg.plan))
@@ -452,7 +460,15 @@ async def plan_only(
             open_ledger(str(Path(d) / "plan.sqlite"), cfg.job) as scratch,
         ):
             await check_source(source)
-            dry = DryRun(out, team, target, wire.KeyMap(source.storage_key("")), done)
+            keys = wire.KeyMap(source.storage_key(""))
+            dry = DryRun(out, team, target, keys, done)
+            if readonly:
+                prefix = provider_artifact_prefix(
+                    cfg.media.artifact_prefix, storage, cfg.bucket_source.provider
+                )
+                dry.dicom_layout = functools.partial(
+                    dicom_plan, prefix=prefix, storage_name=cfg.v7.storage, keys=keys
+                )
             # Order is all that matters in a dry run: batches fill by count and bytes only.
             cfg = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, max_wait_s=3600.0))
             pipeline = Pipeline(cfg, source, scratch, dry, stats, readonly=readonly, dry_run=True)
@@ -460,3 +476,28 @@ async def plan_only(
             for warning in result.warnings:
                 log.warning(warning)
     return dry.requests, dry.items, stats.skipped
+
+
+def dicom_plan(
+    slot: Slot, *, prefix: str, storage_name: str, keys: wire.KeyMap
+) -> dict[str, object]:
+    """What `ingest plan` shows for a read-only DICOM slot: the storage keys its conversion
+    will have (known from the keys alone; whether one file is multi-frame needs its header,
+    so both are shown for one file)."""
+    from ingest.media.convert import layout
+
+    k = layout(slot, prefix, storage_name)
+    video = {
+        "as": "video",
+        "storage_key": keys.to_storage(f"{k.video_prefix}/{k.video_name}"),
+        "artifacts_prefix": keys.to_storage(k.video_prefix),
+    }
+    entry: dict[str, object] = {"slot_name": slot.name, "objects": len(slot.objects)}
+    if len(slot.objects) > 1:
+        return {**entry, **video, "sections": "one per slice, in V7's DICOM order"}
+    image = {
+        "as": "image",
+        "storage_key": keys.to_storage(k.png),
+        "storage_thumbnail_key": keys.to_storage(k.thumbnail),
+    }
+    return {**entry, **image, "if_multi_frame": video}

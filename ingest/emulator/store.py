@@ -210,6 +210,11 @@ class Store:
             raise Invalid(f"{where}.type", f"unknown type {t!r}")
         if readonly and t == "dicom":
             raise Invalid(f"{where}.type", "read-only storage does not accept DICOM")
+        if readonly and (key.lower().endswith(".dcm") or str(file_name).lower().endswith(".dcm")):
+            # A .dcm sent as an image/video: V7 cannot show it from read-only storage.
+            raise Invalid(
+                f"{where}.storage_key", "read-only storage does not accept DICOM: convert it first"
+            )
         if readonly and t not in READONLY_TYPES:
             raise Invalid(f"{where}.type", f"{t!r} not allowed for read-only storage")
         if "fps" in d:

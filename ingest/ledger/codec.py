@@ -31,6 +31,7 @@ from ingest.model import (
 )
 
 FORMAT = 2  # the tag of the payloads written by this module ("v")
+CONVERTED_MARK = b'"t":"converted"'  # in an item payload that holds converted DICOM
 
 
 class CodecError(ValueError):
@@ -167,6 +168,31 @@ def _slot_from_dict(d: Mapping[str, Any]) -> Slot:
         extract_views=bool(d.get("extract_views", False)),
         facts=tuple(_facts_from_dict(f) for f in d.get("facts", ())),
     )
+
+
+def converted_by_key(item: Item) -> dict[str, str]:
+    """Provider key -> the storage key its DICOM was converted into: the PNG of a slice, or
+    the series video with the section (0-based, as the section files are numbered)."""
+    out: dict[str, str] = {}
+    for slot in item.slots:
+        c = slot.converted
+        if c is None:
+            continue
+        if isinstance(c.made, ImageFacts):
+            out.update((o.key, c.storage_key) for o in slot.objects)
+            continue
+        sections: dict[int, list[int]] = {}
+        for n, i in enumerate(c.order):
+            sections.setdefault(i, []).append(n)
+        for i, o in enumerate(slot.objects):
+            found = sections.get(i, [])
+            where = f"section {found[0]}" if len(found) == 1 else f"sections {_span(found)}"
+            out[o.key] = f"{c.storage_key} ({where})" if found else c.storage_key
+    return out
+
+
+def _span(ns: list[int]) -> str:
+    return f"{ns[0]}-{ns[-1]}" if ns and ns == list(range(ns[0], ns[-1] + 1)) else str(ns)
 
 
 def item_to_bytes(item: Item) -> bytes:

@@ -80,6 +80,7 @@ class ReportRow:
     etag: str
     size: int
     sync: str = ""  # "vanished", "changed (etag …)" or "" (as listed last time)
+    converted: str = ""  # read-only DICOM: the storage key made of it (and its video section)
 
 
 @dataclass

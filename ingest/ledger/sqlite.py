@@ -1461,13 +1461,17 @@ class SqliteLedger:
                 "ELSE COALESCE(i.reason,'') END, o.etag, o.size, CASE WHEN o.vanished_at>0 "
                 "THEN 'vanished' WHEN o.changed=1 AND o.changed_etag!='' THEN "
                 "'changed (etag ' || o.changed_etag || ')' WHEN o.changed=1 THEN 'changed' "
-                "ELSE '' END FROM objects o "
+                "ELSE '' END, o.item_id FROM objects o "
                 "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=? AND o.key >= ? "
                 "AND (? OR o.key > ?) ORDER BY o.key LIMIT ?",
                 # key >= last is a range the primary key serves; the OR only drops ``last``.
                 (job, last, first, last, CHUNK),
             ).fetchall()
-            return [ReportRow(*r) for r in rows]
+            converted = _converted(db, {r[-1] for r in rows if r[-1] is not None})
+            return [
+                dataclasses.replace(ReportRow(*r[:-1]), converted=converted.get(r[0], ""))
+                for r in rows
+            ]
 
         first, last = True, ""
         while True:
@@ -1592,3 +1596,19 @@ if TYPE_CHECKING:  # mypy proves the backend implements the whole port
 
     def _implements_port(ledger: SqliteLedger) -> LedgerPort:
         return ledger
+
+
+def _converted(db: sqlite3.Connection, item_ids: set[int]) -> dict[str, str]:
+    """Provider key -> what it was converted into, for the items of a report chunk that hold
+    converted DICOM (each such item decoded once, however many slices it has)."""
+    if not item_ids:
+        return {}
+    out: dict[str, str] = {}
+    marks = ",".join("?" * len(item_ids))
+    for (payload,) in db.execute(
+        f"SELECT payload FROM items WHERE id IN ({marks}) AND instr(payload, ?) > 0",
+        (*item_ids, codec.CONVERTED_MARK),
+    ):
+        with contextlib.suppress(codec.CodecError):
+            out.update(codec.converted_by_key(codec.item_from_bytes(bytes(payload))))
+    return out

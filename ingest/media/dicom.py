@@ -108,7 +108,7 @@ def series_order(
 
 
 def size_problem(headers: Sequence[SliceHeader], names: Sequence[str]) -> str:
-    """"" when every slice has one size, else the reason the series cannot be one video
+    """ "" when every slice has one size, else the reason the series cannot be one video
     (its frames must share one size): the sizes found and a file of each."""
     sizes: dict[tuple[int, int], list[str]] = {}
     for h, n in zip(headers, names, strict=True):
