@@ -1,0 +1,330 @@
+"""Read-only DICOM conversion: the pure parts (order, windowing, display pixels, codec) and a
+migration end to end (the CLI against moto S3 and the V7 emulator's read-only storage, real
+pydicom files, real ffmpeg)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from ingest.ledger import codec
+from ingest.media import MediaError
+from ingest.media.convert import cache_kind, layout, section_order
+from ingest.media.dicom import (
+    SliceHeader,
+    read_header,
+    series_order,
+    size_problem,
+    to_display,
+    window,
+)
+from ingest.model import (
+    ConvertedFacts,
+    ImageFacts,
+    Item,
+    ItemType,
+    ObjectInfo,
+    Rendition,
+    Slot,
+    VideoFacts,
+)
+from tests.conftest import s3_client
+from tests.support.e2e import DATASET, Emulator, job_config, run_cli
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+
+
+def _file(name: str) -> str:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, name
+    return str(path)
+
+
+def _h(
+    series: int | None = 1,
+    instance: int | None = None,
+    location: float | None = None,
+    position: tuple[float, ...] | None = None,
+) -> SliceHeader:
+    return SliceHeader(series, instance, location, position, 4, 4, 1, False)
+
+
+# --- pure ----------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_series_order_follows_v7_keys_in_their_significance() -> None:
+    headers = [
+        _h(2, 1),  # a later series comes after every slice of series 1
+        _h(1, 3),
+        _h(1, 1, 5.0),
+        _h(1, 1, -5.0),  # same instance: the slice location decides
+        _h(1, None),  # no instance number: after those that have one
+        _h(1, 2, None, (0.0, 0.0, 9.0)),
+        _h(1, 2, None, (0.0, 0.0, 1.0)),  # same up to the position: the position decides
+    ]
+    names = ["a", "b", "c", "d", "e", "f", "g"]
+    assert series_order(headers, names) == [3, 2, 6, 5, 1, 4, 0]
+    assert series_order(headers, names, ignore_layout=True) == list(range(7))
+    # Everything equal: the file name decides.
+    assert series_order([_h(1, 1), _h(1, 1)], ["z.dcm", "a.dcm"]) == [1, 0]
+
+
+@pytest.mark.unit
+def test_sections_expand_frames_in_file_order_and_sizes_must_agree() -> None:
+    multi = SliceHeader(1, 1, None, None, 4, 4, 3, False)
+    assert section_order([_h(1, 2), multi], [1, 0]) == [(1, 0), (1, 1), (1, 2), (0, 0)]
+    assert size_problem([_h(), _h()], ["a", "b"]) == ""
+    big = SliceHeader(1, 1, None, None, 8, 6, 1, False)
+    reason = size_problem([_h(), big, _h()], ["a", "b", "c"])
+    assert "differing sizes" in reason and "4x4 (2, e.g. a)" in reason and "6x8 (1, e.g. b)" in reason
+
+
+@pytest.mark.unit
+def test_linear_window_follows_the_standard_formula() -> None:
+    # c=128, w=256 maps 0..255 onto itself (PS3.3 C.11.2.1.2.1).
+    x = np.arange(256, dtype=np.float64)
+    assert (window(x, 128, 256) == np.arange(256)).all()
+    # CT soft tissue window: below c - w/2 black, above c + w/2 white, the center mid-grey.
+    out = window(np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0]), 40, 400)
+    assert out[0] == 0 and out[1] == 0 and out[-1] == 255 and out[-2] == 255
+    assert 126 <= out[2] <= 129
+    exact = window(np.array([-160.0, 40.0, 240.0]), 40, 400, "LINEAR_EXACT")
+    assert list(exact) == [0, 128, 255]
+    sig = window(np.array([40.0, -1000.0, 1000.0]), 40, 400, "SIGMOID")
+    assert sig[0] == 128 and sig[1] < 5 and sig[2] > 250
+    with pytest.raises(ValueError):
+        window(x, 0, 0.5)
+
+
+@pytest.mark.unit
+def test_display_rescales_windows_inverts_monochrome1_and_falls_back_to_min_max() -> None:
+    ds = pydicom.dcmread(_file("CT_small.dcm"))
+    arr = ds.pixel_array
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    hu = arr.astype(np.float64) - 1024
+    expected = window(hu, 40, 400)
+    assert (to_display(arr, ds) == expected).all()
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    assert (to_display(arr, ds) == 255 - expected).all()
+    del ds.WindowCenter, ds.WindowWidth
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    out = to_display(arr, ds)  # no window in the file: min/max of the slice
+    assert out.min() == 0 and out.max() == 255
+    lo = np.unravel_index(np.argmin(arr), arr.shape)
+    assert out[lo] == 0
+
+
+@pytest.mark.unit
+def test_colour_files_come_out_rgb_and_bad_files_fail_with_a_reason(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(_file("SC_ybr_full_422_uncompressed.dcm"))
+    out = to_display(ds.pixel_array, ds)  # pydicom converted YBR to RGB
+    assert out.shape == (100, 100, 3) and out.dtype == np.uint8
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not a dicom file" * 20)
+    with pytest.raises(MediaError, match="not a DICOM file"):
+        read_header(str(junk))
+    with pytest.raises(MediaError, match="no pixel data"):
+        read_header(_file("rtplan.dcm"))
+
+
+@pytest.mark.unit
+def test_converted_facts_round_trip_and_say_which_slice_is_which_section() -> None:
+    objs = tuple(ObjectInfo(f"s/{n}.dcm", 10, "e") for n in "abc")
+    image = ImageFacts(128, 64, "t/x.jpg")
+    slot = Slot("0", ItemType.IMAGE, objs[:1], "a.png", facts=(ConvertedFacts("p/a.png", image),))
+    item = Item("/", "a.dcm", (slot,))
+    assert codec.item_from_bytes(codec.item_to_bytes(item)) == item
+    assert codec.CONVERTED_MARK in codec.item_to_bytes(item)
+    assert codec.facts_from_bytes(codec.facts_to_bytes(slot.facts[0])) == slot.facts[0]
+    assert codec.converted_by_key(item) == {"s/a.dcm": "p/a.png"}
+    assert slot.image == image and slot.video is None
+    # A series whose second file holds two frames, stored in order (2, 0, 1).
+    made = VideoFacts(
+        "K/s.mkv", 4, 4, 10.0, 4, 4, Rendition("", 0), Rendition("", 0), "K/sections/high",
+        "png", "K/frames_manifest.txt", "K/thumbnail.jpg", 100,
+    )  # fmt: skip
+    facts = ConvertedFacts("K/s.mkv", made, (2, 0, 1, 1))
+    series = Slot("0", ItemType.VIDEO, objs, "s.mkv", facts=(facts,))
+    assert series.video == made and codec.facts_from_bytes(codec.facts_to_bytes(facts)) == facts
+    got = codec.converted_by_key(Item("/", "s", (series,)))
+    assert got == {
+        "s/a.dcm": "K/s.mkv (section 1)",
+        "s/b.dcm": "K/s.mkv (sections 2-3)",
+        "s/c.dcm": "K/s.mkv (section 0)",
+    }
+
+
+@pytest.mark.unit
+def test_layout_keys_are_derived_from_the_object_or_series_folder() -> None:
+    one = Slot("0", ItemType.DICOM, (ObjectInfo("a/b/CT 1.dcm", 5, "e"),), "CT 1.dcm")
+    k = layout(one, "v7", "ro")
+    assert k.png.startswith("v7/dicom/") and k.png.endswith("/CT_1.png")
+    assert layout(one, "v7", "ro") == k  # deterministic: a re-run overwrites
+    two = Slot("0", ItemType.DICOM, (ObjectInfo("a/b/1.dcm", 5), ObjectInfo("a/b/2.dcm", 5)), "1")
+    three = Slot("0", ItemType.DICOM, (*two.objects, ObjectInfo("a/b/3.dcm", 5)), "1")
+    assert layout(two, "v7", "ro").video_prefix == layout(three, "v7", "ro").video_prefix
+    assert layout(two, "v7", "ro").video_name == "b.mkv"
+    # A new version of one slice is a cache miss.
+    changed = Slot("0", ItemType.DICOM, (two.objects[0], ObjectInfo("a/b/2.dcm", 5, "new")), "1")
+    assert cache_kind(two, 10, False, None) != cache_kind(changed, 10, False, None)
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+
+def _slice(value: int, instance: int, location: float, *, size: int = 128) -> bytes:
+    """A CT slice of one uniform value under the identity window (c 128, w 256): its 8-bit
+    pixels are ``value`` exactly, so a section's pixels say which slice it came from."""
+    ds = pydicom.dcmread(_file("CT_small.dcm"))
+    ds.PixelData = np.full((128, 128), value, dtype=np.int16).tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    ds.InstanceNumber, ds.SliceLocation = instance, location
+    if size != 128:
+        ds.Rows = ds.Columns = size
+        ds.PixelData = np.full((size, size), value, dtype=np.int16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _monochrome1() -> tuple[bytes, Any]:
+    ds = pydicom.dcmread(_file("MR_small.dcm"))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    ds2 = pydicom.dcmread(_file("MR_small.dcm"))
+    ds2.PhotometricInterpretation = "MONOCHROME2"
+    return buf.getvalue(), to_display(ds2.pixel_array, ds2)
+
+
+def _png(s3: Any, bucket: str, key: str) -> Any:
+    return np.asarray(Image.open(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())))
+
+
+@needs_ffmpeg
+@pytest.mark.timeout(300)
+def test_read_only_dicom_slices_become_images_and_series_become_videos(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    mono1, mono2_display = _monochrome1()
+    # Stored (listing) order s1..s5; V7's order is by InstanceNumber, then SliceLocation.
+    series = {
+        "series/s1.dcm": _slice(200, 3, 0.0),
+        "series/s2.dcm": _slice(40, 1, 10.0),
+        "series/s3.dcm": _slice(160, 2, 5.0),
+        "series/s4.dcm": _slice(80, 1, 20.0),
+        "series/s5.dcm": _slice(120, 2, -5.0),
+    }
+    expected_order = [40, 80, 120, 160, 200]
+    files = {
+        "one/ct/CT_small.dcm": Path(_file("CT_small.dcm")).read_bytes(),
+        "one/mr/MR_small_RLE.dcm": Path(_file("MR_small_RLE.dcm")).read_bytes(),
+        "one/j2k/JPEG2000.dcm": Path(_file("JPEG2000.dcm")).read_bytes(),
+        "one/ybr/SC_ybr_full_422_uncompressed.dcm": Path(
+            _file("SC_ybr_full_422_uncompressed.dcm")
+        ).read_bytes(),
+        "one/mono1/inverted.dcm": mono1,
+        "one/multi/rtdose.dcm": Path(_file("rtdose.dcm")).read_bytes(),  # 15 frames
+        "bad/junk.dcm": b"this is not DICOM at all " * 10,
+        "bad/plan/rtplan.dcm": Path(_file("rtplan.dcm")).read_bytes(),
+        "sizes/a.dcm": _slice(10, 1, 0.0),
+        "sizes/b.dcm": _slice(10, 2, 1.0, size=64),
+        **series,
+    }
+    s3 = s3_client(moto_url)
+    s3.create_bucket(Bucket=bucket_name)
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket_name, Key=key, Body=body)
+    storage = emulator.storage_for(bucket_name, readonly=True, prefix="v7")
+    extra = "[media]\nthumbnail_workers = 1\nvideo_workers = 1\n"
+    cfg = job_config(tmp_path, emulator, moto_url, bucket_name, storage, extra=extra)
+
+    planned = run_cli("plan", "--config", str(cfg), "--output", "-")
+    assert planned.returncode == 0, planned.stderr
+    pending = {
+        p["name"]: p
+        for line in map(orjson.loads, planned.stdout.splitlines())
+        for p in line.get("media_pending", [])
+    }
+    assert pending["ct"]["media"] == "dicom"
+    assert pending["ct"]["converted"][0]["as"] == "image"
+    assert pending["series"]["converted"][0]["as"] == "video"
+    assert pending["series"]["converted"][0]["objects"] == 5
+
+    first = run_cli("run", "--config", str(cfg), timeout=240)
+    assert first.returncode == 3, first.stderr  # the bad files fail; the run goes on
+
+    items = {i["name"]: i for i in emulator.items(DATASET)}
+    assert set(items) == {"ct", "mr", "j2k", "ybr", "mono1", "multi", "series"}
+    sizes = {"ct": (128, 128), "mr": (64, 64), "j2k": (256, 1024), "ybr": (100, 100)}
+    for name, (w, h) in {**sizes, "mono1": (64, 64)}.items():
+        (slot,) = items[name]["slots"]
+        assert slot["type"] == "image"
+        assert (slot["width"], slot["height"]) == (w, h)
+        assert slot["storage_key"].startswith("v7/dicom/") and slot["storage_key"].endswith(".png")
+        png = _png(s3, bucket_name, slot["storage_key"])
+        assert (png.shape[1], png.shape[0]) == (w, h)
+        thumb = Image.open(
+            io.BytesIO(
+                s3.get_object(Bucket=bucket_name, Key=slot["storage_thumbnail_key"])["Body"].read()
+            )
+        )
+        assert thumb.format == "JPEG" and thumb.width <= 356 and thumb.height <= 200
+    assert _png(s3, bucket_name, items["ybr"]["slots"][0]["storage_key"]).shape == (100, 100, 3)
+    # MONOCHROME1: the same pixels and window as MONOCHROME2 come out inverted.
+    inverted = _png(s3, bucket_name, items["mono1"]["slots"][0]["storage_key"])
+    assert (inverted == 255 - mono2_display).all()
+
+    (video,) = items["series"]["slots"]
+    assert video["type"] == "video" and (video["width"], video["height"]) == (128, 128)
+    assert video["total_frames"] == 5 and video["visible_frames"] == 5
+    assert video["storage_key"].endswith("/series.mkv")
+    for field in ("storage_key", "storage_thumbnail_key", "storage_frames_manifest_key"):
+        s3.head_object(Bucket=bucket_name, Key=video[field])
+    prefix = video["storage_sections_key_prefix"]
+    values = [int(_png(s3, bucket_name, f"{prefix}/{n:09d}.png").mean()) for n in range(5)]
+    assert values == expected_order  # the seed's order, not the listing's
+    multi = items["multi"]["slots"][0]
+    assert multi["type"] == "video" and multi["total_frames"] == 15
+    assert (multi["width"], multi["height"]) == (10, 10)
+
+    report = run_cli("report", "--config", str(cfg), "--format", "jsonl")
+    rows = {r["key"]: r for r in map(orjson.loads, report.stdout.splitlines())}
+    assert rows["bad/junk.dcm"]["state"] == "FAILED"
+    assert "not a DICOM file" in rows["bad/junk.dcm"]["reason"]
+    assert rows["bad/plan/rtplan.dcm"]["state"] == "FAILED"
+    assert "no pixel data" in rows["bad/plan/rtplan.dcm"]["reason"]
+    assert rows["sizes/a.dcm"]["state"] == "FAILED"
+    assert "differing sizes" in rows["sizes/a.dcm"]["reason"]
+    assert rows["one/ct/CT_small.dcm"]["converted"] == items["ct"]["slots"][0]["storage_key"]
+    assert rows["series/s2.dcm"]["converted"] == f"{video['storage_key']} (section 0)"
+    assert rows["series/s1.dcm"]["converted"] == f"{video['storage_key']} (section 4)"
+
+    # A re-run sends nothing; a second job over the same bucket and ledger converts nothing
+    # again (the media cache): the PNGs and videos deleted meanwhile are not made again.
+    requests = emulator.counters()["register_requests"]
+    again = run_cli("run", "--config", str(cfg))
+    assert again.returncode in (0, 3), again.stderr
+    assert emulator.counters()["register_requests"] == requests
+    made = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket_name, Prefix="v7/")["Contents"]]
+    s3.delete_objects(
+        Bucket=bucket_name, Delete={"Objects": [{"Key": k} for k in made if "dicom/" in k]}
+    )
+    s3.delete_object(Bucket=bucket_name, Key=video["storage_key"])
+    second = run_cli("run", "--config", str(cfg), "--set", "ledger.job=second", timeout=240)
+    assert second.returncode in (0, 3), second.stderr
+    left = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket_name, Prefix="v7/")["Contents"]]
+    assert not [k for k in left if "dicom/" in k]
+    assert video["storage_key"] not in left
