@@ -90,7 +90,8 @@ def test_read_only_migration_makes_thumbnails_sizes_and_video_artifacts(
     assert {line["endpoint"].rsplit("/", 1)[1] for line in lines} == {"register_existing_readonly"}
     pending = {p["name"]: p["media"] for line in lines for p in line.get("media_pending", [])}
     assert pending["clip.mp4"] == "video" and pending["wide.jpg"] == "image"
-    assert "scan.dcm" not in pending and "doc.pdf" not in pending
+    assert pending["set"] == "dicom"  # the folder's .dcm: a series of one, converted
+    assert "doc.pdf" not in pending
 
     first = run_cli("run", "--config", str(cfg))
     assert first.returncode == 3, first.stderr  # broken.jpg fails; the run goes on
@@ -141,8 +142,10 @@ def test_read_only_migration_makes_thumbnails_sizes_and_video_artifacts(
     rows = {r["key"]: r for r in map(orjson.loads, report.stdout.splitlines())}
     assert rows["set/broken.jpg"]["state"] == "FAILED"
     assert "truncated" in rows["set/broken.jpg"]["reason"]
-    assert rows["set/scan.dcm"]["state"] == "SKIPPED"
-    assert "DICOM" in rows["set/scan.dcm"]["reason"]
+    # Read-only DICOM is converted (tests/test_dicom.py): "DICM" * 40 has the magic at byte
+    # 128 and nothing else, so it is FAILED for having no image.
+    assert rows["set/scan.dcm"]["state"] == "FAILED"
+    assert "no pixel data" in rows["set/scan.dcm"]["reason"]
     assert rows["set/doc.pdf"]["state"] == "SKIPPED"
 
     # A re-run sends nothing new and re-makes nothing.
