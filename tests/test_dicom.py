@@ -86,7 +86,9 @@ def test_sections_expand_frames_in_file_order_and_sizes_must_agree() -> None:
     assert size_problem([_h(), _h()], ["a", "b"]) == ""
     big = SliceHeader(1, 1, None, None, 8, 6, 1, False)
     reason = size_problem([_h(), big, _h()], ["a", "b", "c"])
-    assert "differing sizes" in reason and "4x4 (2, e.g. a)" in reason and "6x8 (1, e.g. b)" in reason
+    assert (
+        "differing sizes" in reason and "4x4 (2, e.g. a)" in reason and "6x8 (1, e.g. b)" in reason
+    )
 
 
 @pytest.mark.unit
