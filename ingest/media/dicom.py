@@ -171,9 +171,13 @@ def _first(value: Any) -> float | None:
 
 def to_display(arr: Any, ds: Any) -> Any:
     """Decoded pixels of one frame (rows x columns [x samples]) to display-correct 8-bit:
-    uint8 rows x columns (grey) or rows x columns x 3 (RGB). See the module docstring."""
+    uint8 rows x columns (grey) or rows x columns x 3 (RGB). See the module docstring.
+
+    Grey integer pixels go through a lookup table built over the frame's value range (the
+    same functions applied to each distinct stored value once, then one gather): the output is
+    identical to applying them to every pixel, and several times faster for CT."""
     import numpy as np
-    from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
+    from pydicom.pixels.processing import apply_color_lut
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
@@ -181,7 +185,20 @@ def to_display(arr: Any, ds: Any) -> Any:
         return _eight_bit_rgb(rgb, 16 if rgb.dtype.itemsize > 1 else 8)
     if arr.ndim == 3:
         return _eight_bit_rgb(arr, int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8))
-    values = apply_modality_lut(arr, ds)
+    if arr.dtype.kind in "iu" and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi - lo < arr.size:
+            lut = _grey_display(np.arange(lo, hi + 1, dtype=np.int64), ds, photometric)
+            return lut[np.subtract(arr, lo, dtype=np.int64)]
+    return _grey_display(arr, ds, photometric)
+
+
+def _grey_display(values: Any, ds: Any, photometric: str) -> Any:
+    """Modality LUT, VOI (LUT, window or min/max), MONOCHROME1 inversion: stored -> 0..255."""
+    import numpy as np
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi
+
+    values = apply_modality_lut(values, ds)
     voi = ds.get("VOILUTSequence")
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if voi:
@@ -335,17 +352,15 @@ def _decode(path: str, index: int | None) -> tuple[Any, Any]:
     import pydicom
     from pydicom import Dataset
     from pydicom.pixels.utils import pixel_array
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     ds = Dataset()
-    # A path: pydicom reads only the frame asked for, never the whole multi-frame file.
-    # A deflated file cannot be read that way (the whole dataset is compressed).
-    meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows"]).file_meta
-    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+    try:
+        # A path: pydicom reads only the frame asked for, never the whole multi-frame file.
+        arr = pixel_array(path, ds_out=ds, index=index)
+    except AttributeError:
+        # A deflated file cannot be read that way (the whole dataset is compressed).
         ds = pydicom.dcmread(path)
         arr = pixel_array(ds, index=index)
-    else:
-        arr = pixel_array(path, ds_out=ds, index=index)
     if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
         arr = arr[0]  # one frame asked, one frame kept
     return arr, ds
