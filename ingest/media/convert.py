@@ -185,6 +185,9 @@ class DicomConverter:
         self.ignore_layout = ignore_layout
         self.temp_dir = temp_dir
         self.conversions = 0  # slots actually converted (not from the cache)
+        # Series encodes at once: as many as ffmpeg video workers (a multi-frame file can
+        # arrive through the image workers, which are many more).
+        self._encodes = asyncio.Semaphore(max(1, int(getattr(videos, "workers", 1) or 1)))
 
     def kind(self, slot: Slot) -> str:
         return cache_kind(slot, self.fps, self.ignore_layout, self.video_options)
@@ -263,21 +266,22 @@ class DicomConverter:
         width, height = headers[0].columns, headers[0].rows
         fps = series_fps(headers, self.fps)
         video = work / keys.video_name
-        frames = self._frames(paths, sections, rgb)
-        await encode_lossless(frames, video, width=width, height=height, rgb=rgb, fps=fps)
         opts = self.video_options
         with contextlib.suppress(TypeError):  # every slice one visible section
             opts = replace(opts, fps=0.0)
-        size = (await asyncio.to_thread(video.stat)).st_size
-        facts = await self.videos.process(
-            video,
-            prefix=self.bucket.to_storage(keys.video_prefix),
-            file_name=keys.video_name,
-            uploader=self.uploader,
-            source_storage_key=None,  # the video is ours: uploaded beside its artifacts
-            size_bytes=size,
-            opts=opts,
-        )
+        async with self._encodes:
+            frames = self._frames(paths, sections, rgb)
+            await encode_lossless(frames, video, width=width, height=height, rgb=rgb, fps=fps)
+            size = (await asyncio.to_thread(video.stat)).st_size
+            facts = await self.videos.process(
+                video,
+                prefix=self.bucket.to_storage(keys.video_prefix),
+                file_name=keys.video_name,
+                uploader=self.uploader,
+                source_storage_key=None,  # the video is ours: uploaded beside its artifacts
+                size_bytes=size,
+                opts=opts,
+            )
         return ConvertedFacts(facts.storage_key, facts, tuple(i for i, _f in sections))
 
     async def _frames(
