@@ -15,12 +15,15 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import MPEG2MPML, UID, JPEGBaseline8Bit
 
 from ingest.ledger import codec
 from ingest.media import MediaError
 from ingest.media.convert import cache_kind, layout, section_order
 from ingest.media.dicom import (
     SliceHeader,
+    convert_slice,
     read_header,
     series_order,
     size_problem,
@@ -61,7 +64,6 @@ def _h(
 # --- pure ----------------------------------------------------------------------------------
 
 
-@pytest.mark.unit
 def test_series_order_follows_v7_keys_in_their_significance() -> None:
     headers = [
         _h(2, 1),  # a later series comes after every slice of series 1
@@ -79,7 +81,6 @@ def test_series_order_follows_v7_keys_in_their_significance() -> None:
     assert series_order([_h(1, 1), _h(1, 1)], ["z.dcm", "a.dcm"]) == [1, 0]
 
 
-@pytest.mark.unit
 def test_sections_expand_frames_in_file_order_and_sizes_must_agree() -> None:
     multi = SliceHeader(1, 1, None, None, 4, 4, 3, False)
     assert section_order([_h(1, 2), multi], [1, 0]) == [(1, 0), (1, 1), (1, 2), (0, 0)]
@@ -91,7 +92,6 @@ def test_sections_expand_frames_in_file_order_and_sizes_must_agree() -> None:
     )
 
 
-@pytest.mark.unit
 def test_linear_window_follows_the_standard_formula() -> None:
     # c=128, w=256 maps 0..255 onto itself (PS3.3 C.11.2.1.2.1).
     x = np.arange(256, dtype=np.float64)
@@ -108,7 +108,6 @@ def test_linear_window_follows_the_standard_formula() -> None:
         window(x, 0, 0.5)
 
 
-@pytest.mark.unit
 def test_display_rescales_windows_inverts_monochrome1_and_falls_back_to_min_max() -> None:
     ds = pydicom.dcmread(_file("CT_small.dcm"))
     arr = ds.pixel_array
@@ -127,7 +126,6 @@ def test_display_rescales_windows_inverts_monochrome1_and_falls_back_to_min_max(
     assert out[lo] == 0
 
 
-@pytest.mark.unit
 def test_colour_files_come_out_rgb_and_bad_files_fail_with_a_reason(tmp_path: Path) -> None:
     ds = pydicom.dcmread(_file("SC_ybr_full_422_uncompressed.dcm"))
     out = to_display(ds.pixel_array, ds)  # pydicom converted YBR to RGB
@@ -140,7 +138,28 @@ def test_colour_files_come_out_rgb_and_bad_files_fail_with_a_reason(tmp_path: Pa
         read_header(_file("rtplan.dcm"))
 
 
-@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("syntax", "reason"),
+    [
+        (MPEG2MPML, "unsupported transfer syntax: MPEG2"),  # no image decoder for MPEG video
+        ("1.2.3.4.5", "unsupported transfer syntax: 1.2.3.4.5"),
+        (JPEGBaseline8Bit, "cannot decode the pixel data"),  # a decoder, but corrupt data
+    ],
+)
+def test_undecodable_pixel_data_fails_with_the_syntax_or_the_decoder_error(
+    tmp_path: Path, syntax: str, reason: str
+) -> None:
+    ds = pydicom.dcmread(_file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    ds.PixelData = encapsulate([b"junk" * 10])
+    ds["PixelData"].VR = "OB"
+    path = tmp_path / "x.dcm"
+    ds.save_as(path)
+    with pytest.raises(MediaError, match=reason):
+        read_header(str(path))
+        convert_slice(str(path), 10**9)
+
+
 def test_converted_facts_round_trip_and_say_which_slice_is_which_section() -> None:
     objs = tuple(ObjectInfo(f"s/{n}.dcm", 10, "e") for n in "abc")
     image = ImageFacts(128, 64, "t/x.jpg")
@@ -167,7 +186,6 @@ def test_converted_facts_round_trip_and_say_which_slice_is_which_section() -> No
     }
 
 
-@pytest.mark.unit
 def test_layout_keys_are_derived_from_the_object_or_series_folder() -> None:
     one = Slot("0", ItemType.DICOM, (ObjectInfo("a/b/CT 1.dcm", 5, "e"),), "CT 1.dcm")
     k = layout(one, "v7", "ro")
