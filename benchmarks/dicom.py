@@ -8,7 +8,8 @@ shared cores; ``--quick``: fewer slices).
    with pydicom, uncompressed and JPEG 2000 (lossless, openjpeg), measured in one run:
 
    - baseline: ``dcmread`` -> ``pixel_array`` -> numpy rescale + min/max to 8 bits ->
-     ``Image.fromarray`` -> PNG (Pillow's default level) + ``thumbnail`` JPEG q50, in process;
+     ``Image.fromarray`` -> PNG (Pillow's default level 6) + ``thumbnail`` JPEG q50, in process;
+     and the same loop with PNG level 1 (ours), so the cost of the DICOM rules shows;
    - ours, slice: ``ingest.media.dicom.convert_slice`` (header, modality LUT, VOI window,
      MONOCHROME1 rule, PNG + thumbnail), in process;
    - ours, series frame: ``convert_frame`` (the raw 8-bit frame piped to ffmpeg for a series);
@@ -20,7 +21,9 @@ shared cores; ``--quick``: fewer slices).
    CLI: (a) ``plan.dicom_series = false``: every slice a PNG image item; (b) the same slices as
    series of 40 (one video item each: decode, FFV1 via ffmpeg's stdin, HLS + sections);
    (c) baseline: the same keys registered through a read-write configuration (V7 reads DICOM
-   itself there: no media work). Wall time, slices/s, the engine's peak RSS.
+   itself there: no media work); (d) with ``--big-series N``: one series of N slices, to show
+   the engine's memory does not grow with the series. Wall time, slices/s, the engine's peak
+   RSS (its own process; the decoder processes hold one slice each).
 """
 
 from __future__ import annotations
@@ -89,18 +92,23 @@ def ct_slice(seed: int, *, compressed: bool = False) -> bytes:
     return buf.getvalue()
 
 
-def baseline(path: str) -> bytes:
+def baseline(path: str, level: int = 6) -> bytes:
     """The plain loop: pydicom -> numpy -> Pillow (PNG + thumbnail), no DICOM display rules."""
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     lo, hi = arr.min(), arr.max()
     im = Image.fromarray(((arr - lo) / (hi - lo) * 255).astype(np.uint8))
     png = io.BytesIO()
-    im.save(png, "PNG")
+    im.save(png, "PNG", compress_level=level)
     im.thumbnail(THUMBNAIL_BOX)
     jpeg = io.BytesIO()
     im.save(jpeg, "JPEG", quality=50)
     return png.getvalue()
+
+
+def baseline_level1(path: str) -> bytes:
+    """The same loop with the PNG level ours uses (1): what the DICOM rules cost."""
+    return baseline(path, 1)
 
 
 def ours_slice(path: str) -> bytes:
@@ -140,6 +148,7 @@ def conversion(root: Path, n: int, rounds: int) -> list[list[object]]:
             p.write_bytes(ct_slice(i, compressed=compressed))
             paths.append(str(p))
         base = per_second(baseline, paths, rounds)
+        base1 = per_second(baseline_level1, paths, rounds)
         mine = per_second(ours_slice, paths, rounds)
         frame = per_second(ours_frame, paths, rounds)
         pooled, workers = asyncio.run(pool_per_second(paths, rounds))
@@ -147,6 +156,7 @@ def conversion(root: Path, n: int, rounds: int) -> list[list[object]]:
             [
                 label,
                 f"{base:.1f}",
+                f"{base1:.1f}",
                 f"{mine:.1f} ({mine / base:.2f}x)",
                 f"{frame:.1f} ({frame / base:.2f}x)",
                 f"{pooled:.1f} ({pooled / workers:.1f}/core, {workers} workers)",
@@ -159,7 +169,9 @@ def conversion(root: Path, n: int, rounds: int) -> list[list[object]]:
 # --- migration -------------------------------------------------------------------------------
 
 
-def _config(path: Path, v7: str, s3: str, storage: str, ledger: Path, extra: str) -> Path:
+def _config(
+    path: Path, v7: str, s3: str, storage: str, ledger: Path, extra: str, prefix: str = "ct/"
+) -> Path:
     for p in ledger.parent.glob(ledger.name + "*"):
         p.unlink()
     path.write_text(
@@ -172,7 +184,7 @@ request_timeout_s = 30
 [source]
 provider = "aws"
 bucket = "{BUCKET}"
-prefix = "ct/"
+prefix = "{prefix}"
 endpoint_url = "{s3}"
 
 [rate]
@@ -192,7 +204,7 @@ log_format = "json"
     return path
 
 
-def migration(out: Path, n: int) -> list[list[object]]:
+def migration(out: Path, n: int, big: int = 0) -> list[list[object]]:
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -233,13 +245,20 @@ def migration(out: Path, n: int) -> list[list[object]]:
                     },
                 )
             runs = [
-                ("read-only, slices as images", "ro", "[plan]\ndicom_series = false\n"),
-                (f"read-only, series of {SERIES} as videos", "ro", ""),
-                ("read-write baseline (no media work)", "rw", ""),
+                ("read-only, slices as images", "ro", "[plan]\ndicom_series = false\n", "ct/"),
+                (f"read-only, series of {SERIES} as videos", "ro", "", "ct/"),
+                ("read-write baseline (no media work)", "rw", "", "ct/"),
             ]
-            for label, storage, extra in runs:
+            if big:
+                for i in range(big):
+                    s3.put_object(Bucket=BUCKET, Key=f"big/s{i:05d}.dcm", Body=bodies[i % SERIES])
+                runs.append((f"read-only, one series of {big}", "ro", "", "big/"))
+            for label, storage, extra, prefix in runs:
+                count = big if prefix == "big/" else n
                 admin(v7, "reset", {})
-                cfg = _config(out / f"{storage}.toml", v7, s3_url, storage, out / "l.sqlite", extra)
+                cfg = _config(
+                    out / f"{storage}.toml", v7, s3_url, storage, out / "l.sqlite", extra, prefix
+                )
                 run = run_child(ingest_cmd(cfg), env, timeout_s=1800)
                 items = len(admin(v7, f"items?dataset={DATASET}")["items"])
                 rows.append(
@@ -248,7 +267,7 @@ def migration(out: Path, n: int) -> list[list[object]]:
                         run.returncode,
                         items,
                         f"{run.wall_s:.1f}",
-                        f"{n / run.wall_s:.1f}",
+                        f"{count / run.wall_s:.1f}",
                         f"{run.peak_rss_mb:.0f}",
                     ]
                 )
@@ -264,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dicom", description=__doc__)
     ap.add_argument("--slices", type=int, default=0, help="slices migrated (default 320)")
     ap.add_argument("--quick", action="store_true", help="fewer slices (120 migrated)")
+    ap.add_argument(
+        "--big-series", type=int, default=0, help="also migrate one series of this many slices"
+    )
     ns = ap.parse_args(argv)
     n = ns.slices or (120 if ns.quick else 320)
     out = workdir("dicom")
@@ -272,11 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         conv = conversion(Path(d), 12 if ns.quick else 24, 2 if ns.quick else 3)
     print(
         table(
-            ["512x512 CT slices", "baseline slices/s", "ours slice/s", "ours frame/s", "pool"],
+            [
+                "512x512 CT slices",
+                "baseline slices/s",
+                "baseline, PNG level 1",
+                "ours slice/s",
+                "ours frame/s",
+                "pool",
+            ],
             conv,
         )
     )
-    mig = migration(out, n)
+    mig = migration(out, n, ns.big_series)
     print(f"{n} slices of {SIZE}x{SIZE}, 16-bit:")
     print(table(["run", "exit", "items", "wall s", "slices/s", "peak RSS MB"], mig))
     print(f"end: {load_note()}")
