@@ -348,3 +348,56 @@ def test_read_only_dicom_slices_become_images_and_series_become_videos(
     left = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket_name, Prefix="v7/")["Contents"]]
     assert not [k for k in left if "dicom/" in k]
     assert video["storage_key"] not in left
+
+
+# --- planner, wire, emulator -----------------------------------------------------------------
+
+
+def test_read_only_dicom_is_planned_for_conversion_and_read_write_is_unchanged() -> None:
+    from ingest.config import PlanConfig
+    from ingest.model import Media
+    from ingest.planner import ShardPlanner
+    from ingest.run.processing import _queue
+
+    # In key order: "p/one.dcm" is alone in its folder "p/", the three below "p/s/" a series.
+    objs = [ObjectInfo("p/one.dcm", 9)] + [ObjectInfo(f"p/s/{i}.dcm", 9, "e") for i in range(3)]
+    ro = ShardPlanner(PlanConfig(), readonly=True)
+    planned = [*ro.feed(objs), *ro.finish()]
+    assert all(isinstance(i, Item) for i in planned)
+    by_name = {i.name: i for i in planned if isinstance(i, Item)}
+    assert set(by_name) == {"p", "s"}
+    assert by_name["s"].media is Media.DICOM and by_name["p"].media is Media.DICOM
+    assert _queue(by_name["s"]) is Media.VIDEO  # a series is cut by ffmpeg
+    assert _queue(by_name["p"]) is Media.IMAGE  # one file: usually one PNG
+    rw = ShardPlanner(PlanConfig(), readonly=False)
+    rw_items = [i for i in [*rw.feed(objs), *rw.finish()] if isinstance(i, Item)]
+    assert {i.media for i in rw_items} == {Media.NONE}
+    assert {s.type for i in rw_items for s in i.slots} == {ItemType.DICOM}
+
+
+def test_a_converted_slice_goes_on_the_wire_as_a_read_only_image_of_its_png() -> None:
+    from ingest.emulator.store import Invalid, Store
+    from ingest.media.convert import converted_slot
+    from ingest.registrar.wire import KeyMap, Target, envelope
+
+    dicom = Slot("0", ItemType.DICOM, (ObjectInfo("p/one.dcm", 9),), "one.dcm", extract_views=True)
+    keys = layout(dicom, "v7", "s3-ro")
+    facts = ConvertedFacts(keys.png, ImageFacts(512, 256, keys.thumbnail), (0,))
+    item = Item("/p", "one.dcm", (converted_slot(dicom, facts, keys),), readonly_endpoint=True)
+    body = envelope([item], Target("t", "demo-dataset", "s3-ro"), KeyMap())
+    (slot,) = body["items"][0]["slots"]
+    assert slot == {
+        "slot_name": "0",
+        "type": "image",
+        "storage_key": keys.png,
+        "file_name": "one.png",
+        "storage_thumbnail_key": keys.thumbnail,
+        "height": 256,
+        "width": 512,
+    }
+    store = Store.default()
+    store.check_envelope(body, readonly_endpoint=True)  # accepted like any read-only image
+    # The .dcm itself, even labelled an image, is refused on read-only storage.
+    raw = {**slot, "storage_key": "p/one.dcm", "file_name": "one.dcm"}
+    with pytest.raises(Invalid, match="does not accept DICOM"):
+        store.check_envelope({**body, "items": [{**body["items"][0], "slots": [raw]}]}, True)
