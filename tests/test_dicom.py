@@ -219,6 +219,14 @@ def _slice(value: int, instance: int, location: float, *, size: int = 128) -> by
     return buf.getvalue()
 
 
+def _truncated(data: bytes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def _monochrome1() -> tuple[bytes, Any]:
     ds = pydicom.dcmread(_file("MR_small.dcm"))
     ds.PhotometricInterpretation = "MONOCHROME1"
@@ -259,6 +267,8 @@ def test_read_only_dicom_slices_become_images_and_series_become_videos(
         "one/multi/rtdose.dcm": Path(_file("rtdose.dcm")).read_bytes(),  # 15 frames
         "bad/junk.dcm": b"this is not DICOM at all " * 10,
         "bad/plan/rtplan.dcm": Path(_file("rtplan.dcm")).read_bytes(),
+        "cut/a.dcm": _slice(10, 1, 0.0),
+        "cut/b.dcm": _truncated(_slice(10, 2, 1.0)),  # its header is fine, its pixels are not
         "sizes/a.dcm": _slice(10, 1, 0.0),
         "sizes/b.dcm": _slice(10, 2, 1.0, size=64),
         **series,
@@ -326,6 +336,8 @@ def test_read_only_dicom_slices_become_images_and_series_become_videos(
     assert "not a DICOM file" in rows["bad/junk.dcm"]["reason"]
     assert rows["bad/plan/rtplan.dcm"]["state"] == "FAILED"
     assert "no pixel data" in rows["bad/plan/rtplan.dcm"]["reason"]
+    assert rows["cut/a.dcm"]["state"] == "FAILED"  # one bad slice fails its series, named
+    assert rows["cut/a.dcm"]["reason"].startswith("b.dcm: truncated pixel data")
     assert rows["sizes/a.dcm"]["state"] == "FAILED"
     assert "differing sizes" in rows["sizes/a.dcm"]["reason"]
     assert rows["one/ct/CT_small.dcm"]["converted"] == items["ct"]["slots"][0]["storage_key"]

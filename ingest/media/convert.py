@@ -32,7 +32,7 @@ import re
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -184,7 +184,6 @@ class DicomConverter:
         self.fps = fps
         self.ignore_layout = ignore_layout
         self.temp_dir = temp_dir
-        self.conversions = 0  # slots actually converted (not from the cache)
         # Series encodes at once: as many as ffmpeg video workers (a multi-frame file can
         # arrive through the image workers, which are many more).
         self._encodes = asyncio.Semaphore(max(1, int(getattr(videos, "workers", 1) or 1)))
@@ -200,14 +199,13 @@ class DicomConverter:
             names = [o.key.rpartition("/")[2] for o in slot.objects]
             headers = await self._headers(paths, names)
             keys = layout(slot, self.prefix, self.storage_name)
-            self.conversions += 1
             if len(headers) == 1 and headers[0].frames == 1:
                 return await self._slice(paths[0], keys)
             problem = size_problem(headers, names)
             if problem:
                 raise MediaError(problem)
             order = series_order(headers, names, ignore_layout=self.ignore_layout)
-            return await self._series(paths, headers, order, keys, work)
+            return await self._series(paths, names, headers, order, keys, work)
         finally:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(shutil.rmtree, work, True)
@@ -234,13 +232,8 @@ class DicomConverter:
                     raise
                 raise MediaError(f"{name}: {e.reason}"[:300], final=e.final) from None
 
-        sem = asyncio.Semaphore(max(1, self.decoders.max_pending))
-
-        async def bounded(path: Path, name: str) -> SliceHeader:
-            async with sem:
-                return await one(path, name)
-
-        return await _all([bounded(p, n) for p, n in zip(paths, names, strict=True)])
+        # The decoder pool bounds how many run at once (its own semaphore).
+        return await _all([one(p, n) for p, n in zip(paths, names, strict=True)])
 
     async def _slice(self, path: Path, keys: Layout) -> ConvertedFacts:
         image: SliceImage = await self.decoders.call(
@@ -254,6 +247,7 @@ class DicomConverter:
     async def _series(
         self,
         paths: Sequence[Path],
+        names: Sequence[str],
         headers: Sequence[SliceHeader],
         order: Sequence[int],
         keys: Layout,
@@ -270,8 +264,8 @@ class DicomConverter:
         with contextlib.suppress(TypeError):  # every slice one visible section
             opts = replace(opts, fps=0.0)
         async with self._encodes:
-            frames = self._frames(paths, sections, rgb)
-            await encode_lossless(frames, video, width=width, height=height, rgb=rgb, fps=fps)
+            async with contextlib.aclosing(self._frames(paths, names, sections, rgb)) as frames:
+                await encode_lossless(frames, video, width=width, height=height, rgb=rgb, fps=fps)
             size = (await asyncio.to_thread(video.stat)).st_size
             facts = await self.videos.process(
                 video,
@@ -285,27 +279,36 @@ class DicomConverter:
         return ConvertedFacts(facts.storage_key, facts, tuple(i for i, _f in sections))
 
     async def _frames(
-        self, paths: Sequence[Path], sections: Sequence[tuple[int, int]], rgb: bool
-    ) -> AsyncIterator[bytes]:
+        self,
+        paths: Sequence[Path],
+        names: Sequence[str],
+        sections: Sequence[tuple[int, int]],
+        rgb: bool,
+    ) -> AsyncGenerator[bytes, None]:
         """Each section's 8-bit frame, in order; at most ``max_pending`` decoding ahead."""
-        ahead: deque[asyncio.Task[bytes]] = deque()
+        ahead: deque[tuple[int, asyncio.Task[bytes]]] = deque()
         limit = max(1, self.decoders.max_pending)
+
+        async def next_frame() -> bytes:
+            i, task = ahead.popleft()
+            try:
+                return await task
+            except MediaError as e:
+                raise MediaError(f"{names[i]}: {e.reason}"[:300], final=e.final) from None
+
         try:
             for i, frame in sections:
-                ahead.append(
-                    asyncio.ensure_future(
-                        self.decoders.call(convert_frame, str(paths[i]), frame, rgb)
-                    )
-                )
+                call = self.decoders.call(convert_frame, str(paths[i]), frame, rgb)
+                ahead.append((i, asyncio.ensure_future(call)))
                 if len(ahead) >= limit:
-                    yield await ahead.popleft()
+                    yield await next_frame()
             while ahead:
-                yield await ahead.popleft()
+                yield await next_frame()
         finally:
-            for task in ahead:
+            for _i, task in ahead:
                 task.cancel()
             if ahead:
-                await asyncio.gather(*ahead, return_exceptions=True)
+                await asyncio.gather(*(t for _i, t in ahead), return_exceptions=True)
 
 
 async def _all(aws: Sequence[Awaitable[T]]) -> list[T]:
