@@ -263,9 +263,21 @@ class DicomConverter:
         opts = self.video_options
         with contextlib.suppress(TypeError):  # every slice one visible section
             opts = replace(opts, fps=0.0)
+        limit_s = float(getattr(self.videos, "time_limit_s", 0) or 0) or None
         async with self._encodes:
-            async with contextlib.aclosing(self._frames(paths, names, sections, rgb)) as frames:
-                await encode_lossless(frames, video, width=width, height=height, rgb=rgb, fps=fps)
+            try:
+                async with (
+                    asyncio.timeout(limit_s),
+                    contextlib.aclosing(self._frames(paths, names, sections, rgb)) as frames,
+                ):
+                    await encode_lossless(
+                        frames, video, width=width, height=height, rgb=rgb, fps=fps
+                    )
+            except TimeoutError:
+                raise MediaError(
+                    f"time limit: converting the slices took longer than {limit_s:g} s",
+                    final=False,
+                ) from None
             size = (await asyncio.to_thread(video.stat)).st_size
             facts = await self.videos.process(
                 video,
