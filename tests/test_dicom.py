@@ -381,6 +381,12 @@ def test_read_only_dicom_is_planned_for_conversion_and_read_write_is_unchanged()
     assert by_name["s"].media is Media.DICOM and by_name["p"].media is Media.DICOM
     assert _queue(by_name["s"]) is Media.VIDEO  # a series is cut by ffmpeg
     assert _queue(by_name["p"]) is Media.IMAGE  # one file: usually one PNG
+    singles = ShardPlanner(PlanConfig(dicom_series=False), readonly=True)
+    alone = [i for i in [*singles.feed(objs), *singles.finish()] if isinstance(i, Item)]
+    assert [i.name for i in alone] == ["one.dcm", "0.dcm", "1.dcm", "2.dcm"]
+    assert {(i.media, _queue(i), len(i.slots[0].objects)) for i in alone} == {
+        (Media.DICOM, Media.IMAGE, 1)
+    }
     rw = ShardPlanner(PlanConfig(), readonly=False)
     rw_items = [i for i in [*rw.feed(objs), *rw.finish()] if isinstance(i, Item)]
     assert {i.media for i in rw_items} == {Media.NONE}
