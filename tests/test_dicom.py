@@ -126,6 +126,35 @@ def test_display_rescales_windows_inverts_monochrome1_and_falls_back_to_min_max(
     assert out[lo] == 0
 
 
+def test_enhanced_multi_frame_rescale_and_window_come_from_the_functional_groups() -> None:
+    from pydicom.dataset import Dataset
+
+    from ingest.media.dicom import frame_dataset
+
+    def group(slope: float, intercept: float, center: float, width: float) -> Dataset:
+        g = Dataset()
+        t, v = Dataset(), Dataset()
+        t.RescaleSlope, t.RescaleIntercept = slope, intercept
+        v.WindowCenter, v.WindowWidth = center, width
+        g.PixelValueTransformationSequence = [t]
+        g.FrameVOILUTSequence = [v]
+        return g
+
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.SharedFunctionalGroupsSequence = [group(1, -1024, 40, 400)]
+    only_voi = Dataset()
+    v = Dataset()
+    v.WindowCenter, v.WindowWidth = 500, 2000
+    only_voi.FrameVOILUTSequence = [v]
+    ds.PerFrameFunctionalGroupsSequence = [Dataset(), only_voi]
+    arr = np.array([[0, 1064, 2048]], dtype=np.uint16)
+    first = to_display(arr, frame_dataset(ds, 0))  # shared: HU = v - 1024, window 40/400
+    assert list(first[0]) == list(window(arr.astype(float) - 1024, 40, 400)[0])
+    second = to_display(arr, frame_dataset(ds, 1))  # its own window, the shared rescale
+    assert list(second[0]) == list(window(arr.astype(float) - 1024, 500, 2000)[0])
+
+
 def test_colour_files_come_out_rgb_and_bad_files_fail_with_a_reason(tmp_path: Path) -> None:
     ds = pydicom.dcmread(_file("SC_ybr_full_422_uncompressed.dcm"))
     out = to_display(ds.pixel_array, ds)  # pydicom converted YBR to RGB

@@ -15,7 +15,9 @@ Pixels, in DICOM's own order (PS3.3 C.11 / C.7.6.3):
 2. grey: the modality LUT (RescaleSlope/RescaleIntercept, or a Modality LUT Sequence), then the
    VOI: the VOI LUT Sequence when present, else the first WindowCenter/WindowWidth pair (with
    VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID), else **min/max of the slice** (documented
-   fallback: every slice of a series is stretched on its own); MONOCHROME1 is inverted last;
+   fallback: every slice of a series is stretched on its own); an enhanced multi-frame file's
+   per-frame / shared functional groups stand in for the top-level attributes
+   (:func:`frame_dataset`); MONOCHROME1 is inverted last;
 3. colour: RGB kept, PALETTE COLOR through its palette, samples above 8 bits scaled down.
 
 The size is always Columns x Rows: nothing is resized, rotated or padded.
@@ -363,7 +365,38 @@ def _decode(path: str, index: int | None) -> tuple[Any, Any]:
         arr = pixel_array(ds, index=index)
     if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
         arr = arr[0]  # one frame asked, one frame kept
-    return arr, ds
+    return arr, frame_dataset(ds, index or 0)
+
+
+# (functional group sequence, its item's attributes) an enhanced multi-frame file may carry
+# instead of top-level rescale and window attributes (PS3.3 C.7.6.16).
+_FUNCTIONAL_GROUPS: Final = (
+    ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
+    ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+)
+
+
+def frame_dataset(ds: Any, index: int) -> Any:
+    """``ds`` with the rescale and window of frame ``index`` at the top level, as the
+    single-frame rules read them: from the frame's own functional groups
+    (PerFrameFunctionalGroupsSequence), else the shared ones; top-level attributes stay when
+    neither has them. Enhanced CT/MR keep them only there."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    sources = []
+    if per_frame and index < len(per_frame):
+        sources.append(per_frame[index])
+    if shared:
+        sources.append(shared[0])
+    for group, names in _FUNCTIONAL_GROUPS:
+        for source in sources:
+            seq = source.get(group)
+            if seq:
+                for name in names:
+                    if name in seq[0]:
+                        setattr(ds, name, seq[0][name].value)
+                break
+    return ds
 
 
 def convert_frame(path: str, index: int, rgb: bool) -> bytes:
