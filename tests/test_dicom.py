@@ -4,6 +4,7 @@ pydicom files, real ffmpeg)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 from pathlib import Path
@@ -232,10 +233,16 @@ def test_layout_keys_are_derived_from_the_object_or_series_folder() -> None:
 # --- end to end ----------------------------------------------------------------------------
 
 
-def _slice(value: int, instance: int, location: float, *, size: int = 128) -> bytes:
+def _slice(
+    value: int, instance: int, location: float, *, size: int = 128, padding: int = 0
+) -> bytes:
     """A CT slice of one uniform value under the identity window (c 128, w 256): its 8-bit
-    pixels are ``value`` exactly, so a section's pixels say which slice it came from."""
+    pixels are ``value`` exactly, so a section's pixels say which slice it came from.
+    ``padding``: bytes of a private element before the image attributes (a long header)."""
     ds = pydicom.dcmread(_file("CT_small.dcm"))
+    if padding:
+        ds.add_new(0x00090010, "LO", "TEST PADDING")
+        ds.add_new(0x00091010, "OB", b"\0" * padding)
     ds.PixelData = np.full((128, 128), value, dtype=np.int16).tobytes()
     ds.RescaleSlope, ds.RescaleIntercept = 1, 0
     ds.WindowCenter, ds.WindowWidth = 128, 256
@@ -277,12 +284,14 @@ def test_read_only_dicom_slices_become_images_and_series_become_videos(
 ) -> None:
     mono1, mono2_display = _monochrome1()
     # Stored (listing) order s1..s5; V7's order is by InstanceNumber, then SliceLocation.
+    # 256x256 slices (128 KiB of pixels) are longer than the header prefix the series sort
+    # reads; s3's header itself is longer than that prefix (the whole object is read).
     series = {
-        "series/s1.dcm": _slice(200, 3, 0.0),
-        "series/s2.dcm": _slice(40, 1, 10.0),
-        "series/s3.dcm": _slice(160, 2, 5.0),
-        "series/s4.dcm": _slice(80, 1, 20.0),
-        "series/s5.dcm": _slice(120, 2, -5.0),
+        "series/s1.dcm": _slice(200, 3, 0.0, size=256),
+        "series/s2.dcm": _slice(40, 1, 10.0, size=256),
+        "series/s3.dcm": _slice(160, 2, 5.0, size=256, padding=100_000),
+        "series/s4.dcm": _slice(80, 1, 20.0, size=256),
+        "series/s5.dcm": _slice(120, 2, -5.0, size=256),
     }
     expected_order = [40, 80, 120, 160, 200]
     files = {
@@ -347,7 +356,7 @@ def test_read_only_dicom_slices_become_images_and_series_become_videos(
     assert (inverted == 255 - mono2_display).all()
 
     (video,) = items["series"]["slots"]
-    assert video["type"] == "video" and (video["width"], video["height"]) == (128, 128)
+    assert video["type"] == "video" and (video["width"], video["height"]) == (256, 256)
     assert video["total_frames"] == 5 and video["visible_frames"] == 5
     assert video["storage_key"].endswith("/series.mkv")
     for field in ("storage_key", "storage_thumbnail_key", "storage_frames_manifest_key"):
@@ -448,3 +457,80 @@ def test_a_converted_slice_goes_on_the_wire_as_a_read_only_image_of_its_png() ->
     raw = {**slot, "storage_key": "p/one.dcm", "file_name": "one.dcm"}
     with pytest.raises(Invalid, match="does not accept DICOM"):
         store.check_envelope({**body, "items": [{**body["items"][0], "slots": [raw]}]}, True)
+
+
+class _DirBucket:
+    """A bucket that is a local directory (real files, real reads), recording what the
+    converter does: ranged header reads, downloads, and the most slices on temp disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ranges: list[str] = []
+        self.downloads: list[str] = []
+        self.uploaded: dict[str, bytes] = {}
+        self.most_on_disk = 0
+
+    async def read_range(self, key: str, start: int, end: int) -> bytes:
+        self.ranges.append(key)
+        data = await asyncio.to_thread((self.root / key).read_bytes)
+        return data[start:end]
+
+    async def download(self, key: str, dest: Path) -> None:
+        self.downloads.append(key)
+        await asyncio.to_thread(shutil.copyfile, self.root / key, dest)
+        on_disk = len(list(dest.parent.glob("*.dcm")))
+        self.most_on_disk = max(self.most_on_disk, on_disk)
+
+    async def upload(
+        self, key: str, data: bytes | Path, content_type: str, content_encoding: str | None = None
+    ) -> None:
+        if isinstance(data, Path):
+            data = await asyncio.to_thread(data.read_bytes)
+        self.uploaded[key] = data
+
+    def to_storage(self, key: str) -> str:
+        return key
+
+
+@needs_ffmpeg
+@pytest.mark.e2e  # real decoder processes and ffmpeg
+@pytest.mark.timeout(120)
+async def test_a_series_is_sorted_from_header_prefixes_and_streamed_through_a_bounded_temp_dir(
+    tmp_path: Path,
+) -> None:
+    from ingest.media.convert import HEADER_BYTES, PREFETCH_FILES, DicomConverter
+    from ingest.media.thumbnail import ThumbnailPool
+    from ingest.media.video import VideoOptions, VideoPool
+
+    root = tmp_path / "bucket"
+    (root / "s").mkdir(parents=True)
+    n = 30
+    objs = []
+    for k in range(n):  # listed s00..s29, V7's order is the reverse (instance n - k)
+        body = _slice(k * 8, n - k, 0.0, size=256, padding=100_000 if k == 7 else 0)
+        (root / f"s/s{k:02d}.dcm").write_bytes(body)
+        assert len(body) > HEADER_BYTES
+        objs.append(ObjectInfo(f"s/s{k:02d}.dcm", len(body), f"e{k}"))
+    bucket = _DirBucket(root)
+    async with ThumbnailPool(workers=1, max_pending=2) as pool:
+        conv = DicomConverter(
+            pool,
+            VideoPool(workers=1, temp_dir=tmp_path),
+            bucket,
+            bucket,
+            prefix="art",
+            storage_name="ro",
+            video_options=VideoOptions(),
+            fps=10.0,
+            ignore_layout=False,
+            temp_dir=tmp_path,
+        )
+        facts = await conv.convert(Slot("0", ItemType.DICOM, tuple(objs), "s00.dcm"))
+    assert facts.order == tuple(range(n - 1, -1, -1))
+    assert sorted(bucket.ranges) == [o.key for o in objs]  # every header from a prefix
+    # s07's header is longer than the prefix: read whole for its header, and not again.
+    assert sorted(bucket.downloads) == [o.key for o in objs]
+    assert bucket.most_on_disk <= PREFETCH_FILES + 2 + 1  # a window, never the series
+    assert isinstance(facts.made, VideoFacts) and facts.made.total_frames == n
+    first = bucket.uploaded[f"{facts.made.sections_prefix}/000000000.png"]
+    assert int(np.asarray(Image.open(io.BytesIO(first))).mean()) == (n - 1) * 8

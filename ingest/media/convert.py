@@ -16,8 +16,10 @@
   frame size; splitting would change the item V7 is given, and the user decides:
   ``plan.dicom_series = false`` registers each slice alone).
 
-Bounded: the slices are downloaded into the temp dir (like a video), headers are read without
-pixels, and at most ``window`` frames are being decoded or waiting for ffmpeg at a time.
+Bounded: a series is sorted from each slice's first ``HEADER_BYTES`` (a ranged read, parsed
+without pixels); the slices are then fetched a few ahead of the decoder in series order and
+deleted once decoded (temp disk: a window of slices plus the video being written), and at
+most ``max_pending`` frames are being decoded or waiting for ffmpeg at a time.
 Idempotent: every key is derived from the object (or series folder) key, so a re-run
 overwrites; the facts are cached per object version, so an unchanged file is never converted
 twice.
@@ -31,7 +33,7 @@ import hashlib
 import re
 import shutil
 import tempfile
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,7 +56,9 @@ from ingest.model import ConvertedFacts, ImageFacts, ItemType, ObjectInfo, Slot,
 T = TypeVar("T")
 
 DICOM_KIND = "dicom/v1"
-DOWNLOAD_CONCURRENCY = 8
+DOWNLOAD_CONCURRENCY = 8  # bucket reads at once per slot
+PREFETCH_FILES = 8  # slices fetched ahead of the decoder in a series
+HEADER_BYTES = 64 * 1024  # what is read of each slice to sort a series (the whole if longer)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -86,6 +90,7 @@ class Bucket(Protocol):
     storage keys for V7, bucket errors already turned into MediaError."""
 
     async def download(self, key: str, dest: Path) -> None: ...
+    async def read_range(self, key: str, start: int, end: int) -> bytes: ...
     async def upload(self, key: str, data: bytes, content_type: str) -> None: ...
     def to_storage(self, key: str) -> str: ...
 
@@ -192,48 +197,50 @@ class DicomConverter:
         return cache_kind(slot, self.fps, self.ignore_layout, self.video_options)
 
     async def convert(self, slot: Slot) -> ConvertedFacts:
-        """Download, order, decode and write the slot's conversion; raises MediaError."""
+        """Read headers, order, decode and write the slot's conversion; raises MediaError."""
         work = Path(tempfile.mkdtemp(prefix="ingest-dicom-", dir=self.temp_dir))
+        files = _Files(slot.objects, work, self.bucket)
         try:
-            paths = await self._download(slot.objects, work)
-            names = [o.key.rpartition("/")[2] for o in slot.objects]
-            headers = await self._headers(paths, names)
             keys = layout(slot, self.prefix, self.storage_name)
-            if len(headers) == 1 and headers[0].frames == 1:
-                return await self._slice(paths[0], keys)
-            problem = size_problem(headers, names)
+            if len(slot.objects) == 1:
+                await files.fetch(0)
+                headers = [await self.decoders.call(read_header, str(files.paths[0]))]
+                if headers[0].frames == 1:
+                    return await self._slice(files.paths[0], keys)
+            else:
+                headers = await self._headers(files)
+            problem = size_problem(headers, files.names)
             if problem:
                 raise MediaError(problem)
-            order = series_order(headers, names, ignore_layout=self.ignore_layout)
-            return await self._series(paths, names, headers, order, keys, work)
+            order = series_order(headers, files.names, ignore_layout=self.ignore_layout)
+            return await self._series(files, headers, order, keys, work)
         finally:
+            await files.close()
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(shutil.rmtree, work, True)
 
-    async def _download(self, objects: Sequence[ObjectInfo], work: Path) -> list[Path]:
-        sem = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
-        paths = [work / f"{i:06d}.dcm" for i in range(len(objects))]
+    async def _headers(self, files: _Files) -> list[SliceHeader]:
+        """Every slice's header, read from the first ``HEADER_BYTES`` of the object (the
+        whole object when its header is longer): the slices themselves are fetched later,
+        a few at a time, in series order."""
 
-        async def one(obj: ObjectInfo, dest: Path) -> None:
-            if obj.size <= 0:
-                raise MediaError(f"{obj.key.rpartition('/')[2]}: empty object (0 bytes)")
-            async with sem:
-                await self.bucket.download(obj.key, dest)
-
-        await _all([one(o, p) for o, p in zip(objects, paths, strict=True)])
-        return paths
-
-    async def _headers(self, paths: Sequence[Path], names: Sequence[str]) -> list[SliceHeader]:
-        async def one(path: Path, name: str) -> SliceHeader:
+        async def one(i: int) -> SliceHeader:
             try:
-                return await self.decoders.call(read_header, str(path))
+                head = await files.head(i)
+                if head is not None:
+                    try:
+                        return await self.decoders.call(read_header, str(head))
+                    except MediaError:
+                        pass  # the header runs past the prefix (or is bad): read it all
+                    finally:
+                        await asyncio.to_thread(head.unlink, True)
+                await files.fetch(i)
+                return await self.decoders.call(read_header, str(files.paths[i]))
             except MediaError as e:
-                if len(paths) == 1:
-                    raise
-                raise MediaError(f"{name}: {e.reason}"[:300], final=e.final) from None
+                raise MediaError(f"{files.names[i]}: {e.reason}"[:300], final=e.final) from None
 
-        # The decoder pool bounds how many run at once (its own semaphore).
-        return await _all([one(p, n) for p, n in zip(paths, names, strict=True)])
+        # The bucket side is bounded by _Files, the decoder pool by its own semaphore.
+        return await _all([one(i) for i in range(len(files.paths))])
 
     async def _slice(self, path: Path, keys: Layout) -> ConvertedFacts:
         image: SliceImage = await self.decoders.call(
@@ -246,8 +253,7 @@ class DicomConverter:
 
     async def _series(
         self,
-        paths: Sequence[Path],
-        names: Sequence[str],
+        files: _Files,
         headers: Sequence[SliceHeader],
         order: Sequence[int],
         keys: Layout,
@@ -268,7 +274,7 @@ class DicomConverter:
             try:
                 async with (
                     asyncio.timeout(limit_s),
-                    contextlib.aclosing(self._frames(paths, names, sections, rgb)) as frames,
+                    contextlib.aclosing(self._frames(files, sections, rgb)) as frames,
                 ):
                     await encode_lossless(
                         frames, video, width=width, height=height, rgb=rgb, fps=fps
@@ -291,26 +297,34 @@ class DicomConverter:
         return ConvertedFacts(facts.storage_key, facts, tuple(i for i, _f in sections))
 
     async def _frames(
-        self,
-        paths: Sequence[Path],
-        names: Sequence[str],
-        sections: Sequence[tuple[int, int]],
-        rgb: bool,
+        self, files: _Files, sections: Sequence[tuple[int, int]], rgb: bool
     ) -> AsyncGenerator[bytes, None]:
-        """Each section's 8-bit frame, in order; at most ``max_pending`` decoding ahead."""
+        """Each section's 8-bit frame, in order: at most ``max_pending`` decoding ahead and
+        ``PREFETCH_FILES`` slices fetched ahead; a slice's file is deleted once its last
+        frame is out, so temp disk holds a window of slices, not the series."""
         ahead: deque[tuple[int, asyncio.Task[bytes]]] = deque()
         limit = max(1, self.decoders.max_pending)
+        left = Counter(i for i, _f in sections)  # frames still to come, per file
+        in_order = list(dict.fromkeys(i for i, _f in sections))
+        position = {i: n for n, i in enumerate(in_order)}
 
         async def next_frame() -> bytes:
             i, task = ahead.popleft()
             try:
-                return await task
+                frame = await task
             except MediaError as e:
-                raise MediaError(f"{names[i]}: {e.reason}"[:300], final=e.final) from None
+                raise MediaError(f"{files.names[i]}: {e.reason}"[:300], final=e.final) from None
+            left[i] -= 1
+            if not left[i]:
+                await files.drop(i)
+            return frame
 
         try:
             for i, frame in sections:
-                call = self.decoders.call(convert_frame, str(paths[i]), frame, rgb)
+                n = position[i]
+                files.prefetch(in_order[n : n + PREFETCH_FILES])
+                await files.fetch(i)
+                call = self.decoders.call(convert_frame, str(files.paths[i]), frame, rgb)
                 ahead.append((i, asyncio.ensure_future(call)))
                 if len(ahead) >= limit:
                     yield await next_frame()
@@ -321,6 +335,60 @@ class DicomConverter:
                 task.cancel()
             if ahead:
                 await asyncio.gather(*(t for _i, t in ahead), return_exceptions=True)
+            await files.close()
+
+
+class _Files:
+    """The slot's objects in the temp dir: fetched on demand (bounded concurrency), header
+    prefixes, deletion once decoded."""
+
+    def __init__(self, objects: Sequence[ObjectInfo], work: Path, bucket: Bucket) -> None:
+        self.objects = objects
+        self.names = [o.key.rpartition("/")[2] for o in objects]
+        self.paths = [work / f"{i:06d}.dcm" for i in range(len(objects))]
+        self._work = work
+        self._bucket = bucket
+        self._sem = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
+        self._fetches: dict[int, asyncio.Task[None]] = {}
+
+    def _check(self, i: int) -> None:
+        if self.objects[i].size <= 0:
+            raise MediaError("empty object (0 bytes)")
+
+    async def head(self, i: int) -> Path | None:
+        """The first ``HEADER_BYTES`` of object ``i`` in a file, or None when the object is
+        not larger than that (fetch it whole instead)."""
+        self._check(i)
+        obj = self.objects[i]
+        if obj.size <= HEADER_BYTES:
+            return None
+        async with self._sem:
+            data = await self._bucket.read_range(obj.key, 0, HEADER_BYTES)
+        path = self._work / f"{i:06d}.head"
+        await asyncio.to_thread(path.write_bytes, data)
+        return path
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        for i in indices:
+            if i not in self._fetches:
+                self._fetches[i] = asyncio.ensure_future(self._download(i))
+
+    async def fetch(self, i: int) -> None:
+        self.prefetch([i])
+        await self._fetches[i]
+
+    async def _download(self, i: int) -> None:
+        self._check(i)
+        async with self._sem:
+            await self._bucket.download(self.objects[i].key, self.paths[i])
+
+    async def drop(self, i: int) -> None:
+        await asyncio.to_thread(self.paths[i].unlink, True)
+
+    async def close(self) -> None:
+        for task in self._fetches.values():
+            task.cancel()
+        await asyncio.gather(*self._fetches.values(), return_exceptions=True)
 
 
 async def _all(aws: Sequence[Awaitable[T]]) -> list[T]:

@@ -144,6 +144,10 @@ class StageBucket:
         with _bucket_errors("cannot upload to the bucket"):
             await self._destination.upload(key, data, content_type)
 
+    async def read_range(self, key: str, start: int, end: int) -> bytes:
+        with _bucket_errors("cannot read the DICOM file"):
+            return await self._source.read_range(key, start, end)
+
     def to_storage(self, key: str) -> str:
         return self._keys.to_storage(key)
 
