@@ -93,6 +93,10 @@ class RateConfig:
     retry_base_s: float = 0.5  # full-jitter exponential backoff base
     retry_cap_s: float = 60.0  # one wait never exceeds this (except a longer Retry-After)
     retry_max_total_s: float = 900.0  # give up on a batch after retrying this long
+    # One budget per V7 key for every process of a job, in PostgreSQL (shared_rate.py).
+    shared: Literal["auto", "on", "off"] = "auto"  # auto: shared when a PostgreSQL URL is known
+    shared_url: str = ""  # postgresql://… of the budget; "" = the ledger's when it is PostgreSQL
+    shared_connections: int = 2  # the budget's connection pool size (connections)
 
 
 @dataclass
@@ -303,6 +307,13 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+def _validate_shared_rate(rate: RateConfig) -> None:
+    if rate.shared_url and not rate.shared_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("config: rate.shared_url must be a postgresql:// URL")
+    if rate.shared_connections < 1:
+        raise ConfigError("config: rate.shared_connections must be >= 1")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no network. Raises ConfigError with one actionable line."""
     if cfg.plan.fps != "native":
@@ -329,6 +340,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: rate.requests_per_s must be > 0")
     if cfg.rate.max_in_flight < 1:
         raise ConfigError("config: rate.max_in_flight must be >= 1")
+    _validate_shared_rate(cfg.rate)
     if cfg.source.page_size < 1 or cfg.source.page_size > 1000:
         raise ConfigError("config: source.page_size must be between 1 and 1000")
     m = cfg.media

@@ -5,6 +5,7 @@ pausing the others, a bounded pool, no secret in the database)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import asyncpg
@@ -114,7 +115,7 @@ def test_a_429_pauses_every_later_grant_until_retry_after_without_a_burst() -> N
         later += g.times()
     assert min(later) >= Z + 2.05
     # after the pause, one interval apart (the server's bucket is empty): no burst
-    gaps = [b - a for a, b in zip(later, later[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(later)]
     assert min(gaps) >= 1 / state.rate_per_s - 1e-9
 
 
@@ -195,7 +196,7 @@ def test_which_budget_is_used() -> None:
     assert budget_url("auto", pg, "l.sqlite") == pg
     assert budget_url("off", pg, pg) is None
     assert budget_url("on", pg, "") == pg
-    with pytest.raises(ValueError, match="rate.shared_url"):
+    with pytest.raises(ValueError, match=r"rate\.shared_url"):
         budget_url("on", "", "l.sqlite")
 
 
@@ -265,9 +266,7 @@ async def test_the_sql_makes_the_same_decisions_as_the_pure_functions(postgres_u
         await conn.close()
 
 
-def _cfg(
-    rate: float, burst: float, max_in_flight: int = 8, *, adaptive: bool = True
-) -> RateConfig:
+def _cfg(rate: float, burst: float, max_in_flight: int = 8, *, adaptive: bool = True) -> RateConfig:
     return RateConfig(
         requests_per_s=rate, burst=burst, max_in_flight=max_in_flight, adaptive=adaptive
     )
@@ -308,10 +307,11 @@ async def test_three_clients_with_pools_of_their_own_share_one_budget(postgres_u
     slots = sorted(t for seen in granted for g in seen for t in g.db_times)
     for window in (1 / rate, 0.05, 0.25, 1.0):
         assert max_in_window(slots, window) <= bound(rate, burst, window)
-    # sends happen at their slots: on the database's clock (offset error well under 1 ms)
+    # sends happen at their slots (a stalled sender forfeits its slot rather than bunch)
     everything = sorted(t for s in sent for t in s)
-    assert max_in_window(everything, 1.0) <= bound(rate, burst, 1.0) + 1
-    assert len(everything) >= 0.9 * rate * seconds
+    for window in (0.05, 0.25, 1.0):  # at most one late send per process beyond the slots
+        assert max_in_window(everything, window) <= bound(rate, burst, window) + 3
+    assert len(everything) >= 0.75 * rate * seconds  # used (a liveness check, not a speed one)
     assert all(len(s) > 0.2 * rate * seconds for s in sent)  # each got a share
 
 
@@ -379,7 +379,7 @@ async def test_the_pool_is_bounded_and_the_api_key_never_reaches_the_database(
         stop.set()
         await watcher
         assert sent == 320
-        assert 1 <= peak <= 2
+        assert 1 <= peak <= 3  # the pool's 2 and the listener
         rows = await lim.budget.pool.fetch("SELECT * FROM rate_budget")
     dump = repr([dict(r) for r in rows])
     assert "s3cr3t" not in dump and secret not in dump

@@ -257,7 +257,7 @@ def budget_url(shared: str, shared_url: str, ledger_url: str) -> str | None:
     url = shared_url or (ledger_url if is_postgres_url(ledger_url) else "")
     if shared == "on" and not url:
         raise ValueError(
-            "rate.shared = \"on\" needs a PostgreSQL URL: set rate.shared_url or a "
+            'rate.shared = "on" needs a PostgreSQL URL: set rate.shared_url or a '
             "postgresql:// ledger"
         )
     return url or None
@@ -306,6 +306,7 @@ CREATE TABLE IF NOT EXISTS rate_budget (
 )
 """
 
+NOTIFY_CHANNEL = "ingest_rate_budget"
 _NOW = "coalesce({p}::float8, extract(epoch FROM clock_timestamp())::float8)"
 
 
@@ -369,9 +370,13 @@ RETURNING b.grant_now, b.grant_base, b.grant_interval, b.grant_count, b.pause_un
 
 def rate_limited_sql(t: BudgetTuning = BudgetTuning()) -> str:
     """``rate_limited()`` as one UPDATE. $1 key_id, $2 retry_after_s, $3 granted_at,
-    $4 sent_at, $5 now (NULL: the database's clock); NULLs where unknown."""
+    $4 sent_at, $5 now (NULL: the database's clock); NULLs where unknown.
+
+    The new pause is announced on ``NOTIFY_CHANNEL`` at commit (``key pause_until generation
+    rate cuts``), so every listening process drops the slots it holds at once."""
     one_minus_slack = _lit(1.0 - t.slack)
     return f"""
+WITH u AS (
 UPDATE rate_budget AS b SET
   (rate_per_s, proven_rate, limit_rate, cut_at, probes, cuts, tat, pause_until, resumed_at,
    quiet_since, generation, updated_at) = (
@@ -412,7 +417,12 @@ UPDATE rate_budget AS b SET
   )
 WHERE b.key_id = $1
 RETURNING b.quiet_since AS now, b.rate_per_s, b.pause_until, b.generation, b.cuts
+)
+SELECT u.*, pg_notify('{NOTIFY_CHANNEL}', concat_ws(' ', $1::text, u.pause_until,
+  u.generation, u.rate_per_s, u.cuts)) AS notified
+FROM u
 """
+
 
 _UPSERT_SQL = """
 INSERT INTO rate_budget AS b (key_id, rate_per_s, ceiling_per_s, min_rate_per_s, burst, adaptive,
@@ -458,7 +468,8 @@ class SharedBudget:
 
     Times cross the edge converted: the database's epoch seconds to this process's monotonic
     clock, by the offset measured on the round trip (its midpoint is taken as the database's
-    ``now``; the sample with the shortest round trip of the last ``offset_window`` wins)."""
+    ``now``; the sample with the shortest of the last 256 round trips wins, so the offset
+    rarely moves: a jump would bunch two slots converted on either side of it)."""
 
     def __init__(
         self,
@@ -476,7 +487,7 @@ class SharedBudget:
         self._timeout_s = timeout_s
         self._grant_sql = grant_sql(tuning)
         self._limited_sql = rate_limited_sql(tuning)
-        self._offsets: deque[tuple[float, float]] = deque(maxlen=16)  # (rtt, db - local)
+        self._offsets: deque[tuple[float, float]] = deque(maxlen=256)  # (rtt, db - local)
         self.round_trips = 0
 
     @property
@@ -568,9 +579,17 @@ class SharedLimiter:
     """A ``budget.SendBudget`` drawing from the shared row: bounded concurrency, slots from
     grants, local pacing only by sleeping until each granted time.
 
-    One grant round trip at a time per process (the senders waiting meanwhile are served by it
-    when it returns); a 429 pauses this process at once and is written to the row in the
-    background (the next grant waits for it, so it is never paced by the row before the 429)."""
+    - One grant round trip at a time per process; it books at most ``grant_s`` ahead of now
+      (senders beyond that wait here), so N processes hold about N grants of budget at once.
+    - A slot woken up for more than one interval late is forfeited (a stalled event loop must
+      not send its missed slots in a bunch); within that, sends also conform to the budget on
+      this process's *actual* send times (a late sender pushes this process's next one back).
+      So any window holds at most one send per process beyond the granted schedule.
+    - A 429 pauses this process at once and is written to the row in the background (the next
+      grant waits for it); the row announces it (LISTEN/NOTIFY) and every process drops the
+      slots it holds. Without notifications (a transaction-mode pooler) they learn on their
+      next grant, at most ``grant_s`` later.
+    """
 
     def __init__(
         self,
@@ -578,6 +597,7 @@ class SharedLimiter:
         max_in_flight: int,
         *,
         clock: Clock = time.monotonic,
+        burst: float = 1.0,
         retry_s: float = 0.5,
         on_grant: Callable[[Granted], None] | None = None,
     ) -> None:
@@ -587,20 +607,28 @@ class SharedLimiter:
         self.max_in_flight = max_in_flight
         self._clock = clock
         self._retry_s = retry_s
+        self._horizon_s = budget.tuning.grant_s
         self._on_grant = on_grant  # observers (tests, the benchmark)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._held: deque[tuple[float, float]] = deque()  # (local send time, db grant time)
+        self._booked_until = -math.inf  # the latest slot granted to this process (local)
         self._granting = asyncio.Lock()
         self._waiting = 0
         self._generation = 0  # the row's, as last seen
-        self._local_generation = 0  # bumped by a 429 here or a new row generation
+        self._local_generation = 0  # bumped whenever held slots become void
         self._view = _View(rate=0.0)
+        self._interval = 0.0  # of the last grant
+        self._burst = float(burst)  # for the conformance check on actual send times
+        self._sent_tat = -math.inf  # GCRA over this process's actual send times
         self._reports: set[asyncio.Task[None]] = set()
         # send time -> grant time of the requests in flight (bounded: not every send is answered
         # through ``answered``, e.g. a 5xx)
         self._granted_at: OrderedDict[float, float] = OrderedDict()
         self.grants = 0
         self.slots_granted = 0
+        self.notices = 0
+        self.voided = 0  # granted slots dropped unused (a 429 made them void)
+        self.missed = 0  # granted slots forfeited (woken too late to use them)
 
     @property
     def controller(self) -> _View:
@@ -621,6 +649,12 @@ class SharedLimiter:
                 async with self._granting:
                     if self._held:
                         break
+                    # Book no further ahead than the horizon: held slots are budget others
+                    # cannot use, and slots a 429 would void.
+                    ahead = self._booked_until - self.now() - self._horizon_s
+                    if ahead > 0:
+                        await self.sleep(ahead, stop)
+                        continue
                     await self._refill(stop)
             return self._held.popleft()
         finally:
@@ -646,8 +680,14 @@ class SharedLimiter:
         self.slots_granted += len(g.times)
         if self._on_grant is not None:
             self._on_grant(g)
-        self._seen(g)
-        self._held.extend((t, g.granted_at) for t in g.times)
+        if g.generation < self._generation:
+            self.voided += len(g.times)
+            return  # booked before a 429 we were told of meanwhile: void
+        self._seen(g.generation, g.pause_until, g.rate_per_s, g.cuts)
+        if g.times:
+            self._interval = 1.0 / (g.rate_per_s * (1.0 - self.budget.tuning.slack))
+            self._held.extend((t, g.granted_at) for t in g.times)
+            self._booked_until = max(self._booked_until, g.times[-1])
 
     def _db_trouble(self, e: BaseException) -> None:
         # Never the URL or the exception's text (it may quote the connection string).
@@ -656,16 +696,34 @@ class SharedLimiter:
             extra={"error": type(e).__name__},
         )
 
-    def _seen(self, g: Granted) -> None:
-        if g.generation != self._generation:
-            # The row changed under a 429 (here or elsewhere): slots held from before it are
-            # void, they would go into its pause.
-            self._generation = g.generation
-            self._local_generation += 1
-            self._held.clear()
-        self._view.rate = g.rate_per_s
-        self._view.cuts = g.cuts
-        self._view.paused_until = max(self._view.paused_until, g.pause_until)
+    def _seen(self, generation: int, pause_until: float, rate: float, cuts: int) -> None:
+        if generation > self._generation:
+            # A 429 (here or elsewhere) changed the row: slots held from before it are void,
+            # they would go into its pause.
+            self._generation = generation
+            self._void()
+        self._view.rate = rate
+        self._view.cuts = max(self._view.cuts, cuts)
+        self._view.paused_until = max(self._view.paused_until, pause_until)
+
+    def _void(self) -> None:
+        self.voided += len(self._held)
+        self._local_generation += 1
+        self._held.clear()
+        self._booked_until = -math.inf
+
+    def notice(self, payload: str) -> None:
+        """A 429 announced by the row (``NOTIFY``): ``key pause_until generation rate cuts``."""
+        parts = payload.split()
+        if len(parts) != 5 or parts[0] != self.budget.key_id:
+            return
+        try:
+            pause_db, generation = float(parts[1]), int(parts[2])
+            rate, cuts = float(parts[3]), int(parts[4])
+        except ValueError:
+            return
+        self.notices += 1
+        self._seen(generation, self.budget.to_local(pause_db), rate, cuts)
 
     async def acquire(self, stop: asyncio.Event | None = None) -> float:
         """Wait for the next granted slot; return the send time (local monotonic)."""
@@ -674,12 +732,32 @@ class SharedLimiter:
             at, granted_at = await self._next(stop)
             await self.sleep(max(at, self._view.paused_until) - self.now(), stop)
             if self._local_generation != generation:
+                self.voided += 1
                 continue  # a 429 arrived while we waited: that slot is void
-            now = self.now()
-            self._granted_at[now] = granted_at
-            while len(self._granted_at) > 4 * self.max_in_flight:
-                self._granted_at.popitem(last=False)
-            return now
+            if self.now() > max(at, self._view.paused_until) + self._interval:
+                # Woken more than an interval late (a stalled loop): sending now would bunch
+                # with the slots after it, in this process or another. Forfeit it.
+                self.missed += 1
+                continue
+            # A late wake-up must not bunch this send with this process's next one.
+            while (extra := self._conform(self.now())) > 0:
+                await self.sleep(extra, stop)
+                if self._local_generation != generation:
+                    break
+            else:
+                now = self.now()
+                self._granted_at[now] = granted_at
+                while len(self._granted_at) > 4 * self.max_in_flight:
+                    self._granted_at.popitem(last=False)
+                return now
+
+    def _conform(self, now: float) -> float:
+        tolerance = (self._burst - 1.0) * self._interval
+        earliest = max(self._sent_tat - tolerance, self._view.paused_until)
+        if now < earliest:
+            return earliest - now
+        self._sent_tat = max(self._sent_tat, now) + self._interval
+        return 0.0
 
     @contextlib.asynccontextmanager
     async def slot(
@@ -708,8 +786,7 @@ class SharedLimiter:
         now = self.now()
         delay = error.delay_s if error.delay_s is not None else 1.0 / max(self._view.rate, 1e-6)
         self._view.paused_until = max(self._view.paused_until, now + delay)
-        self._local_generation += 1
-        self._held.clear()
+        self._void()
         task = asyncio.ensure_future(self._report(error.delay_s, granted_at, sent_at))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
@@ -722,9 +799,9 @@ class SharedLimiter:
         except Exception as e:  # the local pause holds; the others learn on their own 429s
             self._db_trouble(e)
             return
-        self._generation = g.generation  # our own 429's generation: nothing else to void
-        self._view.rate, self._view.cuts = g.rate_per_s, g.cuts
-        self._view.paused_until = max(self._view.paused_until, g.pause_until)
+        # Our own 429's generation: nothing more to void.
+        self._generation = max(self._generation, g.generation)
+        self._seen(g.generation, g.pause_until, g.rate_per_s, g.cuts)
 
     async def sleep(self, delay_s: float, stop: asyncio.Event | None = None) -> None:
         if stop is not None and stop.is_set():
@@ -778,13 +855,36 @@ async def open_budget(
                 f"rate.shared: cannot set up the rate budget in {redact_url(url)} "
                 f"({type(e).__name__}: {_scrub(str(e), url)})"
             ) from None
-        limiter = SharedLimiter(budget, cfg.max_in_flight)
+        limiter = SharedLimiter(budget, cfg.max_in_flight, burst=cfg.burst)
+        listener = await _listen(url, limiter)
         try:
             yield limiter
         finally:
             await limiter.close()
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await listener.close(timeout=5)
     finally:
         await pool.close()
+
+
+async def _listen(url: str, limiter: SharedLimiter) -> asyncpg.Connection | None:
+    """A connection of its own listening for 429s announced by the row, or None where that is
+    impossible (a transaction-mode pooler): grants then carry the news, a little later."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(url, timeout=10)
+        await conn.add_listener(
+            NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: limiter.notice(payload)
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        log.info(
+            "rate budget: no notifications, grants carry the news",
+            extra={"error": type(e).__name__},
+        )
+        return None
+    return conn
 
 
 def _scrub(text: str, url: str) -> str:
