@@ -47,6 +47,7 @@ from ingest.registrar.shared_rate import budget_key, open_budget
 RATE = 20.0
 BATCH = 10
 CLIENTS = (1, 2, 4)
+SERVER_BURSTS = (1.0, 2.0)  # the emulator's bucket depth: 1 is the harshest server
 
 
 # --- one client process ----------------------------------------------------------------------
@@ -256,26 +257,13 @@ def main() -> None:
     seconds = ns.seconds or (8.0 if ns.quick else 30.0)
     rows: list[list[object]] = []
     with postgres() as pg, c.emulator("--rate", str(RATE), "--burst", "1") as v7:
-        # baseline: the local limiter, one process
-        c.admin(v7, "reset", {})
-        run_clients([client_cmd(v7, pg, "local", seconds, "--local")], seconds + 60)
-        share, limited, n = share_of_ceiling(_timeline(v7), RATE)
-        rows.append(["local Limiter", 1, n, round(share, 3), f"{limited:.2%}", "-", "-"])
-        for n_clients in CLIENTS:
-            c.admin(v7, "reset", {})
-            reset_budget(pg)
-            cmds = [client_cmd(v7, pg, f"c{i}", seconds) for i in range(n_clients)]
-            results = run_clients(cmds, seconds + 60)
-            tl = _timeline(v7)
-            share, limited, n = share_of_ceiling(tl, RATE)
-            grants = sum(r["grants"] for r in results)
-            slots = sum(r["slots"] for r in results)
-            rows.append(["shared", n_clients, n, round(share, 3), f"{limited:.2%}",
-                         max_per_window(tl, 1.0), round(slots / max(grants, 1), 2)])  # fmt: skip
-        print(f"Against the emulator at {RATE:g} req/s (burst 1), {BATCH} items a request, "
-              f"{seconds:g} s per point, 8 senders per process:")  # fmt: skip
-        print(c.table(["budget", "processes", "requests", "share of ceiling", "429",
-                       "max in 1 s", "slots/grant"], rows))  # fmt: skip
+        for server_burst in SERVER_BURSTS:
+            c.admin(v7, "config", {"rate_per_s": RATE, "burst": server_burst})
+            rows += _points(v7, pg, seconds, server_burst)
+        print(f"Against the emulator at {RATE:g} req/s (integer Retry-After), {BATCH} items a "
+              f"request, {seconds:g} s a point, 8 senders a process, budget burst 1:")  # fmt: skip
+        print(c.table(["server burst", "budget", "processes", "requests", "share of ceiling",
+                       "429", "max in 1 s", "slots/grant", "voided", "missed"], rows))  # fmt: skip
         grant_rows: list[list[object]] = []
         for n_clients in CLIENTS:
             reset_budget(pg)
@@ -288,6 +276,30 @@ def main() -> None:
             grant_rows.append([n_clients, round(grants), round(slots)])
         print("\nThe row alone (no V7 requests; 32 senders per process, ceiling 1e6/s):")
         print(c.table(["processes", "grants/s", "slots/s"], grant_rows))
+
+
+def _points(v7: str, pg: str, seconds: float, server_burst: float) -> list[list[object]]:
+    """The local limiter (one process), then the shared budget with 1, 2, 4 processes."""
+    c.admin(v7, "reset", {})
+    run_clients([client_cmd(v7, pg, "local", seconds, "--local")], seconds + 60)
+    share, limited, n = share_of_ceiling(_timeline(v7), RATE)
+    rows: list[list[object]] = [[server_burst, "local Limiter", 1, n, round(share, 3),
+                                 f"{limited:.2%}", max_per_window(_timeline(v7), 1.0), "-", "-",
+                                 "-"]]  # fmt: skip
+    for n_clients in CLIENTS:
+        c.admin(v7, "reset", {})
+        reset_budget(pg)
+        cmds = [client_cmd(v7, pg, f"c{i}", seconds) for i in range(n_clients)]
+        results = run_clients(cmds, seconds + 60)
+        tl = _timeline(v7)
+        share, limited, n = share_of_ceiling(tl, RATE)
+        grants = sum(r["grants"] for r in results)
+        slots = sum(r["slots"] for r in results)
+        rows.append([server_burst, "shared", n_clients, n, round(share, 3), f"{limited:.2%}",
+                     max_per_window(tl, 1.0), round(slots / max(grants, 1), 2),
+                     sum(r["voided"] for r in results),
+                     sum(r["missed"] for r in results)])  # fmt: skip
+    return rows
 
 
 def _timeline(v7: str) -> list[tuple[float, int]]:

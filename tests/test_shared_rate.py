@@ -135,8 +135,16 @@ def test_one_cut_per_congestion_episode() -> None:
     # a slot granted after the cut and sent well after the pause: a new episode
     g4, state = grant(state, Z + 1.6, 1)
     state = rate_limited(state, Z + 1.7, 0.5, granted_at=g4.now, sent_at=g4.times()[0] + 0.2)
-    assert state.cuts == 2
+    assert state.cuts == 2  # in quick succession: the rate is far too high, cut harder
     assert state.rate_per_s == pytest.approx(20 * T.margin * T.decrease)
+    # a 429 long after the last cut found the edge: a step just below it
+    before = state.rate_per_s
+    g5, state = grant(state, Z + 1.8, 1)
+    at = g5.times()[0]
+    late = Z + 1.7 + T.prove_s + 0.5
+    state = rate_limited(state, late, 0.5, granted_at=g5.now, sent_at=at + 0.1)
+    assert state.cuts == 3
+    assert state.rate_per_s == pytest.approx(before * T.margin)
 
 
 def test_the_increase_is_applied_once_by_whichever_process_is_granted_while_quiet() -> None:

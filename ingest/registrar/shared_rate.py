@@ -22,9 +22,11 @@ Adaptation, shared
 A 429 seen by any process is written to the row at once (one ``UPDATE``): the pause
 (``pause_until = now + Retry-After``, ``tat`` past it so the next slots come after it, without
 a burst) and, once per congestion episode, the cut: back to the rate proven good when there is
-one below, else ``margin`` x the rate for the first cut and ``decrease`` x after. A 429 opens a
-new episode only when its slot was granted after the last cut and it was not the first send
-after a pause (the same rule as the local controller). Every process sees the pause and the new
+one below, else ``margin`` x the rate when the last cut is more than a proving period old (the
+429 found the edge: a probe, timing jitter) and ``decrease`` x when 429s come in quick
+succession (a rate far too high). A 429 opens a new episode only when its slot was granted
+after the last cut and it was not the first send after a pause (the same rule as the local
+controller). Every process sees the pause and the new
 rate on its next grant; a grant that sees the row's ``generation`` change drops the slots it
 still holds (they were booked before the 429). The increase is applied by the grant that finds
 the row quiet for a proving period — one grant, on the shared row, so N processes do not each
@@ -73,8 +75,8 @@ class BudgetTuning:
     slack: float = 0.005  # pace this fraction below the rate (clock rounding, timer jitter)
     grant_s: float = 0.1  # a grant covers at most this much of the rate (seconds of budget)
     max_grant: int = 16  # slots per grant at most
-    decrease: float = 0.7  # cut factor after the first cut
-    margin: float = 0.97  # first cut: just below the rate that drew the 429
+    decrease: float = 0.7  # cut factor for a 429 within prove_s of the last cut
+    margin: float = 0.97  # otherwise (first or sparse 429s): just below the rate that drew it
     episode_s: float = 1.0  # without a grant time: 429s this close to a cut are its episode
     prove_s: float = 3.0  # a rate held this long without a 429 is proven good...
     prove_requests: int = 10  # ...and at least this many requests' worth of it
@@ -215,7 +217,10 @@ def rate_limited(
             new = proven  # back to the last rate proven good
         else:
             proven = 0.0  # what was proven is not true any more
-            new = rate * (t.margin if row.cuts == 0 else t.decrease)
+            # A 429 long after the last cut found the edge (a probe, timing jitter): step just
+            # below it. 429s in quick succession mean the rate is far too high: cut harder.
+            sparse = row.cuts == 0 or now - row.cut_at > t.prove_s
+            new = rate * (t.margin if sparse else t.decrease)
         limit, rate = rate, _clamp(row, new)
         cut_at, probes, cuts = now, 0, cuts + 1
     resume = now + (retry_after_s if retry_after_s is not None else 1.0 / rate)
@@ -401,7 +406,8 @@ UPDATE rate_budget AS b SET
       SELECT
         CASE WHEN NOT e.cutting THEN b.rate_per_s
           ELSE least(greatest(CASE WHEN e.keep THEN b.proven_rate
-                                   WHEN b.cuts = 0 THEN b.rate_per_s * {_lit(t.margin)}
+                                   WHEN b.cuts = 0 OR e.now - b.cut_at > {_lit(t.prove_s)}
+                                     THEN b.rate_per_s * {_lit(t.margin)}
                                    ELSE b.rate_per_s * {_lit(t.decrease)} END,
                               b.min_rate_per_s), b.ceiling_per_s) END AS rate,
         CASE WHEN e.cutting AND NOT e.keep THEN 0::float8 ELSE b.proven_rate END AS proven,
