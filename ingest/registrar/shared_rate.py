@@ -762,7 +762,10 @@ class SharedLimiter:
         earliest = max(self._sent_tat - tolerance, self._view.paused_until)
         if now < earliest:
             return earliest - now
-        self._sent_tat = max(self._sent_tat, now) + self._interval
+        # This process's first request also opens a connection: it reaches the server later
+        # than it left, so (at burst 1) the next keeps one more interval from it.
+        first = self._sent_tat == -math.inf and self._burst == 1.0
+        self._sent_tat = max(self._sent_tat, now) + self._interval * (2 if first else 1)
         return 0.0
 
     @contextlib.asynccontextmanager
