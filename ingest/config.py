@@ -138,6 +138,10 @@ class RateConfig:
     retry_base_s: Seconds = 0.5  # full-jitter exponential backoff base
     retry_cap_s: Seconds = 60.0  # one wait never exceeds this (except a longer Retry-After)
     retry_max_total_s: SecondsOrZero = 900.0  # give up on a batch after retrying this long
+    # One budget per V7 key for every process of a job, in PostgreSQL (shared_rate.py).
+    shared: Literal["auto", "on", "off"] = "auto"  # auto: shared when a PostgreSQL URL is known
+    shared_url: str = ""  # postgresql://… of the budget; "" = the ledger's when it is PostgreSQL
+    shared_connections: PositiveInt = 2  # the budget's connection pool size (connections)
 
 
 @dataclass(config=STRICT)
@@ -398,6 +402,11 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+def _validate_shared_rate(rate: RateConfig) -> None:
+    if rate.shared_url and not rate.shared_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("config: rate.shared_url must be a postgresql:// URL")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no network, across fields (each field's own type and bounds are
     checked by the schema, also on assignment). Raises ConfigError with one actionable line."""
@@ -424,6 +433,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.rate.retry_base_s > cfg.rate.retry_cap_s:
         raise ConfigError("config: rate.retry_base_s must not exceed rate.retry_cap_s")
+    _validate_shared_rate(cfg.rate)
     w = cfg.worker
     from ingest.worker.schedule import parse_schedule
 

@@ -38,12 +38,14 @@ from ingest.progress import run_progress
 from ingest.providers import Source
 from ingest.providers.factory import open_bucket, open_source
 from ingest.registrar import wire
+from ingest.registrar.budget import SendBudget
 from ingest.registrar.client import V7Client
 from ingest.registrar.faults import FaultLog
 from ingest.registrar.lookup import IdResolver, client_finder, limiter_slot
 from ingest.registrar.rate import Limiter, RateController
 from ingest.registrar.registrar import Registrar, Sending
 from ingest.registrar.retry import RetryPolicy
+from ingest.registrar.shared_rate import budget_key, budget_url
 from ingest.run.lifecycle import Lifecycle
 from ingest.run.pipeline import Pipeline, RunResult
 from ingest.stats import Stats
@@ -69,18 +71,55 @@ def wire_target(cfg: Config, target: Target) -> wire.Target:
     )
 
 
-def make_registrar(
-    cfg: Config, client: V7Client, target: Target, stats: Stats, keys: wire.KeyMap
-) -> Registrar:
+def make_limiter(cfg: Config) -> Limiter:
+    """The local (one-process) rate budget."""
     controller = RateController(
         rate_per_s=cfg.rate.requests_per_s,
         burst=cfg.rate.burst,
         min_rate_per_s=cfg.rate.min_requests_per_s,
         adaptive=cfg.rate.adaptive,
     )
+    return Limiter(controller, cfg.rate.max_in_flight)
+
+
+def ledger_url(cfg: Config) -> str:
+    """The ledger's location as a URL when it has one (a PostgreSQL ledger), else its path."""
+    url = str(getattr(cfg.ledger, "url", "") or "")
+    return url or os.environ.get("INGEST_LEDGER", "") or cfg.ledger.path
+
+
+@contextlib.asynccontextmanager
+async def open_send_budget(cfg: Config) -> AsyncIterator[SendBudget]:
+    """The rate budget every send draws from: shared by every process on the V7 key when a
+    PostgreSQL URL is known (``rate.shared``), else this process's own."""
+    try:
+        url = budget_url(cfg.rate.shared, cfg.rate.shared_url, ledger_url(cfg))
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    if url is None:
+        yield make_limiter(cfg)
+        return
+    from ingest.registrar.shared_rate import open_budget
+
+    key_id = budget_key(cfg.base_url, cfg.api_key)
+    async with open_budget(
+        url, key_id, cfg.rate, max_connections=cfg.rate.shared_connections
+    ) as shared:
+        log.info("rate budget shared through PostgreSQL", extra={"budget": key_id})
+        yield shared
+
+
+def make_registrar(
+    cfg: Config,
+    client: V7Client,
+    target: Target,
+    stats: Stats,
+    keys: wire.KeyMap,
+    limiter: SendBudget | None = None,
+) -> Registrar:
     return Registrar(
         client,
-        Limiter(controller, cfg.rate.max_in_flight),
+        limiter or make_limiter(cfg),
         RetryPolicy(cfg.rate.retry_base_s, cfg.rate.retry_cap_s, cfg.rate.retry_max_total_s),
         stats,
         target=wire_target(cfg, target),
@@ -245,7 +284,8 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
                 destination = await stack.enter_async_context(open_bucket(cfg.upload))
                 await check_source(destination)
             keys = wire.KeyMap((destination or source).storage_key(""))
-            registrar = make_registrar(cfg, client, target, stats, keys)
+            limiter = await stack.enter_async_context(open_send_budget(cfg))
+            registrar = make_registrar(cfg, client, target, stats, keys, limiter)
             ledger = await stack.enter_async_context(open_ledger(cfg.ledger.path, cfg.job))
             media = await open_media(cfg, target, source, ledger, stack, destination)
             ignore = artifact_prefixes(cfg, target, media)

@@ -52,8 +52,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ingest.errors import Interrupted, RejectedError, Retry, V7Error
+from ingest.registrar.budget import SendBudget
 from ingest.registrar.client import SlotFactory
-from ingest.registrar.rate import Limiter
 from ingest.registrar.retry import RetryPolicy
 from ingest.registrar.wire import Ident, norm_path
 
@@ -102,7 +102,7 @@ class _Finder(Protocol):
     ) -> dict[Ident, str]: ...
 
 
-def limiter_slot(limiter: Limiter, stop: asyncio.Event | None = None) -> SlotFactory:
+def limiter_slot(limiter: SendBudget, stop: asyncio.Event | None = None) -> SlotFactory:
     """An ``acquire_slot`` over the engine's shared limiter: waits for a send slot, and tells
     the limiter how the request went (a 429 pauses and slows every sender, as for
     registrations). ``stop`` set: the wait ends with ``Interrupted``."""

@@ -52,7 +52,7 @@ from ingest.errors import (
 )
 from ingest.model import Item, Outcome, State
 from ingest.registrar import wire
-from ingest.registrar.rate import Limiter
+from ingest.registrar.budget import SendBudget
 from ingest.registrar.retry import RetryPolicy
 from ingest.registrar.wire import item_key
 from ingest.stats import Stats
@@ -110,7 +110,7 @@ class Registrar:
     def __init__(
         self,
         client: RegisterApi,
-        limiter: Limiter,
+        limiter: SendBudget,
         retry_policy: RetryPolicy,
         stats: Stats,
         *,
