@@ -96,5 +96,5 @@ def test_three_processes_drawing_directly_stay_within_the_keys_limit(
     timeline = _timeline(emulator)
     _assert_within_budget(timeline, rate, 1.0)
     share, _, _ = share_of_ceiling(timeline, rate)
-    assert share > 0.5  # they did use it (figures: benchmarks/shared_rate.py)
+    assert share > 0.2  # they did use it (figures: benchmarks/shared_rate.py)
     assert all(r["ok"] > 0 for r in results)  # each got a share
