@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "while one holds the ledger's lease.",
         parents=[*sending, progress],
     )
+    p.add_argument(
+        "--busy-ok",
+        action="store_true",
+        help="exit 0, not 5, when another run of the job holds the lease (it does the work): "
+        "for schedulers with no success-exit-code setting (a Kubernetes CronJob)",
+    )
 
     p = sub.add_parser(
         "worker",
@@ -432,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except LeaseHeld as e:
         print(f"busy: {e}", file=sys.stderr)
-        return EXIT_BUSY
+        return EXIT_OK if getattr(ns, "busy_ok", False) else EXIT_BUSY
     except Aborted:
         return EXIT_INTERRUPTED
     except LedgerError as e:

@@ -10,6 +10,9 @@ cgroup v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of the ``cpu`` hierarchy'
 its ancestors, on v1 and hybrid hosts; each hierarchy found through /proc/self/mountinfo).
 A quota of 2.5 CPUs is 2 (rounded down, at least 1): a process pool sized above the quota is
 throttled, not faster.
+
+The same cgroup directories give the worker's memory metrics (``cgroup_memory``): the memory
+a limit counts includes the child processes, which the process's own RSS does not.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -151,7 +155,58 @@ def cgroup_quotas(
     return quotas
 
 
-def _read(path: Path) -> str | None:
+UNLIMITED_V1_BYTES = 1 << 60  # v1 writes "no limit" as a huge page-aligned number
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupMemory:
+    """This process's cgroup memory (its children included: Pillow decoders, ffmpeg), which is
+    what the OOM killer and a Kubernetes limit count, unlike the process's own RSS."""
+
+    usage_bytes: int | None  # memory.current (v2) / memory.usage_in_bytes (v1)
+    working_set_bytes: int | None  # usage minus inactive file cache (cAdvisor's working set)
+    limit_bytes: int | None  # the tightest limit up the cgroup's ancestors; None: unlimited
+
+
+def _bytes(text: str | None) -> int | None:
+    try:
+        return int(text.strip()) if text is not None else None
+    except ValueError:  # "max" (v2: no limit) or junk
+        return None
+
+
+def _stat(text: str | None, key: str) -> int:
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return _bytes(value) or 0
+    return 0
+
+
+def cgroup_memory(read: Callable[[Path], str | None], root: Path = CGROUP_ROOT) -> CgroupMemory:
+    """Usage, working set and limit of this process's memory cgroup (v2, else v1's memory
+    hierarchy); all None outside a cgroup that accounts memory."""
+    own = read(Path("/proc/self/cgroup")) or ""
+    mountinfo = read(Path("/proc/self/mountinfo")) or ""
+    v2 = cgroup_dirs(own, mountinfo, None, root)
+    if v2 and read(v2[0] / "memory.current") is not None:
+        dirs, usage_file, limit_file, inactive = v2, "memory.current", "memory.max", "inactive_file"
+    else:
+        dirs = cgroup_dirs(own, mountinfo, "memory", root)
+        usage_file, limit_file = "memory.usage_in_bytes", "memory.limit_in_bytes"
+        inactive = "total_inactive_file"
+    if not dirs:
+        return CgroupMemory(None, None, None)
+    usage = _bytes(read(dirs[0] / usage_file))
+    limits = [_bytes(read(d / limit_file)) for d in dirs]
+    real = [n for n in limits if n is not None and 0 < n < UNLIMITED_V1_BYTES]
+    working = None
+    if usage is not None:
+        working = max(usage - _stat(read(dirs[0] / "memory.stat"), inactive), 0)
+    return CgroupMemory(usage, working, min(real) if real else None)
+
+
+def read_text(path: Path) -> str | None:
     try:
         return path.read_text()
     except (OSError, ValueError):
@@ -169,4 +224,4 @@ def _affinity() -> int | None:
 def available_cpus() -> int:
     """This process's usable CPUs (read once: limits do not change under a running process
     in practice, and every pool is sized at start)."""
-    return usable_cpus(os.cpu_count() or 1, _affinity(), cgroup_quotas(_read))
+    return usable_cpus(os.cpu_count() or 1, _affinity(), cgroup_quotas(read_text))

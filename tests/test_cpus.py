@@ -124,3 +124,34 @@ def test_a_hybrid_host_reads_the_cpu_quota_from_v1() -> None:
         "/sys/fs/cgroup/unified/system.slice/ingest.service"
     )
     assert cgroup_quotas(files.get) == [2.0]
+
+
+def test_cgroup_memory_v2_counts_the_cgroup_and_its_tightest_limit() -> None:
+    from ingest.cpus import CgroupMemory, cgroup_memory
+
+    root = Path("/sys/fs/cgroup")
+    files = {
+        Path("/proc/self/cgroup"): "0::/kubepods/pod1/ctr\n",
+        Path("/proc/self/mountinfo"): "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+        root / "kubepods/pod1/ctr/memory.current": "1500000000\n",
+        root / "kubepods/pod1/ctr/memory.stat": "anon 900000000\ninactive_file 400000000\n",
+        root / "kubepods/pod1/ctr/memory.max": "max\n",
+        root / "kubepods/pod1/memory.max": "2147483648\n",  # the pod's 2 GiB limit
+        root / "kubepods/memory.max": "max\n",
+    }
+    assert cgroup_memory(files.get) == CgroupMemory(1_500_000_000, 1_100_000_000, 2**31)
+
+
+def test_cgroup_memory_v1_and_none_outside_a_cgroup() -> None:
+    from ingest.cpus import CgroupMemory, cgroup_memory
+
+    mp = Path("/sys/fs/cgroup/memory/docker/abc")
+    files = {
+        Path("/proc/self/cgroup"): "11:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n",
+        Path("/proc/self/mountinfo"): V1_MOUNTS,
+        mp / "memory.usage_in_bytes": "300\n",
+        mp / "memory.stat": "cache 200\ntotal_inactive_file 100\n",
+        mp / "memory.limit_in_bytes": "9223372036854771712\n",  # v1's "unlimited"
+    }
+    assert cgroup_memory(files.get) == CgroupMemory(300, 200, None)
+    assert cgroup_memory({}.get) == CgroupMemory(None, None, None)

@@ -544,3 +544,34 @@ async def test_queue_depths_read_zero_once_a_pass_is_over(tmp_path: Path) -> Non
     assert {"items", "batches"} <= set(stats.queues)
     depths = {name: depth() for name, depth in stats.queues.items()}
     assert depths == dict.fromkeys(stats.queues, 0)
+
+
+def test_cgroup_memory_is_exported_children_included() -> None:
+    """process_resident_memory_bytes is the worker alone; a limit counts its Pillow and ffmpeg
+    children too: the cgroup's figures are exported (the limit only when there is one)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ingest.cpus import CgroupMemory
+    from ingest.worker.observe import IngestCollector
+
+    def scrape(memory: CgroupMemory) -> dict[str, float]:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(IngestCollector(Stats(), Health(), lambda: T0, lambda: memory))
+        text = generate_latest(registry).decode()
+        return {
+            s.name: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name.startswith("ingest_cgroup_memory")
+        }
+
+    assert scrape(CgroupMemory(300, 200, 2**31)) == {
+        "ingest_cgroup_memory_usage_bytes": 300.0,
+        "ingest_cgroup_memory_working_set_bytes": 200.0,
+        "ingest_cgroup_memory_limit_bytes": float(2**31),
+    }
+    assert scrape(CgroupMemory(300, 200, None)) == {
+        "ingest_cgroup_memory_usage_bytes": 300.0,
+        "ingest_cgroup_memory_working_set_bytes": 200.0,
+    }
+    assert scrape(CgroupMemory(None, None, None)) == {}
