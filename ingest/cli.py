@@ -353,25 +353,25 @@ async def _existing_ledger(cfg: config.Config) -> AsyncIterator[Any]:
 
 
 async def _status(cfg: config.Config, as_json: bool) -> int:
+    """Exit 2 with one line when the ledger or the job is not there (a script can tell)."""
     import time
 
-    from ingest.status_view import status_doc, status_lines, unknown_job_lines
+    from ingest.status_view import status_doc, status_lines, unknown_job_line
 
     async with _existing_ledger(cfg) as ledger:
         if ledger is None:
-            print(f"no ledger at {cfg.ledger.path}: nothing has run for this config yet")
-            return EXIT_OK
+            raise ConfigError(f"no ledger at {cfg.ledger.path}: nothing has run for this config")
         st = await ledger.status()
         jobs = await ledger.jobs()
     now = time.time()
+    known = cfg.job in jobs or bool(st.objects_by_state)
     if as_json:
         doc = {**status_doc(st, now), "job_in_ledger": cfg.job in jobs, "ledger_jobs": jobs}
         print(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode())
-        return EXIT_OK
-    if cfg.job not in jobs and not st.objects_by_state:
-        print("\n".join(unknown_job_lines(cfg.job, cfg.ledger.path, jobs)))
-        return EXIT_OK
-    print("\n".join(status_lines(st, cfg.ledger.path, now)))
+    elif known:
+        print("\n".join(status_lines(st, cfg.ledger.path, now)))
+    if not known:
+        raise ConfigError(unknown_job_line(cfg.job, cfg.ledger.path, jobs))
     return EXIT_OK
 
 
@@ -383,6 +383,11 @@ async def _report(
     async with _existing_ledger(cfg) as ledger:
         if ledger is None:
             raise ConfigError(f"no ledger at {cfg.ledger.path}: run `ingest run` first")
+        jobs = await ledger.jobs()
+        if cfg.job not in jobs:
+            from ingest.status_view import unknown_job_line
+
+            raise ConfigError(unknown_job_line(cfg.job, cfg.ledger.path, jobs))
         out = sys.stdout if output == "-" else open(output, "w", newline="", encoding="utf-8")  # noqa: SIM115, ASYNC230
         try:
             writer = csv.writer(out) if fmt == "csv" else None
