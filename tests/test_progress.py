@@ -133,9 +133,16 @@ def _read_until_exit(fd: int, proc: subprocess.Popen[bytes], timeout_s: float) -
     return bytes(out)
 
 
-def _under_pty(command: str, cfg: Path, *, term: str = "xterm-256color") -> tuple[int, bytes, str]:
+def _under_pty(
+    command: str,
+    cfg: Path,
+    *,
+    term: str = "xterm-256color",
+    meanwhile: Callable[[subprocess.Popen[bytes], int], bytes] | None = None,
+) -> tuple[int, bytes, str]:
     """The CLI with stderr on a pseudo-terminal of 80 columns (stdout a pipe), the display on:
-    (exit code, what the terminal got, stdout)."""
+    (exit code, what the terminal got, stdout). ``meanwhile(proc, fd)`` runs first and returns
+    what it read."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, COLUMNS, 0, 0))
     env = {k: v for k, v in cli_env().items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR")}
@@ -148,7 +155,8 @@ def _under_pty(command: str, cfg: Path, *, term: str = "xterm-256color") -> tupl
     )  # fmt: skip
     os.close(slave)
     try:
-        raw = _read_until_exit(master, proc, 120)
+        raw = meanwhile(proc, master) if meanwhile else b""
+        raw += _read_until_exit(master, proc, 120)
         assert proc.stdout is not None
         summary = proc.stdout.read().decode()
         rc = proc.wait(30)
@@ -440,3 +448,34 @@ def test_nothing_to_retry_draws_nothing(
     assert rc == 0, raw.decode(errors="replace")[-3000:]
     assert "nothing to retry" in summary
     assert b"settled (this run)" not in raw and b"\x1b[?25l" not in raw
+
+
+def test_a_forced_stop_gives_the_cursor_back(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    """Two SIGINTs (stop at once, exit 130) while the display runs: the display ends before the
+    signal handlers go, with its last frame and the cursor shown again."""
+    import signal
+
+    seed_bucket(moto_url, bucket_name, [f"f/{i:03d}.jpg" for i in range(200)])
+    cfg = job_config(
+        tmp_path, emulator, moto_url, bucket_name, emulator.storage_for(bucket_name),
+        extra="[rate]\nrequests_per_s = 2\nburst = 1\nadaptive = false\n"
+        "[batch]\nmax_items = 5\n",
+    )  # fmt: skip
+
+    def interrupt(proc: subprocess.Popen[bytes], fd: int) -> bytes:
+        seen = bytearray()
+        deadline = time.monotonic() + 60
+        while b"settled (this run)" not in seen and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                seen += os.read(fd, 65536)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        return bytes(seen)
+
+    rc, raw, _summary = _under_pty("run", cfg, meanwhile=interrupt)
+    assert rc == 130, raw.decode(errors="replace")[-3000:]
+    assert b"\x1b[?25l" in raw  # the display hid the cursor...
+    assert raw.rindex(b"\x1b[?25h") > raw.rindex(b"\x1b[?25l")  # ...and showed it again
+    assert len(emulator.items()) < 200  # it stopped before the end
