@@ -288,7 +288,21 @@ def _fmt_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())) or "empty"
 
 
-async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = None) -> int:
+async def _run(
+    cfg: config.Config, kind: str, *, retry_blocked: str | None = None, busy_ok: bool = False
+) -> int:
+    """One run, sync or retry; with ``busy_ok`` (``sync --busy-ok``) a job whose lease another
+    process holds is exit 0, not 5 (that process does the work)."""
+    try:
+        return await _run_held(cfg, kind, retry_blocked=retry_blocked)
+    except LeaseHeld as e:
+        if not busy_ok:
+            raise
+        print(f"busy: {e} (--busy-ok: exit 0)", file=sys.stderr)
+        return EXIT_OK
+
+
+async def _run_held(cfg: config.Config, kind: str, *, retry_blocked: str | None = None) -> int:
     from ingest.engine import open_engine
     from ingest.ledger import LedgerPort
 
@@ -426,7 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup(cfg.output.log_format)
         if ns.command in ("run", "retry", "sync"):
             config.require_for_run(cfg)
-            return _asyncio_run(_run(cfg, ns.command, retry_blocked=getattr(ns, "blocked", None)))
+            busy_ok = getattr(ns, "busy_ok", False)
+            blocked = getattr(ns, "blocked", None)
+            return _asyncio_run(_run(cfg, ns.command, retry_blocked=blocked, busy_ok=busy_ok))
         if ns.command == "worker":
             config.require_for_run(cfg)
             from ingest.worker.loop import main as worker_main
@@ -443,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except LeaseHeld as e:
         print(f"busy: {e}", file=sys.stderr)
-        return EXIT_OK if getattr(ns, "busy_ok", False) else EXIT_BUSY
+        return EXIT_BUSY
     except Aborted:
         return EXIT_INTERRUPTED
     except LedgerError as e:
