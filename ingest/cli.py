@@ -367,14 +367,16 @@ async def _existing_ledger(cfg: config.Config) -> AsyncIterator[Any]:
 
 
 async def _status(cfg: config.Config, as_json: bool) -> int:
-    """Exit 2 with one line when the ledger or the job is not there (a script can tell)."""
+    """Exit 2 with one line when the ledger does not hold the job (a script can tell); no
+    ledger at all is "nothing has run yet", exit 0."""
     import time
 
     from ingest.status_view import status_doc, status_lines, unknown_job_line
 
     async with _existing_ledger(cfg) as ledger:
         if ledger is None:
-            raise ConfigError(f"no ledger at {cfg.ledger.path}: nothing has run for this config")
+            print(f"no ledger at {cfg.ledger.path}: nothing has run for this config yet")
+            return EXIT_OK
         st = await ledger.status()
         jobs = await ledger.jobs()
     now = time.time()
