@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         "while one holds the ledger's lease.",
         parents=[*sending, progress],
     )
+    p.add_argument(
+        "--busy-ok",
+        action="store_true",
+        help="exit 0, not 5, when another run of the job holds the lease (it does the work): "
+        "for schedulers with no success-exit-code setting (a Kubernetes CronJob)",
+    )
 
     p = sub.add_parser(
         "worker",
@@ -289,7 +295,21 @@ def _fmt_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())) or "empty"
 
 
-async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = None) -> int:
+async def _run(
+    cfg: config.Config, kind: str, *, retry_blocked: str | None = None, busy_ok: bool = False
+) -> int:
+    """One run, sync or retry; with ``busy_ok`` (``sync --busy-ok``) a job whose lease another
+    process holds is exit 0, not 5 (that process does the work)."""
+    try:
+        return await _run_held(cfg, kind, retry_blocked=retry_blocked)
+    except LeaseHeld as e:
+        if not busy_ok:
+            raise
+        print(f"busy: {e} (--busy-ok: exit 0)", file=sys.stderr)
+        return EXIT_OK
+
+
+async def _run_held(cfg: config.Config, kind: str, *, retry_blocked: str | None = None) -> int:
     from ingest.engine import open_engine
     from ingest.ledger import LedgerPort
 
@@ -366,9 +386,11 @@ async def _existing_ledger(cfg: config.Config) -> AsyncIterator[Any]:
 
 
 async def _status(cfg: config.Config, as_json: bool) -> int:
+    """Exit 2 with one line when the ledger does not hold the job (a script can tell); no
+    ledger at all is "nothing has run yet", exit 0."""
     import time
 
-    from ingest.status_view import status_doc, status_lines, unknown_job_lines
+    from ingest.status_view import status_doc, status_lines, unknown_job_line
 
     async with _existing_ledger(cfg) as ledger:
         if ledger is None:
@@ -377,14 +399,14 @@ async def _status(cfg: config.Config, as_json: bool) -> int:
         st = await ledger.status()
         jobs = await ledger.jobs()
     now = time.time()
+    known = cfg.job in jobs or bool(st.objects_by_state)
     if as_json:
         doc = {**status_doc(st, now), "job_in_ledger": cfg.job in jobs, "ledger_jobs": jobs}
         print(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode())
-        return EXIT_OK
-    if cfg.job not in jobs and not st.objects_by_state:
-        print("\n".join(unknown_job_lines(cfg.job, cfg.ledger.path, jobs)))
-        return EXIT_OK
-    print("\n".join(status_lines(st, cfg.ledger.path, now)))
+    elif known:
+        print("\n".join(status_lines(st, cfg.ledger.path, now)))
+    if not known:
+        raise ConfigError(unknown_job_line(cfg.job, cfg.ledger.path, jobs))
     return EXIT_OK
 
 
@@ -397,6 +419,11 @@ async def _report(
     async with _existing_ledger(cfg) as ledger:
         if ledger is None:
             raise ConfigError(f"no ledger at {cfg.ledger.path}: run `ingest run` first")
+        jobs = await ledger.jobs()
+        if cfg.job not in jobs:
+            from ingest.status_view import unknown_job_line
+
+            raise ConfigError(unknown_job_line(cfg.job, cfg.ledger.path, jobs))
         out = sys.stdout if output == "-" else _open_output(output, "w")
         try:
             writer = csv.writer(out) if fmt == "csv" else None
@@ -495,7 +522,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
         config.require_for_run(cfg)
         blocked = getattr(ns, "blocked", None)
         blocked = check_blocked_reason(blocked) if blocked else None
-        return _asyncio_run(_run(cfg, ns.command, retry_blocked=blocked))
+        busy_ok = getattr(ns, "busy_ok", False)
+        return _asyncio_run(_run(cfg, ns.command, retry_blocked=blocked, busy_ok=busy_ok))
     if ns.command == "worker":
         config.require_for_run(cfg)
         from ingest.worker.loop import main as worker_main

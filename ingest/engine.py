@@ -202,6 +202,21 @@ def _dead_here(holder: str) -> bool:
     return False
 
 
+async def end_progress(progress: asyncio.Task[None]) -> None:
+    """Stop the display and wait for its last frame. Whatever ended it early (a write error,
+    a bug) is logged once and goes no further: the display must never replace the run's
+    result."""
+    progress.cancel()
+    try:
+        await progress
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we are being cancelled ourselves (a forced stop): let it through
+    except Exception as e:
+        log.warning("progress display failed; the run is unaffected", extra={"error": repr(e)})
+
+
 @dataclass
 class Engine:
     cfg: Config
@@ -232,24 +247,27 @@ class Engine:
         """One CLI pass with a lease, a progress display and signal handling. ``under_lease``
         changes the ledger once the lease is ours (``ingest retry`` re-queueing FAILED items
         must not write to a ledger that a worker holds); when it returns False there is
-        nothing to do: no pass, no run record, None."""
-        progress = None
-        if self.cfg.output.progress:
-            progress = asyncio.create_task(
-                run_progress(self.stats, interval_s=self.cfg.output.progress_interval_s)
+        nothing to do: no pass, no run record, None. The display starts once the lease is
+        held and the signal handlers are in place, and ends before they go: a busy job or a
+        no-op retry draws nothing, and a signal never leaves the terminal without a cursor."""
+        async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self._lost):
+            if under_lease is not None and not await under_lease(self.ledger):
+                return None
+            return await Lifecycle(self.request_stop).run(
+                self._shown(self.pass_(kind, list_bucket=list_bucket))
             )
+
+    async def _shown(self, aw: Awaitable[RunResult]) -> RunResult:
+        """``aw`` with the progress display (when configured) running beside it."""
+        if not self.cfg.output.progress:
+            return await aw
+        progress = asyncio.create_task(
+            run_progress(self.stats, interval_s=self.cfg.output.progress_interval_s)
+        )
         try:
-            async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self._lost):
-                if under_lease is not None and not await under_lease(self.ledger):
-                    return None
-                return await Lifecycle(self.request_stop).run(
-                    self.pass_(kind, list_bucket=list_bucket)
-                )
+            return await aw
         finally:
-            if progress is not None:
-                progress.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await progress
+            await end_progress(progress)
 
     async def pass_(
         self,

@@ -48,7 +48,13 @@ def state_table(title: str, counts: dict[str, int]) -> list[str]:
     return table([title, "count", "%"], rows, [False, True, True])
 
 
-def _epoch(iso: str | None) -> float | None:
+def _epoch(run: dict[str, Any], field: str) -> float | None:
+    """An instant of a run in Unix seconds: the ledger's float (``<field>_s``, full
+    resolution), else the ISO text (to the second) of a backend that has no float."""
+    exact = run.get(f"{field}_s")
+    if exact is not None:
+        return float(exact)
+    iso = run.get(field)
     if not iso:
         return None
     return float(calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")))
@@ -57,7 +63,7 @@ def _epoch(iso: str | None) -> float | None:
 def run_figures(run: dict[str, Any], now: float) -> dict[str, Any]:
     """A run record plus its duration (s; to ``now`` while running) and its settled items and
     objects per second (registered + blocked + failed items, skipped objects)."""
-    started, finished = _epoch(run.get("started_at")), _epoch(run.get("finished_at"))
+    started, finished = _epoch(run, "started_at"), _epoch(run, "finished_at")
     end = finished if finished is not None else now
     duration = None if started is None else max(end - started, 0.0)
     counts = run.get("counts") or {}
@@ -111,10 +117,16 @@ def status_lines(st: Status, ledger: str, now: float) -> list[str]:
     if st.last_runs:
         out += ["", *runs_table(st.last_runs, now)]
     if st.failures_by_reason:
-        rows = [[f"  {n:,}", r] for r, n in st.failures_by_reason[:REASONS_SHOWN]]
+        rows = [[f"  {n:,}", r] for r, n in top_reasons(st.failures_by_reason)]
         out += ["", *table(["top reasons", "state: reason"], rows, [True, False])]
         out.append("  (every row: ingest report --state FAILED|BLOCKED|SKIPPED)")
     return out
+
+
+def top_reasons(reasons: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The most frequent reasons over every state (the ledger lists FAILED / BLOCKED ones,
+    then SKIPPED ones: a slice of that would hide 10,000 skips behind one failure)."""
+    return sorted(reasons, key=lambda rn: -rn[1])[:REASONS_SHOWN]
 
 
 def status_doc(st: Status, now: float) -> dict[str, Any]:
@@ -125,11 +137,12 @@ def status_doc(st: Status, now: float) -> dict[str, Any]:
     return doc
 
 
-def unknown_job_lines(job: str, ledger: str, jobs: Sequence[str]) -> list[str]:
+def unknown_job_line(job: str, ledger: str, jobs: Sequence[str]) -> str:
+    """One line for a job the ledger does not hold (`status` and `report` exit 2 with it)."""
     if not jobs:
-        return [f"job {job}: the ledger at {ledger} holds no run yet"]
-    return [
-        f"job {job}: not in the ledger at {ledger}, which holds: {', '.join(jobs)}",
-        "(the job name comes from ledger.job, else dataset + storage + bucket + prefix: "
-        "set ledger.job to follow an earlier job)",
-    ]
+        return f"job {job}: the ledger at {ledger} holds no run yet"
+    return (
+        f"job {job}: not in the ledger at {ledger}, which holds: {', '.join(jobs)} (the job "
+        "name is ledger.job, else dataset + storage + bucket + prefix: set ledger.job to "
+        "follow an earlier job)"
+    )

@@ -8,6 +8,7 @@ all at the end. Nothing here may know which backend it talks to.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
@@ -189,6 +190,13 @@ async def test_checkpoints_resume_and_listing_complete(ledger_factory: Factory) 
     assert runs[2]["counts"] == {"listed": 1}
     assert [r["kind"] for r in runs][:2] == ["run", "retry"]
     assert len((await nxt.status(runs=2)).last_runs) == 2
+    # Instants as floats at full resolution (durations of short runs), and the ISO text too.
+    done = runs[2]
+    assert isinstance(done["started_at_s"], float) and isinstance(done["finished_at_s"], float)
+    assert 0 <= done["finished_at_s"] - done["started_at_s"] < 600
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(done["started_at_s"]))
+    assert done["started_at"] == iso
+    assert runs[0]["finished_at_s"] is None and runs[0]["finished_at"] is None
 
 
 async def test_a_name_collision_records_the_policys_skips(ledger: LedgerPort) -> None:

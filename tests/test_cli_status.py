@@ -64,6 +64,24 @@ def test_status_lines_show_percentages_runs_and_reasons() -> None:
     assert re.search(r"run\s+2027-01-15 07:00\s+0:01:40\s+1\.0\s+80\s+10\s+completed", run1)
     assert re.search(r"5\s+FAILED: HTTP 422 bad slot", text)
     assert "{" not in text  # no Python dicts
+    # The most frequent reason first, whatever its state (the ledger lists FAILED first).
+    reasons = text[text.index("top reasons") :].splitlines()[1:3]
+    assert "SKIPPED: not a media file" in reasons[0] and "FAILED" in reasons[1], reasons
+
+
+def test_durations_come_from_the_ledgers_float_seconds() -> None:
+    """A 0.4 s run is not 0 s (no rate) nor 1 s: the ISO text is to the second, the ledger's
+    float seconds are not."""
+    run = {
+        "id": 3, "kind": "sync", "status": "completed", "counts": {"registered": 20},
+        "started_at": "2027-01-15T07:00:00Z", "finished_at": "2027-01-15T07:00:00Z",
+        "started_at_s": 1_800_000_000.25, "finished_at_s": 1_800_000_000.65,
+    }  # fmt: skip
+    figures = run_figures(run, NOW)
+    assert figures["duration_s"] == pytest.approx(0.4)
+    assert figures["settled_per_s"] == pytest.approx(50.0)
+    running = run_figures({**run, "finished_at": None, "finished_at_s": None}, 1_800_000_002.25)
+    assert running["duration_s"] == pytest.approx(2.0)
 
 
 def test_each_subcommand_shows_only_its_flags() -> None:
@@ -97,8 +115,8 @@ def test_status_table_json_unknown_job_and_noop_retry(
     assert text.returncode == 0, text.stderr
     assert re.search(r"REGISTERED\s+12\s+92\.3%", text.stdout)
     assert re.search(r"SKIPPED\s+1\s+7\.7%", text.stdout)
-    # (durations have the ledger's one-second resolution: a short run's rate reads "-")
-    run_row = r"^  1\s+run\s+\S+ \S+\s+\d:\d\d:\d\d\s+[\d.,-]+\s+12\s+0\s+completed$"
+    # A run of a second or less still has a rate (the ledger's float seconds).
+    run_row = r"^  1\s+run\s+\S+ \S+\s+\d:\d\d:\d\d\s+[\d.,]+\s+12\s+0\s+completed$"
     assert re.search(run_row, text.stdout, re.M), text.stdout
     assert "SKIPPED: " in text.stdout
 
@@ -107,13 +125,21 @@ def test_status_table_json_unknown_job_and_noop_retry(
     assert doc["job_in_ledger"] is True and doc["ledger_jobs"] == [doc["job"]]
     (run,) = doc["last_runs"]
     assert run["status"] == "completed" and run["counts"]["registered"] == 12
-    assert run["duration_s"] >= 0 and run["settled"] == 13
+    assert run["duration_s"] > 0 and run["settled"] == 13
+    assert run["settled_per_s"] == pytest.approx(13 / run["duration_s"])
+    assert isinstance(run["started_at_s"], float)
 
-    other = run_cli("status", "--config", str(cfg), "--prefix", "elsewhere/")
-    assert other.returncode == 0, other.stderr
-    assert f"not in the ledger at {tmp_path / 'l.sqlite'}, which holds: {doc['job']}" in (
-        other.stdout
-    )
+    # A job the ledger does not hold: exit 2 and one line naming the jobs it holds, so a
+    # script can tell (status text and JSON, and report).
+    ledger = tmp_path / "l.sqlite"
+    for args in (("status",), ("status", "--format", "json"), ("report",)):
+        other = run_cli(*args, "--config", str(cfg), "--prefix", "elsewhere/")
+        assert other.returncode == 2, (args, other.stdout, other.stderr)
+        (line,) = other.stderr.splitlines()
+        assert f"not in the ledger at {ledger}, which holds: {doc['job']} (" in line
+        assert "Traceback" not in other.stderr
+    odd = run_cli("status", "--config", str(cfg), "--prefix", "elsewhere/", "--format", "json")
+    assert orjson.loads(odd.stdout)["job_in_ledger"] is False
 
     retry = run_cli("retry", "--config", str(cfg))
     assert retry.returncode == 0, retry.stderr[-2000:]

@@ -23,6 +23,8 @@ from ingest.cli import EXIT_BUSY, EXIT_CONFIG, EXIT_FATAL, EXIT_INCOMPLETE, buil
 from ingest.config import API_KEY_ENV, SyncConfig, WorkerConfig
 from ingest.stats import Stats
 from ingest.worker.observe import HEALTHZ, METRICS, READYZ, Health, make_app
+from tests.conftest import seed_bucket
+from tests.support.e2e import Emulator, job_config, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "config" / "deploy"
@@ -183,6 +185,10 @@ def test_sync_cronjob(tmp_path: Path) -> None:
     assert codes["operator"] == "In"
     assert codes["containerName"] == pod["containers"][0]["name"]
     assert set(codes["values"]) == {EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_FATAL}
+    # Busy is a success, as for the systemd unit (SuccessExitStatus=5): never counted toward
+    # backoffLimit nor retried at once.
+    ns = build_parser().parse_args(pod["containers"][0]["command"][1:])
+    assert ns.command == "sync" and ns.busy_ok
     # A hung sync ends before the next night: with Forbid, a Job still running would make the
     # CronJob skip every later night.
     assert spec["schedule"].split()[2:] == ["*", "*", "*"]  # daily
@@ -369,3 +375,31 @@ def test_deploy_readme_names_every_file() -> None:
     for path in DEPLOY.rglob("*"):
         if path.is_file() and path.name != "README.md":
             assert path.name in readme, path
+
+
+def test_a_busy_sync_with_busy_ok_exits_0(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator
+) -> None:
+    """What the CronJob relies on: with --busy-ok, "busy" is exit 0 and says so; without, 5."""
+    import asyncio
+    import time
+
+    from ingest.ledger import open_ledger
+
+    seed_bucket(moto_url, bucket_name, ["b/1.jpg"])
+    cfg = job_config(tmp_path, emulator, moto_url, bucket_name, emulator.storage_for(bucket_name))
+    assert run_cli("sync", "--config", str(cfg)).returncode == 0
+    job = config.load(cfg).job
+
+    async def hold() -> None:
+        async with open_ledger(tmp_path / "l.sqlite", job) as lg:
+            held = await lg.acquire_lease(
+                "manual:1:ab:elsewhere", 600, time.time(), lambda _: False
+            )
+            assert held is None
+
+    asyncio.run(hold())
+    busy = run_cli("sync", "--config", str(cfg))
+    assert busy.returncode == EXIT_BUSY, busy.stderr[-2000:]
+    ok = run_cli("sync", "--config", str(cfg), "--busy-ok")
+    assert ok.returncode == 0 and "busy: " in ok.stderr, ok.stderr[-2000:]

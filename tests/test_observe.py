@@ -34,6 +34,8 @@ from ingest.worker.observe import (
     reason_label,
     serve_http,
 )
+from tests.conftest import seed_bucket
+from tests.support.e2e import Emulator, job_config
 
 T0 = 1_700_000_000.0  # a wall-clock time
 MAX_AGE = 600.0
@@ -515,32 +517,64 @@ def test_reasons_are_counted_folded_and_in_bounded_keys() -> None:
     assert counts[OTHER] > 0 and sum(counts.values()) == 3 + 3 * MAX_REASON_KEYS
 
 
-async def test_queue_depths_read_zero_once_a_pass_is_over(tmp_path: Path) -> None:
+async def test_queue_depths_read_zero_once_a_pass_is_over(
+    tmp_path: Path,
+    moto_url: str,
+    bucket_name: str,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The senders leave their end-of-stream marker in the batch queue: an idle worker must
-    not read as one batch waiting. A real pipeline over a local directory, an in-memory
-    ledger; the registrar is a stand-in that registers every item (V7 is not under test)."""
+    not read as one batch waiting. A real pass: moto's bucket, our V7 emulator, the SQLite
+    ledger."""
     from ingest import config
-    from ingest.ledger import memory
-    from ingest.model import Outcome, State
-    from ingest.providers.local import LocalSource
-    from ingest.run.pipeline import Pipeline
+    from ingest.emulator import local_env
+    from ingest.engine import open_engine
 
-    for i in range(30):
-        (tmp_path / f"{i:02d}.jpg").write_bytes(b"x")
-    cfg = config.Config()
-    cfg.source = config.SourceConfig(provider="local", bucket=str(tmp_path))
-    cfg.rate.max_in_flight = 3
-
-    class Registered:
-        async def register(self, items: Any, sending: Any, **_: Any) -> list[Outcome]:
-            return [Outcome(i.path, i.name, State.REGISTERED, v7_id="x") for i in items]
-
-    stats = Stats()
-    async with memory("j") as ledger:
-        await Pipeline(
-            cfg, LocalSource(cfg.source), ledger, Registered(), stats, readonly=False, dry_run=True
-        ).run("run")  # dry_run: local files go on without their upload (not under test)
-    assert stats.registered == 30
+    seed_bucket(moto_url, bucket_name, [f"q/{i:02d}.jpg" for i in range(30)])
+    path = job_config(
+        tmp_path, emulator, moto_url, bucket_name, emulator.storage_for(bucket_name),
+        extra="[rate]\nmax_in_flight = 3\n[batch]\nmax_items = 4\n",
+    )  # fmt: skip
+    for name, value in local_env().items():
+        monkeypatch.setenv(name, value)
+    cfg = config.load(path)
+    async with open_engine(cfg) as engine:
+        result = await engine.run("run")
+        assert result is not None and not result.stopped_early
+        stats = engine.stats
+    assert stats.registered == 30 and len(emulator.items()) == 30
     assert {"items", "batches"} <= set(stats.queues)
     depths = {name: depth() for name, depth in stats.queues.items()}
     assert depths == dict.fromkeys(stats.queues, 0)
+
+
+def test_cgroup_memory_is_exported_children_included() -> None:
+    """process_resident_memory_bytes is the worker alone; a limit counts its Pillow and ffmpeg
+    children too: the cgroup's figures are exported (the limit only when there is one)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ingest.cpus import CgroupMemory
+    from ingest.worker.observe import IngestCollector
+
+    def scrape(memory: CgroupMemory) -> dict[str, float]:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(IngestCollector(Stats(), Health(), lambda: T0, lambda: memory))
+        text = generate_latest(registry).decode()
+        return {
+            s.name: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name.startswith("ingest_cgroup_memory")
+        }
+
+    assert scrape(CgroupMemory(300, 200, 2**31)) == {
+        "ingest_cgroup_memory_usage_bytes": 300.0,
+        "ingest_cgroup_memory_working_set_bytes": 200.0,
+        "ingest_cgroup_memory_limit_bytes": float(2**31),
+    }
+    assert scrape(CgroupMemory(300, 200, None)) == {
+        "ingest_cgroup_memory_usage_bytes": 300.0,
+        "ingest_cgroup_memory_working_set_bytes": 200.0,
+    }
+    assert scrape(CgroupMemory(None, None, None)) == {}

@@ -85,6 +85,12 @@ class ReportRow:
 
 @dataclass
 class Status:
+    """What `ingest status` shows. ``last_runs``: newest first, one dict per run with "id",
+    "kind", "status", "counts" (the run's figures), "started_at" / "finished_at" (ISO 8601
+    UTC, to the second; finished_at None while running) and "started_at_s" / "finished_at_s"
+    (the same instants as Unix seconds, float, at the ledger's full resolution: durations and
+    rates are computed from these, a short run's duration is not rounded to 0 or 1 s)."""
+
     job: str
     objects_by_state: dict[str, int] = field(default_factory=dict)
     items_by_state: dict[str, int] = field(default_factory=dict)

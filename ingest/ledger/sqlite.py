@@ -1434,6 +1434,8 @@ class SqliteLedger:
                         "kind": kind,
                         "started_at": _iso(started),
                         "finished_at": _iso(finished) if finished else None,
+                        "started_at_s": float(started),
+                        "finished_at_s": float(finished) if finished else None,
                         "status": status,
                         "counts": orjson.loads(counts) if counts else {},
                     }

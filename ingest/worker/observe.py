@@ -35,6 +35,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ingest import __version__
+from ingest.cpus import CgroupMemory, cgroup_memory, read_text
 from ingest.errors import ConfigError
 from ingest.stats import OTHER, Stats, reason_label
 
@@ -144,10 +145,17 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class IngestCollector(Collector):
     """Reads a Stats and a Health at every scrape; one per registry."""
 
-    def __init__(self, stats: Stats, health: Health, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        health: Health,
+        clock: Clock = time.time,
+        memory: Callable[[], CgroupMemory] = lambda: cgroup_memory(read_text),
+    ) -> None:
         self.stats = stats
         self.health = health
         self.clock = clock
+        self.memory = memory
         self._blocked = ReasonLabels()
         self._failed = ReasonLabels()
 
@@ -229,6 +237,25 @@ class IngestCollector(Collector):
         yield _gauge("ingest_ready", "1 when /readyz answers 200.", 1.0 if ready else 0.0)
         yield self._build_info()
         yield self._latency()
+        yield from self._cgroup_memory()
+
+    def _cgroup_memory(self) -> Iterable[Metric]:
+        """The cgroup's memory (children included), read at each scrape; absent outside a
+        memory cgroup, the limit absent when there is none."""
+        try:
+            m = self.memory()
+        except Exception:  # unreadable /sys must not break the scrape
+            log.debug("cgroup memory unavailable", exc_info=True)
+            return
+        for name, doc, value in (
+            ("usage", "Memory charged to this process's cgroup (children included).",
+             m.usage_bytes),
+            ("working_set", "Cgroup memory minus inactive file cache (what an OOM kill counts).",
+             m.working_set_bytes),
+            ("limit", "The cgroup's memory limit (tightest up its ancestors).", m.limit_bytes),
+        ):  # fmt: skip
+            if value is not None:
+                yield _gauge(f"ingest_cgroup_memory_{name}_bytes", doc, float(value))
 
     @staticmethod
     def _build_info() -> GaugeMetricFamily:
