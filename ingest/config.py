@@ -97,7 +97,16 @@ class RateConfig:
 
 @dataclass
 class LedgerConfig:
-    path: str = "ingest-ledger.sqlite"
+    path: str = "ingest-ledger.sqlite"  # SQLite file: the default, one machine
+    # postgresql://user@host:5432/db: the PostgreSQL ledger (several processes, one job).
+    # Overrides ``path``; $INGEST_LEDGER sets it too. The password: the URL, $PGPASSWORD
+    # or ~/.pgpass; it is masked wherever the URL is printed.
+    url: str = ""
+    pool_max_size: int = 10  # connections per process to PostgreSQL (bounded pool)
+    # asyncpg's prepared-statement cache (statements per connection); 0 behind a
+    # transaction-mode pooler such as pgbouncer
+    statement_cache_size: int = 100
+    connect_timeout_s: float = 10.0  # connecting to PostgreSQL
     job: str = ""  # "" → derived from dataset + storage + bucket + prefix
     # A run, sync or worker holds a lease on the job in the ledger, renewed while it lives;
     # a second one is refused until the lease expires (a holder killed -9 blocks no longer).
@@ -299,8 +308,35 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"--set expects section.field=value, got {item!r}")
         _apply(cfg, section, {name: value.strip()})
     cfg.api_key = os.environ.get(API_KEY_ENV, "")
+    apply_ledger_env(cfg, overrides or [])
     validate(cfg)
     return cfg
+
+
+LEDGER_ENV = "INGEST_LEDGER"
+
+
+def apply_ledger_env(cfg: Config, overrides: list[str]) -> None:
+    """$INGEST_LEDGER (a postgresql:// URL or a file path) beats the file's [ledger], not an
+    explicit ``--set ledger.url/path`` or ``--ledger``."""
+    env = os.environ.get(LEDGER_ENV, "").strip()
+    if not env or any(o.startswith(("ledger.url=", "ledger.path=")) for o in overrides):
+        return
+    if "://" in env:
+        cfg.ledger.url = env
+    else:
+        cfg.ledger.path, cfg.ledger.url = env, ""
+
+
+def validate_ledger(cfg: LedgerConfig) -> None:
+    if cfg.url and not cfg.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("config: ledger.url must be a postgresql:// URL")
+    if cfg.pool_max_size < 1:
+        raise ConfigError("config: ledger.pool_max_size must be >= 1")
+    if cfg.statement_cache_size < 0:
+        raise ConfigError("config: ledger.statement_cache_size must be >= 0")
+    if cfg.connect_timeout_s <= 0:
+        raise ConfigError("config: ledger.connect_timeout_s must be > 0")
 
 
 def validate(cfg: Config) -> None:
@@ -356,6 +392,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: worker.http_port must be between 0 and 65535")
     if cfg.ledger.lease_ttl_s < 5:
         raise ConfigError("config: ledger.lease_ttl_s must be >= 5")
+    validate_ledger(cfg.ledger)
     if w.events_max_batch < 1 or w.events_wait_s <= 0:
         raise ConfigError("config: worker.events_max_batch must be >= 1, events_wait_s > 0")
     if cfg.source.list_concurrency < 1:

@@ -25,7 +25,7 @@ import orjson
 from ingest import USER_AGENT
 from ingest.config import Config
 from ingest.errors import LeaseHeld, LedgerError, PreflightError
-from ingest.ledger import LedgerPort, open_ledger
+from ingest.ledger import LedgerPort, open_configured, open_ledger
 from ingest.log import set_run_id
 from ingest.media.stage import MediaStage, provider_artifact_prefix
 from ingest.model import Item, ObjectInfo, Outcome, State
@@ -238,7 +238,7 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
                 await check_source(destination)
             keys = wire.KeyMap((destination or source).storage_key(""))
             registrar = make_registrar(cfg, client, target, stats, keys)
-            ledger = await stack.enter_async_context(open_ledger(cfg.ledger.path, cfg.job))
+            ledger = await stack.enter_async_context(open_configured(cfg.ledger, cfg.job))
             media = await open_media(cfg, target, source, ledger, stack, destination)
             ignore = artifact_prefixes(cfg, target, media)
 

@@ -285,3 +285,11 @@ class LedgerPort(Protocol):
     async def in_manifest(self, keys: Sequence[str]) -> set[str]: ...
 
     async def object_infos(self, keys: Sequence[str]) -> dict[str, ObjectInfo]: ...
+
+    # --- operations --------------------------------------------------------------------------
+
+    async def prune(self, state: State, before: float) -> int:
+        """Delete this job's items in ``state`` last updated before ``before`` (epoch s), and
+        their objects (``ingest ledger prune``); returns how many items went. What is pruned
+        is forgotten: a later run or sync lists those objects as new again."""
+        ...

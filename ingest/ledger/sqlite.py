@@ -1549,6 +1549,28 @@ class SqliteLedger:
         wanted = list(dict.fromkeys(keys))
         return await self._run(lambda db: _object_infos(db, self.job, wanted))
 
+    # --- operations ------------------------------------------------------------------------
+
+    async def prune(self, state: State, before: float) -> int:
+        """Delete this job's items in ``state`` last updated before ``before`` and their
+        objects, in one transaction; returns how many items went."""
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                db.execute(
+                    "DELETE FROM objects WHERE job=? AND item_id IN (SELECT id FROM items "
+                    "WHERE job=? AND state=? AND updated_at < ?)",
+                    (job, job, str(state), before),
+                )
+                n = db.execute(
+                    "DELETE FROM items WHERE job=? AND state=? AND updated_at < ?",
+                    (job, str(state), before),
+                ).rowcount
+            return int(n)
+
+        return await self._run(work)
+
 
 def _object_infos(db: sqlite3.Connection, job: str, keys: Sequence[str]) -> dict[str, ObjectInfo]:
     out: dict[str, ObjectInfo] = {}
