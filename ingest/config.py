@@ -107,6 +107,10 @@ class LedgerConfig:
     # transaction-mode pooler such as pgbouncer
     statement_cache_size: int = 100
     connect_timeout_s: float = 10.0  # connecting to PostgreSQL
+    # PostgreSQL ends a session left idle inside a transaction this long (a paused process
+    # must not keep row locks others wait on); 0 = the server's setting. Keep it well under
+    # lease_ttl_s.
+    idle_in_transaction_timeout_s: float = 20.0
     job: str = ""  # "" → derived from dataset + storage + bucket + prefix
     # A run, sync or worker holds a lease on the job in the ledger, renewed while it lives;
     # a second one is refused until the lease expires (a holder killed -9 blocks no longer).
@@ -180,6 +184,9 @@ class WorkerConfig:
     ready_max_sync_age_s: float = 0.0
     # Event-driven mode: S3 event notifications in SQS, or Azure Blob events (Event Grid) in
     # an Azure storage queue. The scheduled sync stays on as reconciliation.
+    # What this process does on a job that several processes share (a PostgreSQL ledger):
+    # "list" the bucket, "media" work (thumbnails, videos), "send" to V7. Default: all.
+    roles: list[str] = field(default_factory=lambda: ["list", "media", "send"])
     events: EventKind = "none"
     events_queue: str = ""  # SQS queue URL, or the Azure queue name
     events_endpoint_url: str = ""  # SQS endpoint override (an emulator); "" = AWS
@@ -328,6 +335,21 @@ def apply_ledger_env(cfg: Config, overrides: list[str]) -> None:
         cfg.ledger.path, cfg.ledger.url = env, ""
 
 
+def validate_roles(cfg: Config) -> None:
+    roles = cfg.worker.roles
+    unknown = sorted(set(roles) - {"list", "media", "send"})
+    if unknown or not roles:
+        raise ConfigError(
+            'config: worker.roles must be a non-empty list of "list", "media", "send"'
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    if set(roles) != {"list", "media", "send"} and not cfg.ledger.url:
+        raise ConfigError(
+            "config: worker.roles restricts a process that shares a job with others: it needs "
+            "a PostgreSQL ledger (ledger.url); with SQLite one process does everything"
+        )
+
+
 def validate_ledger(cfg: LedgerConfig) -> None:
     if cfg.url and not cfg.url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("config: ledger.url must be a postgresql:// URL")
@@ -337,6 +359,8 @@ def validate_ledger(cfg: LedgerConfig) -> None:
         raise ConfigError("config: ledger.statement_cache_size must be >= 0")
     if cfg.connect_timeout_s <= 0:
         raise ConfigError("config: ledger.connect_timeout_s must be > 0")
+    if cfg.idle_in_transaction_timeout_s < 0:
+        raise ConfigError("config: ledger.idle_in_transaction_timeout_s must be >= 0")
 
 
 def validate(cfg: Config) -> None:
@@ -393,6 +417,7 @@ def validate(cfg: Config) -> None:
     if cfg.ledger.lease_ttl_s < 5:
         raise ConfigError("config: ledger.lease_ttl_s must be >= 5")
     validate_ledger(cfg.ledger)
+    validate_roles(cfg)
     if w.events_max_batch < 1 or w.events_wait_s <= 0:
         raise ConfigError("config: worker.events_max_batch must be >= 1, events_wait_s > 0")
     if cfg.source.list_concurrency < 1:

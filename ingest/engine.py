@@ -26,6 +26,7 @@ from ingest import USER_AGENT
 from ingest.config import Config
 from ingest.errors import LeaseHeld, LedgerError, PreflightError
 from ingest.ledger import LedgerPort, open_configured, open_ledger
+from ingest.ledger.port import ROLES
 from ingest.log import set_run_id
 from ingest.media.stage import MediaStage, provider_artifact_prefix
 from ingest.model import Item, ObjectInfo, Outcome, State
@@ -89,11 +90,21 @@ def make_registrar(
 
 @contextlib.asynccontextmanager
 async def hold_lease(
-    ledger: LedgerPort, ttl_s: float, on_lost: Callable[[], None]
+    ledger: LedgerPort,
+    ttl_s: float,
+    on_lost: Callable[[], None],
+    roles: frozenset[str] = ROLES,
 ) -> AsyncIterator[str]:
     """One writer per job: take the ledger's lease or refuse; renew it every ttl/3 while we
-    live; a holder killed -9 stops blocking others once its lease expires."""
+    live; a holder killed -9 stops blocking others once its lease expires.
+
+    A cooperative ledger (PostgreSQL) has no such lease: the process joins the job beside
+    the others (``roles``), its claims are renewed every ttl/3 and given back at the end."""
     holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}:{_pid_space()}"
+    if ledger.cooperative:
+        async with _hold_claims(ledger, holder, ttl_s, roles) as joined:
+            yield joined
+        return
     other = await ledger.acquire_lease(holder, ttl_s, time.time(), _dead_here)
     if other is not None:
         left = max(0.0, other.expires_at - time.time())
@@ -126,6 +137,36 @@ async def hold_lease(
             await ledger.release_lease(holder)
         except LedgerError as e:  # it expires by itself after ledger.lease_ttl_s
             log.warning("could not release the ledger lease", extra={"error": e})
+
+
+@contextlib.asynccontextmanager
+async def _hold_claims(
+    ledger: LedgerPort, holder: str, ttl_s: float, roles: frozenset[str]
+) -> AsyncIterator[str]:
+    """Join the job (a fencing token of our own) and renew our claims every ttl/3. A renewal
+    that comes too late (we were paused) is harmless: what others took over meanwhile is no
+    longer ours, and our writes to it are refused (``ClaimLost``)."""
+    await ledger.join(holder, ttl_s, roles)
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(ttl_s / 3)
+            try:
+                await ledger.renew_claims(time.time())
+            except LedgerError as e:
+                log.warning("could not renew our claims; trying again", extra={"error": e})
+
+    task = asyncio.create_task(renew(), name="claims")
+    try:
+        yield holder
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            await ledger.release_claims()
+        except LedgerError as e:  # they expire by themselves after ledger.lease_ttl_s
+            log.warning("could not give our claims back", extra={"error": e})
 
 
 def _pid_space() -> str:
@@ -194,7 +235,8 @@ class Engine:
         if self.cfg.output.progress:
             progress = asyncio.create_task(run_progress(self.stats))
         try:
-            async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self._lost):
+            roles = frozenset(self.cfg.worker.roles)
+            async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self._lost, roles):
                 if under_lease is not None:
                     await under_lease(self.ledger)
                 return await Lifecycle(self.request_stop).run(
@@ -265,6 +307,7 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
                     resolver=resolver,
                     background=(resolver, FaultLog(stats)),
                     stop=stop,
+                    holder_dead=_dead_here,
                 )
 
             set_run_id(cfg.job)

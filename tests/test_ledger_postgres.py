@@ -4,17 +4,23 @@ and the engine end to end on it (real PostgreSQL, moto, the V7 emulator)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 
-from ingest.errors import LedgerError
+from ingest.errors import ClaimLost, LedgerError
 from ingest.ledger import open_ledger
 from ingest.ledger.postgres import SCHEMA_VERSION, PostgresLedger, mask_url
+from ingest.model import Media, Outcome, State
 from tests.conftest import seed_bucket
+from tests.ledger_contract import collide, record, single
 from tests.support.e2e import Emulator, cli_env, job_config, run_cli
 from tests.support.postgres import PostgresServer
 
@@ -150,3 +156,125 @@ def test_run_on_a_postgresql_ledger_then_status_report_and_prune(
     assert "pruned 300 registered items" in pruned.stdout
     after = orjson.loads(run_cli("status", "--config", str(cfg), "--json", env=env).stdout)
     assert after["objects_by_state"] == {"SKIPPED": 1}
+
+
+# --- claims: several processes, one job --------------------------------------------------------
+
+
+def _dead(*holders: str) -> Callable[[str], bool]:
+    return lambda h: h in holders
+
+
+async def _two(url: str, ttl_s: float = 60.0) -> tuple[PostgresLedger, PostgresLedger]:
+    a = await PostgresLedger.open(url, "job", pool_max_size=2)
+    b = await PostgresLedger.open(url, "job", pool_max_size=2)
+    await a.join("A", ttl_s)
+    await b.join("B", ttl_s)
+    await a.start_run("run")
+    await b.start_run("run")
+    return a, b
+
+
+async def test_items_a_process_plans_are_its_own_until_its_claims_go(postgres_url: str) -> None:
+    a, b = await _two(postgres_url)
+    try:
+        await a.register_shards(["R:x/"])
+        assert await a.claim_shard() == ("R:x/", "")
+        assert await b.claim_shard() is None  # no two processes list the same range
+        items = await record(a, [f"x/{n}.jpg" for n in range(5)], shard="R:x/", checkpoint="c1")
+        assert [p async for p in b.pending()] == []  # claimed by A, which lives
+        assert await b.outstanding() == 6  # five items and a shard, held by A
+        # B cannot record a page of A's shard.
+        with pytest.raises(ClaimLost):
+            await record(b, ["x/9.jpg"], shard="R:x/", checkpoint="c2")
+        # A dies: its claims are reaped; B takes the items and the shard, at A's continuation.
+        assert await b.reap_claims(_dead("A")) == 6
+        got = [p.item for p in await _all(b.pending())]
+        assert [it.ident for it in got] == [it.ident for it in items]
+        assert await b.claim_shard() == ("R:x/", "c1")
+        # A was only paused: every late write of it is refused, nothing recorded.
+        with pytest.raises(ClaimLost) as lost:
+            await a.mark_sent(items[:2])
+        assert sorted(lost.value.idents) == sorted(it.ident for it in items[:2])
+        with pytest.raises(ClaimLost):
+            await a.record_outcomes([Outcome(items[0].path, items[0].name, State.REGISTERED)])
+        with pytest.raises(ClaimLost):
+            await a.mark_processing(items[1])
+        with pytest.raises(ClaimLost):
+            await record(a, ["x/8.jpg"], shard="R:x/", checkpoint="c3")
+        assert (await b.item_states([items[0].ident])) == {items[0].ident: State.PLANNED}
+        assert (await b.checkpoints())["R:x/"] == ("c1", False)
+        # B's writes go through; an outcome ends B's claim.
+        assert await b.mark_sent(items[:2]) == [1, 1]
+        await b.record_outcomes([Outcome(it.path, it.name, State.REGISTERED) for it in items[:2]])
+        assert await b.renew_claims(time.time()) == 4  # three items and the shard
+        await record(b, [], shard="R:x/", checkpoint="c4", done=True)
+        assert await a.outstanding() == 3
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _all(gen: Any) -> list[Any]:
+    return [x async for x in gen]
+
+
+async def test_an_expired_claim_is_taken_over_without_reaping(postgres_url: str) -> None:
+    a, b = await _two(postgres_url, ttl_s=0.2)
+    try:
+        (item,) = await record(a, ["y/1.jpg"])
+        deadline = time.monotonic() + 10
+        taken: list[Any] = []
+        while not taken and time.monotonic() < deadline:  # a condition with a deadline
+            taken = await _all(b.pending())
+        assert [p.item.ident for p in taken] == [item.ident]
+        assert await b.renew_claims(time.time()) == 1
+        assert await a.renew_claims(time.time()) == 0  # A's renewal came too late
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_roles_limit_what_a_process_claims(postgres_url: str) -> None:
+    lister = await PostgresLedger.open(postgres_url, "job", pool_max_size=2)
+    media = await PostgresLedger.open(postgres_url, "job", pool_max_size=2)
+    sender = await PostgresLedger.open(postgres_url, "job", pool_max_size=2)
+    try:
+        await lister.join("L", 60, frozenset({"list"}))
+        await media.join("M", 60, frozenset({"media"}))
+        await sender.join("S", 60, frozenset({"send"}))
+        await lister.start_run("run")
+        plain = single("r/plain.jpg")
+        thumb = replace(single("r/thumb.jpg"), media=Media.IMAGE)
+        new = await lister.record_page("s", "", False, [], [plain, thumb], collide)
+        assert len(new) == 2
+        assert await lister.outstanding() == 2  # neither is the lister's to work on
+        assert await media.claim_shard() is None  # no "list" role
+        assert [p.item.ident for p in await _all(media.pending())] == [thumb.ident]
+        assert [p.item.ident for p in await _all(sender.pending())] == [plain.ident]
+        # Media done by a process that does not send: the item is left for the senders.
+        await media.media_done(thumb)
+        assert [p.item.ident for p in await _all(sender.pending())] == [thumb.ident]
+    finally:
+        for lg in (lister, media, sender):
+            await lg.close()
+
+
+async def test_listing_completes_only_when_every_shard_is_done(postgres_url: str) -> None:
+    a, b = await _two(postgres_url)
+    try:
+        await a.register_shards(["R:p/", "R:q/"])
+        assert await a.claim_shard() == ("R:p/", "")
+        assert await b.claim_shard() == ("R:q/", "")
+        await record(a, ["p/1.jpg"], shard="R:p/", checkpoint="p1", done=True)
+        await a.mark_listing_complete()  # B still lists q/
+        assert (await b.checkpoints())["R:q/"] == ("", False)
+        await record(b, ["q/1.jpg"], shard="R:q/", checkpoint="q1", done=True)
+        await b.mark_listing_complete()
+        assert await b.checkpoints() == {}
+        # Neither run was taken for interrupted by the other's start.
+        runs = (await a.status()).last_runs
+        assert [r["status"] for r in runs] == ["running", "running"]
+    finally:
+        await a.close()
+        await b.close()

@@ -121,6 +121,7 @@ def open_configured(cfg: LedgerConfig, job: str, *, migrate: bool = True) -> _Op
             "statement_cache_size": cfg.statement_cache_size,
             "connect_timeout_s": cfg.connect_timeout_s,
             "migrate": migrate,
+            "idle_in_transaction_timeout_s": cfg.idle_in_transaction_timeout_s,
         }
     return _Opening(target, job, options)
 

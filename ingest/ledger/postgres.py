@@ -32,6 +32,7 @@ number of jobs; ``media_cache`` is shared by all of them (keyed by bucket, key, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -43,9 +44,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 
-from ingest.errors import LedgerBusy, LedgerError
+from ingest.errors import ClaimLost, LedgerBusy, LedgerError
 from ingest.ledger import codec
 from ingest.ledger.port import (
+    ROLES,
     CollisionPolicy,
     Ident,
     Known,
@@ -56,6 +58,7 @@ from ingest.ledger.port import (
     ReportRow,
     RunInfo,
     Status,
+    role_for,
 )
 from ingest.ledger.sqlite import CHUNK, MAX_ID_LOOKUPS, prefix_end
 from ingest.model import Facts, Item, Media, ObjectInfo, Outcome, Skip, State
@@ -149,8 +152,45 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX IF NOT EXISTS manifest_key ON manifest (job, key)",
         ),
     ),
+    (
+        2,  # claims: several processes, one job
+        (
+            "CREATE SEQUENCE IF NOT EXISTS claim_tokens",
+            "ALTER TABLE items ADD COLUMN IF NOT EXISTS claim_holder TEXT NOT NULL DEFAULT '', "
+            "ADD COLUMN IF NOT EXISTS claim_token BIGINT NOT NULL DEFAULT 0, "
+            "ADD COLUMN IF NOT EXISTS claim_expires DOUBLE PRECISION NOT NULL DEFAULT 0",
+            "CREATE INDEX IF NOT EXISTS items_claims ON items (claim_token) WHERE claim_token <> 0",
+            "ALTER TABLE listing ADD COLUMN IF NOT EXISTS claim_holder TEXT NOT NULL DEFAULT '', "
+            "ADD COLUMN IF NOT EXISTS claim_token BIGINT NOT NULL DEFAULT 0, "
+            "ADD COLUMN IF NOT EXISTS claim_expires DOUBLE PRECISION NOT NULL DEFAULT 0",
+            "ALTER TABLE runs ADD COLUMN IF NOT EXISTS alive_until DOUBLE PRECISION "
+            "NOT NULL DEFAULT 0",
+        ),
+    ),
 )
+_PENDING = [str(State.PLANNED.value), str(State.PROCESSING.value), str(State.SENT.value)]
+# A write to claimed work: unfenced for a handle that never joined (token 0), else only
+# while the row is still claimed with our token.
+_FENCE = "($TOK = 0 OR claim_token = $TOK)"
+_UNCLAIM = "claim_holder='', claim_token=0, claim_expires=0"
+
+
+def _fence(param: int) -> str:
+    return _FENCE.replace("$TOK", f"${param}")
+
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+# The connection went away under a transaction: retried once when nothing was committed.
+_LOST_CONNECTION = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.IdleInTransactionSessionTimeoutError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions._base.InternalClientError,  # the protocol's state after a lost session
+    ConnectionError,
+)
 
 
 def mask_url(url: str) -> str:
@@ -246,6 +286,8 @@ class PostgresLedger:
     """One job's rows in a PostgreSQL database. Open with ``await PostgresLedger.open(url,
     job)`` (or ``ingest.ledger.open_ledger``)."""
 
+    cooperative = True  # several processes share a job through claims
+
     def __init__(self, url: str, job: str, pool: Any) -> None:
         self.url = url
         self.where = mask_url(url)
@@ -253,6 +295,20 @@ class PostgresLedger:
         self._pool = pool
         self._run_id = 0
         self._closed = False
+        # Claims (``join``): who we are, our fencing token (0: never joined, nothing fenced),
+        # how long a claim lives, what we may claim.
+        self._holder = ""
+        self._token = 0
+        self._ttl_s = 0.0
+        self._roles: frozenset[str] = ROLES
+
+    def _expires(self) -> float:
+        return time.time() + self._ttl_s if self._token else 0.0
+
+    def _lost(self, what: str, idents: list[Ident] | None = None) -> ClaimLost:
+        return ClaimLost(
+            f"claim lost: another process took over {what} (our claim expired)", idents
+        )
 
     @classmethod
     async def open(
@@ -264,9 +320,16 @@ class PostgresLedger:
         statement_cache_size: int = 100,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         migrate: bool = True,
+        idle_in_transaction_timeout_s: float = 0.0,
     ) -> PostgresLedger:
         """Connect (a bounded pool), check the schema and apply missing migrations."""
         where = mask_url(url)
+        settings: dict[str, str] = {}
+        if idle_in_transaction_timeout_s > 0:
+            # A process paused inside a transaction (SIGSTOP, a long GC) would keep its row
+            # locks: the server ends such a session, and the others go on.
+            ms = max(1, int(idle_in_transaction_timeout_s * 1000))
+            settings["idle_in_transaction_session_timeout"] = str(ms)
         try:
             pool = await asyncio.wait_for(
                 asyncpg.create_pool(
@@ -276,6 +339,7 @@ class PostgresLedger:
                     statement_cache_size=statement_cache_size,
                     timeout=connect_timeout_s,
                     command_timeout=None,
+                    server_settings=settings or None,
                 ),
                 timeout=connect_timeout_s * 2,
             )
@@ -328,11 +392,34 @@ class PostgresLedger:
         """``fn(connection)`` in one transaction; driver errors become one LedgerError line."""
         if self._closed:
             raise LedgerError(f"ledger {self.where} is closed")
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                return await fn(conn)
-        except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-            raise _error(self.where, exc) from None
+        for attempt in (1, 2):
+            committing = False
+            try:
+                async with self._pool.acquire() as conn:
+                    tx = conn.transaction()
+                    await tx.start()
+                    try:
+                        result = await fn(conn)
+                    except _LOST_CONNECTION:
+                        conn.terminate()  # never handed out again: the pool opens a new one
+                        raise
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await tx.rollback()
+                        raise
+                    committing = True
+                    await tx.commit()
+                    return result
+            except _LOST_CONNECTION as exc:
+                # The session ended before COMMIT was sent (the server ended it while we
+                # were paused inside the transaction, a restart, a pooler): nothing was
+                # committed, so the call runs once more on a fresh connection, where its
+                # fencing checks apply. Lost during the commit: unknown, say so.
+                if committing or attempt == 2:
+                    raise _error(self.where, exc) from None
+            except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                raise _error(self.where, exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _schema_version(self) -> int:
         async def work(c: Any) -> int:
@@ -378,9 +465,9 @@ class PostgresLedger:
         async def work(c: Any) -> RunInfo:
             now = time.time()
             resume = False
-            await c.execute(
+            await c.execute(  # a run of another live process is not interrupted
                 "UPDATE runs SET status='interrupted', finished_at=$1 "
-                "WHERE job=$2 AND status='running'",
+                "WHERE job=$2 AND status='running' AND alive_until < $1",
                 now,
                 job,
             )
@@ -397,11 +484,12 @@ class PostgresLedger:
                     job,
                 )
             run_id = await c.fetchval(
-                "INSERT INTO runs(job, kind, started_at, status) VALUES ($1,$2,$3,'running') "
-                "RETURNING id",
+                "INSERT INTO runs(job, kind, started_at, status, alive_until) "
+                "VALUES ($1,$2,$3,'running',$4) RETURNING id",
                 job,
                 kind,
                 now,
+                self._expires(),
             )
             return RunInfo(int(run_id), resume)
 
@@ -425,6 +513,10 @@ class PostgresLedger:
         job = self.job
 
         async def work(c: Any) -> None:
+            if self._token and await c.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM listing WHERE job=$1 AND NOT done)", job
+            ):
+                return  # other processes still list their shards: the last one completes
             await c.execute("UPDATE jobs SET listing_complete=TRUE WHERE job=$1", job)
             await c.execute("DELETE FROM listing WHERE job=$1", job)
 
@@ -455,20 +547,36 @@ class PostgresLedger:
         items = [p for p in plans if isinstance(p, Item)]
         skips = [(p.obj.key, p.reason) for p in plans if isinstance(p, Skip)]
 
+        token, holder, expires = self._token, self._holder, self._expires()
+        claimed = [bool(token) and role_for(it) in self._roles for it in items]
+
         async def work(c: Any) -> list[Item]:
             now = time.time()
+            if token:
+                owner = await c.fetchval(
+                    "SELECT claim_token FROM listing WHERE job=$1 AND shard_id=$2 FOR UPDATE",
+                    job,
+                    shard_id,
+                )
+                if owner is not None and owner not in (0, token):
+                    raise self._lost(f"listing shard {shard_id}")
             if objs:
                 await _upsert_objects(c, job, objs)
             inserted: dict[Ident, int] = {}
             if items:
                 rows = await c.fetch(
                     "INSERT INTO items(job, path, name, payload, keys, state, run_id, "
-                    "updated_at, media, readonly_endpoint) "
+                    "updated_at, media, readonly_endpoint, claim_holder, claim_token, "
+                    "claim_expires) "
                     "SELECT $1, u.path, u.name, u.payload, "
                     "ARRAY(SELECT jsonb_array_elements_text(u.keys::jsonb)), $2, $3, $4, "
-                    "u.media, u.ro FROM unnest($5::text[], $6::text[], $7::bytea[], "
-                    "$8::text[], $9::text[], $10::bool[]) "
-                    "WITH ORDINALITY AS u(path, name, payload, keys, media, ro, n) ORDER BY u.n "
+                    "u.media, u.ro, CASE WHEN u.mine THEN $12 ELSE '' END, "
+                    "CASE WHEN u.mine THEN $13::bigint ELSE 0 END, "
+                    "CASE WHEN u.mine THEN $14::float8 ELSE 0 END "
+                    "FROM unnest($5::text[], $6::text[], $7::bytea[], "
+                    "$8::text[], $9::text[], $10::bool[], $11::bool[]) "
+                    "WITH ORDINALITY AS u(path, name, payload, keys, media, ro, mine, n) "
+                    "ORDER BY u.n "
                     "ON CONFLICT (job, path, name) DO NOTHING RETURNING id, path, name",
                     job,
                     _S[State.PLANNED],
@@ -480,6 +588,10 @@ class PostgresLedger:
                     [orjson.dumps(list(it.keys)).decode() for it in items],
                     [str(it.media) for it in items],
                     [it.readonly_endpoint for it in items],
+                    claimed,
+                    holder,
+                    token,
+                    expires,
                 )
                 inserted = {(r["path"], r["name"]): int(r["id"]) for r in rows}
             new: list[Item] = []
@@ -528,7 +640,9 @@ class PostgresLedger:
                     "INSERT INTO listing(job, shard_id, checkpoint, done) VALUES ($1,$2,$3,$4) "
                     "ON CONFLICT (job, shard_id) DO UPDATE SET "
                     "checkpoint = CASE WHEN excluded.checkpoint <> '' "
-                    "THEN excluded.checkpoint ELSE listing.checkpoint END, done = excluded.done",
+                    "THEN excluded.checkpoint ELSE listing.checkpoint END, done = excluded.done, "
+                    "claim_expires = CASE WHEN excluded.done THEN 0 "
+                    "ELSE listing.claim_expires END",
                     job,
                     shard_id,
                     checkpoint,
@@ -581,26 +695,57 @@ class PostgresLedger:
         last = 0
         while True:
 
-            async def chunk(c: Any, last: int = last) -> list[Any]:
-                return list(
-                    await c.fetch(
+            async def chunk(c: Any, last: int = last) -> tuple[list[Any], int]:
+                if not self._token:
+                    rows = await c.fetch(
                         "SELECT id, path, name, payload, attempts, media, readonly_endpoint "
                         "FROM items WHERE job=$1 AND state = ANY($2::text[]) AND id > $3 "
                         "AND id <= $4 ORDER BY id LIMIT $5",
                         job,
-                        [_S[State.PLANNED], _S[State.PROCESSING], _S[State.SENT]],
+                        _PENDING,
                         last,
                         int(top),
                         CHUNK,
                     )
+                    return list(rows), int(rows[-1]["id"]) if rows else last
+                # Joined: claim what no live process holds (SKIP LOCKED: rows another process
+                # is claiming right now are left to it), within our roles.
+                ids = await c.fetch(
+                    "SELECT id FROM items WHERE job=$1 AND state = ANY($2::text[]) AND id > $3 "
+                    "AND id <= $4 ORDER BY id LIMIT $5",
+                    job,
+                    _PENDING,
+                    last,
+                    int(top),
+                    CHUNK,
                 )
+                if not ids:
+                    return [], last
+                rows = await c.fetch(
+                    "UPDATE items SET claim_holder=$2, claim_token=$3, claim_expires=$4 "
+                    "WHERE id IN (SELECT id FROM items WHERE job=$1 AND id = ANY($5::bigint[]) "
+                    "AND state = ANY($9::text[]) AND claim_expires < $6 AND claim_holder <> $2 "
+                    "AND (($7 AND media <> '') OR ($8 AND media = '')) "
+                    "FOR UPDATE SKIP LOCKED) "
+                    "RETURNING id, path, name, payload, attempts, media, readonly_endpoint",
+                    job,
+                    self._holder,
+                    self._token,
+                    self._expires(),
+                    [int(r["id"]) for r in ids],
+                    time.time(),
+                    "media" in self._roles,
+                    "send" in self._roles,
+                    _PENDING,
+                )
+                return sorted(rows, key=lambda r: int(r["id"])), int(ids[-1]["id"])
 
-            rows = await self._tx(chunk)
-            if not rows:
+            rows, nxt = await self._tx(chunk)
+            if nxt == last:
                 return
             for r in rows:
                 yield Pending(self._decode(r), int(r["attempts"]))
-            last = int(rows[-1]["id"])
+            last = nxt
 
     def _decode(self, r: Any) -> Item:
         path, name, media, ro = r["path"], r["name"], r["media"], bool(r["readonly_endpoint"])
@@ -625,39 +770,52 @@ class PostgresLedger:
 
     async def mark_processing(self, item: Item) -> None:
         async def work(c: Any) -> None:
-            await c.execute(
-                "UPDATE items SET state=$1, updated_at=$2 WHERE job=$3 AND path=$4 AND name=$5",
+            n = await c.execute(
+                "UPDATE items SET state=$1, updated_at=$2 WHERE job=$3 AND path=$4 AND name=$5 "
+                f"AND {_fence(6)}",
                 _S[State.PROCESSING],
                 time.time(),
                 self.job,
                 item.path,
                 item.name,
+                self._token,
             )
+            if self._token and _rowcount(n) == 0:
+                raise self._lost(f"item {item.name}", [item.ident])
 
         await self._tx(work)
 
     async def media_done(self, item: Item) -> None:
         done = dataclasses.replace(item, media=Media.NONE)
 
+        keep = not self._token or "send" in self._roles  # else the senders take it from here
+
         async def work(c: Any) -> None:
-            await c.execute(
-                "UPDATE items SET state=$1, payload=$2, media='', updated_at=$3 "
-                "WHERE job=$4 AND path=$5 AND name=$6",
+            n = await c.execute(
+                "UPDATE items SET state=$1, payload=$2, media='', updated_at=$3, "
+                "claim_holder = CASE WHEN $8 THEN claim_holder ELSE '' END, "
+                "claim_token = CASE WHEN $8 THEN claim_token ELSE 0 END, "
+                "claim_expires = CASE WHEN $8 THEN claim_expires ELSE 0 END "
+                f"WHERE job=$4 AND path=$5 AND name=$6 AND {_fence(7)}",
                 _S[State.PLANNED],
                 codec.item_to_bytes(done),
                 time.time(),
                 self.job,
                 item.path,
                 item.name,
+                self._token,
+                keep,
             )
+            if self._token and _rowcount(n) == 0:
+                raise self._lost(f"item {item.name}", [item.ident])
 
         await self._tx(work)
 
     async def media_failed(self, item: Item, reason: str, *, final: bool) -> None:
         async def work(c: Any) -> None:
-            await c.execute(
+            n = await c.execute(
                 "UPDATE items SET state=$1, reason=$2, updated_at=$3, failures=failures+1, "
-                "final=$4 WHERE job=$5 AND path=$6 AND name=$7",
+                f"final=$4, {_UNCLAIM} WHERE job=$5 AND path=$6 AND name=$7 AND {_fence(8)}",
                 _S[State.FAILED],
                 reason,
                 time.time(),
@@ -665,7 +823,10 @@ class PostgresLedger:
                 self.job,
                 item.path,
                 item.name,
+                self._token,
             )
+            if self._token and _rowcount(n) == 0:
+                raise self._lost(f"item {item.name}", [item.ident])
 
         await self._tx(work)
 
@@ -714,6 +875,18 @@ class PostgresLedger:
 
         async def work(c: Any) -> list[int]:
             now = time.time()
+            if self._token:  # all or nothing: one item taken over and none is marked
+                rows = await c.fetch(
+                    "SELECT i.path, i.name, i.claim_token FROM items i JOIN "
+                    "unnest($2::text[], $3::text[]) AS u(path, name) "
+                    "ON i.job=$1 AND i.path=u.path AND i.name=u.name FOR UPDATE OF i",
+                    job,
+                    [p for p, _ in idents],
+                    [n for _, n in idents],
+                )
+                lost = [(r["path"], r["name"]) for r in rows if r["claim_token"] != self._token]
+                if lost:
+                    raise self._lost(f"{len(lost)} items of a batch", lost)
             if len(set(idents)) < len(idents):  # the same item twice: each attempt, in order
                 out: list[int] = []
                 for path, name in idents:
@@ -754,7 +927,8 @@ class PostgresLedger:
                 "UPDATE items i SET attempts=GREATEST(i.attempts - u.n, 0), "
                 "state=CASE WHEN i.attempts - u.n <= 0 THEN $1 ELSE i.state END, updated_at=$2 "
                 "FROM unnest($4::text[], $5::text[], $6::int[]) AS u(path, name, n) "
-                "WHERE i.job=$3 AND i.path=u.path AND i.name=u.name AND i.state=$7",
+                "WHERE i.job=$3 AND i.path=u.path AND i.name=u.name AND i.state=$7 "
+                f"AND {_fence(8).replace('claim_token', 'i.claim_token')}",
                 _S[State.PLANNED],
                 time.time(),
                 self.job,
@@ -762,35 +936,50 @@ class PostgresLedger:
                 [n for (_, n), _c in counts],
                 [k for _, k in counts],
                 _S[State.SENT],
+                self._token,
             )
 
         await self._tx(work)
 
     async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        """Outcomes applied in one transaction; a joined handle's claims on them end. Joined,
+        outcomes of items another process took over are refused: the rest is committed and
+        ``ClaimLost`` names the refused ones."""
         if not outcomes:
             return
-        job = self.job
+        job, token = self.job, self._token
 
-        async def work(c: Any) -> None:
+        async def work(c: Any) -> list[Ident]:
             now = time.time()
             if len({(o.path, o.name) for o in outcomes}) < len(outcomes):
                 # The same item twice: applied in order, the last outcome wins.
-                await c.executemany(
-                    "UPDATE items SET state=$1, v7_id=$2, reason=$3, updated_at=$4, "
-                    "failures=failures+(CASE WHEN $1='FAILED' THEN 1 ELSE 0 END), final=$5 "
-                    "WHERE job=$6 AND path=$7 AND name=$8",
-                    [
-                        (str(o.state), o.v7_id, o.reason, now, _final(o), job, o.path, o.name)
-                        for o in outcomes
-                    ],
-                )
-                return
-            await c.execute(
+                refused: list[Ident] = []
+                for o in outcomes:
+                    n = await c.execute(
+                        "UPDATE items SET state=$1, v7_id=$2, reason=$3, updated_at=$4, "
+                        "failures=failures+(CASE WHEN $1='FAILED' THEN 1 ELSE 0 END), final=$5, "
+                        f"{_UNCLAIM} WHERE job=$6 AND path=$7 AND name=$8 AND {_fence(9)}",
+                        str(o.state),
+                        o.v7_id,
+                        o.reason,
+                        now,
+                        _final(o),
+                        job,
+                        o.path,
+                        o.name,
+                        token,
+                    )
+                    if _rowcount(n) == 0:
+                        refused.append((o.path, o.name))
+                return refused if token else []
+            rows = await c.fetch(
                 "UPDATE items i SET state=u.state, v7_id=u.v7_id, reason=u.reason, "
                 "failures=i.failures+(CASE WHEN u.state=$3 THEN 1 ELSE 0 END), final=u.final, "
-                "updated_at=$2 FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], "
+                "updated_at=$2, claim_holder='', claim_token=0, claim_expires=0 "
+                "FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], "
                 "$8::text[], $9::bool[]) AS u(state, v7_id, reason, path, name, final) "
-                "WHERE i.job=$1 AND i.path=u.path AND i.name=u.name",
+                "WHERE i.job=$1 AND i.path=u.path AND i.name=u.name "
+                "AND ($10 = 0 OR i.claim_token = $10) RETURNING i.path, i.name",
                 job,
                 now,
                 _S[State.FAILED],
@@ -800,9 +989,16 @@ class PostgresLedger:
                 [o.path for o in outcomes],
                 [o.name for o in outcomes],
                 [_final(o) for o in outcomes],
+                token,
             )
+            if not token:
+                return []
+            done = {(r["path"], r["name"]) for r in rows}
+            return [(o.path, o.name) for o in outcomes if (o.path, o.name) not in done]
 
-        await self._tx(work)
+        refused = await self._tx(work)
+        if refused:
+            raise self._lost(f"{len(refused)} items whose outcomes came late", refused)
 
     async def set_v7_ids(self, ids: Sequence[tuple[Ident, str]]) -> None:
         rows = _last_by(ids, lambda r: r[0])
@@ -875,7 +1071,8 @@ class PostgresLedger:
         async def work(c: Any) -> int:
             n = _rowcount(
                 await c.execute(
-                    "UPDATE items SET state=$1, reason='', final=FALSE WHERE job=$2 AND state=$3",
+                    f"UPDATE items SET state=$1, reason='', final=FALSE, {_UNCLAIM} "
+                    "WHERE job=$2 AND state=$3",
                     _S[State.PLANNED],
                     self.job,
                     _S[State.FAILED],
@@ -1079,9 +1276,11 @@ class PostgresLedger:
         job, run_id = self.job, self._run_id
 
         async def work(c: Any) -> bool:
+            mine = bool(self._token) and role_for(item) in self._roles
             item_id = await c.fetchval(
                 "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at, "
-                "media, readonly_endpoint) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) "
+                "media, readonly_endpoint, claim_holder, claim_token, claim_expires) "
+                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) "
                 "ON CONFLICT (job, path, name) DO NOTHING RETURNING id",
                 job,
                 item.path,
@@ -1093,6 +1292,9 @@ class PostgresLedger:
                 time.time(),
                 str(item.media),
                 item.readonly_endpoint,
+                self._holder if mine else "",
+                self._token if mine else 0,
+                self._expires() if mine else 0.0,
             )
             created = item_id is not None
             if item_id is None:
@@ -1189,6 +1391,177 @@ class PostgresLedger:
             await c.execute("DELETE FROM leases WHERE job=$1 AND holder=$2", self.job, holder)
 
         await self._tx(work)
+
+    # --- claims: several processes, one job ---------------------------------------------------
+
+    async def join(self, holder: str, ttl_s: float, roles: frozenset[str] = ROLES) -> None:
+        """A new fencing token (a sequence: never handed out twice) for this handle."""
+
+        async def work(c: Any) -> int:
+            return int(await c.fetchval("SELECT nextval('claim_tokens')"))
+
+        self._token = await self._tx(work)
+        self._holder, self._ttl_s, self._roles = holder, ttl_s, frozenset(roles)
+
+    async def renew_claims(self, now: float) -> int:
+        if not self._token:
+            return 0
+        job, token, until = self.job, self._token, now + self._ttl_s
+
+        async def work(c: Any) -> int:
+            n = _rowcount(
+                await c.execute(
+                    "UPDATE items SET claim_expires=$3 WHERE claim_token=$2 AND job=$1",
+                    job,
+                    token,
+                    until,
+                )
+            )
+            n += _rowcount(
+                await c.execute(
+                    "UPDATE listing SET claim_expires=$3 WHERE job=$1 AND claim_token=$2 "
+                    "AND NOT done",
+                    job,
+                    token,
+                    until,
+                )
+            )
+            if self._run_id:
+                await c.execute(
+                    "UPDATE runs SET alive_until=$2 WHERE id=$1 AND status='running'",
+                    self._run_id,
+                    until,
+                )
+            return n
+
+        return await self._tx(work)
+
+    async def reap_claims(self, holder_dead: Callable[[str], bool]) -> int:
+        job, now = self.job, time.time()
+
+        async def holders(c: Any) -> list[str]:
+            rows = await c.fetch(
+                "SELECT DISTINCT claim_holder FROM items WHERE claim_token <> 0 AND job=$1 "
+                "AND claim_expires >= $2 UNION SELECT DISTINCT claim_holder FROM listing "
+                "WHERE job=$1 AND claim_token <> 0 AND claim_expires >= $2 AND NOT done",
+                job,
+                now,
+            )
+            return [str(r[0]) for r in rows]
+
+        dead = [h for h in await self._tx(holders) if h and h != self._holder and holder_dead(h)]
+        if not dead:
+            return 0
+
+        async def expire(c: Any) -> int:
+            n = _rowcount(
+                await c.execute(
+                    "UPDATE items SET claim_expires=0 WHERE job=$1 AND claim_token <> 0 "
+                    "AND claim_holder = ANY($2::text[])",
+                    job,
+                    dead,
+                )
+            )
+            return n + _rowcount(
+                await c.execute(
+                    "UPDATE listing SET claim_expires=0 WHERE job=$1 "
+                    "AND claim_holder = ANY($2::text[])",
+                    job,
+                    dead,
+                )
+            )
+
+        return await self._tx(expire)
+
+    async def release_claims(self, idents: Sequence[Ident] | None = None) -> None:
+        if not self._token:
+            return
+        job, token = self.job, self._token
+        if idents is not None:
+            wanted = list(dict.fromkeys(idents))
+
+            async def some(c: Any) -> None:
+                await c.execute(
+                    f"UPDATE items i SET {_UNCLAIM} FROM unnest($3::text[], $4::text[]) AS "
+                    "u(path, name) WHERE i.job=$1 AND i.path=u.path AND i.name=u.name "
+                    "AND i.claim_token=$2",
+                    job,
+                    token,
+                    [p for p, _ in wanted],
+                    [n for _, n in wanted],
+                )
+
+            if wanted:
+                await self._tx(some)
+            return
+
+        async def work(c: Any) -> None:
+            await c.execute(
+                f"UPDATE items SET {_UNCLAIM} WHERE claim_token=$2 AND job=$1", job, token
+            )
+            await c.execute(
+                f"UPDATE listing SET {_UNCLAIM} WHERE job=$1 AND claim_token=$2", job, token
+            )
+
+        await self._tx(work)
+
+    async def register_shards(self, shard_ids: Sequence[str]) -> None:
+        ids = list(dict.fromkeys(shard_ids))
+        if not ids:
+            return
+
+        async def work(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO listing(job, shard_id) SELECT $1, u.id FROM unnest($2::text[]) "
+                "AS u(id) ORDER BY u.id ON CONFLICT (job, shard_id) DO NOTHING",
+                self.job,
+                ids,
+            )
+
+        await self._tx(work)
+
+    async def claim_shard(self) -> tuple[str, str] | None:
+        if not self._token or "list" not in self._roles:
+            return None
+
+        async def work(c: Any) -> tuple[str, str] | None:
+            row = await c.fetchrow(
+                "UPDATE listing l SET claim_holder=$2, claim_token=$3, claim_expires=$4 "
+                "FROM (SELECT shard_id FROM listing WHERE job=$1 AND NOT done "
+                "AND claim_expires < $5 AND claim_holder <> $2 ORDER BY shard_id LIMIT 1 "
+                "FOR UPDATE SKIP LOCKED) s WHERE l.job=$1 AND l.shard_id=s.shard_id "
+                "RETURNING l.shard_id, l.checkpoint",
+                self.job,
+                self._holder,
+                self._token,
+                self._expires(),
+                time.time(),
+            )
+            return None if row is None else (str(row["shard_id"]), str(row["checkpoint"]))
+
+        return await self._tx(work)
+
+    async def outstanding(self) -> int:
+        if not self._token:
+            return 0
+        job, me = self.job, self._holder
+
+        async def work(c: Any) -> int:
+            items = await c.fetchval(
+                "SELECT count(*) FROM items WHERE job=$1 AND state = ANY($2::text[]) "
+                "AND claim_holder <> $3",
+                job,
+                _PENDING,
+                me,
+            )
+            shards = await c.fetchval(
+                "SELECT count(*) FROM listing WHERE job=$1 AND NOT done AND claim_holder <> $2",
+                job,
+                me,
+            )
+            return int(items) + int(shards)
+
+        return await self._tx(work)
 
     # --- reading ---------------------------------------------------------------------------------
 

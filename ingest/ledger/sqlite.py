@@ -42,6 +42,7 @@ import orjson
 from ingest.errors import LedgerBusy, LedgerError
 from ingest.ledger import codec
 from ingest.ledger.port import (
+    ROLES,
     CollisionPolicy,
     Ident,
     Known,
@@ -307,6 +308,8 @@ class SqliteLedger:
 
     Create with ``await SqliteLedger.open(path, job)`` (or ``ingest.ledger.open_ledger``);
     ":memory:" is a scratch ledger that lives as long as the object."""
+
+    cooperative = False  # one process per job: the job lease, no claims
 
     def __init__(self, path: str, job: str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = path
@@ -1379,6 +1382,29 @@ class SqliteLedger:
                 db.execute("DELETE FROM leases WHERE job=? AND holder=?", (self.job, holder))
 
         await self._run(work)
+
+    # --- claims: trivial, one process holds the whole job under the lease --------------------
+
+    async def join(self, holder: str, ttl_s: float, roles: frozenset[str] = ROLES) -> None:
+        return None
+
+    async def renew_claims(self, now: float) -> int:
+        return 0
+
+    async def reap_claims(self, holder_dead: Callable[[str], bool]) -> int:
+        return 0
+
+    async def release_claims(self, idents: Sequence[Ident] | None = None) -> None:
+        return None
+
+    async def register_shards(self, shard_ids: Sequence[str]) -> None:
+        return None
+
+    async def claim_shard(self) -> tuple[str, str] | None:
+        return None
+
+    async def outstanding(self) -> int:
+        return 0
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -132,7 +132,8 @@ class Worker:
                     self.health.preflight_ok, self.health.last_error = True, ""
                     ever_ready, attempt = True, 0
                     ttl = self.cfg.ledger.lease_ttl_s
-                    async with hold_lease(engine.ledger, ttl, self._lease_lost):
+                    roles = frozenset(self.cfg.worker.roles)
+                    async with hold_lease(engine.ledger, ttl, self._lease_lost, roles):
                         self._engine = engine
                         try:
                             code = await self._serve_engine(engine, once)
