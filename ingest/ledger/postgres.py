@@ -27,6 +27,37 @@ Same port, same semantics as the SQLite ledger (``sqlite.py``); what differs is 
 
 Rows are keyed by job (every table's key starts with ``job``), so one database holds any
 number of jobs; ``media_cache`` is shared by all of them (keyed by bucket, key, ETag).
+
+Several processes, one job (schema 2) — the ledger rows are the work queue:
+
+- **Who**: a process ``join``s with a holder name (host:pid:random:pid-namespace) and gets a
+  fencing token from the ``claim_tokens`` sequence (never handed out twice). ``items`` and
+  ``listing`` rows carry ``claim_holder``, ``claim_token``, ``claim_expires``; a claim lives
+  ``ttl_s`` (``ledger.lease_ttl_s``) and the engine renews all of a process's claims in one
+  statement per table every ttl/3 (``renew_claims``; a partial index on live tokens).
+- **Listing**: every process inserts the discovered shards (``register_shards``, ``ON
+  CONFLICT DO NOTHING``) and claims one at a time (``claim_shard``: ``UPDATE … FROM (SELECT …
+  FOR UPDATE SKIP LOCKED LIMIT 1)``) from its stored continuation; ``record_page`` locks the
+  shard's row and refuses the page (``ClaimLost``) when another token holds it, so a page's
+  objects, items and continuation commit only for the shard's current owner. A shard done
+  keeps its row until every shard is done (``mark_listing_complete`` waits for the last).
+- **Items**: new items are inserted claimed by their planner (its fast path: it works them
+  from memory), unless its roles do not cover the next step (``role_for``: media work or
+  sending), then unclaimed. ``pending`` claims in chunks what no live process holds (expired
+  or given back), within the roles, with ``SKIP LOCKED``. ``reap_claims`` expires at once the
+  claims of holders known dead (same host, no such pid).
+- **Fencing**: ``mark_processing``, ``media_done``, ``media_failed``, ``mark_sent`` (all or
+  nothing), ``unmark_sent`` and ``record_outcomes`` (commits what is ours, names the rest)
+  only touch rows still claimed with our token; a refused write raises ``ClaimLost`` and the
+  caller drops that work, so a process paused past its claims records nothing twice. An
+  outcome (or a media failure) ends the claim. A handle that never joined (``status``, tests
+  of the single-process contract) is not fenced.
+- **Stalls**: ``idle_in_transaction_session_timeout`` (``ledger.idle_in_transaction_timeout_s``)
+  makes the server end the session of a process paused inside a transaction, so its row
+  locks do not hold the others up; a call whose session was lost before COMMIT is retried
+  once on a fresh connection (nothing was committed; its fencing checks run again).
+- **Runs**: a run's ``alive_until`` is renewed with the claims, so a process starting never
+  marks another live process's run interrupted.
 """
 
 from __future__ import annotations
