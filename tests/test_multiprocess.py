@@ -205,3 +205,51 @@ def test_a_process_paused_past_its_claims_is_fenced(
     _exactly_once(emulator, postgres_url, keys)
     # At most the batches it had in flight when paused reached V7 again.
     assert emulator.counters()["register_requests"] - requests <= 4
+
+
+def test_two_syncs_at_once_register_only_what_is_new(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator, postgres_url: str
+) -> None:
+    cfg, keys = _job(tmp_path, moto_url, bucket_name, emulator, 600, 6)
+
+    def two_syncs() -> None:
+        procs = []
+        for _ in range(2):
+            args = [sys.executable, "-m", "ingest", "sync", "--config", str(cfg)]
+            args += ["--set", "ledger.lease_ttl_s=" + TTL]
+            procs.append(
+                subprocess.Popen(
+                    args,
+                    env=cli_env(INGEST_LEDGER=postgres_url),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        codes = [p.wait(90) for p in procs]
+        assert codes == [0, 0], [p.stderr.read()[-2000:] if p.stderr else "" for p in procs]
+
+    two_syncs()
+    _exactly_once(emulator, postgres_url, keys)
+    new = [f"f{i % 6:02d}/new_{i:04d}.png" for i in range(120)]
+    seed_bucket(moto_url, bucket_name, new)
+    requests = emulator.counters()["register_requests"]
+    two_syncs()
+    _exactly_once(emulator, postgres_url, keys + new)
+    assert emulator.counters()["register_requests"] - requests <= 120 // 10 + 6
+
+
+def test_roles_split_listing_from_sending(
+    tmp_path: Path, moto_url: str, bucket_name: str, emulator: Emulator, postgres_url: str
+) -> None:
+    cfg, keys = _job(tmp_path, moto_url, bucket_name, emulator, 800, 4)
+    lister = _start(cfg, postgres_url, "worker.roles=list,media")
+    sender = _start(cfg, postgres_url, "worker.roles=send")
+    codes = [p.wait(90) for p in (lister, sender)]
+    assert codes == [0, 0], [p.stderr.read()[-2000:] if p.stderr else "" for p in (lister, sender)]
+    _exactly_once(emulator, postgres_url, keys)
+    import orjson
+
+    runs = {r["id"]: orjson.loads(r["counts"]) for r in _query(postgres_url, "SELECT * FROM runs")}
+    by_role = sorted((c["listed"], c["registered"]) for c in runs.values())
+    assert by_role == [(0, len(keys)), (len(keys), 0)]  # one listed all, the other sent all
