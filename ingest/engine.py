@@ -43,7 +43,7 @@ from ingest.registrar.rate import Limiter, RateController
 from ingest.registrar.registrar import Registrar, Sending
 from ingest.registrar.retry import RetryPolicy
 from ingest.run.lifecycle import Lifecycle
-from ingest.run.pipeline import Pipeline, RunResult
+from ingest.run.pipeline import Pipeline, RunResult, cooperates
 from ingest.stats import Stats
 
 log = logging.getLogger("ingest.engine")
@@ -94,14 +94,17 @@ async def hold_lease(
     ttl_s: float,
     on_lost: Callable[[], None],
     roles: frozenset[str] = ROLES,
+    *,
+    alone: bool = False,
 ) -> AsyncIterator[str]:
     """One writer per job: take the ledger's lease or refuse; renew it every ttl/3 while we
     live; a holder killed -9 stops blocking others once its lease expires.
 
-    A cooperative ledger (PostgreSQL) has no such lease: the process joins the job beside
-    the others (``roles``), its claims are renewed every ttl/3 and given back at the end."""
+    A cooperative ledger (PostgreSQL) has no such lease unless ``alone``: the process joins the
+    job beside the others (``roles``), its claims are renewed every ttl/3 and given back at
+    the end."""
     holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}:{_pid_space()}"
-    if ledger.cooperative:
+    if ledger.cooperative and not alone:
         async with _hold_claims(ledger, holder, ttl_s, roles) as joined:
             yield joined
         return
@@ -236,7 +239,9 @@ class Engine:
             progress = asyncio.create_task(run_progress(self.stats))
         try:
             roles = frozenset(self.cfg.worker.roles)
-            async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self._lost, roles):
+            alone = not cooperates(self.cfg, self.ledger)
+            ttl = self.cfg.ledger.lease_ttl_s
+            async with hold_lease(self.ledger, ttl, self._lost, roles, alone=alone):
                 if under_lease is not None:
                     await under_lease(self.ledger)
                 return await Lifecycle(self.request_stop).run(

@@ -201,8 +201,10 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 )
 _PENDING = [str(State.PLANNED.value), str(State.PROCESSING.value), str(State.SENT.value)]
 # A write to claimed work: unfenced for a handle that never joined (token 0), else only
-# while the row is still claimed with our token.
-_FENCE = "($TOK = 0 OR claim_token = $TOK)"
+# while the row is still claimed with our token. "+ 0" keeps the planner from reading the
+# token's index (every row of ours matches it) instead of the (job, path, name) key of the
+# rows being written: measured 30 ms instead of 0.5 per batch of 10 on a fresh table.
+_FENCE = "($TOK = 0 OR claim_token + 0 = $TOK)"
 _UNCLAIM = "claim_holder='', claim_token=0, claim_expires=0"
 
 
@@ -1010,7 +1012,7 @@ class PostgresLedger:
                 "FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], "
                 "$8::text[], $9::bool[]) AS u(state, v7_id, reason, path, name, final) "
                 "WHERE i.job=$1 AND i.path=u.path AND i.name=u.name "
-                "AND ($10 = 0 OR i.claim_token = $10) RETURNING i.path, i.name",
+                "AND ($10 = 0 OR i.claim_token + 0 = $10) RETURNING i.path, i.name",
                 job,
                 now,
                 _S[State.FAILED],
@@ -1515,7 +1517,7 @@ class PostgresLedger:
                 await c.execute(
                     f"UPDATE items i SET {_UNCLAIM} FROM unnest($3::text[], $4::text[]) AS "
                     "u(path, name) WHERE i.job=$1 AND i.path=u.path AND i.name=u.name "
-                    "AND i.claim_token=$2",
+                    "AND i.claim_token + 0 = $2",
                     job,
                     token,
                     [p for p, _ in wanted],

@@ -62,6 +62,13 @@ RESOLVE_AT_START = 10_000  # registered items without a V7 id, looked up again p
 OUTSTANDING_POLL_S = 1.0
 
 
+def cooperates(cfg: Config, ledger: LedgerPort) -> bool:
+    """Whether this process shares the job with others (claims) rather than holding it alone
+    (the job lease): a cooperative ledger, except in manifest mode, whose staged manifest
+    every listing process would read while another one re-staged it."""
+    return ledger.cooperative and cfg.plan.slots != "manifest"
+
+
 class Background(Protocol):
     """A helper task that lives as long as the pass (fault log, id resolver)."""
 
@@ -113,7 +120,7 @@ class Pipeline:
         self._stop = stop or asyncio.Event()
         self._background = background
         self._resolver = resolver
-        self.cooperative = ledger.cooperative and not dry_run
+        self.cooperative = cooperates(cfg, ledger) and not dry_run
         self.roles = (
             frozenset(cfg.worker.roles)
             if self.cooperative
