@@ -69,7 +69,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -223,6 +223,15 @@ _LOST_CONNECTION = (
     asyncpg.InterfaceError,
     asyncpg.exceptions._base.InternalClientError,  # the protocol's state after a lost session
     ConnectionError,
+)
+
+
+# Raised at COMMIT, these say it was never sent or never took effect: the driver refused to
+# send it (the protocol had already seen the session end), or the server had ended the
+# session for idling inside the transaction (rolled back).
+_NOT_COMMITTED = (
+    asyncpg.exceptions._base.InternalClientError,
+    asyncpg.IdleInTransactionSessionTimeoutError,
 )
 
 
@@ -425,30 +434,42 @@ class PostgresLedger:
         """``fn(connection)`` in one transaction; driver errors become one LedgerError line."""
         if self._closed:
             raise LedgerError(f"ledger {self.where} is closed")
-        for attempt in (1, 2):
-            committing = False
+        # Every connection of the pool may have lost its session at once (a long pause):
+        # one more try than the pool has connections.
+        tries = self._pool.get_max_size() + 1
+        for attempt in range(1, tries + 1):
+            committing = committed = False
+            result: Any = None
             try:
                 async with self._pool.acquire() as conn:
-                    tx = conn.transaction()
-                    await tx.start()
                     try:
-                        result = await fn(conn)
+                        tx = conn.transaction()
+                        await tx.start()
+                        try:
+                            result = await fn(conn)
+                        except _LOST_CONNECTION:
+                            raise
+                        except BaseException:
+                            with contextlib.suppress(Exception):
+                                await tx.rollback()
+                            raise
+                        committing = True
+                        await tx.commit()
+                        committed = True
                     except _LOST_CONNECTION:
                         conn.terminate()  # never handed out again: the pool opens a new one
                         raise
-                    except BaseException:
-                        with contextlib.suppress(Exception):
-                            await tx.rollback()
-                        raise
-                    committing = True
-                    await tx.commit()
-                    return result
+                return cast(T, result)
             except _LOST_CONNECTION as exc:
+                if committed:  # only giving the connection back failed: the work is done
+                    return cast(T, result)
                 # The session ended before COMMIT was sent (the server ended it while we
-                # were paused inside the transaction, a restart, a pooler): nothing was
-                # committed, so the call runs once more on a fresh connection, where its
+                # were paused inside the transaction, a restart, a pooler), or the driver
+                # refused to send it (the server's goodbye had come first): nothing was
+                # committed, so the call runs again on another connection, where its
                 # fencing checks apply. Lost during the commit: unknown, say so.
-                if committing or attempt == 2:
+                unknown = committing and not isinstance(exc, _NOT_COMMITTED)
+                if unknown or attempt == tries:
                     raise _error(self.where, exc) from None
             except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 raise _error(self.where, exc) from None
