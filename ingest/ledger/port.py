@@ -315,8 +315,8 @@ class LedgerPort(Protocol):
 
     async def outstanding(self) -> int:
         """Unfinished work others hold or that our roles do not allow (shards not done,
-        items pending): while it is not 0 a cooperative pass waits to take over what a dead
-        process leaves."""
+        items pending; a backend may stop counting at a bound): while it is not 0 a
+        cooperative pass waits to take over what a dead process leaves."""
         ...
 
     # --- reading -----------------------------------------------------------------------------
