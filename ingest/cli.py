@@ -76,7 +76,9 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="override v7.storage")
     p.add_argument("--bucket", help="override source.bucket")
     p.add_argument("--prefix", help="override source.prefix")
-    p.add_argument("--ledger", help="override ledger.path")
+    p.add_argument(
+        "--ledger", help="override the ledger: a file path (SQLite) or a postgresql:// URL"
+    )
 
 
 def _target_flags(p: argparse.ArgumentParser) -> None:
@@ -103,7 +105,6 @@ _FLAG_FIELDS = {
     "prefix": "source.prefix",
     "endpoint_url": "source.endpoint_url",
     "base_url": "v7.base_url",
-    "ledger": "ledger.path",
     "rate": "rate.requests_per_s",
     "batch_size": "batch.max_items",
     "log_format": "output.log_format",
@@ -217,6 +218,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocked", metavar="REASON", help="also retry items blocked with REASON")
 
     p = sub.add_parser(
+        "ledger",
+        help="operate the ledger: migrate its schema, prune finished rows",
+        description="`ingest ledger migrate` applies the ledger's schema migrations and prints "
+        "the version (for databases where the engine's role may not create tables); "
+        "`ingest ledger prune --state registered [--older-than-days N]` deletes this job's "
+        "finished items and their objects (a later run lists them as new again).",
+        parents=[names],
+    )
+    p.add_argument("action", choices=["migrate", "prune"])
+    p.add_argument(
+        "--state",
+        choices=["registered", "skipped", "failed", "blocked"],
+        default="registered",
+        help="prune: items in this state (default registered)",
+    )
+    p.add_argument(
+        "--older-than-days",
+        type=float,
+        default=0.0,
+        help="prune: only items last updated more than this many days ago (default 0: all)",
+    )
+
+    p = sub.add_parser(
         "emulator",
         help="run the local V7 API emulator (for dry runs, tests and benchmarks)",
         description="A local implementation of V7's registration API (held to docs/v7-contract.md "
@@ -235,6 +259,16 @@ def load_config(ns: argparse.Namespace) -> config.Config:
         value = getattr(ns, attr, None)
         if value is not None:
             overrides.append(f"{where}={value}")
+    ledger = getattr(ns, "ledger", None)
+    if ledger is not None:  # a URL selects PostgreSQL, a path SQLite (and wins over a URL)
+        overrides += (
+            [f"ledger.url={ledger}"]
+            if "://" in ledger
+            else [
+                f"ledger.path={ledger}",
+                "ledger.url=",
+            ]
+        )
     if getattr(ns, "no_progress", False):
         overrides.append("output.progress=false")
     return config.load(ns.config, overrides)
@@ -376,13 +410,40 @@ def _open_output(path: str, mode: str) -> Any:
 @contextlib.asynccontextmanager
 async def _existing_ledger(cfg: config.Config) -> AsyncIterator[Any]:
     """The job's ledger when it exists (read by plan/status/report), else None."""
-    from ingest.ledger import open_ledger
+    from ingest.ledger import open_configured
 
-    if "://" not in cfg.ledger.path and not Path(cfg.ledger.path).exists():  # noqa: ASYNC240
+    if not cfg.ledger.url and not Path(cfg.ledger.path).exists():  # noqa: ASYNC240
         yield None
         return
-    async with open_ledger(cfg.ledger.path, cfg.job) as ledger:
+    async with open_configured(cfg.ledger, cfg.job) as ledger:
         yield ledger
+
+
+async def _ledger_command(cfg: config.Config, action: str, state: str, days: float) -> int:
+    """`ingest ledger migrate|prune`."""
+    import time
+
+    from ingest.ledger import open_configured
+    from ingest.model import State
+
+    if action == "migrate":
+        from ingest.ledger.postgres import PostgresLedger, mask_url
+
+        if not cfg.ledger.url:
+            print("the SQLite ledger migrates itself when opened: nothing to do")
+            return EXIT_OK
+        async with open_configured(cfg.ledger, cfg.job) as ledger:
+            assert isinstance(ledger, PostgresLedger)
+            version = await ledger.migrate()  # idempotent: open applied what was missing
+        print(f"ledger {mask_url(cfg.ledger.url)}: schema version {version}")
+        return EXIT_OK
+    if days < 0:
+        raise ConfigError("--older-than-days must be >= 0")
+    before = time.time() - days * 86400.0
+    async with open_configured(cfg.ledger, cfg.job) as ledger:
+        n = await ledger.prune(State(state.upper()), before)
+    print(f"pruned {n:,} {state} items of job {cfg.job}")
+    return EXIT_OK
 
 
 async def _status(cfg: config.Config, as_json: bool) -> int:
@@ -537,6 +598,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
         if ns.state:
             check_states(ns.state)  # before the ledger is opened
         return _asyncio_run(_report(cfg, ns.format, ns.output, ns.state, ns.sync))
+    if ns.command == "ledger":
+        return _asyncio_run(_ledger_command(cfg, ns.action, ns.state, ns.older_than_days))
     raise ConfigError(f"unknown command {ns.command}")
 
 

@@ -146,7 +146,20 @@ class RateConfig:
 
 @dataclass(config=STRICT)
 class LedgerConfig:
-    path: Annotated[str, Field(min_length=1)] = "ingest-ledger.sqlite"
+    path: Annotated[str, Field(min_length=1)] = "ingest-ledger.sqlite"  # SQLite: one machine
+    # postgresql://user@host:5432/db: the PostgreSQL ledger (several processes, one job).
+    # Overrides ``path``; $INGEST_LEDGER sets it too. The password: the URL, $PGPASSWORD
+    # or ~/.pgpass; it is masked wherever the URL is printed.
+    url: str = ""
+    pool_max_size: PositiveInt = 10  # connections per process to PostgreSQL (bounded pool)
+    # asyncpg's prepared-statement cache (statements per connection); 0 behind a
+    # transaction-mode pooler such as pgbouncer
+    statement_cache_size: Count = 100
+    connect_timeout_s: Seconds = 10.0  # connecting to PostgreSQL
+    # PostgreSQL ends a session left idle inside a transaction this long (a paused process
+    # must not keep row locks others wait on); 0 = the server's setting. Keep it well under
+    # lease_ttl_s.
+    idle_in_transaction_timeout_s: SecondsOrZero = 20.0
     job: str = ""  # "" → derived from dataset + storage + bucket + prefix
     # A run, sync or worker holds a lease on the job in the ledger, renewed while it lives;
     # a second one is refused until the lease expires (a holder killed -9 blocks no longer).
@@ -225,6 +238,9 @@ class WorkerConfig:
     ready_max_sync_age_s: SecondsOrZero = 0.0
     # Event-driven mode: S3 event notifications in SQS, or Azure Blob events (Event Grid) in
     # an Azure storage queue. The scheduled sync stays on as reconciliation.
+    # What this process does on a job that several processes share (a PostgreSQL ledger):
+    # "list" the bucket, "media" work (thumbnails, videos), "send" to V7. Default: all.
+    roles: list[str] = field(default_factory=lambda: ["list", "media", "send"])
     events: EventKind = "none"
     events_queue: str = ""  # SQS queue URL, or the Azure queue name
     events_endpoint_url: str = ""  # SQS endpoint override (an emulator); "" = AWS
@@ -398,6 +414,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         data.setdefault(section, {})[name] = _read_override(cls, name, text.strip())
     sections = {section: _build(section, values) for section, values in data.items()}
     cfg = Config(**sections, api_key=os.environ.get(API_KEY_ENV, ""))
+    apply_ledger_env(cfg, overrides or [])
     validate(cfg)
     return cfg
 
@@ -405,6 +422,42 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
 def _validate_shared_rate(rate: RateConfig) -> None:
     if rate.shared_url and not rate.shared_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("config: rate.shared_url must be a postgresql:// URL")
+
+
+LEDGER_ENV = "INGEST_LEDGER"
+
+
+def apply_ledger_env(cfg: Config, overrides: list[str]) -> None:
+    """$INGEST_LEDGER (a postgresql:// URL or a file path) beats the file's [ledger], not an
+    explicit ``--set ledger.url/path`` or ``--ledger``."""
+    env = os.environ.get(LEDGER_ENV, "").strip()
+    if not env or any(o.startswith(("ledger.url=", "ledger.path=")) for o in overrides):
+        return
+    if "://" in env:
+        cfg.ledger.url = env
+    else:
+        cfg.ledger.path, cfg.ledger.url = env, ""
+
+
+def validate_roles(cfg: Config) -> None:
+    roles = cfg.worker.roles
+    unknown = sorted(set(roles) - {"list", "media", "send"})
+    if unknown or not roles:
+        raise ConfigError(
+            'config: worker.roles must be a non-empty list of "list", "media", "send"'
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    if set(roles) != {"list", "media", "send"} and not cfg.ledger.url:
+        raise ConfigError(
+            "config: worker.roles restricts a process that shares a job with others: it needs "
+            "a PostgreSQL ledger (ledger.url); with SQLite one process does everything"
+        )
+
+
+def validate_ledger(cfg: LedgerConfig) -> None:
+    if cfg.url and not cfg.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("config: ledger.url must be a postgresql:// URL")
+
 
 
 def validate(cfg: Config) -> None:
@@ -446,6 +499,8 @@ def validate(cfg: Config) -> None:
             "or the Azure queue name)"
         )
     _validate_events(cfg)
+    validate_ledger(cfg.ledger)
+    validate_roles(cfg)
 
 
 HTTP_URL = re.compile(r"^https?://[^/\s]+", re.IGNORECASE)

@@ -27,7 +27,8 @@ from ingest import USER_AGENT
 from ingest.config import Config
 from ingest.cpus import available_cpus
 from ingest.errors import LeaseHeld, LedgerError, PreflightError
-from ingest.ledger import LedgerPort, open_ledger
+from ingest.ledger import LedgerPort, open_configured, open_ledger
+from ingest.ledger.port import ROLES
 from ingest.log import set_run_id
 from ingest.manifest import check_manifest
 from ingest.media.stage import DicomOptions, MediaStage, provider_artifact_prefix
@@ -47,7 +48,7 @@ from ingest.registrar.registrar import Registrar, Sending
 from ingest.registrar.retry import RetryPolicy
 from ingest.registrar.shared_rate import budget_key, budget_url
 from ingest.run.lifecycle import Lifecycle
-from ingest.run.pipeline import Pipeline, RunResult
+from ingest.run.pipeline import Pipeline, RunResult, cooperates
 from ingest.stats import Stats
 
 log = logging.getLogger("ingest.engine")
@@ -83,9 +84,9 @@ def make_limiter(cfg: Config) -> Limiter:
 
 
 def ledger_url(cfg: Config) -> str:
-    """The ledger's location as a URL when it has one (a PostgreSQL ledger), else its path."""
-    url = str(getattr(cfg.ledger, "url", "") or "")
-    return url or os.environ.get("INGEST_LEDGER", "") or cfg.ledger.path
+    """The ledger's location as a URL when it has one (a PostgreSQL ledger), else its path
+    (``INGEST_LEDGER`` is already folded into ``ledger.url`` by the config)."""
+    return cfg.ledger.url or cfg.ledger.path
 
 
 @contextlib.asynccontextmanager
@@ -131,11 +132,24 @@ def make_registrar(
 
 @contextlib.asynccontextmanager
 async def hold_lease(
-    ledger: LedgerPort, ttl_s: float, on_lost: Callable[[], None]
+    ledger: LedgerPort,
+    ttl_s: float,
+    on_lost: Callable[[], None],
+    roles: frozenset[str] = ROLES,
+    *,
+    alone: bool = False,
 ) -> AsyncIterator[str]:
     """One writer per job: take the ledger's lease or refuse; renew it every ttl/3 while we
-    live; a holder killed -9 stops blocking others once its lease expires."""
+    live; a holder killed -9 stops blocking others once its lease expires.
+
+    A cooperative ledger (PostgreSQL) has no such lease unless ``alone``: the process joins the
+    job beside the others (``roles``), its claims are renewed every ttl/3 and given back at
+    the end."""
     holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}:{_pid_space()}"
+    if ledger.cooperative and not alone:
+        async with _hold_claims(ledger, holder, ttl_s, roles) as joined:
+            yield joined
+        return
     other = await ledger.acquire_lease(holder, ttl_s, time.time(), _dead_here)
     if other is not None:
         left = max(0.0, other.expires_at - time.time())
@@ -168,6 +182,36 @@ async def hold_lease(
             await ledger.release_lease(holder)
         except LedgerError as e:  # it expires by itself after ledger.lease_ttl_s
             log.warning("could not release the ledger lease", extra={"error": e})
+
+
+@contextlib.asynccontextmanager
+async def _hold_claims(
+    ledger: LedgerPort, holder: str, ttl_s: float, roles: frozenset[str]
+) -> AsyncIterator[str]:
+    """Join the job (a fencing token of our own) and renew our claims every ttl/3. A renewal
+    that comes too late (we were paused) is harmless: what others took over meanwhile is no
+    longer ours, and our writes to it are refused (``ClaimLost``)."""
+    await ledger.join(holder, ttl_s, roles)
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(ttl_s / 3)
+            try:
+                await ledger.renew_claims(time.time())
+            except LedgerError as e:
+                log.warning("could not renew our claims; trying again", extra={"error": e})
+
+    task = asyncio.create_task(renew(), name="claims")
+    try:
+        yield holder
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            await ledger.release_claims()
+        except LedgerError as e:  # they expire by themselves after ledger.lease_ttl_s
+            log.warning("could not give our claims back", extra={"error": e})
 
 
 def _pid_space() -> str:
@@ -250,7 +294,10 @@ class Engine:
         nothing to do: no pass, no run record, None. The display starts once the lease is
         held and the signal handlers are in place, and ends before they go: a busy job or a
         no-op retry draws nothing, and a signal never leaves the terminal without a cursor."""
-        async with hold_lease(self.ledger, self.cfg.ledger.lease_ttl_s, self._lost):
+        roles = frozenset(self.cfg.worker.roles)
+        alone = not cooperates(self.cfg, self.ledger)
+        ttl = self.cfg.ledger.lease_ttl_s
+        async with hold_lease(self.ledger, ttl, self._lost, roles, alone=alone):
             if under_lease is not None and not await under_lease(self.ledger):
                 return None
             return await Lifecycle(self.request_stop).run(
@@ -304,7 +351,7 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
             keys = wire.KeyMap((destination or source).storage_key(""))
             limiter = await stack.enter_async_context(open_send_budget(cfg))
             registrar = make_registrar(cfg, client, target, stats, keys, limiter)
-            ledger = await stack.enter_async_context(open_ledger(cfg.ledger.path, cfg.job))
+            ledger = await stack.enter_async_context(open_configured(cfg.ledger, cfg.job))
             media = await open_media(cfg, target, source, ledger, stack, destination)
             ignore = artifact_prefixes(cfg, target, media)
 
@@ -331,6 +378,7 @@ async def open_engine(cfg: Config, stats: Stats | None = None) -> AsyncIterator[
                     resolver=resolver,
                     background=(resolver, FaultLog(stats)),
                     stop=stop,
+                    holder_dead=_dead_here,
                 )
 
             set_run_id(cfg.job)

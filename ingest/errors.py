@@ -8,6 +8,7 @@ something is fixed). A caller decides what to do from the class and that flag al
     │   └── Unreachable          transient V7 or the bucket cannot be reached at all
     ├── LedgerError              terminal  the ledger cannot be opened or used: names the file
     │   └── LedgerBusy           transient locked by another writer for too long
+    ├── ClaimLost                transient another process took over work whose claim expired
     ├── LeaseHeld                transient another run of the job holds the lease: exit 5
     ├── Interrupted              transient a graceful stop came while a batch waited
     ├── Aborted                  transient a second signal stopped the command at once: 130
@@ -87,6 +88,18 @@ class LedgerBusy(LedgerError):
     """The ledger stayed locked by another writer past the busy timeout: try again."""
 
     retryable = True
+
+
+class ClaimLost(IngestError):
+    """A write for work whose claim this process lost (its lease expired while it was paused,
+    and another process took the work over): refused, so nothing is recorded twice. The caller
+    drops that work; ``idents`` names the items refused (empty: a listing shard)."""
+
+    retryable = True
+
+    def __init__(self, message: str, idents: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.idents = idents or []
 
 
 class Aborted(IngestError):

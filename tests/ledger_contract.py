@@ -779,3 +779,33 @@ async def test_object_infos_batched(ledger: LedgerPort) -> None:
 
 
 __all__ = ["Factory", "ledger", *(n for n in list(globals()) if n.startswith("test_"))]
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+async def test_prune_deletes_finished_items_of_this_job_only(ledger_factory: Factory) -> None:
+    import time
+
+    lg = await ledger_factory()
+    other = await ledger_factory("job-2")
+    await lg.start_run("run")
+    await other.start_run("run")
+    a, b, c = await record(lg, ["p/a.jpg", "p/b.jpg", "p/c.jpg"])
+    (x,) = await record(other, ["p/a.jpg"])
+    await lg.record_outcomes(
+        [
+            Outcome(a.path, a.name, State.REGISTERED, v7_id="1"),
+            Outcome(b.path, b.name, State.REGISTERED, v7_id="2"),
+        ]
+    )
+    await other.record_outcomes([Outcome(x.path, x.name, State.REGISTERED, v7_id="3")])
+    # Nothing older than a minute ago.
+    assert await lg.prune(State.REGISTERED, time.time() - 60) == 0
+    assert await lg.prune(State.REGISTERED, time.time() + 1) == 2
+    assert await report(lg) == {"p/c.jpg": ("PLANNED", "")}
+    assert (await lg.status()).items_by_state == {"PLANNED": 1}
+    assert await state(other, x) is State.REGISTERED  # another job's rows stay
+    assert await state(lg, c) is State.PLANNED
+    # Forgotten: listed again, the object is new.
+    assert [it.ident for it in await record(lg, ["p/a.jpg"])] == [a.ident]

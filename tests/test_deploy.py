@@ -403,3 +403,31 @@ def test_a_busy_sync_with_busy_ok_exits_0(
     assert busy.returncode == EXIT_BUSY, busy.stderr[-2000:]
     ok = run_cli("sync", "--config", str(cfg), "--busy-ok")
     assert ok.returncode == 0 and "busy: " in ok.stderr, ok.stderr[-2000:]
+
+
+def test_worker_replicas_on_a_postgresql_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    by_kind = docs("worker-postgres-deployment.yaml")
+    dep = only(by_kind, "Deployment")
+    spec = dep["spec"]
+    assert spec["replicas"] > 1  # they cooperate through the shared ledger
+    assert "PersistentVolumeClaim" not in by_kind  # the state is in PostgreSQL
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    ns = build_parser().parse_args(c["command"][1:])
+    assert ns.command == "worker"
+    # The ledger URL and its password come from a Secret, never a literal.
+    env = {e["name"]: e for e in c["env"]}
+    for name in (API_KEY_ENV, "INGEST_LEDGER", "PGPASSWORD"):
+        assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["key"], name
+    (cm,) = by_kind["ConfigMap"]
+    (tmp_path / "cfg.toml").write_text(cm["data"][PurePosixPath(ns.config).name])
+    monkeypatch.setenv("INGEST_LEDGER", "postgresql://ingest@db:5432/ingest")
+    cfg = config.load(tmp_path / "cfg.toml")
+    assert cfg.ledger.url.startswith("postgresql://")
+    assert set(cfg.worker.roles) == {"list", "media", "send"}
+    # Sizing: every replica's pool fits PostgreSQL's default max_connections (100).
+    assert spec["replicas"] * cfg.ledger.pool_max_size < 100
+    assert pod["terminationGracePeriodSeconds"] > cfg.worker.grace_period_s
+    assert pod["securityContext"]["runAsNonRoot"] is True

@@ -323,10 +323,13 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     one_line(e.value, str(path), "newer version", "upgrade")
 
 
-async def test_postgresql_is_not_available_yet() -> None:
+async def test_a_url_opens_postgresql_and_an_unknown_scheme_is_refused() -> None:
+    with pytest.raises(LedgerError) as e:  # a host that does not resolve: PostgreSQL tried
+        await open_ledger("postgresql://u:pw@no-such-host.invalid/ingest", "j")
+    one_line(e.value, "cannot reach the PostgreSQL server", "u:***@")
     with pytest.raises(LedgerError) as e:
-        await open_ledger("postgresql://u@db/ingest", "j")
-    one_line(e.value, "PostgreSQL ledger not available yet")
+        await open_ledger("mysql://u@db/ingest", "j")
+    one_line(e.value, "'mysql://' is not a ledger backend")
 
 
 async def test_a_ledger_locked_too_long_is_busy_and_retryable(tmp_path: Path) -> None:

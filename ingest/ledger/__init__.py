@@ -5,15 +5,17 @@ Callers use the port (``LedgerPort`` and its types) and open a backend with ``op
     async with open_ledger(cfg.ledger, job) as ledger:
         ...
 
-``open_ledger`` takes a file path (SQLite, the default) or a ``postgresql://`` URL (not
-available yet); ``memory(job)`` (or ":memory:") is a scratch ledger, e.g. for ``ingest plan``.
+``open_ledger`` takes a file path (SQLite, the default) or a ``postgresql://`` URL (the
+PostgreSQL backend, ``postgres.py``: several processes share one job); ``open_configured``
+does the same from the ``[ledger]`` config section; ``memory(job)`` (or ":memory:") is a
+scratch ledger, e.g. for ``ingest plan``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingest.errors import LedgerBusy, LedgerError
 from ingest.ledger.port import (
@@ -30,6 +32,9 @@ from ingest.ledger.port import (
 )
 from ingest.ledger.sqlite import SCHEMA_VERSION, SqliteLedger, prefix_end
 
+if TYPE_CHECKING:
+    from ingest.config import LedgerConfig
+
 __all__ = [
     "SCHEMA_VERSION",
     "CollisionPolicy",
@@ -45,35 +50,50 @@ __all__ = [
     "RunInfo",
     "SqliteLedger",
     "Status",
+    "is_url",
     "memory",
+    "open_configured",
     "open_ledger",
     "prefix_end",
 ]
 
 MEMORY = ":memory:"
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(target: str) -> bool:
+    """A PostgreSQL URL (else a file path)."""
+    return target.startswith(URL_SCHEMES)
 
 
 class _Opening:
     """``await open_ledger(...)`` gives the ledger; ``async with open_ledger(...)`` also closes
     it at the end of the block."""
 
-    def __init__(self, target: str, job: str) -> None:
+    def __init__(self, target: str, job: str, options: dict[str, Any]) -> None:
         self._target = target
         self._job = job
-        self._ledger: SqliteLedger | None = None
+        self._options = options
+        self._ledger: LedgerPort | None = None
 
-    async def _open(self) -> SqliteLedger:
+    async def _open(self) -> LedgerPort:
         t = self._target
-        if t.startswith(("postgresql://", "postgres://")):
+        if is_url(t):
+            from ingest.ledger.postgres import PostgresLedger
+
+            return await PostgresLedger.open(t, self._job, **self._options)
+        if "://" in t:
+            scheme = t.split("://", 1)[0]
             raise LedgerError(
-                "PostgreSQL ledger not available yet: set the ledger to a file path (SQLite)"
+                f"ledger: '{scheme}://' is not a ledger backend: use a file path (SQLite) or "
+                "a postgresql:// URL"
             )
         return await SqliteLedger.open(t, self._job)
 
-    def __await__(self) -> Generator[Any, None, SqliteLedger]:
+    def __await__(self) -> Generator[Any, None, LedgerPort]:
         return self._open().__await__()
 
-    async def __aenter__(self) -> SqliteLedger:
+    async def __aenter__(self) -> LedgerPort:
         self._ledger = await self._open()
         return self._ledger
 
@@ -83,12 +103,29 @@ class _Opening:
             self._ledger = None
 
 
-def open_ledger(url_or_path: str | os.PathLike[str], job: str) -> _Opening:
+def open_ledger(url_or_path: str | os.PathLike[str], job: str, **options: Any) -> _Opening:
     """The ledger of ``job`` at a file path (SQLite; its directory is created if missing),
-    ":memory:" (a scratch ledger), or a ``postgresql://`` URL (LedgerError: not yet)."""
-    return _Opening(os.fspath(url_or_path), job)
+    ":memory:" (a scratch ledger), or a ``postgresql://`` URL (``options``: those of
+    ``PostgresLedger.open``, e.g. ``pool_max_size``)."""
+    return _Opening(os.fspath(url_or_path), job, options)
+
+
+def open_configured(cfg: LedgerConfig, job: str, *, migrate: bool = True) -> _Opening:
+    """The ledger the ``[ledger]`` section names: ``url`` (PostgreSQL) when set, else
+    ``path`` (SQLite)."""
+    target = cfg.url or cfg.path
+    options: dict[str, Any] = {}
+    if is_url(target):
+        options = {
+            "pool_max_size": cfg.pool_max_size,
+            "statement_cache_size": cfg.statement_cache_size,
+            "connect_timeout_s": cfg.connect_timeout_s,
+            "migrate": migrate,
+            "idle_in_transaction_timeout_s": cfg.idle_in_transaction_timeout_s,
+        }
+    return _Opening(target, job, options)
 
 
 def memory(job: str) -> _Opening:
     """A scratch ledger in memory (nothing is kept): the dry-run ``ingest plan``."""
-    return _Opening(MEMORY, job)
+    return _Opening(MEMORY, job, {})

@@ -8,7 +8,13 @@ PostgreSQL (several processes share one job). The port is shaped for the second 
 - long reads are *chunked* (``limit`` + a key to continue after), never a cursor left open;
 - the domain policy a write needs (what a name collision means) is passed in as a pure
   function, so SQL never decides it;
-- ``holder`` (from ``acquire_lease``) is what a multi-process backend fences writes with.
+- several processes on one job (``cooperative`` backends, PostgreSQL): a process ``join``s
+  with a holder name and gets a fencing token; the shards it lists, the items it plans and
+  the items it recovers (``pending``) are *claimed* with that token for ``ttl_s``
+  (``renew_claims`` extends them); every write to claimed work checks the token and raises
+  ``ClaimLost`` when another process took the work over after the claim expired. A
+  non-cooperative backend (SQLite) keeps one process per job with the job lease, and its
+  claim methods are trivial.
 
 Errors: a backend raises ``ingest.errors.LedgerError`` (terminal: the message says what to fix)
 for a ledger it cannot open or use, never its driver's exception; ``LedgerBusy`` (a
@@ -24,7 +30,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ingest.model import Facts, Item, ObjectInfo, Outcome, Skip, State
+from ingest.model import Facts, Item, Media, ObjectInfo, Outcome, Skip, State
 
 Ident = tuple[str, str]  # an item's (path, name)
 
@@ -33,6 +39,14 @@ Ident = tuple[str, str]  # an item's (path, name)
 # when the new item has keys the recorded one lacks (a plain re-listing asks nothing); the
 # skips apply to objects that are not already part of an item.
 CollisionPolicy = Callable[[Item, tuple[str, ...]], list[Skip]]
+
+# What a process may do (``worker.roles``).
+ROLES = frozenset(("list", "media", "send"))
+
+
+def role_for(item: Item) -> str:
+    """The role that works on an item next: "media" while it needs media work, else "send"."""
+    return "send" if item.media is Media.NONE else "media"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +136,9 @@ class LedgerPort(Protocol):
     """One job's ledger. All methods are coroutines; none blocks the event loop."""
 
     job: str
+    # True: several processes may work this job at once, through claims (``join``); False:
+    # one process per job, under the job lease (``acquire_lease``).
+    cooperative: bool
 
     async def close(self) -> None: ...
 
@@ -271,6 +288,44 @@ class LedgerPort(Protocol):
 
     async def release_lease(self, holder: str) -> None: ...
 
+    # --- claims: several processes, one job (cooperative backends) ---------------------------
+
+    async def join(self, holder: str, ttl_s: float, roles: frozenset[str] = ROLES) -> None:
+        """Work beside other processes as ``holder`` (unique per process) with a new fencing
+        token: from now on this handle claims what it lists, plans and recovers for ``ttl_s``,
+        only work its ``roles`` allow, and fences its writes. Trivial for SQLite."""
+        ...
+
+    async def renew_claims(self, now: float) -> int:
+        """Extend every live claim of ours (and our run's heartbeat) to ``now + ttl_s``;
+        returns how many claims were still ours."""
+        ...
+
+    async def reap_claims(self, holder_dead: Callable[[str], bool]) -> int:
+        """Expire at once the claims of holders known dead (``holder_dead``), so their work
+        need not wait for the lease; returns how many claims went."""
+        ...
+
+    async def release_claims(self, idents: Sequence[Ident] | None = None) -> None:
+        """Give back our claims on these items (None: every claim of ours, the end of a pass):
+        any process may take them at once."""
+        ...
+
+    async def register_shards(self, shard_ids: Sequence[str]) -> None:
+        """The listing's shards as claimable rows (known ones kept, with their continuation)."""
+        ...
+
+    async def claim_shard(self) -> tuple[str, str] | None:
+        """(shard id, continuation) of a shard not listed to the end and not claimed by a
+        live process, now claimed by us; None when there is none."""
+        ...
+
+    async def outstanding(self) -> int:
+        """Unfinished work others hold or that our roles do not allow (shards not done,
+        items pending; a backend may stop counting at a bound): while it is not 0 a
+        cooperative pass waits to take over what a dead process leaves."""
+        ...
+
     # --- reading -----------------------------------------------------------------------------
 
     async def status(self, runs: int = 5) -> Status: ...
@@ -297,3 +352,11 @@ class LedgerPort(Protocol):
     async def in_manifest(self, keys: Sequence[str]) -> set[str]: ...
 
     async def object_infos(self, keys: Sequence[str]) -> dict[str, ObjectInfo]: ...
+
+    # --- operations --------------------------------------------------------------------------
+
+    async def prune(self, state: State, before: float) -> int:
+        """Delete this job's items in ``state`` last updated before ``before`` (epoch s), and
+        their objects (``ingest ledger prune``); returns how many items went. What is pruned
+        is forgotten: a later run or sync lists those objects as new again."""
+        ...

@@ -42,6 +42,7 @@ import orjson
 from ingest.errors import LedgerBusy, LedgerError
 from ingest.ledger import codec
 from ingest.ledger.port import (
+    ROLES,
     CollisionPolicy,
     Ident,
     Known,
@@ -307,6 +308,8 @@ class SqliteLedger:
 
     Create with ``await SqliteLedger.open(path, job)`` (or ``ingest.ledger.open_ledger``);
     ":memory:" is a scratch ledger that lives as long as the object."""
+
+    cooperative = False  # one process per job: the job lease, no claims
 
     def __init__(self, path: str, job: str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = path
@@ -1380,6 +1383,29 @@ class SqliteLedger:
 
         await self._run(work)
 
+    # --- claims: trivial, one process holds the whole job under the lease --------------------
+
+    async def join(self, holder: str, ttl_s: float, roles: frozenset[str] = ROLES) -> None:
+        return None
+
+    async def renew_claims(self, now: float) -> int:
+        return 0
+
+    async def reap_claims(self, holder_dead: Callable[[str], bool]) -> int:
+        return 0
+
+    async def release_claims(self, idents: Sequence[Ident] | None = None) -> None:
+        return None
+
+    async def register_shards(self, shard_ids: Sequence[str]) -> None:
+        return None
+
+    async def claim_shard(self) -> tuple[str, str] | None:
+        return None
+
+    async def outstanding(self) -> int:
+        return 0
+
     # --- reading ---------------------------------------------------------------------------
 
     _EFFECTIVE = "COALESCE(i.state, o.state)"
@@ -1561,6 +1587,28 @@ class SqliteLedger:
         """The objects as last listed; a key the listing never saw is absent."""
         wanted = list(dict.fromkeys(keys))
         return await self._run(lambda db: _object_infos(db, self.job, wanted))
+
+    # --- operations ------------------------------------------------------------------------
+
+    async def prune(self, state: State, before: float) -> int:
+        """Delete this job's items in ``state`` last updated before ``before`` and their
+        objects, in one transaction; returns how many items went."""
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                db.execute(
+                    "DELETE FROM objects WHERE job=? AND item_id IN (SELECT id FROM items "
+                    "WHERE job=? AND state=? AND updated_at < ?)",
+                    (job, job, str(state), before),
+                )
+                n = db.execute(
+                    "DELETE FROM items WHERE job=? AND state=? AND updated_at < ?",
+                    (job, str(state), before),
+                ).rowcount
+            return int(n)
+
+        return await self._run(work)
 
 
 def _object_infos(db: sqlite3.Connection, job: str, keys: Sequence[str]) -> dict[str, ObjectInfo]:

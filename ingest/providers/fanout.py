@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from ingest.providers import Page, Shard, Source
@@ -114,3 +114,71 @@ async def iter_shard_pages(
             lister.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lister
+
+
+def shard_of(shard_id: str) -> Shard:
+    """The shard a ``Shard.id`` names ("R:prefix" recursive, "L:prefix" one level)."""
+    kind, _, prefix = shard_id.partition(":")
+    return Shard(prefix, recursive=kind != "L")
+
+
+async def iter_claimed_pages(
+    source: Source,
+    claim: Callable[[], Awaitable[tuple[str, str] | None]],
+    lost: set[str],
+    concurrency: int,
+    queue_pages: int = 8,
+) -> AsyncGenerator[tuple[ShardPage, str], None]:
+    """Several processes, one listing: ``concurrency`` listers each ``claim`` a shard (id,
+    continuation) from the ledger, list it from there to its end, and claim the next; none
+    left to claim, they stop. Yields (page, the continuation the shard was claimed at). A shard
+    whose id the consumer puts in ``lost`` (another process took it over) is dropped at its
+    next page. Use with ``contextlib.aclosing``."""
+    q: asyncio.Queue[tuple[ShardPage, str] | None] = asyncio.Queue(queue_pages)
+
+    async def one() -> None:
+        while (got := await claim()) is not None:
+            shard_id, continuation = got
+            lost.discard(shard_id)  # ours again (taken back from a process that died)
+            shard = shard_of(shard_id)
+            held: Page | None = None
+            async for page in source.list_pages(shard, continuation):
+                if shard_id in lost:
+                    break
+                if not shard.recursive:
+                    page = Page(page.objects, [], page.checkpoint)
+                if held is not None:
+                    await q.put((ShardPage(shard, held, last=False), continuation))
+                held = page
+            else:
+                last = held or Page([], [], continuation)
+                await q.put((ShardPage(shard, last, last=True), continuation))
+
+    async def listers() -> None:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(max(1, concurrency)):
+                tg.create_task(one())
+        await q.put(None)
+
+    task = asyncio.create_task(listers())
+    try:
+        while True:
+            get = asyncio.ensure_future(q.get())
+            finished, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in finished:
+                get.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await get
+                task.result()  # a listing error is raised here
+                while (item := await q.get()) is not None:
+                    yield item
+                return
+            item = get.result()
+            if item is None:
+                return
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

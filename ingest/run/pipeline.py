@@ -9,6 +9,14 @@ Exactly-once: a page's items and its listing checkpoint are committed in one tra
 item is marked SENT (committed) once its rate slot is granted, just before its request goes
 out; on restart, PLANNED and SENT items are re-queued first and the listing resumes from the
 last checkpoint. ``ALREADY_EXISTS`` for an item we had sent before is success.
+
+Several processes on one job (a ``cooperative`` ledger, PostgreSQL): the listing's shards
+are rows each process claims one at a time (``iter_claimed_pages``); the items a process
+plans or recovers are claimed by it, and work it is not given a role for
+(``worker.roles``) is left to others. After its own listing a process keeps recovering
+what others leave (a process that died: its claims expire, or are reaped at once when it
+ran on this host) until no work is outstanding. A write refused because another process took
+the work over (``ClaimLost``) drops that work here.
 """
 
 from __future__ import annotations
@@ -22,13 +30,20 @@ from typing import Protocol
 
 from ingest.batch import BatchBuilder, run_batcher
 from ingest.config import Config
+from ingest.errors import ClaimLost
 from ingest.ledger import LedgerPort, ManifestItem
+from ingest.ledger.port import role_for
 from ingest.log import set_run_id
 from ingest.manifest import read_manifest
 from ingest.model import Item, Media, ObjectInfo, Skip
 from ingest.planner import ShardPlanner, collision, make_shard_planner, plan_manifest_item
 from ingest.providers import Page, Shard, Source
-from ingest.providers.fanout import ShardPage, discover_shards, iter_shard_pages
+from ingest.providers.fanout import (
+    ShardPage,
+    discover_shards,
+    iter_claimed_pages,
+    iter_shard_pages,
+)
 from ingest.run.merge import SyncMerge
 from ingest.run.planning import (
     Planning,
@@ -48,6 +63,16 @@ PAGE_QUEUE_PAGES = 8
 PLAN_CHUNK_OBJECTS = 200  # objects planned and recorded between yields to the loop
 MANIFEST_CHUNK_ITEMS = 500  # manifest items looked up and recorded per ledger call
 RESOLVE_AT_START = 10_000  # registered items without a V7 id, looked up again per pass
+# Cooperative passes: how often a process that has finished its own work looks for work that
+# others left (their claims expired) while some is outstanding.
+OUTSTANDING_POLL_S = 1.0
+
+
+def cooperates(cfg: Config, ledger: LedgerPort) -> bool:
+    """Whether this process shares the job with others (claims) rather than holding it alone
+    (the job lease): a cooperative ledger, except in manifest mode, whose staged manifest
+    every listing process would read while another one re-staged it."""
+    return ledger.cooperative and cfg.plan.slots != "manifest"
 
 
 def _empty() -> int:
@@ -93,6 +118,7 @@ class Pipeline:
         resolver: Resolve | None = None,
         background: Sequence[Background] = (),
         stop: asyncio.Event | None = None,
+        holder_dead: Callable[[str], bool] | None = None,
     ) -> None:
         # sync: merge the listing with the ledger (only new objects are planned; changed and
         # vanished ones are recorded) instead of recording every listed object.
@@ -107,6 +133,15 @@ class Pipeline:
         self._stop = stop or asyncio.Event()
         self._background = background
         self._resolver = resolver
+        self.cooperative = cooperates(cfg, ledger) and not dry_run
+        self.roles = (
+            frozenset(cfg.worker.roles)
+            if self.cooperative
+            else frozenset(("list", "media", "send"))
+        )
+        self._holder_dead = holder_dead or (lambda _h: False)
+        self._lost_shards: set[str] = set()
+        self._shards: list[Shard] | None = None  # discovered once per pass
         n = cfg.rate.max_in_flight
         self.items: asyncio.Queue[Item | None] = asyncio.Queue(
             max(cfg.batch.max_items * n * ITEM_QUEUE_BATCHES, 64)
@@ -116,6 +151,7 @@ class Pipeline:
         # storage): never registered, never recorded, or every run would find them anew.
         self.ignore_prefixes = tuple(p.rstrip("/") + "/" for p in ignore_prefixes if p.strip("/"))
         self.warnings: list[str] = []
+        self._listed = 0  # objects this pass listed (the empty-listing warning)
         self.planning = Planning(
             cfg.source.include,
             cfg.source.exclude,
@@ -133,6 +169,7 @@ class Pipeline:
                 ready=self.items.put,
                 stopped=self._stop.is_set,
                 failed=self._count_failure,
+                send_ready="send" in self.roles,
             )
         )
         self.sender = Sender(
@@ -190,6 +227,9 @@ class Pipeline:
             result.counts = {k: v - before.get(k, 0) for k, v in self.counts().items()}
             with contextlib.suppress(Exception):  # never mask the error that ended the pass
                 await asyncio.shield(self.ledger.finish_run(run.run_id, status, result.counts))
+            if self.cooperative:  # what this pass left, others (or our next pass) may take
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.ledger.release_claims())
         return result
 
     def counts(self) -> dict[str, int]:
@@ -255,29 +295,49 @@ class Pipeline:
             self._resolver.add(await self.ledger.registered_without_id(RESOLVE_AT_START))
         self.stats.listing = True  # the progress display's total grows until this ends
         try:
-            await self._recover_and_list(resume_listing, list_bucket, objects)
+            await self._recover()
+            if objects is not None and not self._stop.is_set():
+                await self._plan_events(list(objects))
+            if list_bucket and not self._stop.is_set():
+                await self._list_and_plan(resume_listing)
         finally:
             self.stats.listing = False
+        if self.cooperative:
+            await self._take_over_left_work(list_bucket)
 
-    async def _recover_and_list(
-        self, resume_listing: bool, list_bucket: bool, objects: Sequence[ObjectInfo] | None
-    ) -> None:
-        # Recovery first: items left PLANNED, PROCESSING or SENT by an interrupted run.
+    async def _recover(self) -> None:
+        """Items left PLANNED, PROCESSING or SENT by an interrupted run (cooperative: not
+        claimed by a live process; those returned are now ours)."""
+        if self.cooperative:
+            await self.ledger.reap_claims(self._holder_dead)
         async with contextlib.aclosing(self.ledger.pending()) as pending:
             async for p in pending:
                 if self._stop.is_set():
                     return
                 self.stats.recovered += 1
                 await self._route(p.item)
-        if objects is not None and not self._stop.is_set():
-            await self._plan_events(list(objects))
-        if list_bucket and not self._stop.is_set():
-            await self._list_and_plan(resume_listing)
+
+    async def _take_over_left_work(self, list_bucket: bool) -> None:
+        """Cooperative: until no work is outstanding, take over what other processes leave
+        (their claims expired or were reaped) — the shards they listed, the items they
+        held. Polls the ledger (the only shared state) at a bounded pace."""
+        while not self._stop.is_set():
+            if await self.ledger.outstanding() == 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), OUTSTANDING_POLL_S)
+            if self._stop.is_set():
+                return
+            await self._recover()
+            if list_bucket and "list" in self.roles and self._shards is not None:
+                await self._list_claimed()
 
     async def _route(self, item: Item) -> None:
         """Items with media work go to the media workers first; the rest straight on."""
         if self._stop.is_set():
             return  # stays PLANNED in the ledger: the next run picks it up
+        if self.cooperative and role_for(item) not in self.roles:
+            return  # unclaimed in the ledger: a process with that role takes it
         if item.media is Media.NONE or self.dry_run:
             await self.items.put(item)
         elif self.media is None:
@@ -299,7 +359,14 @@ class Pipeline:
         objects: Sequence[ObjectInfo],
         plans: Sequence[Item | Skip],
     ) -> None:
-        new = await self.ledger.record_page(shard_id, checkpoint, done, objects, plans, collision)
+        try:
+            new = await self.ledger.record_page(
+                shard_id, checkpoint, done, objects, plans, collision
+            )
+        except ClaimLost as e:  # another process lists this shard now, from its checkpoint
+            log.warning(str(e), extra={"shard": shard_id})
+            self._lost_shards.add(shard_id)
+            return
         self.stats.skipped += sum(1 for p in plans if isinstance(p, Skip))
         self.stats.planned += len(new)
         for item in new:
@@ -315,43 +382,76 @@ class Pipeline:
             n = await self.ledger.stage_manifest(read_manifest(cfg.plan.manifest))
             log.info("manifest staged", extra={"rows": n, "file": cfg.plan.manifest})
         shards = await discover_shards(self.source, cfg.source.prefix, cfg.source.fanout_depth)
-        listing = iter_shard_pages(
-            self.source, shards, resume, done, cfg.source.list_concurrency, PAGE_QUEUE_PAGES
-        )
-        listed = 0
-        async with contextlib.aclosing(listing) as pages:
-            async for page in pages:
-                page, dropped = without_prefixes(page, self.ignore_prefixes)
-                self.stats.artifacts_ignored += dropped
-                listed += len(page.page.objects)
-                if self.merge is not None:
-                    self.stats.listed += len(page.page.objects)
-                    page = await self.merge.page(page, resume.get(page.shard.id))
-                for sp in chunks(page, PLAN_CHUNK_OBJECTS):
-                    wanted = None
-                    if manifest:
-                        wanted = await self.ledger.in_manifest([o.key for o in sp.page.objects])
-                    plans, checkpoint = self.planning.plan_page(sp, wanted)
-                    if self.merge is None:
-                        self.stats.listed += len(sp.page.objects)
-                    await self._record(sp.shard.id, checkpoint, sp.last, sp.page.objects, plans)
-                if self._stop.is_set():
-                    return
+        if self.cooperative:
+            self._shards = shards
+            await self.ledger.register_shards([s.id for s in shards])
+            if "list" in self.roles:
+                await self._list_claimed()
+            if self._stop.is_set():
+                return
+        else:
+            listing = iter_shard_pages(
+                self.source, shards, resume, done, cfg.source.list_concurrency, PAGE_QUEUE_PAGES
+            )
+            async with contextlib.aclosing(listing) as pages:
+                async for page in pages:
+                    await self._plan_listed(page, resume.get(page.shard.id), manifest)
+                    if self._stop.is_set():
+                        return
         if self.merge is not None:
             await self.merge.sweep_vanished_folders(shards)
         if manifest:
             await self._plan_manifest()
-        if not (resume or done):  # a resumed listing lists only what was left
+        # A resumed listing lists only what was left; a cooperating process may list nothing
+        # because the others took every shard.
+        if not (resume or done or self.cooperative):
             warning = empty_listing_warning(
                 cfg.source.prefix,
                 cfg.source.include,
                 cfg.source.exclude,
-                listed=listed,
+                listed=self._listed,
                 planned_from=self.planning.seen,
                 filtered=self.planning.filtered,
             )
             if warning:
                 self.warnings.append(warning)
+
+    async def _plan_listed(self, page: ShardPage, resume: str | None, manifest: bool) -> None:
+        page, dropped = without_prefixes(page, self.ignore_prefixes)
+        self.stats.artifacts_ignored += dropped
+        self._listed += len(page.page.objects)
+        if self.merge is not None:
+            self.stats.listed += len(page.page.objects)
+            page = await self.merge.page(page, resume)
+        for sp in chunks(page, PLAN_CHUNK_OBJECTS):
+            if sp.shard.id in self._lost_shards:
+                return
+            wanted = None
+            if manifest:
+                wanted = await self.ledger.in_manifest([o.key for o in sp.page.objects])
+            plans, checkpoint = self.planning.plan_page(sp, wanted)
+            if self.merge is None:
+                self.stats.listed += len(sp.page.objects)
+            await self._record(sp.shard.id, checkpoint, sp.last, sp.page.objects, plans)
+
+    async def _list_claimed(self) -> None:
+        """Cooperative listing: shards claimed one at a time from the ledger, each listed
+        from its stored continuation (a crashed process's shard resumes where it stopped)."""
+        manifest = self.cfg.plan.slots == "manifest"
+        listing = iter_claimed_pages(
+            self.source,
+            self.ledger.claim_shard,
+            self._lost_shards,
+            self.cfg.source.list_concurrency,
+            PAGE_QUEUE_PAGES,
+        )
+        async with contextlib.aclosing(listing) as pages:
+            async for page, continuation in pages:
+                if page.shard.id in self._lost_shards:
+                    continue
+                await self._plan_listed(page, continuation or None, manifest)
+                if self._stop.is_set():
+                    return
 
     async def _plan_events(self, objects: list[ObjectInfo]) -> None:
         """Objects reported by bucket events: planned and recorded like a listed page. A key

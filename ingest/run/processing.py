@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from ingest.errors import IngestError
+from ingest.errors import ClaimLost, IngestError
 from ingest.ledger import LedgerPort
 from ingest.media import MediaError
 from ingest.model import Item, Media
@@ -37,7 +37,10 @@ class MediaWorkers:
         ready: Callable[[Item], Awaitable[None]],
         stopped: Callable[[], bool],
         failed: Callable[[str], None],
+        send_ready: bool = True,
     ) -> None:
+        # send_ready False: a process without the "send" role leaves finished items to others
+        self._send_ready = send_ready
         self.media = media
         self.ledger = ledger
         self.stats = stats
@@ -73,24 +76,32 @@ class MediaWorkers:
         while (item := await queue.get()) is not None:
             if self._stopped():
                 continue  # not started: stays PLANNED for the next run
-            await self.ledger.mark_processing(item)
-            self.stats.processing += 1
             try:
-                ready = await self.media.prepare(item)
-            except MediaError as e:
-                await self._fail(item, e.reason, final=e.final)
-                continue
-            except IngestError as e:  # the bucket side (SourceRetryable, …): try again later
-                await self._fail(item, f"storage error, retry later: {e}", final=False)
-                continue
-            except Exception as e:  # a bug must not sink the run: record it, go on
-                log.exception("media processing failed", extra={"item": item.name})
-                await self._fail(item, f"internal error: {type(e).__name__}: {e}"[:300])
-                continue
-            finally:
-                self.stats.processing -= 1
-            await self.ledger.media_done(ready)
-            self.stats.media_done += 1
+                await self._work(item)
+            except ClaimLost as e:  # another process took the item over: it is theirs
+                log.warning(str(e), extra={"item": item.name})
+
+    async def _work(self, item: Item) -> None:
+        """One item's media work; ClaimLost when another process took it over."""
+        await self.ledger.mark_processing(item)
+        self.stats.processing += 1
+        try:
+            ready = await self.media.prepare(item)
+        except MediaError as e:
+            await self._fail(item, e.reason, final=e.final)
+            return
+        except IngestError as e:  # the bucket side (SourceRetryable, …): try again later
+            await self._fail(item, f"storage error, retry later: {e}", final=False)
+            return
+        except Exception as e:  # a bug must not sink the run: record it, go on
+            log.exception("media processing failed", extra={"item": item.name})
+            await self._fail(item, f"internal error: {type(e).__name__}: {e}"[:300])
+            return
+        finally:
+            self.stats.processing -= 1
+        await self.ledger.media_done(ready)
+        self.stats.media_done += 1
+        if self._send_ready:
             await self._ready(ready)
 
     async def _fail(self, item: Item, reason: str, *, final: bool = False) -> None:

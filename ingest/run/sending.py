@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from ingest.errors import Interrupted
+from ingest.errors import ClaimLost, Interrupted
 from ingest.ledger import LedgerPort
 from ingest.model import Item, Outcome, State
 from ingest.registrar.registrar import Sending
@@ -70,7 +70,20 @@ class Sender:
         except Interrupted as e:
             log.info("batch left for the next run", extra={"items": len(batch), "why": str(e)})
             return
-        await self.ledger.record_outcomes(outcomes)
+        except ClaimLost as e:  # nothing was marked SENT, nothing sent: another process has it
+            log.warning(str(e), extra={"items": len(batch)})
+            lost = set(e.idents)
+            # The rest of the batch is still ours but unsent: give it back to be taken again.
+            await self.ledger.release_claims([it.ident for it in batch if it.ident not in lost])
+            return
+        try:
+            await self.ledger.record_outcomes(outcomes)
+        except ClaimLost as e:
+            # Paused past our claims: another process took these items over and records
+            # them; ours are refused (the rest is committed) and not counted here.
+            log.warning(str(e), extra={"items": len(e.idents)})
+            refused = set(e.idents)
+            outcomes = [o for o in outcomes if (o.path, o.name) not in refused]
         missing: list[tuple[str, str]] = []
         objects = {i.ident: len(i.keys) for i in batch}
         for o in outcomes:

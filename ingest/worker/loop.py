@@ -36,6 +36,7 @@ from ingest.run.lifecycle import (
     EXIT_OK,
     Lifecycle,
 )
+from ingest.run.pipeline import cooperates
 from ingest.stats import Stats
 from ingest.worker.observe import Health, default_max_sync_age_s, serve_http
 from ingest.worker.schedule import (
@@ -132,7 +133,9 @@ class Worker:
                     self.health.preflight_ok, self.health.last_error = True, ""
                     ever_ready, attempt = True, 0
                     ttl = self.cfg.ledger.lease_ttl_s
-                    async with hold_lease(engine.ledger, ttl, self._lease_lost):
+                    roles = frozenset(self.cfg.worker.roles)
+                    alone = not cooperates(self.cfg, engine.ledger)
+                    async with hold_lease(engine.ledger, ttl, self._lease_lost, roles, alone=alone):
                         self._engine = engine
                         try:
                             code = await self._serve_engine(engine, once)

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 
 from tests.support.e2e import free_port
 
-__all__ = ["PostgresServer", "postgres_server", "postgres_url"]
+__all__ = ["PostgresServer", "postgres_server", "postgres_url", "running_postgres"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,13 @@ def _run(cmd: list[str]) -> None:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
+    with running_postgres() as server:
+        yield server
+
+
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A throw-away server (also used by benchmarks/ledger_claims.py)."""
     bin_dir = _bin_dir()
     root = Path(tempfile.mkdtemp(prefix="ingest-pg-"))
     if os.geteuid() == 0:
