@@ -16,7 +16,7 @@ from ingest.errors import BucketNotFound, SourceRetryable
 from ingest.providers import Shard, Source
 from ingest.providers.aws.s3 import S3Source
 from ingest.providers.azure.blob import AzureSource
-from ingest.providers.cap import DEPTH_S
+from ingest.providers.cap import DEPTH_S, RequestCap, limiter_shape
 from ingest.providers.gcp.gcs import GCSSource
 from ingest.providers.transient import MAX_TRIES
 from tests.conftest import seed_bucket
@@ -189,3 +189,51 @@ async def test_s3_retries_a_body_cut_short(moto_url: str) -> None:
             assert proxy.count("GET") == 2
         finally:
             await source.close()
+
+
+# --- caps below 10/s, and one cap per bucket ------------------------------------------------------
+
+
+@pytest.mark.parametrize("cap", [1.9, 0.36])
+async def test_s3_works_under_a_cap_below_ten_per_second(moto_url: str, cap: float) -> None:
+    """aiolimiter refuses to acquire more than its max_rate: a bucket shaped as cap * (1/cap)
+    = 0.999… requests failed every request before the fix."""
+    bucket = f"cap-{uuid.uuid4().hex[:10]}"
+    seed_bucket(moto_url, bucket, ["a/1.bin"], body=BODY)
+    async with proxy_to(moto_url) as proxy:
+        cfg = SourceConfig(
+            provider="aws", bucket=bucket, endpoint_url=proxy.url, max_requests_per_s=cap
+        )
+        source = S3Source(cfg, aws_access_key_id="testing", aws_secret_access_key="testing")
+        try:
+            await source.check_access()  # two requests
+            assert await source.read_range("a/1.bin", 0, 10) == BODY[:10]
+        finally:
+            await source.close()
+    times = sorted(t for t, _m, _p in proxy.arrivals)
+    assert len(times) == 3
+    assert times[-1] - times[0] >= 2 / cap * 0.75  # the first arrival may lag (connecting)
+
+
+def test_limiter_holds_at_least_one_request() -> None:
+    for cap in (0.01, 0.36, 1.9, 9.99, 10.0, 20.0, 1000.0):
+        max_rate, period = limiter_shape(cap)
+        assert max_rate >= 1.0
+        assert max_rate / period == pytest.approx(cap)
+
+
+async def test_source_and_upload_on_one_bucket_share_one_cap() -> None:
+    """Two clients of the same bucket (``[source]`` and ``[upload]``) together stay under
+    the cap; another bucket has its own."""
+    key = ("aws", "http://x", f"b-{uuid.uuid4().hex}")
+    a, b = RequestCap(4.0, key), RequestCap(4.0, key)
+    other = RequestCap(4.0, ("aws", "http://x", "another"))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for _ in range(3):  # 6 requests at 4/s: at least 5 / 4 s after the first
+        await a.wait()
+        await b.wait()
+    assert loop.time() - t0 >= 5 / 4 * 0.9
+    t1 = loop.time()
+    await other.wait()
+    assert loop.time() - t1 < 0.2

@@ -127,7 +127,7 @@ class S3Source:
             # faster; anything else goes to botocore's own parser.
             timestamp_parser=fast_timestamp,
         )
-        self.cap = RequestCap(cfg.max_requests_per_s)
+        self.cap = RequestCap(cfg.max_requests_per_s, ("aws", cfg.endpoint_url, cfg.bucket))
         self._client = AwsClient(spec, on_open=self._on_open)
 
     def _on_open(self, client: Any) -> None:

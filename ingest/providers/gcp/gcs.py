@@ -95,7 +95,7 @@ class GCSSource:
         self._storage: Storage | None = None
         self._session: aiohttp.ClientSession | None = None  # ours, only under a cap
         self._lock = asyncio.Lock()
-        self.cap = RequestCap(cfg.max_requests_per_s)
+        self.cap = RequestCap(cfg.max_requests_per_s, ("gcp", self._root, cfg.bucket))
 
     def storage_key(self, key: str) -> str:
         return key
