@@ -237,3 +237,40 @@ async def test_source_and_upload_on_one_bucket_share_one_cap() -> None:
     t1 = loop.time()
     await other.wait()
     assert loop.time() - t1 < 0.2
+
+
+async def test_gcs_cap_wait_is_not_part_of_the_request_timeout() -> None:
+    """The cap is waited for before aiohttp's timer starts: a wait longer than the request's
+    time limit neither eats it (a 0.4 s answer fits a 0.8 s limit after a ~2 s wait) nor
+    switches it off (a 3 s answer still times out). Under the old trace hook, the slow request
+    got no time limit at all."""
+    from aiohttp import ClientTimeout, web
+
+    from ingest.providers.gcp.gcs import CappedSession
+
+    async def answer(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query["after_s"]))  # the server's slowness
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    limit = ClientTimeout(total=0.8)
+    loop = asyncio.get_running_loop()
+    try:
+        async with CappedSession(RequestCap(0.5)) as session:  # a request every 2 s
+            async with session.get(f"http://127.0.0.1:{port}/?after_s=0") as resp:
+                assert resp.status == 200  # takes the one request the bucket holds
+            async with session.get(f"http://127.0.0.1:{port}/?after_s=0.4", timeout=limit) as r:
+                assert await r.text() == "ok"
+            t0 = loop.time()
+            with pytest.raises(TimeoutError):
+                async with session.get(f"http://127.0.0.1:{port}/?after_s=3", timeout=limit) as r:
+                    await r.text()
+            assert loop.time() - t0 < 3.5  # ~1.6 s of waiting for the cap, 0.8 s limit
+    finally:
+        await runner.cleanup()

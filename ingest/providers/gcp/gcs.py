@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,23 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError)
 
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # aiohttp discourages subclasses
+
+    class CappedSession(aiohttp.ClientSession):
+        """Waits for the cap *before* aiohttp's request starts: a wait inside the request (a
+        trace hook) would eat its total timeout, and one longer than that timeout left the
+        request with no time limit at all (aiohttp 3.14)."""
+
+        def __init__(self, cap: RequestCap, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._cap = cap
+
+        async def _request(self, *args: Any, **kwargs: Any) -> aiohttp.ClientResponse:
+            await self._cap.wait()
+            return await super()._request(*args, **kwargs)
+
+
 class GCSSource:
     provider = "gcp"
 
@@ -120,15 +138,9 @@ class GCSSource:
         included) first waits for the cap; else None (gcloud-aio's own session)."""
         if not self.cap.active:
             return None
-
-        async def before_request(*_: Any) -> None:
-            await self.cap.wait()
-
-        trace = aiohttp.TraceConfig()
-        trace.on_request_start.append(before_request)
         # gcloud-aio verifies certificates except against an emulator (api_is_dev): the same.
         connector = aiohttp.TCPConnector(ssl=not self._root)
-        self._session = aiohttp.ClientSession(connector=connector, trace_configs=[trace])
+        self._session = CappedSession(self.cap, connector=connector)
         return self._session
 
     async def close(self) -> None:
