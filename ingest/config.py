@@ -29,6 +29,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from ingest.errors import ConfigError
+from ingest.log import without_userinfo
 
 DEFAULT_BASE_URL = "https://darwin.v7labs.com"
 API_KEY_ENV = "DARWIN_API_KEY"
@@ -43,6 +44,10 @@ SlotGrouping = Literal["none", "folder", "manifest"]
 # strict: no type conversion; forbid: unknown fields refused; no NaN/inf; an assignment in
 # code is checked like a value from the file.
 STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # an environment variable's name
+# Fields whose value is never echoed in an error: a pasted connection string holds a key.
+UNECHOED = frozenset({"connection_string_env"})
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]  # 0 has a documented meaning (derived / none)
@@ -78,7 +83,9 @@ class SourceConfig:
     account_url: str = ""
     # Azure: name of the env variable holding a connection string (the string holds a key, so
     # it never goes in the file itself).
-    connection_string_env: str = "AZURE_STORAGE_CONNECTION_STRING"
+    connection_string_env: Annotated[str, Field(pattern=ENV_NAME)] = (
+        "AZURE_STORAGE_CONNECTION_STRING"
+    )
     include: list[str] = field(default_factory=list)  # globs on the key; empty = everything
     exclude: list[str] = field(default_factory=list)
     page_size: Annotated[int, Field(ge=1, le=1000)] = 1000  # keys per listing page (S3 max 1000)
@@ -346,6 +353,12 @@ def _one_line(section: str, cls: type[Any], err: ValidationError) -> ConfigError
         return ConfigError(
             f"config: unknown field {section}.{name}{_suggest(name, _field_names(cls))}"
         )
+    if name in UNECHOED:
+        return ConfigError(
+            f"config: {where} must be the name of an environment variable (letters, digits "
+            "and _, e.g. AZURE_STORAGE_CONNECTION_STRING), not the connection string itself "
+            "(its value is not shown)"
+        )
     template = _MESSAGES.get(first["type"])
     ctx = {k: _number(v) for k, v in first.get("ctx", {}).items()}
     msg = template.format(**ctx) if template else first["msg"]
@@ -442,7 +455,7 @@ HTTP_URL = re.compile(r"^https?://[^/\s]+", re.IGNORECASE)
 def _check_url(where: str, url: str) -> None:
     if url and not HTTP_URL.match(url):
         raise ConfigError(
-            f"config: {where} = {url!r} must start with http:// or https:// "
+            f"config: {where} = {without_userinfo(url)!r} must start with http:// or https:// "
             "(e.g. http://127.0.0.1:9000)"
         )
 
@@ -452,7 +465,8 @@ def _validate_urls(cfg: Config) -> None:
     if not HTTP_URL.match(cfg.base_url):
         where = "v7.base_url" if cfg.v7.base_url else f"${BASE_URL_ENV}"
         raise ConfigError(
-            f"config: {where} = {cfg.base_url!r} must start with http:// or https:// "
+            f"config: {where} = {without_userinfo(cfg.base_url)!r} must start with http:// or "
+            "https:// "
             f"(e.g. {DEFAULT_BASE_URL})"
         )
     _check_url("source.endpoint_url", cfg.source.endpoint_url)

@@ -382,9 +382,18 @@ def test_gcs_without_credentials_fails_at_once_naming_the_fix(
 def test_a_gcs_key_file_that_is_not_there_is_named(tmp_path: Path, emu: Emulator) -> None:
     env = _no_gcp_credentials(tmp_path, GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "k.json"))
     res = run_cli("run", "-c", str(_gcs_job(tmp_path, emu)), env=env)
-    assert f"GOOGLE_APPLICATION_CREDENTIALS = '{tmp_path / 'k.json'}': no such file" in one_line(
-        res
-    )
+    line = one_line(res)
+    assert "GOOGLE_APPLICATION_CREDENTIALS names a file that does not exist" in line
+    assert "k.json" not in line  # the value is never shown (it may be the key itself)
+
+
+def test_a_gcs_key_pasted_into_the_variable_is_never_shown(tmp_path: Path, emu: Emulator) -> None:
+    key = '{"type": "service_account", "private_key": "-----BEGIN S3CRET-----"}'
+    env = _no_gcp_credentials(tmp_path, GOOGLE_APPLICATION_CREDENTIALS=key)
+    res = run_cli("run", "-c", str(_gcs_job(tmp_path, emu)), env=env)
+    line = one_line(res)
+    assert "GOOGLE_APPLICATION_CREDENTIALS holds JSON, not a path" in line
+    assert "S3CRET" not in res.stderr + res.stdout
 
 
 # --- §5: the emulator's own storage configurations ---------------------------------------------

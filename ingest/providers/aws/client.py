@@ -27,6 +27,7 @@ from botocore.exceptions import (
 )
 
 from ingest.errors import ConfigError
+from ingest.log import without_userinfo
 
 CREDENTIALS_FIX = (
     "set source.profile (or AWS_PROFILE) to a profile of ~/.aws/config, export "
@@ -117,9 +118,13 @@ class AwsClient:
                     ) from None
                 except ValueError as e:  # botocore: "Invalid endpoint: …" (no scheme, no host)
                     # Nothing was entered, so there is nothing for close() to exit.
+                    endpoint = self.spec.endpoint_url or ""
+                    shown = without_userinfo(endpoint)
+                    why = str(e).replace(endpoint, shown) if endpoint else str(e)
                     raise ConfigError(
-                        f"config: {self.spec.service} endpoint_url {self.spec.endpoint_url!r} "
-                        f"is not usable ({e}): give a full URL such as http://127.0.0.1:9000"
+                        f"config: {self.spec.service} endpoint_url {shown!r} is not usable "
+                        f"({without_userinfo(why)}): give a full URL such as "
+                        "http://127.0.0.1:9000"
                     ) from None
                 self._ctx = ctx
                 if self._on_open is not None:

@@ -24,6 +24,7 @@ from botocore.exceptions import (
 
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
+from ingest.log import redact, without_userinfo
 from ingest.model import ObjectInfo
 from ingest.providers import Page, Shard
 from ingest.providers.aws import s3_xml
@@ -149,7 +150,7 @@ class S3Source:
         await self._client.close()
 
     def _where(self) -> str:
-        return f" at {self.cfg.endpoint_url}" if self.cfg.endpoint_url else ""
+        return f" at {without_userinfo(self.cfg.endpoint_url)}" if self.cfg.endpoint_url else ""
 
     def _map(self, e: Exception, what: str) -> SourceError:
         problem = credentials_problem(e, self.cfg.profile)
@@ -170,7 +171,10 @@ class S3Source:
             return SourceRetryable(f"{what}: S3 error {code or status}")
         if isinstance(e, EndpointConnectionError):
             return SourceRetryable(f"cannot reach S3{self._where()}")
-        return SourceRetryable(f"{what}: {type(e).__name__}: {str(e)[:200]}")
+        text = str(e)
+        if self.cfg.endpoint_url:  # botocore's messages carry the URL it was given
+            text = text.replace(self.cfg.endpoint_url, without_userinfo(self.cfg.endpoint_url))
+        return SourceRetryable(f"{what}: {type(e).__name__}: {redact(text)[:200]}")
 
     async def check_access(self) -> None:
         s3 = await self._s3()

@@ -27,6 +27,7 @@ from gcloud.aio.storage import Storage
 
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
+from ingest.log import without_userinfo
 from ingest.model import ObjectInfo
 from ingest.providers import Page, Shard
 from ingest.providers.cap import RequestCap
@@ -63,18 +64,24 @@ def adc_file() -> Path:
 
 
 def _key_file_problem(path: str, where: str) -> str | None:
-    """Why the credentials file named by ``where`` cannot be used, or None."""
+    """Why the credentials file named by ``where`` cannot be used, or None. The value itself
+    is never shown: people put the key's JSON itself in GOOGLE_APPLICATION_CREDENTIALS."""
+    if path.lstrip().startswith("{"):
+        return (
+            f"{where} holds JSON, not a path: save the key to a file and set {where} to the "
+            "file's path"
+        )
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return f"{where} = {path!r}: no such file"
+        return f"{where} names a file that does not exist"
     except (OSError, UnicodeDecodeError) as e:
-        return f"{where} = {path!r}: cannot read it ({getattr(e, 'strerror', None) or e})"
+        return f"{where} names a file that cannot be read ({getattr(e, 'strerror', None) or e})"
     except ValueError:
-        return f"{where} = {path!r}: not a JSON key file"
+        return f"{where} names a file that is not a JSON key file"
     if not isinstance(doc, dict) or "type" not in doc:
-        return f'{where} = {path!r}: not a Google credentials file (no "type")'
+        return f'{where} names a file that is not a Google credentials file (no "type")'
     return None
 
 
@@ -152,7 +159,7 @@ class GCSSource:
             self._session = None
 
     def _where(self) -> str:
-        return f" at {self._root}" if self._root else ""
+        return f" at {without_userinfo(self._root)}" if self._root else ""
 
     def _map(self, e: Exception, what: str, *, bucket_level: bool = False) -> SourceError:
         if isinstance(e, aiohttp.ClientResponseError):
