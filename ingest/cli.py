@@ -293,6 +293,9 @@ async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = Non
     from ingest.engine import open_engine
     from ingest.ledger import LedgerPort
 
+    if retry_blocked is not None:  # before any preflight: a typo is refused at once
+        retry_blocked = await _blocked_reason(cfg, retry_blocked)
+
     async def requeue(ledger: LedgerPort) -> bool:
         """Re-queue FAILED (and BLOCKED) items; False when there is nothing to send at all,
         so a no-op `retry` records no run."""
@@ -422,13 +425,16 @@ async def _report(
 
 EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head`
 
-# V7's blocked-item reasons (docs/v7-contract.md, "Known reasons"): what `retry --blocked` takes.
+# V7's known blocked-item reasons (docs/v7-contract.md, "Known reasons") and the registrar's
+# UNKNOWN (V7 gave none): `retry --blocked` takes these even when no item is blocked for them,
+# and any other reason the ledger holds (V7 may add some).
 BLOCKED_REASONS = (
     "ALREADY_EXISTS",
     "FILE_UPLOAD_TIMEOUT",
     "FILE_UPLOAD_FAILED",
     "UNEXPECTED_ERROR",
     "ITEM_COUNT_LIMIT_EXCEEDED",
+    "UNKNOWN",
 )
 
 
@@ -447,17 +453,33 @@ def check_states(states: Sequence[str]) -> list[str]:
     return out
 
 
-def check_blocked_reason(reason: str) -> str:
-    """``retry --blocked`` value, upper-cased (V7's reasons are); each part of a combined
-    reason ("A,B", as the ledger stores several) must be one V7 gives."""
-    value = reason.strip().upper()
-    for part in value.split(","):
-        if part not in BLOCKED_REASONS:
-            raise ConfigError(
-                f"retry --blocked {reason!r} is not a reason V7 blocks items for"
-                f"{_nearest(part, BLOCKED_REASONS)} (one of: {', '.join(BLOCKED_REASONS)})"
-            )
-    return value
+def check_blocked_reason(reason: str, in_ledger: Sequence[str]) -> str:
+    """``retry --blocked`` value as the ledger stores it: upper-cased, each part of a combined
+    reason ("a, b") trimmed and matched in any order against ``in_ledger`` (the job's BLOCKED
+    reasons). A known V7 reason no item is blocked for passes (nothing to re-queue for it);
+    anything else is refused with the nearest candidate."""
+    parts = [p.strip().upper() for p in reason.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("retry --blocked needs a reason (e.g. ALREADY_EXISTS)")
+    for stored in in_ledger:
+        if {p.strip().upper() for p in stored.split(",")} == set(parts):
+            return stored
+    if all(p in BLOCKED_REASONS for p in parts):
+        return ",".join(parts)
+    value = ",".join(parts)
+    candidates = sorted(set(in_ledger) | set(BLOCKED_REASONS))
+    blocked = ", ".join(in_ledger) or "none"
+    raise ConfigError(
+        f"retry --blocked {reason!r}: no item is blocked for it{_nearest(value, candidates)} "
+        f"(blocked in this job: {blocked}; V7's reasons: {', '.join(BLOCKED_REASONS)})"
+    )
+
+
+async def _blocked_reason(cfg: config.Config, reason: str) -> str:
+    """``check_blocked_reason`` against the job's ledger (none yet: nothing is blocked)."""
+    async with _existing_ledger(cfg) as ledger:
+        in_ledger = await ledger.blocked_reasons() if ledger is not None else []
+    return check_blocked_reason(reason, in_ledger)
 
 
 def _nearest(value: str, known: Sequence[str]) -> str:
@@ -493,7 +515,6 @@ def _dispatch(ns: argparse.Namespace) -> int:
     if ns.command in ("run", "retry", "sync"):
         config.require_for_run(cfg)
         blocked = getattr(ns, "blocked", None)
-        blocked = check_blocked_reason(blocked) if blocked else None
         return _asyncio_run(_run(cfg, ns.command, retry_blocked=blocked))
     if ns.command == "worker":
         config.require_for_run(cfg)

@@ -268,8 +268,25 @@ def test_report_with_an_unknown_state_lists_the_states(job: tuple[Path, Path]) -
 def test_retry_with_an_unknown_blocked_reason_lists_the_reasons(job: tuple[Path, Path]) -> None:
     cfg, _ = job
     line = one_line(run_cli("retry", "-c", str(cfg), "--blocked", "ALREDY_EXISTS"))
-    assert "retry --blocked 'ALREDY_EXISTS' is not a reason V7 blocks items for" in line
-    assert "(did you mean ALREADY_EXISTS?)" in line
+    assert "retry --blocked 'ALREDY_EXISTS': no item is blocked for it" in line
+    assert "(did you mean ALREADY_EXISTS?)" in line and "blocked in this job: none" in line
+
+
+def test_retry_blocked_takes_the_reasons_the_ledger_holds() -> None:
+    from ingest.cli import check_blocked_reason
+    from ingest.errors import ConfigError
+
+    stored = ["ALREADY_EXISTS,FILE_UPLOAD_FAILED", "NEW_V7_REASON", "UNKNOWN"]
+    assert check_blocked_reason("new_v7_reason ", stored) == "NEW_V7_REASON"  # not in V7's list
+    # the parts of a combined reason trimmed, in any order: the value as stored
+    got = check_blocked_reason(" file_upload_failed , already_exists", stored)
+    assert got == "ALREADY_EXISTS,FILE_UPLOAD_FAILED"
+    assert check_blocked_reason("unknown", []) == "UNKNOWN"  # what the registrar stores
+    assert check_blocked_reason("file_upload_timeout", stored) == "FILE_UPLOAD_TIMEOUT"
+    with pytest.raises(ConfigError, match=r"did you mean NEW_V7_REASON\?"):
+        check_blocked_reason("NEW_V7_RAESON", stored)
+    with pytest.raises(ConfigError, match="needs a reason"):
+        check_blocked_reason(" , ", stored)
 
 
 def test_a_prefix_that_lists_nothing_warns_and_exits_0(
