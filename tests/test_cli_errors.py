@@ -400,7 +400,7 @@ def test_a_gcs_key_file_that_is_not_there_is_named(tmp_path: Path, emu: Emulator
     env = _no_gcp_credentials(tmp_path, GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "k.json"))
     res = run_cli("run", "-c", str(_gcs_job(tmp_path, emu)), env=env)
     line = one_line(res)
-    assert "GOOGLE_APPLICATION_CREDENTIALS names a file that does not exist" in line
+    assert "GOOGLE_APPLICATION_CREDENTIALS: the file it names does not exist" in line
     assert "k.json" not in line  # the value is never shown (it may be the key itself)
 
 

@@ -48,6 +48,11 @@ _FIELDS = "nextPageToken,prefixes,items(name,size,etag,md5Hash,updated)"
 CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
 METADATA_HOST_ENV = ("GCE_METADATA_HOST", "GCE_METADATA_ROOT")  # gcloud-aio-auth's names
 METADATA_PROBE_TIMEOUT_S = 3.0
+# In a Kubernetes pod (GKE workload identity) the metadata server is often not ready in the
+# pod's first seconds: probes go on for this long there (a GCE VM's answers at once).
+KUBERNETES_ENV = "KUBERNETES_SERVICE_HOST"
+METADATA_READY_S = 10.0
+METADATA_RETRY_WAIT_S = 0.5
 CREDENTIALS_FIX = (
     f"set source.credentials_file or {CREDENTIALS_ENV} to a service-account key file, run "
     "`gcloud auth application-default login`, or run on GKE with workload identity (or on a "
@@ -75,13 +80,13 @@ def _key_file_problem(path: str, where: str) -> str | None:
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return f"{where} names a file that does not exist"
+        return f"{where}: the file it names does not exist"
     except (OSError, UnicodeDecodeError) as e:
-        return f"{where} names a file that cannot be read ({getattr(e, 'strerror', None) or e})"
+        return f"{where}: the file cannot be read ({getattr(e, 'strerror', None) or e})"
     except ValueError:
-        return f"{where} names a file that is not a JSON key file"
+        return f"{where}: the file is not a JSON key file"
     if not isinstance(doc, dict) or "type" not in doc:
-        return f'{where} names a file that is not a Google credentials file (no "type")'
+        return f'{where}: the file is not a Google credentials file (no "type")'
     return None
 
 
@@ -199,11 +204,20 @@ class GCSSource:
                 if problem:
                     raise AccessDenied(f"GCS bucket '{self.bucket}': {problem}")
                 return
-        if await asyncio.to_thread(adc_file().is_file):
+        adc = adc_file()
+        if await asyncio.to_thread(adc.is_file):
+            where = f"gcloud's application-default credentials {adc}"
+            problem = await asyncio.to_thread(_key_file_problem, str(adc), where)
+            if problem:
+                raise AccessDenied(
+                    f"GCS bucket '{self.bucket}': {problem} (run `gcloud auth "
+                    "application-default login` again)"
+                )
             return
         host = next((os.environ[k] for k in METADATA_HOST_ENV if os.environ.get(k)), "")
         host = host or "metadata.google.internal"
-        if not await _metadata_server_answers(host):
+        budget_s = METADATA_READY_S if os.environ.get(KUBERNETES_ENV) else 0.0
+        if not await _metadata_server_answers(host, budget_s):
             raise AccessDenied(
                 f"no Google Cloud credentials for GCS bucket '{self.bucket}' (no key file, no "
                 f"gcloud application-default login, and the metadata server {host} did not "
@@ -378,16 +392,25 @@ class GCSSource:
         return REQUEST_TIMEOUT_S + UPLOAD_S_PER_MIB * (size // (1024 * 1024))
 
 
-async def _metadata_server_answers(host: str) -> bool:
-    """Whether the GCE / GKE metadata server answers a service-account query within
-    METADATA_PROBE_TIMEOUT_S (one try: gcloud-aio retries it for much longer)."""
+async def _metadata_server_answers(host: str, budget_s: float = 0.0) -> bool:
+    """Whether the GCE / GKE metadata server answers a service-account query. One try of
+    METADATA_PROBE_TIMEOUT_S, and more for ``budget_s`` while it is not ready yet (no answer,
+    a refused connection, a 5xx); a 4xx is final (no service account). gcloud-aio itself
+    would retry it for much longer and then say only "cannot reach GCS"."""
     url = f"http://{host}/computeMetadata/v1/instance/service-accounts/default/email"
     timeout = aiohttp.ClientTimeout(total=METADATA_PROBE_TIMEOUT_S)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url, headers={"Metadata-Flavor": "Google"}) as resp,
-        ):
-            return resp.status == 200
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget_s
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            try:
+                async with session.get(url, headers={"Metadata-Flavor": "Google"}) as resp:
+                    if resp.status == 200:
+                        return True
+                    if resp.status < 500:
+                        return False
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                pass
+            if loop.time() + METADATA_RETRY_WAIT_S >= deadline:
+                return False
+            await asyncio.sleep(METADATA_RETRY_WAIT_S)
