@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -274,3 +275,44 @@ async def test_gcs_cap_wait_is_not_part_of_the_request_timeout() -> None:
             assert loop.time() - t0 < 3.5  # ~1.6 s of waiting for the cap, 0.8 s limit
     finally:
         await runner.cleanup()
+
+
+# --- retries do not multiply ----------------------------------------------------------------------
+
+
+async def test_s3_tries_a_failing_request_max_attempts_times_in_all(moto_url: str) -> None:
+    """botocore's legacy ``max_attempts`` adds the first try (6 requests for 5): we give
+    ``total_max_attempts``."""
+    from ingest.providers.aws.s3 import MAX_ATTEMPTS
+
+    bucket = f"rt-{uuid.uuid4().hex[:10]}"
+    seed_bucket(moto_url, bucket, ["a/1.bin"], body=BODY)
+    async with proxy_to(moto_url) as proxy:
+        cfg = SourceConfig(provider="aws", bucket=bucket, endpoint_url=proxy.url)
+        source = S3Source(cfg, aws_access_key_id="testing", aws_secret_access_key="testing")
+        try:
+            proxy.fail_next = 100
+            with pytest.raises(SourceRetryable):
+                await source.read_range("a/1.bin", 0, 10)
+            assert proxy.count("GET") == MAX_ATTEMPTS
+        finally:
+            await source.close()
+
+
+def test_gcs_never_retries_tls_failures_and_a_resumable_upload_only_unanswered() -> None:
+    import ssl
+
+    import aiohttp
+
+    from ingest.providers.gcp.gcs import _transient, _transient_unanswered
+
+    key: Any = None  # the connection key only names the host in messages
+    certificate = aiohttp.ClientConnectorCertificateError(key, ssl.SSLCertVerificationError())
+    handshake = aiohttp.ClientSSLError(key, ssl.SSLError())
+    refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError())
+    answered = aiohttp.ClientResponseError(None, (), status=503)  # type: ignore[arg-type]
+    assert not _transient(certificate) and not _transient(handshake)
+    assert _transient(refused) and _transient(answered) and _transient(TimeoutError())
+    # gcloud-aio tried the resumable PUT 5 times on every answer already
+    assert not _transient_unanswered(answered) and not _transient_unanswered(certificate)
+    assert _transient_unanswered(refused) and _transient_unanswered(TimeoutError())

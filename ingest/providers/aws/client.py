@@ -56,7 +56,7 @@ class ClientSpec:
     service: str  # "s3", "sqs"
     connect_timeout_s: float
     read_timeout_s: float
-    max_attempts: int  # botocore's retries "max_attempts" (botocore adds the first try)
+    max_attempts: int  # every attempt, the first included (botocore's total_max_attempts)
     region: str = ""  # "" = botocore's resolution (environment, profile)
     profile: str = ""  # "" = the default chain
     endpoint_url: str = ""  # "" = the service's AWS endpoint
@@ -78,7 +78,8 @@ def create_client(spec: ClientSpec) -> Any:
     options: dict[str, Any] = {
         "connect_timeout": spec.connect_timeout_s,
         "read_timeout": spec.read_timeout_s,
-        "retries": {"mode": "standard", "max_attempts": spec.max_attempts},
+        # total_max_attempts counts the first try; botocore's "max_attempts" would add one.
+        "retries": {"mode": "standard", "total_max_attempts": spec.max_attempts},
     }
     if spec.max_pool_connections is not None:
         options["max_pool_connections"] = spec.max_pool_connections

@@ -37,7 +37,7 @@ __all__ = ["S3Source", "fast_timestamp"]
 
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
-MAX_ATTEMPTS = 5  # botocore's "standard" retries max_attempts
+MAX_ATTEMPTS = 5  # botocore's "standard" retries: attempts in all, the first included
 MULTIPART_THRESHOLD_BYTES = 64 * 1024 * 1024
 PART_BYTES = 16 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024

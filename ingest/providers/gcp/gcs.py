@@ -95,7 +95,18 @@ def _transient(e: BaseException) -> bool:
     connection or a body cut short. Not: 401/403/404 and other answers that will not change."""
     if isinstance(e, aiohttp.ClientResponseError):
         return e.status in (408, 429) or e.status >= 500
+    if isinstance(e, aiohttp.ClientSSLError):  # certificate errors too: they do not go away
+        return False
     return isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError)
+
+
+def _transient_unanswered(e: BaseException) -> bool:
+    """A resumable upload's PUT was retried by gcloud-aio on every error answer already: only
+    a dropped connection or a timeout is worth one more try of the whole upload."""
+    return not isinstance(e, aiohttp.ClientResponseError) and _transient(e)
+
+
+RESUMABLE_TRIES = 2  # the whole resumable upload, on top of gcloud-aio's 5 tries of its PUT
 
 
 with warnings.catch_warnings():
@@ -337,7 +348,6 @@ class GCSSource:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise self._map(e, f"upload '{key}'") from None
 
-    @retry_transient(_transient)
     async def _upload(
         self,
         gcs: Storage,
@@ -351,29 +361,46 @@ class GCSSource:
             {"contentEncoding": content_encoding} if content_encoding else None
         )
         if isinstance(data, bytes):
-            await gcs.upload(
-                self.bucket,
-                key,
-                data,
-                content_type=content_type,
-                metadata=metadata,
-                timeout=self._upload_timeout(len(data)),
-            )
+            await self._upload_one(gcs, key, data, content_type, metadata)
             return
         size = (await asyncio.to_thread(data.stat)).st_size
         if size <= STREAM_UPLOAD_BYTES:
             body = await asyncio.to_thread(data.read_bytes)
-            await gcs.upload(
-                self.bucket,
-                key,
-                body,
-                content_type=content_type,
-                metadata=metadata,
-                timeout=self._upload_timeout(size),
-            )
+            await self._upload_one(gcs, key, body, content_type, metadata)
             return
-        # Resumable upload of the open file: aiohttp reads it in its executor, in chunks.
-        f = await asyncio.to_thread(data.open, "rb")
+        await self._upload_resumable(gcs, key, data, size, content_type, metadata)
+
+    @retry_transient(_transient)
+    async def _upload_one(
+        self,
+        gcs: Storage,
+        key: str,
+        body: bytes,
+        content_type: str,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        """One request (gcloud-aio retries none of it)."""
+        await gcs.upload(
+            self.bucket,
+            key,
+            body,
+            content_type=content_type,
+            metadata=metadata,
+            timeout=self._upload_timeout(len(body)),
+        )
+
+    @retry_transient(_transient_unanswered, max_tries=RESUMABLE_TRIES)
+    async def _upload_resumable(
+        self,
+        gcs: Storage,
+        key: str,
+        path: Path,
+        size: int,
+        content_type: str,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        """The open file streamed (aiohttp reads it in its executor, in chunks)."""
+        f = await asyncio.to_thread(path.open, "rb")
         try:
             await gcs.upload(
                 self.bucket,
