@@ -38,6 +38,7 @@ from ingest.errors import (
 )
 from ingest.log import register_secret, setup
 from ingest.model import State
+from ingest.output import OutputGone, Sink
 from ingest.run.lifecycle import (
     EXIT_BUSY,
     EXIT_CONFIG,
@@ -328,14 +329,18 @@ async def _run(cfg: config.Config, kind: str, *, retry_blocked: str | None = Non
 async def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
     from ingest.engine import plan_only
 
-    out = sys.stdout.buffer if output == "-" else _open_output(output, "wb")
+    to_file = output != "-"
+    out: Any = Sink(
+        _open_output(output, "wb") if to_file else sys.stdout.buffer,
+        output if to_file else "stdout",
+    )
     try:
         async with _existing_ledger(cfg) as done:
             n_requests, n_items, n_skipped = await plan_only(
                 cfg, out, readonly_hint=readonly_flag, done=done
             )
     finally:
-        if out is not sys.stdout.buffer:
+        if to_file:
             out.close()
     where = "stdout" if output == "-" else output
     print(
@@ -399,7 +404,8 @@ async def _report(
     async with _existing_ledger(cfg) as ledger:
         if ledger is None:
             raise ConfigError(f"no ledger at {cfg.ledger.path}: run `ingest run` first")
-        out = sys.stdout if output == "-" else _open_output(output, "w")
+        to_file = output != "-"
+        out = Sink(_open_output(output, "w"), output) if to_file else Sink(sys.stdout, "stdout")
         try:
             writer = csv.writer(out) if fmt == "csv" else None
             if writer:
@@ -418,7 +424,7 @@ async def _report(
                             orjson.dumps(dict(zip(fields, values, strict=True))).decode() + "\n"
                         )
         finally:
-            if out is not sys.stdout:
+            if to_file:
                 out.close()
     return EXIT_OK
 
@@ -497,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup("text")
         return main_from_args(ns)
+    stdout, sys.stdout = sys.stdout, Sink(sys.stdout, "stdout")
     try:
         code = _dispatch(ns)
         sys.stdout.flush()  # a reader gone by now is a broken pipe too: handled below
@@ -504,8 +511,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as e:
         line, code = _exit_for(e)
         if line:
-            print(line, file=sys.stderr)
+            with contextlib.suppress(OSError):  # stderr's reader gone: the code still counts
+                print(line, file=sys.stderr)
         return code
+    finally:
+        sys.stdout = stdout
 
 
 def _dispatch(ns: argparse.Namespace) -> int:
@@ -545,7 +555,7 @@ def _exit_for(e: BaseException) -> tuple[str, int]:
         return f"ledger: {e}", EXIT_FATAL if e.retryable else EXIT_CONFIG
     if isinstance(e, V7Error | IngestError):
         return f"fatal: {e}", EXIT_FATAL
-    if isinstance(e, BrokenPipeError):
+    if isinstance(e, OutputGone):  # stdout's reader only: any other broken pipe is no such
         _stdout_to_devnull()
         return "", EXIT_PIPE
     raise e

@@ -391,6 +391,8 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"config: {p} is not a UTF-8 text file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {p} is not valid TOML: {e}") from None
+        except OSError as e:  # not a directory on the way, a symlink loop, no permission…
+            raise ConfigError(f"config: cannot read {p}: {e.strerror or e}") from None
         for section, values in raw.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"config: top-level key {section!r} must be a [section]")

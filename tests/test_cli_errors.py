@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import subprocess
@@ -477,3 +478,55 @@ def test_a_plan_of_an_empty_prefix_warns_too(job: tuple[Path, Path], tmp_path: P
     (warning,) = log_lines(res.stderr, "warning")
     assert "the listing of prefix 'nothing-here/' found no objects" in warning
     assert out.read_bytes() == b""
+
+
+# --- output that cannot be written, a reader that is gone ----------------------------------------
+
+
+def test_report_to_a_full_disk_is_one_line(job: tuple[Path, Path]) -> None:
+    cfg, _ = job
+    res = run_cli("report", "-c", str(cfg), "-o", "/dev/full")
+    assert "cannot write /dev/full: No space left on device" in one_line(res, code=4)
+
+
+def test_plan_to_a_full_disk_is_one_line(job: tuple[Path, Path]) -> None:
+    cfg, _ = job
+    res = run_cli("plan", "-c", str(cfg), "-o", "/dev/full", "--ledger", "/nonexistent.sqlite")
+    assert "cannot write /dev/full: No space left on device" in one_line(res, code=4)
+
+
+def test_a_refusal_with_stderr_gone_still_exits_2(job: tuple[Path, Path]) -> None:
+    """The one line cannot be written (stderr's reader went away): the exit code still says
+    what happened, not 1 from an error in the handler."""
+    cfg, _ = job
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read stderr
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "ingest", "report", "-c", str(cfg), "--state", "bogus"],
+            env=cli_env(), stdout=subprocess.PIPE, stderr=write_end, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert res.returncode == EXIT_CONFIG
+
+
+def test_only_a_broken_stdout_exits_quietly_with_141() -> None:
+    from ingest.cli import _exit_for
+    from ingest.output import OutputGone
+
+    assert _exit_for(OutputGone()) == ("", EXIT_PIPE)
+    with pytest.raises(BrokenPipeError):  # from stderr or a socket: not stdout's reader
+        _exit_for(BrokenPipeError())
+
+
+@pytest.mark.parametrize("kind", ["not-a-directory", "symlink-loop"])
+def test_a_config_path_that_cannot_be_read_is_one_line(tmp_path: Path, kind: str) -> None:
+    if kind == "not-a-directory":
+        (tmp_path / "f").write_text("", encoding="utf-8")
+        path, why = tmp_path / "f" / "c.toml", "Not a directory"
+    else:
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        path, why = tmp_path / "a", "Too many levels of symbolic links"
+    assert f"config: cannot read {path}: {why}" in one_line(run_cli("plan", "-c", str(path)))
