@@ -584,7 +584,8 @@ def _loop_runner() -> Any:
 
 def _asyncio_run(coro: Any) -> int:
     """Run ``coro``; an error that ended it inside a task group is raised as itself, so the
-    one-line handlers of ``main`` see it (never an ExceptionGroup traceback)."""
+    one-line handlers of ``main`` see it (never an ExceptionGroup traceback, unless a bug is in
+    it)."""
     try:
         return int(_loop_runner()(coro))
     except BaseExceptionGroup as group:
@@ -592,7 +593,9 @@ def _asyncio_run(coro: Any) -> int:
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first error of ours in a (nested) exception group, else its first leaf."""
+    """What a (nested) exception group stands for: the group itself when any of its errors is
+    not ours (a bug keeps its traceback, even beside errors of ours), else an interruption
+    (Ctrl-C: the other errors are likely its consequences), else the first error of ours."""
     leaves: list[BaseException] = []
 
     def walk(e: BaseException) -> None:
@@ -603,5 +606,7 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(e)
 
     walk(group)
-    ours = [e for e in leaves if isinstance(e, IngestError)]
-    return (ours or leaves)[0]
+    if any(not isinstance(e, IngestError | OutputGone | KeyboardInterrupt) for e in leaves):
+        return group
+    interrupted = [e for e in leaves if isinstance(e, KeyboardInterrupt | Aborted)]
+    return (interrupted or leaves)[0]

@@ -530,3 +530,18 @@ def test_a_config_path_that_cannot_be_read_is_one_line(tmp_path: Path, kind: str
         (tmp_path / "b").symlink_to(tmp_path / "a")
         path, why = tmp_path / "a", "Too many levels of symbolic links"
     assert f"config: cannot read {path}: {why}" in one_line(run_cli("plan", "-c", str(path)))
+
+
+def test_an_exception_group_keeps_a_bug_and_an_interruption() -> None:
+    from ingest.cli import _exit_for, _first_leaf
+    from ingest.errors import Aborted, LedgerError, V7Error
+
+    bug = TypeError("a bug")
+    mixed = ExceptionGroup("g", [LedgerError("locked"), ExceptionGroup("h", [bug])])
+    assert _first_leaf(mixed) is mixed  # re-raised whole: the bug's traceback is kept
+    ctrl_c = BaseExceptionGroup("g", [V7Error("cancelled mid-request"), KeyboardInterrupt()])
+    assert _exit_for(_first_leaf(ctrl_c))[1] == 130
+    aborted = ExceptionGroup("g", [V7Error("x"), Aborted("stopped")])
+    assert _exit_for(_first_leaf(aborted))[1] == 130
+    ours = ExceptionGroup("g", [ExceptionGroup("h", [LedgerError("locked")]), V7Error("x")])
+    assert isinstance(_first_leaf(ours), LedgerError)
