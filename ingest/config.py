@@ -10,7 +10,8 @@ pydantic's multi-line dump. Checks across fields are small functions called by `
 
 ``--set section.field=value``: the value is read as a TOML value (``5``, ``2.5``, ``true``,
 ``["*.jpg"]``, ``"text"``); a string field takes the text as typed (the command line is text:
-``--prefix 2024`` is the prefix "2024"), and a list field also takes ``a,b`` (comma-separated).
+``--prefix 2024`` is the prefix "2024"), and a list field also takes ``a,b`` (comma-separated)
+but refuses ``[*.jpg]``: a TOML list the shell took the quotes from.
 """
 
 from __future__ import annotations
@@ -282,6 +283,12 @@ def _section_class(section: str) -> type[Any]:
     return type(getattr(Config(), section))
 
 
+def _section_for_field(name: str) -> str:
+    """`` (did you mean `[v7] dataset`?)`` for a field written above every section."""
+    owners = [s for s in SECTIONS if s != "upload" and name in _field_names(_section_class(s))]
+    return f" (did you mean `[{owners[0]}] {name}`?)" if owners else ""
+
+
 def _field_names(cls: type[Any]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -294,20 +301,34 @@ def _suggest(name: str, known: tuple[str, ...] | list[str]) -> str:
     return f" (known: {', '.join(known)})"
 
 
-def _read_override(cls: type[Any], name: str, text: str) -> Any:
+def _read_override(cls: type[Any], name: str, text: str, section: str) -> Any:
     """One ``--set`` value: a TOML value when it parses as one (``5``, ``true``, ``["a"]``,
-    ``"s"``); a string field takes the text as typed; a list field also takes ``a,b``."""
+    ``"s"``); a string field takes the text as typed; a list field also takes ``a,b``, but not
+    ``[a`` or ``[*.jpg]`` (a list the shell took the quotes from)."""
+    fields = getattr(cls, "__pydantic_fields__", {})
+    annotation = fields[name].annotation if name in fields else None
+    is_list = getattr(annotation, "__origin__", None) is list
     try:
         value: Any = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        if is_list and text.startswith("["):
+            raise ConfigError(_unquoted_list(section, name, text)) from None
         value = text
-    fields = getattr(cls, "__pydantic_fields__", {})
-    annotation = fields[name].annotation if name in fields else None
     if annotation is str and not isinstance(value, str):
         return text
-    if getattr(annotation, "__origin__", None) is list and isinstance(value, str):
+    if is_list and isinstance(value, str):
         return [v for v in value.split(",") if v]
     return value
+
+
+def _unquoted_list(section: str, name: str, text: str) -> str:
+    """``[*.jpg]``: what the shell leaves of ``["*.jpg"]``. Taken as one pattern it would be a
+    character class, so it is refused, showing quoting that survives the shell."""
+    return (
+        f"--set {section}.{name}={text} is not a TOML list (the shell removed its quotes?): "
+        f"""write --set '{section}.{name}=["*.jpg", "*.png"]' or """
+        f"--set '{section}.{name}=*.jpg,*.png'"
+    )
 
 
 def _describe(value: Any) -> str:
@@ -345,6 +366,8 @@ _MESSAGES = {
 def _one_line(section: str, cls: type[Any], err: ValidationError) -> ConfigError:
     """Pydantic's errors as one line: the first error, naming the field and the value."""
     errors = err.errors(include_url=False)
+    # An unknown field first: its did-you-mean is likely the fix for the others too.
+    errors.sort(key=lambda e: e["type"] != "unexpected_keyword_argument")
     first = errors[0]
     loc = [str(p) for p in first["loc"]]
     name = loc[0] if loc else ""
@@ -395,7 +418,10 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"config: cannot read {p}: {e.strerror or e}") from None
         for section, values in raw.items():
             if not isinstance(values, dict):
-                raise ConfigError(f"config: top-level key {section!r} must be a [section]")
+                raise ConfigError(
+                    f"config: top-level key {section!r} must be a [section]"
+                    f"{_section_for_field(section)}"
+                )
             _section_class(section)
             data[section] = dict(values)
     for item in overrides or []:
@@ -404,7 +430,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         if not sep or not dot:
             raise ConfigError(f"--set expects section.field=value, got {item!r}")
         cls = _section_class(section)
-        data.setdefault(section, {})[name] = _read_override(cls, name, text.strip())
+        data.setdefault(section, {})[name] = _read_override(cls, name, text.strip(), section)
     sections = {section: _build(section, values) for section, values in data.items()}
     cfg = Config(**sections, api_key=os.environ.get(API_KEY_ENV, ""))
     validate(cfg)

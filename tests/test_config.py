@@ -169,3 +169,36 @@ def test_s3_errors_never_carry_the_endpoint_password() -> None:
     for e in (ConnectTimeoutError(endpoint_url=url), EndpointConnectionError(endpoint_url=url)):
         text = str(source._map(e, "list"))
         assert "s3cret" not in text and "127.0.0.1:9" in text
+
+
+@pytest.mark.parametrize("override", ["source.include=[*.jpg]", "upload.exclude=[*.tmp, *.bak]"])
+def test_a_list_the_shell_took_the_quotes_from_is_refused(override: str) -> None:
+    """``--set source.include=["*.jpg"]`` unquoted by the shell arrives as ``[*.jpg]``: one
+    pattern, a character class, matching one-letter keys. Refused, showing quoting that works."""
+    where = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=r"is not a TOML list") as e:
+        config.load(None, [override])
+    assert f"""--set '{where}=["*.jpg", "*.png"]'""" in str(e.value)
+    assert config.load(None, ['source.include=["*.jpg"]']).source.include == ["*.jpg"]
+    assert config.load(None, ["source.include=*.jpg,*.png"]).source.include == ["*.jpg", "*.png"]
+    assert config.load(None, ["source.prefix=[x"]).source.prefix == "[x"  # a string stays as typed
+
+
+def _load_text(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    return str(e.value)
+
+
+def test_an_unknown_field_is_reported_before_other_errors(tmp_path: Path) -> None:
+    got = _load_text(tmp_path, '[batch]\nmax_bytes = "y"\nmax_itmes = 5\n')
+    assert "unknown field batch.max_itmes (did you mean `max_items`?)" in got
+
+
+def test_a_field_above_every_section_names_its_section(tmp_path: Path) -> None:
+    got = _load_text(tmp_path, 'dataset = "x"\n[v7]\nstorage = "s"\n')
+    assert "top-level key 'dataset' must be a [section] (did you mean `[v7] dataset`?)" in got
+    got = _load_text(tmp_path, "nothing_like_it = 1\n")
+    assert "top-level key 'nothing_like_it' must be a [section]" in got and "mean" not in got
