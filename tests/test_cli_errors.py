@@ -445,7 +445,13 @@ def test_emulator_storage_flag_adds_configurations(tmp_path: Path) -> None:
     ],
 )
 def test_emulator_storage_flag_refuses_a_typo(value: str, expected: str) -> None:
-    res = run_cli("emulator", "--port", "1", "--storage", value)
+    """Refused while the arguments are parsed. The port is one this test holds: were the value
+    accepted, the emulator could not listen there and would end at once (never serve on)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        res = run_cli("emulator", "--host", "127.0.0.1", "--port", port, "--storage", value)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert expected in res.stderr.splitlines()[-1]
 
