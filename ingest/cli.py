@@ -38,6 +38,7 @@ from ingest.errors import (
 )
 from ingest.log import register_secret, setup
 from ingest.model import State
+from ingest.output import OutputGone, Sink
 from ingest.run.lifecycle import (
     EXIT_BUSY,
     EXIT_CONFIG,
@@ -347,6 +348,9 @@ async def _run_held(cfg: config.Config, kind: str, *, retry_blocked: str | None 
     from ingest.engine import open_engine
     from ingest.ledger import LedgerPort
 
+    if retry_blocked is not None:  # before any preflight: a typo is refused at once
+        retry_blocked = await _blocked_reason(cfg, retry_blocked)
+
     async def requeue(ledger: LedgerPort) -> bool:
         """Re-queue FAILED (and BLOCKED) items; False when there is nothing to send at all,
         so a no-op `retry` records no run."""
@@ -379,14 +383,18 @@ async def _run_held(cfg: config.Config, kind: str, *, retry_blocked: str | None 
 async def _plan(cfg: config.Config, output: str, readonly_flag: bool) -> int:
     from ingest.engine import plan_only
 
-    out = sys.stdout.buffer if output == "-" else _open_output(output, "wb")
+    to_file = output != "-"
+    out: Any = Sink(
+        _open_output(output, "wb") if to_file else sys.stdout.buffer,
+        output if to_file else "stdout",
+    )
     try:
         async with _existing_ledger(cfg) as done:
             n_requests, n_items, n_skipped = await plan_only(
                 cfg, out, readonly_hint=readonly_flag, done=done
             )
     finally:
-        if out is not sys.stdout.buffer:
+        if to_file:
             out.close()
     where = "stdout" if output == "-" else output
     print(
@@ -485,7 +493,8 @@ async def _report(
             from ingest.status_view import unknown_job_line
 
             raise ConfigError(unknown_job_line(cfg.job, cfg.ledger.path, jobs))
-        out = sys.stdout if output == "-" else _open_output(output, "w")
+        to_file = output != "-"
+        out = Sink(_open_output(output, "w"), output) if to_file else Sink(sys.stdout, "stdout")
         try:
             writer = csv.writer(out) if fmt == "csv" else None
             if writer:
@@ -504,20 +513,23 @@ async def _report(
                             orjson.dumps(dict(zip(fields, values, strict=True))).decode() + "\n"
                         )
         finally:
-            if out is not sys.stdout:
+            if to_file:
                 out.close()
     return EXIT_OK
 
 
 EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head`
 
-# V7's blocked-item reasons (docs/v7-contract.md, "Known reasons"): what `retry --blocked` takes.
+# V7's known blocked-item reasons (docs/v7-contract.md, "Known reasons") and the registrar's
+# UNKNOWN (V7 gave none): `retry --blocked` takes these even when no item is blocked for them,
+# and any other reason the ledger holds (V7 may add some).
 BLOCKED_REASONS = (
     "ALREADY_EXISTS",
     "FILE_UPLOAD_TIMEOUT",
     "FILE_UPLOAD_FAILED",
     "UNEXPECTED_ERROR",
     "ITEM_COUNT_LIMIT_EXCEEDED",
+    "UNKNOWN",
 )
 
 
@@ -536,17 +548,33 @@ def check_states(states: Sequence[str]) -> list[str]:
     return out
 
 
-def check_blocked_reason(reason: str) -> str:
-    """``retry --blocked`` value, upper-cased (V7's reasons are); each part of a combined
-    reason ("A,B", as the ledger stores several) must be one V7 gives."""
-    value = reason.strip().upper()
-    for part in value.split(","):
-        if part not in BLOCKED_REASONS:
-            raise ConfigError(
-                f"retry --blocked {reason!r} is not a reason V7 blocks items for"
-                f"{_nearest(part, BLOCKED_REASONS)} (one of: {', '.join(BLOCKED_REASONS)})"
-            )
-    return value
+def check_blocked_reason(reason: str, in_ledger: Sequence[str]) -> str:
+    """``retry --blocked`` value as the ledger stores it: upper-cased, each part of a combined
+    reason ("a, b") trimmed and matched in any order against ``in_ledger`` (the job's BLOCKED
+    reasons). A known V7 reason no item is blocked for passes (nothing to re-queue for it);
+    anything else is refused with the nearest candidate."""
+    parts = [p.strip().upper() for p in reason.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("retry --blocked needs a reason (e.g. ALREADY_EXISTS)")
+    for stored in in_ledger:
+        if {p.strip().upper() for p in stored.split(",")} == set(parts):
+            return stored
+    if all(p in BLOCKED_REASONS for p in parts):
+        return ",".join(parts)
+    value = ",".join(parts)
+    candidates = sorted(set(in_ledger) | set(BLOCKED_REASONS))
+    blocked = ", ".join(in_ledger) or "none"
+    raise ConfigError(
+        f"retry --blocked {reason!r}: no item is blocked for it{_nearest(value, candidates)} "
+        f"(blocked in this job: {blocked}; V7's reasons: {', '.join(BLOCKED_REASONS)})"
+    )
+
+
+async def _blocked_reason(cfg: config.Config, reason: str) -> str:
+    """``check_blocked_reason`` against the job's ledger (none yet: nothing is blocked)."""
+    async with _existing_ledger(cfg) as ledger:
+        in_ledger = await ledger.blocked_reasons() if ledger is not None else []
+    return check_blocked_reason(reason, in_ledger)
 
 
 def _nearest(value: str, known: Sequence[str]) -> str:
@@ -564,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup("text")
         return main_from_args(ns)
+    stdout, sys.stdout = sys.stdout, Sink(sys.stdout, "stdout")
     try:
         code = _dispatch(ns)
         sys.stdout.flush()  # a reader gone by now is a broken pipe too: handled below
@@ -571,8 +600,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as e:
         line, code = _exit_for(e)
         if line:
-            print(line, file=sys.stderr)
+            with contextlib.suppress(OSError):  # stderr's reader gone: the code still counts
+                print(line, file=sys.stderr)
         return code
+    finally:
+        sys.stdout = stdout
 
 
 def _dispatch(ns: argparse.Namespace) -> int:
@@ -582,7 +614,6 @@ def _dispatch(ns: argparse.Namespace) -> int:
     if ns.command in ("run", "retry", "sync"):
         config.require_for_run(cfg)
         blocked = getattr(ns, "blocked", None)
-        blocked = check_blocked_reason(blocked) if blocked else None
         busy_ok = getattr(ns, "busy_ok", False)
         return _asyncio_run(_run(cfg, ns.command, retry_blocked=blocked, busy_ok=busy_ok))
     if ns.command == "worker":
@@ -616,7 +647,7 @@ def _exit_for(e: BaseException) -> tuple[str, int]:
         return f"ledger: {e}", EXIT_FATAL if e.retryable else EXIT_CONFIG
     if isinstance(e, V7Error | IngestError):
         return f"fatal: {e}", EXIT_FATAL
-    if isinstance(e, BrokenPipeError):
+    if isinstance(e, OutputGone):  # stdout's reader only: any other broken pipe is no such
         _stdout_to_devnull()
         return "", EXIT_PIPE
     raise e
@@ -645,7 +676,8 @@ def _loop_runner() -> Any:
 
 def _asyncio_run(coro: Any) -> int:
     """Run ``coro``; an error that ended it inside a task group is raised as itself, so the
-    one-line handlers of ``main`` see it (never an ExceptionGroup traceback)."""
+    one-line handlers of ``main`` see it (never an ExceptionGroup traceback, unless a bug is in
+    it)."""
     try:
         return int(_loop_runner()(coro))
     except BaseExceptionGroup as group:
@@ -653,7 +685,9 @@ def _asyncio_run(coro: Any) -> int:
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first error of ours in a (nested) exception group, else its first leaf."""
+    """What a (nested) exception group stands for: the group itself when any of its errors is
+    not ours (a bug keeps its traceback, even beside errors of ours), else an interruption
+    (Ctrl-C: the other errors are likely its consequences), else the first error of ours."""
     leaves: list[BaseException] = []
 
     def walk(e: BaseException) -> None:
@@ -664,5 +698,7 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(e)
 
     walk(group)
-    ours = [e for e in leaves if isinstance(e, IngestError)]
-    return (ours or leaves)[0]
+    if any(not isinstance(e, IngestError | OutputGone | KeyboardInterrupt) for e in leaves):
+        return group
+    interrupted = [e for e in leaves if isinstance(e, KeyboardInterrupt | Aborted)]
+    return (interrupted or leaves)[0]

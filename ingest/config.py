@@ -10,7 +10,8 @@ pydantic's multi-line dump. Checks across fields are small functions called by `
 
 ``--set section.field=value``: the value is read as a TOML value (``5``, ``2.5``, ``true``,
 ``["*.jpg"]``, ``"text"``); a string field takes the text as typed (the command line is text:
-``--prefix 2024`` is the prefix "2024"), and a list field also takes ``a,b`` (comma-separated).
+``--prefix 2024`` is the prefix "2024"), and a list field also takes ``a,b`` (comma-separated)
+but refuses ``[*.jpg]``: a TOML list the shell took the quotes from.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from ingest.errors import ConfigError
+from ingest.log import without_userinfo
 
 DEFAULT_BASE_URL = "https://darwin.v7labs.com"
 API_KEY_ENV = "DARWIN_API_KEY"
@@ -43,6 +45,10 @@ SlotGrouping = Literal["none", "folder", "manifest"]
 # strict: no type conversion; forbid: unknown fields refused; no NaN/inf; an assignment in
 # code is checked like a value from the file.
 STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # an environment variable's name
+# Fields whose value is never echoed in an error: a pasted connection string holds a key.
+UNECHOED = frozenset({"connection_string_env"})
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]  # 0 has a documented meaning (derived / none)
@@ -78,7 +84,9 @@ class SourceConfig:
     account_url: str = ""
     # Azure: name of the env variable holding a connection string (the string holds a key, so
     # it never goes in the file itself).
-    connection_string_env: str = "AZURE_STORAGE_CONNECTION_STRING"
+    connection_string_env: Annotated[str, Field(pattern=ENV_NAME)] = (
+        "AZURE_STORAGE_CONNECTION_STRING"
+    )
     include: list[str] = field(default_factory=list)  # globs on the key; empty = everything
     exclude: list[str] = field(default_factory=list)
     page_size: Annotated[int, Field(ge=1, le=1000)] = 1000  # keys per listing page (S3 max 1000)
@@ -297,6 +305,12 @@ def _section_class(section: str) -> type[Any]:
     return type(getattr(Config(), section))
 
 
+def _section_for_field(name: str) -> str:
+    """`` (did you mean `[v7] dataset`?)`` for a field written above every section."""
+    owners = [s for s in SECTIONS if s != "upload" and name in _field_names(_section_class(s))]
+    return f" (did you mean `[{owners[0]}] {name}`?)" if owners else ""
+
+
 def _field_names(cls: type[Any]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -309,20 +323,34 @@ def _suggest(name: str, known: tuple[str, ...] | list[str]) -> str:
     return f" (known: {', '.join(known)})"
 
 
-def _read_override(cls: type[Any], name: str, text: str) -> Any:
+def _read_override(cls: type[Any], name: str, text: str, section: str) -> Any:
     """One ``--set`` value: a TOML value when it parses as one (``5``, ``true``, ``["a"]``,
-    ``"s"``); a string field takes the text as typed; a list field also takes ``a,b``."""
+    ``"s"``); a string field takes the text as typed; a list field also takes ``a,b``, but not
+    ``[a`` or ``[*.jpg]`` (a list the shell took the quotes from)."""
+    fields = getattr(cls, "__pydantic_fields__", {})
+    annotation = fields[name].annotation if name in fields else None
+    is_list = getattr(annotation, "__origin__", None) is list
     try:
         value: Any = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        if is_list and text.startswith("["):
+            raise ConfigError(_unquoted_list(section, name, text)) from None
         value = text
-    fields = getattr(cls, "__pydantic_fields__", {})
-    annotation = fields[name].annotation if name in fields else None
     if annotation is str and not isinstance(value, str):
         return text
-    if getattr(annotation, "__origin__", None) is list and isinstance(value, str):
+    if is_list and isinstance(value, str):
         return [v for v in value.split(",") if v]
     return value
+
+
+def _unquoted_list(section: str, name: str, text: str) -> str:
+    """``[*.jpg]``: what the shell leaves of ``["*.jpg"]``. Taken as one pattern it would be a
+    character class, so it is refused, showing quoting that survives the shell."""
+    return (
+        f"--set {section}.{name}={text} is not a TOML list (the shell removed its quotes?): "
+        f"""write --set '{section}.{name}=["*.jpg", "*.png"]' or """
+        f"--set '{section}.{name}=*.jpg,*.png'"
+    )
 
 
 def _describe(value: Any) -> str:
@@ -360,6 +388,8 @@ _MESSAGES = {
 def _one_line(section: str, cls: type[Any], err: ValidationError) -> ConfigError:
     """Pydantic's errors as one line: the first error, naming the field and the value."""
     errors = err.errors(include_url=False)
+    # An unknown field first: its did-you-mean is likely the fix for the others too.
+    errors.sort(key=lambda e: e["type"] != "unexpected_keyword_argument")
     first = errors[0]
     loc = [str(p) for p in first["loc"]]
     name = loc[0] if loc else ""
@@ -367,6 +397,12 @@ def _one_line(section: str, cls: type[Any], err: ValidationError) -> ConfigError
     if first["type"] == "unexpected_keyword_argument":
         return ConfigError(
             f"config: unknown field {section}.{name}{_suggest(name, _field_names(cls))}"
+        )
+    if name in UNECHOED:
+        return ConfigError(
+            f"config: {where} must be the name of an environment variable (letters, digits "
+            "and _, e.g. AZURE_STORAGE_CONNECTION_STRING), not the connection string itself "
+            "(its value is not shown)"
         )
     template = _MESSAGES.get(first["type"])
     ctx = {k: _number(v) for k, v in first.get("ctx", {}).items()}
@@ -400,9 +436,14 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"config: {p} is not a UTF-8 text file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {p} is not valid TOML: {e}") from None
+        except OSError as e:  # not a directory on the way, a symlink loop, no permission…
+            raise ConfigError(f"config: cannot read {p}: {e.strerror or e}") from None
         for section, values in raw.items():
             if not isinstance(values, dict):
-                raise ConfigError(f"config: top-level key {section!r} must be a [section]")
+                raise ConfigError(
+                    f"config: top-level key {section!r} must be a [section]"
+                    f"{_section_for_field(section)}"
+                )
             _section_class(section)
             data[section] = dict(values)
     for item in overrides or []:
@@ -411,7 +452,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         if not sep or not dot:
             raise ConfigError(f"--set expects section.field=value, got {item!r}")
         cls = _section_class(section)
-        data.setdefault(section, {})[name] = _read_override(cls, name, text.strip())
+        data.setdefault(section, {})[name] = _read_override(cls, name, text.strip(), section)
     sections = {section: _build(section, values) for section, values in data.items()}
     cfg = Config(**sections, api_key=os.environ.get(API_KEY_ENV, ""))
     apply_ledger_env(cfg, overrides or [])
@@ -509,7 +550,7 @@ HTTP_URL = re.compile(r"^https?://[^/\s]+", re.IGNORECASE)
 def _check_url(where: str, url: str) -> None:
     if url and not HTTP_URL.match(url):
         raise ConfigError(
-            f"config: {where} = {url!r} must start with http:// or https:// "
+            f"config: {where} = {without_userinfo(url)!r} must start with http:// or https:// "
             "(e.g. http://127.0.0.1:9000)"
         )
 
@@ -519,7 +560,8 @@ def _validate_urls(cfg: Config) -> None:
     if not HTTP_URL.match(cfg.base_url):
         where = "v7.base_url" if cfg.v7.base_url else f"${BASE_URL_ENV}"
         raise ConfigError(
-            f"config: {where} = {cfg.base_url!r} must start with http:// or https:// "
+            f"config: {where} = {without_userinfo(cfg.base_url)!r} must start with http:// or "
+            "https:// "
             f"(e.g. {DEFAULT_BASE_URL})"
         )
     _check_url("source.endpoint_url", cfg.source.endpoint_url)

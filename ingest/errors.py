@@ -37,9 +37,12 @@ formatted into them.
 
 The CLI turns the error that ended a command into one stderr line and an exit code in one
 table, ``ingest.cli._exit_for``: ConfigError and PreflightError → 2 ("error: …"), LeaseHeld
-→ 5, Aborted → 130, LedgerError → 2 (LedgerBusy → 4), any other IngestError → 4; and one
-foreign error, BrokenPipeError (the reader of stdout went away) → 141, quietly. Anything else
-is a bug and keeps its traceback. An ExceptionGroup is unwrapped to its first error of ours.
+→ 5, Aborted → 130, LedgerError → 2 (LedgerBusy → 4), any other IngestError → 4; and
+``ingest.output.OutputGone`` (a write to stdout found its reader gone) → 141, quietly — a
+broken pipe anywhere else is not that. A write or close of an ``-o`` file that fails (a full
+disk) is a FatalError naming the file. Anything else is a bug and keeps its traceback. An
+ExceptionGroup is re-raised whole when any of its errors is foreign (a bug), ends 130 when it
+holds an interruption, and is otherwise unwrapped to its first error of ours.
 """
 
 from __future__ import annotations

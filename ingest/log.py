@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -39,21 +40,34 @@ def set_run_id(run_id: str) -> None:
     _RUN_ID["value"] = run_id
 
 
+# The user:password@ of a URL (with or without a scheme): what an endpoint pasted from a
+# console often carries.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
+_BARE_USERINFO = re.compile(r"^[^/?#\s@:]+:[^/?#\s@]*@")
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` fit to print: ``https://user:pass@host`` → ``https://[REDACTED]@host`` (also
+    ``user:pass@host`` without a scheme). Every message that shows an endpoint uses this."""
+    url = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", url)
+    return _BARE_USERINFO.sub(f"{REDACTED}@", url)
+
+
 def redact(text: str) -> str:
+    """Registered secrets and the userinfo of any URL in ``text`` replaced."""
     for secret in _SECRETS:
         if secret in text:
             text = text.replace(secret, REDACTED)
-    return text
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
 
 
 class _RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if _SECRETS:
-            record.msg = redact(record.getMessage())
-            record.args = None
-            for k, v in list(vars(record).items()):
-                if k not in _STANDARD and isinstance(v, str):
-                    setattr(record, k, redact(v))
+        record.msg = redact(record.getMessage())
+        record.args = None
+        for k, v in list(vars(record).items()):
+            if k not in _STANDARD and isinstance(v, str):
+                setattr(record, k, redact(v))
         record.run_id = _RUN_ID["value"]
         return True
 

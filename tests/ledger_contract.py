@@ -493,6 +493,7 @@ async def test_item_states_batched(ledger: LedgerPort) -> None:
 
 async def test_requeue_failed(ledger: LedgerPort) -> None:
     a, b, c, d = await record(ledger, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    assert await ledger.blocked_reasons() == []
     await ledger.record_outcomes(
         [
             Outcome("/", "a.jpg", State.FAILED, reason="HTTP 422"),  # final: retry anyway
@@ -501,8 +502,10 @@ async def test_requeue_failed(ledger: LedgerPort) -> None:
             Outcome("/", "d.jpg", State.REGISTERED, v7_id="i"),
         ]
     )
+    assert await ledger.blocked_reasons() == ["ALREADY_EXISTS", "FILE_UPLOAD_TIMEOUT"]
     assert await ledger.requeue_failed() == 1
     assert await ledger.requeue_failed("FILE_UPLOAD_TIMEOUT") == 1
+    assert await ledger.blocked_reasons() == ["ALREADY_EXISTS"]
     states = await ledger.item_states([a.ident, b.ident, c.ident, d.ident])
     assert [states[x.ident] for x in (a, b, c, d)] == [
         State.PLANNED,

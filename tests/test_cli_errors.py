@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import subprocess
@@ -268,8 +269,25 @@ def test_report_with_an_unknown_state_lists_the_states(job: tuple[Path, Path]) -
 def test_retry_with_an_unknown_blocked_reason_lists_the_reasons(job: tuple[Path, Path]) -> None:
     cfg, _ = job
     line = one_line(run_cli("retry", "-c", str(cfg), "--blocked", "ALREDY_EXISTS"))
-    assert "retry --blocked 'ALREDY_EXISTS' is not a reason V7 blocks items for" in line
-    assert "(did you mean ALREADY_EXISTS?)" in line
+    assert "retry --blocked 'ALREDY_EXISTS': no item is blocked for it" in line
+    assert "(did you mean ALREADY_EXISTS?)" in line and "blocked in this job: none" in line
+
+
+def test_retry_blocked_takes_the_reasons_the_ledger_holds() -> None:
+    from ingest.cli import check_blocked_reason
+    from ingest.errors import ConfigError
+
+    stored = ["ALREADY_EXISTS,FILE_UPLOAD_FAILED", "NEW_V7_REASON", "UNKNOWN"]
+    assert check_blocked_reason("new_v7_reason ", stored) == "NEW_V7_REASON"  # not in V7's list
+    # the parts of a combined reason trimmed, in any order: the value as stored
+    got = check_blocked_reason(" file_upload_failed , already_exists", stored)
+    assert got == "ALREADY_EXISTS,FILE_UPLOAD_FAILED"
+    assert check_blocked_reason("unknown", []) == "UNKNOWN"  # what the registrar stores
+    assert check_blocked_reason("file_upload_timeout", stored) == "FILE_UPLOAD_TIMEOUT"
+    with pytest.raises(ConfigError, match=r"did you mean NEW_V7_REASON\?"):
+        check_blocked_reason("NEW_V7_RAESON", stored)
+    with pytest.raises(ConfigError, match="needs a reason"):
+        check_blocked_reason(" , ", stored)
 
 
 def test_a_prefix_that_lists_nothing_warns_and_exits_0(
@@ -382,9 +400,18 @@ def test_gcs_without_credentials_fails_at_once_naming_the_fix(
 def test_a_gcs_key_file_that_is_not_there_is_named(tmp_path: Path, emu: Emulator) -> None:
     env = _no_gcp_credentials(tmp_path, GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "k.json"))
     res = run_cli("run", "-c", str(_gcs_job(tmp_path, emu)), env=env)
-    assert f"GOOGLE_APPLICATION_CREDENTIALS = '{tmp_path / 'k.json'}': no such file" in one_line(
-        res
-    )
+    line = one_line(res)
+    assert "GOOGLE_APPLICATION_CREDENTIALS: the file it names does not exist" in line
+    assert "k.json" not in line  # the value is never shown (it may be the key itself)
+
+
+def test_a_gcs_key_pasted_into_the_variable_is_never_shown(tmp_path: Path, emu: Emulator) -> None:
+    key = '{"type": "service_account", "private_key": "-----BEGIN S3CRET-----"}'
+    env = _no_gcp_credentials(tmp_path, GOOGLE_APPLICATION_CREDENTIALS=key)
+    res = run_cli("run", "-c", str(_gcs_job(tmp_path, emu)), env=env)
+    line = one_line(res)
+    assert "GOOGLE_APPLICATION_CREDENTIALS holds JSON, not a path" in line
+    assert "S3CRET" not in res.stderr + res.stdout
 
 
 # --- §5: the emulator's own storage configurations ---------------------------------------------
@@ -418,7 +445,13 @@ def test_emulator_storage_flag_adds_configurations(tmp_path: Path) -> None:
     ],
 )
 def test_emulator_storage_flag_refuses_a_typo(value: str, expected: str) -> None:
-    res = run_cli("emulator", "--port", "1", "--storage", value)
+    """Refused while the arguments are parsed. The port is one this test holds: were the value
+    accepted, the emulator could not listen there and would end at once (never serve on)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        res = run_cli("emulator", "--host", "127.0.0.1", "--port", port, "--storage", value)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert expected in res.stderr.splitlines()[-1]
 
@@ -451,3 +484,70 @@ def test_a_plan_of_an_empty_prefix_warns_too(job: tuple[Path, Path], tmp_path: P
     (warning,) = log_lines(res.stderr, "warning")
     assert "the listing of prefix 'nothing-here/' found no objects" in warning
     assert out.read_bytes() == b""
+
+
+# --- output that cannot be written, a reader that is gone ----------------------------------------
+
+
+def test_report_to_a_full_disk_is_one_line(job: tuple[Path, Path]) -> None:
+    cfg, _ = job
+    res = run_cli("report", "-c", str(cfg), "-o", "/dev/full")
+    assert "cannot write /dev/full: No space left on device" in one_line(res, code=4)
+
+
+def test_plan_to_a_full_disk_is_one_line(job: tuple[Path, Path]) -> None:
+    cfg, _ = job
+    res = run_cli("plan", "-c", str(cfg), "-o", "/dev/full", "--ledger", "/nonexistent.sqlite")
+    assert "cannot write /dev/full: No space left on device" in one_line(res, code=4)
+
+
+def test_a_refusal_with_stderr_gone_still_exits_2(job: tuple[Path, Path]) -> None:
+    """The one line cannot be written (stderr's reader went away): the exit code still says
+    what happened, not 1 from an error in the handler."""
+    cfg, _ = job
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read stderr
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "ingest", "report", "-c", str(cfg), "--state", "bogus"],
+            env=cli_env(), stdout=subprocess.PIPE, stderr=write_end, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert res.returncode == EXIT_CONFIG
+
+
+def test_only_a_broken_stdout_exits_quietly_with_141() -> None:
+    from ingest.cli import _exit_for
+    from ingest.output import OutputGone
+
+    assert _exit_for(OutputGone()) == ("", EXIT_PIPE)
+    with pytest.raises(BrokenPipeError):  # from stderr or a socket: not stdout's reader
+        _exit_for(BrokenPipeError())
+
+
+@pytest.mark.parametrize("kind", ["not-a-directory", "symlink-loop"])
+def test_a_config_path_that_cannot_be_read_is_one_line(tmp_path: Path, kind: str) -> None:
+    if kind == "not-a-directory":
+        (tmp_path / "f").write_text("", encoding="utf-8")
+        path, why = tmp_path / "f" / "c.toml", "Not a directory"
+    else:
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        path, why = tmp_path / "a", "Too many levels of symbolic links"
+    assert f"config: cannot read {path}: {why}" in one_line(run_cli("plan", "-c", str(path)))
+
+
+def test_an_exception_group_keeps_a_bug_and_an_interruption() -> None:
+    from ingest.cli import _exit_for, _first_leaf
+    from ingest.errors import Aborted, LedgerError, V7Error
+
+    bug = TypeError("a bug")
+    mixed = ExceptionGroup("g", [LedgerError("locked"), ExceptionGroup("h", [bug])])
+    assert _first_leaf(mixed) is mixed  # re-raised whole: the bug's traceback is kept
+    ctrl_c = BaseExceptionGroup("g", [V7Error("cancelled mid-request"), KeyboardInterrupt()])
+    assert _exit_for(_first_leaf(ctrl_c))[1] == 130
+    aborted = ExceptionGroup("g", [V7Error("x"), Aborted("stopped")])
+    assert _exit_for(_first_leaf(aborted))[1] == 130
+    ours = ExceptionGroup("g", [ExceptionGroup("h", [LedgerError("locked")]), V7Error("x")])
+    assert isinstance(_first_leaf(ours), LedgerError)

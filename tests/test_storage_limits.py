@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from ingest.errors import BucketNotFound, SourceRetryable
 from ingest.providers import Shard, Source
 from ingest.providers.aws.s3 import S3Source
 from ingest.providers.azure.blob import AzureSource
-from ingest.providers.cap import DEPTH_S
+from ingest.providers.cap import DEPTH_S, RequestCap, limiter_shape
 from ingest.providers.gcp.gcs import GCSSource
 from ingest.providers.transient import MAX_TRIES
 from tests.conftest import seed_bucket
@@ -189,3 +190,129 @@ async def test_s3_retries_a_body_cut_short(moto_url: str) -> None:
             assert proxy.count("GET") == 2
         finally:
             await source.close()
+
+
+# --- caps below 10/s, and one cap per bucket ------------------------------------------------------
+
+
+@pytest.mark.parametrize("cap", [1.9, 0.36])
+async def test_s3_works_under_a_cap_below_ten_per_second(moto_url: str, cap: float) -> None:
+    """aiolimiter refuses to acquire more than its max_rate: a bucket shaped as cap * (1/cap)
+    = 0.999… requests failed every request before the fix."""
+    bucket = f"cap-{uuid.uuid4().hex[:10]}"
+    seed_bucket(moto_url, bucket, ["a/1.bin"], body=BODY)
+    async with proxy_to(moto_url) as proxy:
+        cfg = SourceConfig(
+            provider="aws", bucket=bucket, endpoint_url=proxy.url, max_requests_per_s=cap
+        )
+        source = S3Source(cfg, aws_access_key_id="testing", aws_secret_access_key="testing")
+        try:
+            await source.check_access()  # two requests
+            assert await source.read_range("a/1.bin", 0, 10) == BODY[:10]
+        finally:
+            await source.close()
+    times = sorted(t for t, _m, _p in proxy.arrivals)
+    assert len(times) == 3
+    assert times[-1] - times[0] >= 2 / cap * 0.75  # the first arrival may lag (connecting)
+
+
+def test_limiter_holds_at_least_one_request() -> None:
+    for cap in (0.01, 0.36, 1.9, 9.99, 10.0, 20.0, 1000.0):
+        max_rate, period = limiter_shape(cap)
+        assert max_rate >= 1.0
+        assert max_rate / period == pytest.approx(cap)
+
+
+async def test_source_and_upload_on_one_bucket_share_one_cap() -> None:
+    """Two clients of the same bucket (``[source]`` and ``[upload]``) together stay under
+    the cap; another bucket has its own."""
+    key = ("aws", "http://x", f"b-{uuid.uuid4().hex}")
+    a, b = RequestCap(4.0, key), RequestCap(4.0, key)
+    other = RequestCap(4.0, ("aws", "http://x", "another"))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for _ in range(3):  # 6 requests at 4/s: at least 5 / 4 s after the first
+        await a.wait()
+        await b.wait()
+    assert loop.time() - t0 >= 5 / 4 * 0.9
+    t1 = loop.time()
+    await other.wait()
+    assert loop.time() - t1 < 0.2
+
+
+async def test_gcs_cap_wait_is_not_part_of_the_request_timeout() -> None:
+    """The cap is waited for before aiohttp's timer starts: a wait longer than the request's
+    time limit neither eats it (a 0.4 s answer fits a 0.8 s limit after a ~2 s wait) nor
+    switches it off (a 3 s answer still times out). Under the old trace hook, the slow request
+    got no time limit at all."""
+    from aiohttp import ClientTimeout, web
+
+    from ingest.providers.gcp.gcs import CappedSession
+
+    async def answer(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query["after_s"]))  # the server's slowness
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    limit = ClientTimeout(total=0.8)
+    loop = asyncio.get_running_loop()
+    try:
+        async with CappedSession(RequestCap(0.5)) as session:  # a request every 2 s
+            async with session.get(f"http://127.0.0.1:{port}/?after_s=0") as resp:
+                assert resp.status == 200  # takes the one request the bucket holds
+            async with session.get(f"http://127.0.0.1:{port}/?after_s=0.4", timeout=limit) as r:
+                assert await r.text() == "ok"
+            t0 = loop.time()
+            with pytest.raises(TimeoutError):
+                async with session.get(f"http://127.0.0.1:{port}/?after_s=3", timeout=limit) as r:
+                    await r.text()
+            assert loop.time() - t0 < 3.5  # ~1.6 s of waiting for the cap, 0.8 s limit
+    finally:
+        await runner.cleanup()
+
+
+# --- retries do not multiply ----------------------------------------------------------------------
+
+
+async def test_s3_tries_a_failing_request_max_attempts_times_in_all(moto_url: str) -> None:
+    """botocore's legacy ``max_attempts`` adds the first try (6 requests for 5): we give
+    ``total_max_attempts``."""
+    from ingest.providers.aws.s3 import MAX_ATTEMPTS
+
+    bucket = f"rt-{uuid.uuid4().hex[:10]}"
+    seed_bucket(moto_url, bucket, ["a/1.bin"], body=BODY)
+    async with proxy_to(moto_url) as proxy:
+        cfg = SourceConfig(provider="aws", bucket=bucket, endpoint_url=proxy.url)
+        source = S3Source(cfg, aws_access_key_id="testing", aws_secret_access_key="testing")
+        try:
+            proxy.fail_next = 100
+            with pytest.raises(SourceRetryable):
+                await source.read_range("a/1.bin", 0, 10)
+            assert proxy.count("GET") == MAX_ATTEMPTS
+        finally:
+            await source.close()
+
+
+def test_gcs_never_retries_tls_failures_and_a_resumable_upload_only_unanswered() -> None:
+    import ssl
+
+    import aiohttp
+
+    from ingest.providers.gcp.gcs import _transient, _transient_unanswered
+
+    key: Any = None  # the connection key only names the host in messages
+    certificate = aiohttp.ClientConnectorCertificateError(key, ssl.SSLCertVerificationError())
+    handshake = aiohttp.ClientSSLError(key, ssl.SSLError())
+    refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError())
+    answered = aiohttp.ClientResponseError(None, (), status=503)  # type: ignore[arg-type]
+    assert not _transient(certificate) and not _transient(handshake)
+    assert _transient(refused) and _transient(answered) and _transient(TimeoutError())
+    # gcloud-aio tried the resumable PUT 5 times on every answer already
+    assert not _transient_unanswered(answered) and not _transient_unanswered(certificate)
+    assert _transient_unanswered(refused) and _transient_unanswered(TimeoutError())

@@ -366,3 +366,25 @@ def test_a_worker_started_while_a_manual_sync_holds_the_lease_waits_for_it(
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_a_config_error_in_the_worker_preflight_exits_2_at_once(
+    tmp_path: Path, moto_url: str, once: bool
+) -> None:
+    """A malformed manifest (or an unknown AWS profile, an unusable endpoint) will not get
+    better by retrying: one line, exit 2, not an outage retried for ever (nor --once's 3)."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("item_name,slot_name\nfoo,0\n", encoding="utf-8")
+    cfg, _ = _worker_config(
+        tmp_path, "http://127.0.0.1:9", moto_url, "nobucket", "s",
+        extra=f'[plan]\nslots = "manifest"\nmanifest = "{manifest}"\n',
+    )  # fmt: skip
+    args = ["--once"] if once else []
+    res = run_cli("worker", "--config", str(cfg), *args, "--set", "worker.http_port=0", timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    errors = [d for d in _json_lines(res.stderr) if d.get("level") == "error"]
+    assert len(errors) == 1, res.stderr
+    assert "header must name item_name, slot_name, key (missing key)" in errors[0]["msg"]
+    assert "trying again" not in res.stderr

@@ -236,6 +236,12 @@ class LedgerPort(Protocol):
 
     async def requeue_failed(self, blocked_reason: str | None = None) -> int: ...
 
+    async def blocked_reasons(self) -> list[str]:
+        """The distinct reasons of this job's BLOCKED items, sorted, each as stored (a
+        combined one as "A,B"): what ``retry --blocked`` accepts. V7 may add reasons, and
+        the registrar stores UNKNOWN when V7 gives none, so no fixed list can be the check."""
+        ...
+
     async def requeue_due(self, is_due: Callable[[int, float], bool]) -> int:
         """FAILED items, not final and whose objects have not vanished, for which
         ``is_due(failures, failed_at)`` holds: back to PLANNED."""

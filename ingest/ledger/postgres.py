@@ -1735,6 +1735,17 @@ class PostgresLedger:
 
         return await self._tx(work)
 
+    async def blocked_reasons(self) -> list[str]:
+        async def work(c: Any) -> list[str]:
+            rows = await c.fetch(
+                "SELECT DISTINCT reason FROM items WHERE job=$1 AND state=$2 ORDER BY 1",
+                self.job,
+                _S[State.BLOCKED],
+            )
+            return [str(r["reason"]) for r in rows]
+
+        return await self._tx(work)
+
     async def jobs(self) -> list[str]:
         async def work(c: Any) -> list[str]:
             rows = await c.fetch("SELECT job FROM jobs UNION SELECT job FROM runs ORDER BY 1")

@@ -1093,6 +1093,18 @@ class SqliteLedger:
 
         return await self._run(work)
 
+    async def blocked_reasons(self) -> list[str]:
+        job = self.job
+
+        def work(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT DISTINCT reason FROM items WHERE job=? AND state=? ORDER BY 1",
+                (job, State.BLOCKED),
+            )
+            return [str(reason) for (reason,) in rows]
+
+        return await self._run(work)
+
     async def requeue_due(self, is_due: Callable[[int, float], bool]) -> int:
         """FAILED items whose back-off has passed, back to PLANNED. ``is_due(failures,
         failed_at)`` decides (pure, from the worker's policy); chunked over FAILED rows only.

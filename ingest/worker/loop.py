@@ -23,7 +23,7 @@ from typing import Any
 
 from ingest.config import Config
 from ingest.engine import Engine, hold_lease, open_engine
-from ingest.errors import Aborted, IngestError, PreflightError
+from ingest.errors import Aborted, ConfigError, IngestError, PreflightError
 from ingest.log import redact, set_run_id
 from ingest.model import ObjectInfo
 from ingest.providers import Delivery, EventSource
@@ -144,6 +144,11 @@ class Worker:
                     return EXIT_LEASE_LOST if self._lost_lease else code
             except asyncio.CancelledError:
                 raise
+            except ConfigError as e:  # a manifest, profile or endpoint retrying will not fix
+                if not ever_ready:
+                    log.error(f"preflight failed: {e}")
+                    return EXIT_CONFIG
+                self._unhealthy(e)  # the manifest broke since: fixable without a restart
             except PreflightError as e:
                 if not (e.retryable or ever_ready):
                     log.error(f"preflight failed: {e}")

@@ -27,6 +27,7 @@ from botocore.exceptions import (
 )
 
 from ingest.errors import ConfigError
+from ingest.log import without_userinfo
 
 CREDENTIALS_FIX = (
     "set source.profile (or AWS_PROFILE) to a profile of ~/.aws/config, export "
@@ -55,7 +56,7 @@ class ClientSpec:
     service: str  # "s3", "sqs"
     connect_timeout_s: float
     read_timeout_s: float
-    max_attempts: int  # botocore's retries "max_attempts" (botocore adds the first try)
+    max_attempts: int  # every attempt, the first included (botocore's total_max_attempts)
     region: str = ""  # "" = botocore's resolution (environment, profile)
     profile: str = ""  # "" = the default chain
     endpoint_url: str = ""  # "" = the service's AWS endpoint
@@ -77,7 +78,8 @@ def create_client(spec: ClientSpec) -> Any:
     options: dict[str, Any] = {
         "connect_timeout": spec.connect_timeout_s,
         "read_timeout": spec.read_timeout_s,
-        "retries": {"mode": "standard", "max_attempts": spec.max_attempts},
+        # total_max_attempts counts the first try; botocore's "max_attempts" would add one.
+        "retries": {"mode": "standard", "total_max_attempts": spec.max_attempts},
     }
     if spec.max_pool_connections is not None:
         options["max_pool_connections"] = spec.max_pool_connections
@@ -117,9 +119,13 @@ class AwsClient:
                     ) from None
                 except ValueError as e:  # botocore: "Invalid endpoint: …" (no scheme, no host)
                     # Nothing was entered, so there is nothing for close() to exit.
+                    endpoint = self.spec.endpoint_url or ""
+                    shown = without_userinfo(endpoint)
+                    why = str(e).replace(endpoint, shown) if endpoint else str(e)
                     raise ConfigError(
-                        f"config: {self.spec.service} endpoint_url {self.spec.endpoint_url!r} "
-                        f"is not usable ({e}): give a full URL such as http://127.0.0.1:9000"
+                        f"config: {self.spec.service} endpoint_url {shown!r} is not usable "
+                        f"({without_userinfo(why)}): give a full URL such as "
+                        "http://127.0.0.1:9000"
                     ) from None
                 self._ctx = ctx
                 if self._on_open is not None:

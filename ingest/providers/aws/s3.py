@@ -24,6 +24,7 @@ from botocore.exceptions import (
 
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
+from ingest.log import redact, without_userinfo
 from ingest.model import ObjectInfo
 from ingest.providers import Page, Shard
 from ingest.providers.aws import s3_xml
@@ -36,7 +37,7 @@ __all__ = ["S3Source", "fast_timestamp"]
 
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
-MAX_ATTEMPTS = 5  # botocore's "standard" retries max_attempts
+MAX_ATTEMPTS = 5  # botocore's "standard" retries: attempts in all, the first included
 MULTIPART_THRESHOLD_BYTES = 64 * 1024 * 1024
 PART_BYTES = 16 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
@@ -127,7 +128,7 @@ class S3Source:
             # faster; anything else goes to botocore's own parser.
             timestamp_parser=fast_timestamp,
         )
-        self.cap = RequestCap(cfg.max_requests_per_s)
+        self.cap = RequestCap(cfg.max_requests_per_s, ("aws", cfg.endpoint_url, cfg.bucket))
         self._client = AwsClient(spec, on_open=self._on_open)
 
     def _on_open(self, client: Any) -> None:
@@ -149,7 +150,7 @@ class S3Source:
         await self._client.close()
 
     def _where(self) -> str:
-        return f" at {self.cfg.endpoint_url}" if self.cfg.endpoint_url else ""
+        return f" at {without_userinfo(self.cfg.endpoint_url)}" if self.cfg.endpoint_url else ""
 
     def _map(self, e: Exception, what: str) -> SourceError:
         problem = credentials_problem(e, self.cfg.profile)
@@ -170,7 +171,10 @@ class S3Source:
             return SourceRetryable(f"{what}: S3 error {code or status}")
         if isinstance(e, EndpointConnectionError):
             return SourceRetryable(f"cannot reach S3{self._where()}")
-        return SourceRetryable(f"{what}: {type(e).__name__}: {str(e)[:200]}")
+        text = str(e)
+        if self.cfg.endpoint_url:  # botocore's messages carry the URL it was given
+            text = text.replace(self.cfg.endpoint_url, without_userinfo(self.cfg.endpoint_url))
+        return SourceRetryable(f"{what}: {type(e).__name__}: {redact(text)[:200]}")
 
     async def check_access(self) -> None:
         s3 = await self._s3()

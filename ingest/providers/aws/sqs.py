@@ -22,6 +22,7 @@ from botocore.exceptions import (
 
 from ingest.config import Config
 from ingest.errors import AccessDenied, SourceError, SourceRetryable
+from ingest.log import without_userinfo
 from ingest.providers import Delivery
 from ingest.providers.aws.client import AwsClient, ClientSpec, credentials_problem
 from ingest.providers.events import (
@@ -90,7 +91,7 @@ class SqsEventSource:
         await self._client.close()
 
     def _map(self, e: BaseException, what: str) -> SourceError:
-        where = f"SQS queue '{self.queue_url}'"
+        where = f"SQS queue '{without_userinfo(self.queue_url)}'"
         if isinstance(e, TimeoutError):
             return SourceRetryable(f"{what} {where}: no answer in time")
         problem = credentials_problem(e, self.profile)

@@ -98,7 +98,10 @@ class AzureSource:
         self._container: ContainerClient | None = None
         self._auth = AccountAuth(cfg)
         self._lock = asyncio.Lock()
-        self.cap = RequestCap(cfg.max_requests_per_s)
+        self.cap = RequestCap(
+            cfg.max_requests_per_s,
+            ("azure", cfg.account_url or cfg.endpoint_url or cfg.connection_string_env, cfg.bucket),
+        )
 
     @property
     def _where(self) -> str:

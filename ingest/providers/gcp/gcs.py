@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from gcloud.aio.storage import Storage
 
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
+from ingest.log import without_userinfo
 from ingest.model import ObjectInfo
 from ingest.providers import Page, Shard
 from ingest.providers.cap import RequestCap
@@ -46,6 +48,11 @@ _FIELDS = "nextPageToken,prefixes,items(name,size,etag,md5Hash,updated)"
 CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
 METADATA_HOST_ENV = ("GCE_METADATA_HOST", "GCE_METADATA_ROOT")  # gcloud-aio-auth's names
 METADATA_PROBE_TIMEOUT_S = 3.0
+# In a Kubernetes pod (GKE workload identity) the metadata server is often not ready in the
+# pod's first seconds: probes go on for this long there (a GCE VM's answers at once).
+KUBERNETES_ENV = "KUBERNETES_SERVICE_HOST"
+METADATA_READY_S = 10.0
+METADATA_RETRY_WAIT_S = 0.5
 CREDENTIALS_FIX = (
     f"set source.credentials_file or {CREDENTIALS_ENV} to a service-account key file, run "
     "`gcloud auth application-default login`, or run on GKE with workload identity (or on a "
@@ -62,18 +69,24 @@ def adc_file() -> Path:
 
 
 def _key_file_problem(path: str, where: str) -> str | None:
-    """Why the credentials file named by ``where`` cannot be used, or None."""
+    """Why the credentials file named by ``where`` cannot be used, or None. The value itself
+    is never shown: people put the key's JSON itself in GOOGLE_APPLICATION_CREDENTIALS."""
+    if path.lstrip().startswith("{"):
+        return (
+            f"{where} holds JSON, not a path: save the key to a file and set {where} to the "
+            "file's path"
+        )
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return f"{where} = {path!r}: no such file"
+        return f"{where}: the file it names does not exist"
     except (OSError, UnicodeDecodeError) as e:
-        return f"{where} = {path!r}: cannot read it ({getattr(e, 'strerror', None) or e})"
+        return f"{where}: the file cannot be read ({getattr(e, 'strerror', None) or e})"
     except ValueError:
-        return f"{where} = {path!r}: not a JSON key file"
+        return f"{where}: the file is not a JSON key file"
     if not isinstance(doc, dict) or "type" not in doc:
-        return f'{where} = {path!r}: not a Google credentials file (no "type")'
+        return f'{where}: the file is not a Google credentials file (no "type")'
     return None
 
 
@@ -82,7 +95,35 @@ def _transient(e: BaseException) -> bool:
     connection or a body cut short. Not: 401/403/404 and other answers that will not change."""
     if isinstance(e, aiohttp.ClientResponseError):
         return e.status in (408, 429) or e.status >= 500
+    if isinstance(e, aiohttp.ClientSSLError):  # certificate errors too: they do not go away
+        return False
     return isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError)
+
+
+def _transient_unanswered(e: BaseException) -> bool:
+    """A resumable upload's PUT was retried by gcloud-aio on every error answer already: only
+    a dropped connection or a timeout is worth one more try of the whole upload."""
+    return not isinstance(e, aiohttp.ClientResponseError) and _transient(e)
+
+
+RESUMABLE_TRIES = 2  # the whole resumable upload, on top of gcloud-aio's 5 tries of its PUT
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # aiohttp discourages subclasses
+
+    class CappedSession(aiohttp.ClientSession):
+        """Waits for the cap *before* aiohttp's request starts: a wait inside the request (a
+        trace hook) would eat its total timeout, and one longer than that timeout left the
+        request with no time limit at all (aiohttp 3.14)."""
+
+        def __init__(self, cap: RequestCap, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._cap = cap
+
+        async def _request(self, *args: Any, **kwargs: Any) -> aiohttp.ClientResponse:
+            await self._cap.wait()
+            return await super()._request(*args, **kwargs)
 
 
 class GCSSource:
@@ -95,7 +136,7 @@ class GCSSource:
         self._storage: Storage | None = None
         self._session: aiohttp.ClientSession | None = None  # ours, only under a cap
         self._lock = asyncio.Lock()
-        self.cap = RequestCap(cfg.max_requests_per_s)
+        self.cap = RequestCap(cfg.max_requests_per_s, ("gcp", self._root, cfg.bucket))
 
     def storage_key(self, key: str) -> str:
         return key
@@ -120,15 +161,9 @@ class GCSSource:
         included) first waits for the cap; else None (gcloud-aio's own session)."""
         if not self.cap.active:
             return None
-
-        async def before_request(*_: Any) -> None:
-            await self.cap.wait()
-
-        trace = aiohttp.TraceConfig()
-        trace.on_request_start.append(before_request)
         # gcloud-aio verifies certificates except against an emulator (api_is_dev): the same.
         connector = aiohttp.TCPConnector(ssl=not self._root)
-        self._session = aiohttp.ClientSession(connector=connector, trace_configs=[trace])
+        self._session = CappedSession(self.cap, connector=connector)
         return self._session
 
     async def close(self) -> None:
@@ -140,7 +175,7 @@ class GCSSource:
             self._session = None
 
     def _where(self) -> str:
-        return f" at {self._root}" if self._root else ""
+        return f" at {without_userinfo(self._root)}" if self._root else ""
 
     def _map(self, e: Exception, what: str, *, bucket_level: bool = False) -> SourceError:
         if isinstance(e, aiohttp.ClientResponseError):
@@ -180,11 +215,20 @@ class GCSSource:
                 if problem:
                     raise AccessDenied(f"GCS bucket '{self.bucket}': {problem}")
                 return
-        if await asyncio.to_thread(adc_file().is_file):
+        adc = adc_file()
+        if await asyncio.to_thread(adc.is_file):
+            where = f"gcloud's application-default credentials {adc}"
+            problem = await asyncio.to_thread(_key_file_problem, str(adc), where)
+            if problem:
+                raise AccessDenied(
+                    f"GCS bucket '{self.bucket}': {problem} (run `gcloud auth "
+                    "application-default login` again)"
+                )
             return
         host = next((os.environ[k] for k in METADATA_HOST_ENV if os.environ.get(k)), "")
         host = host or "metadata.google.internal"
-        if not await _metadata_server_answers(host):
+        budget_s = METADATA_READY_S if os.environ.get(KUBERNETES_ENV) else 0.0
+        if not await _metadata_server_answers(host, budget_s):
             raise AccessDenied(
                 f"no Google Cloud credentials for GCS bucket '{self.bucket}' (no key file, no "
                 f"gcloud application-default login, and the metadata server {host} did not "
@@ -304,7 +348,6 @@ class GCSSource:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise self._map(e, f"upload '{key}'") from None
 
-    @retry_transient(_transient)
     async def _upload(
         self,
         gcs: Storage,
@@ -318,29 +361,46 @@ class GCSSource:
             {"contentEncoding": content_encoding} if content_encoding else None
         )
         if isinstance(data, bytes):
-            await gcs.upload(
-                self.bucket,
-                key,
-                data,
-                content_type=content_type,
-                metadata=metadata,
-                timeout=self._upload_timeout(len(data)),
-            )
+            await self._upload_one(gcs, key, data, content_type, metadata)
             return
         size = (await asyncio.to_thread(data.stat)).st_size
         if size <= STREAM_UPLOAD_BYTES:
             body = await asyncio.to_thread(data.read_bytes)
-            await gcs.upload(
-                self.bucket,
-                key,
-                body,
-                content_type=content_type,
-                metadata=metadata,
-                timeout=self._upload_timeout(size),
-            )
+            await self._upload_one(gcs, key, body, content_type, metadata)
             return
-        # Resumable upload of the open file: aiohttp reads it in its executor, in chunks.
-        f = await asyncio.to_thread(data.open, "rb")
+        await self._upload_resumable(gcs, key, data, size, content_type, metadata)
+
+    @retry_transient(_transient)
+    async def _upload_one(
+        self,
+        gcs: Storage,
+        key: str,
+        body: bytes,
+        content_type: str,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        """One request (gcloud-aio retries none of it)."""
+        await gcs.upload(
+            self.bucket,
+            key,
+            body,
+            content_type=content_type,
+            metadata=metadata,
+            timeout=self._upload_timeout(len(body)),
+        )
+
+    @retry_transient(_transient_unanswered, max_tries=RESUMABLE_TRIES)
+    async def _upload_resumable(
+        self,
+        gcs: Storage,
+        key: str,
+        path: Path,
+        size: int,
+        content_type: str,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        """The open file streamed (aiohttp reads it in its executor, in chunks)."""
+        f = await asyncio.to_thread(path.open, "rb")
         try:
             await gcs.upload(
                 self.bucket,
@@ -359,16 +419,25 @@ class GCSSource:
         return REQUEST_TIMEOUT_S + UPLOAD_S_PER_MIB * (size // (1024 * 1024))
 
 
-async def _metadata_server_answers(host: str) -> bool:
-    """Whether the GCE / GKE metadata server answers a service-account query within
-    METADATA_PROBE_TIMEOUT_S (one try: gcloud-aio retries it for much longer)."""
+async def _metadata_server_answers(host: str, budget_s: float = 0.0) -> bool:
+    """Whether the GCE / GKE metadata server answers a service-account query. One try of
+    METADATA_PROBE_TIMEOUT_S, and more for ``budget_s`` while it is not ready yet (no answer,
+    a refused connection, a 5xx); a 4xx is final (no service account). gcloud-aio itself
+    would retry it for much longer and then say only "cannot reach GCS"."""
     url = f"http://{host}/computeMetadata/v1/instance/service-accounts/default/email"
     timeout = aiohttp.ClientTimeout(total=METADATA_PROBE_TIMEOUT_S)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url, headers={"Metadata-Flavor": "Google"}) as resp,
-        ):
-            return resp.status == 200
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget_s
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            try:
+                async with session.get(url, headers={"Metadata-Flavor": "Google"}) as resp:
+                    if resp.status == 200:
+                        return True
+                    if resp.status < 500:
+                        return False
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                pass
+            if loop.time() + METADATA_RETRY_WAIT_S >= deadline:
+                return False
+            await asyncio.sleep(METADATA_RETRY_WAIT_S)
