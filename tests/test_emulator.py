@@ -420,7 +420,9 @@ def test_rate_schedule_parses_and_refuses_nonsense() -> None:
 
 
 async def test_the_rate_changes_on_schedule_and_on_request() -> None:
-    async with await _api(EmulatorConfig(rate_per_s=1000.0, burst=5.0, rate_schedule="0.2:1")) as api:
+    async with await _api(
+        EmulatorConfig(rate_per_s=1000.0, burst=5.0, rate_schedule="0.2:1")
+    ) as api:
         t0 = time.monotonic()
         assert (await api.register([img("a.jpg")]))[0] == 200  # starts the schedule's clock
         assert (await api.register([img("b.jpg")]))[0] == 200

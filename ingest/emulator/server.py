@@ -81,7 +81,7 @@ class EmulatorConfig:
 
 
 def parse_rate_schedule(text: str) -> list[tuple[float, float]]:
-    """"T:RATE,T:RATE" → [(T, RATE)] sorted by T; ValueError on anything else."""
+    """ "T:RATE,T:RATE" → [(T, RATE)] sorted by T; ValueError on anything else."""
     out: list[tuple[float, float]] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         t, _, rate = part.partition(":")
