@@ -9,11 +9,19 @@ Pacing
 ------
 A token bucket kept as a virtual schedule (GCRA): ``reserve(now)`` books the next free slot and
 returns how long the caller must wait, so concurrent callers are spaced out (``burst`` go at
-once, then one every ``1/rate`` seconds). It paces ``slack`` (0.5 %) below the allowed rate so
-that clock rounding and timer jitter do not turn an exact match with the server's rate into
-429s. Bookings are made before sleeping, so a sender whose timer fires late would go out right
-before the next one; ``conform(now)`` runs the same bucket over *actual* send times and holds
-the next sender back instead (on a busy loop this halved the 429s against a burst-1 server).
+once, then one every ``1/rate`` seconds). It paces ``slack`` (1.5 %) below the allowed rate: a
+burst-1 server refuses a request that arrives even a hair early, and arrivals are never exact.
+``conform(now)`` runs the same bucket over *actual* send times and holds a sender back when an
+earlier one left late. The limiter ends its pacing waits precisely (the last 1.5 ms yield to
+the loop instead of sleeping: uvloop's timers have a millisecond's resolution) and starts the
+SENT commit (``before_send``) ahead of the slot by the commit's usual duration.
+
+Spacing on the server's acceptance: while round trips are steady (median within 2 ms of the
+minimum) and shorter than the interval, the answer to the latest send normally arrives before
+the next send; the server took that request at the latest ``answer - min round trip``, so the
+next send keeps one interval from *that* (a request held up on its way there shows as a long
+round trip), and waits up to 5 ms for an answer that is late. With a jittery return path, or a
+round trip longer than the interval, only the slack protects against a stall on the way.
 
 Adaptation (``adaptive=True``)
 ------------------------------
@@ -24,33 +32,36 @@ configured rate, which stays a ceiling:
    interval when the server gave none), and slots booked before it are void (``generation``
    changes; the limiter books again).
 2. Only the first 429 of a congestion episode cuts the rate. A 429 starts a new episode when
-   its request was sent at least one round trip after the last cut (requests in flight at the
-   cut had already taken the server's tokens) and was not the first request after a pause
-   (that one says the pause was short, not that the rate is high). Without ``sent_at``: when
-   it arrives ``episode_s`` after the last cut.
-3. A cut goes back to the highest rate *proven* good (held for ``prove_s`` without a 429) when
-   there is one below the rate that drew the 429. Otherwise it goes to what the server
-   *accepted* over the last ``window_s`` seconds (``margin`` x accepted rate, at most halving)
-   when the server clearly set the pace (>= 10 % refused, or accepted < 90 % of our rate), or
-   just below the edge (``margin`` x rate) when hardly anything was refused. The accepted
-   rate is measured around the 429s: accepted answers per second of wall time (too low when
-   long Retry-After pauses let the server's bucket overflow) and per second of sending time
-   (too high: its bucket refilled during each pause); the estimate is their geometric mean.
-   Sending ten times too fast, a cut or two land next to the server's rate; a stray 429 at the
-   right rate costs 3 %, not a sawtooth.
-4. While it is quiet the rate climbs back by bisection between the proven rate (``lo``) and
-   the rate that drew the last 429 (``hi``), one step per proving period. When the bracket is
-   narrower than ``tolerance`` it holds there for ``plateau_s`` (doubling, up to
-   ``max_plateau_s``, each time the probe finds the same limit again), then forgets ``hi`` and
-   probes above with steps of 2 %, 4 %, 8 %... (up to 25 %), never above the ceiling.
+   its request was sent at least one round trip after the last cut and was not the first
+   request after a pause. Without ``sent_at``: when it arrives ``episode_s`` after the last cut.
+3. A cut goes back to the highest rate proven good (held for ``prove_s`` without a 429) when
+   there is one below the rate that drew the 429; otherwise to what the server accepted over
+   the last ``window_s`` (when it clearly set the pace) or just below the edge (``margin``).
+   Two corrections: *a storm* — 429s keep coming since the first one (within
+   ``congestion_quiet_s``), the server refused more than it let through and that was under
+   half our rate: cut to what it let through since the first 429 (pauses included), down to a
+   tenth; *a deep bucket* — a rate held for ``deep_quiet_s`` and more drew a 429 (the bucket
+   hid a small excess for a while): cut to what was accepted since the last cut, per second of
+   wall and of sending time (geometric mean), the refill of the pause included.
+4. While it is quiet the rate climbs back. Below a rate that a whole ``best_hold_s`` (10 s)
+   window accepted within the last ``best_s`` (60 s) — the rate before a storm — it climbs
+   quickly: after ``hold_s`` without a 429 (doubling after each failed climb, up to
+   ``max_hold_s``), steps of 25 %, 50 %, then doubling, each held 0.5 s or three requests. A
+   failed climb close to its target forgets the target. Otherwise: bisection between the proven
+   rate and the rate of the last 429 when that is within 25 %, steps of 2 %, 4 %, 8 %... (up to
+   25 %) when it is further, a plateau below a limit found again and again (doubling, up to
+   ``max_plateau_s``), never above the ceiling.
 5. A proof can be wrong: a server's burst hides a small excess for ``burst / excess`` seconds.
    When a 429 arrives at or below the proven rate, the proof is dropped and the proving
    period grows to 1.5x how long the excess stayed hidden (up to ``max_prove_s``).
 
-Simulated against a token-bucket server (``tests/test_rate.py``): configured at the server's
-rate, 99 % of it with no 429 when the server allows a burst >= 2, 98 % with 0.2-0.6 % 429s at
-burst 1 and 0.5 ms jitter; configured 10x too high, within 10 % of the server's rate after
-1-4 s (sub-second Retry-After) or 5-15 s (whole-second Retry-After).
+Simulated against a token bucket on the server's own arrival timeline, with the emulator's
+whole-second Retry-After (``tests/test_rate.py``; ``python -m tests.test_rate`` prints them):
+configured at the server's rate, 0.98 at every latency and burst on a quiet machine; with
+rare stalls the client cannot see, burst 1 behind 50 ± 10 or 200 ms drops to 0.92-0.95 (each
+stall costs a whole-second pause); configured 10x too high, 0.86-1.0 over 100 s, settled within
+5 s; a cut from 20 to 2 req/s for 30 s: 1.1-1.2 s of 429s, back at 0.9 of the limit 4-8 s after
+it is restored.
 """
 
 from __future__ import annotations
