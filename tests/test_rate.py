@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from ingest.errors import Interrupted
 from ingest.registrar.rate import Limiter, RateController, Tuning
 from ingest.registrar.retry import RetryPolicy
 
@@ -450,6 +451,19 @@ async def test_limiter_on_the_real_loop_clock_spaces_sends() -> None:
     sent = [await lim.acquire() for _ in range(6)]
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert all(g >= 1 / 500 - 1e-6 for g in gaps), gaps
+
+
+async def test_precise_pacing_on_the_real_clock_is_never_early() -> None:
+    """At 50/s the limiter ends its waits by yielding to the loop, not on a timer: the sends
+    still keep the interval (never early), and a stop ends such a wait."""
+    lim = Limiter(RateController(50.0, tuning=EXACT), 8)
+    sent = [await lim.acquire() for _ in range(6)]
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert all(g >= 1 / 50 - 1e-6 for g in gaps), gaps
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.005, stop.set)
+    with pytest.raises(Interrupted):
+        await lim.pace(10.0, stop)
 
 
 async def test_limiter_reports_answers_to_the_controller() -> None:
