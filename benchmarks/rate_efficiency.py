@@ -24,8 +24,10 @@ Scenarios (``--scenarios``):
   how long after the restore the accepted rate is back at >= 0.9 R (every 1 s window for 5 s).
   Target: < 2 s of 429s, back within 10 s.
 
-``--engine-root DIR`` runs the engine from another copy of the code (a "before" figure from
-the same window; e.g. ``git archive main ingest | tar -x -C DIR``).
+``--baseline-root DIR`` runs another copy of the code (e.g. ``git archive main ingest | tar -x
+-C DIR``) right after each engine run, same cell: a before/after pair from the same window (the
+machine is shared; figures from different windows do not compare). ``--engine-root DIR`` runs
+only that copy.
 
     python -m benchmarks.rate_efficiency             # 20,000 objects a run, 2 repeats
     python -m benchmarks.rate_efficiency --quick     # 4,000 objects, 1 repeat, burst 1 + 20
@@ -69,7 +71,8 @@ class Timeline:
 
     @classmethod
     def of(cls, state: dict[str, Any]) -> Timeline:
-        return cls([(float(t), int(s)) for t, s in state.get("timeline", [])])
+        # The emulator appends a request when it answers: with jitter, not in arrival order.
+        return cls(sorted((float(t), int(s)) for t, s in state.get("timeline", [])))
 
     def ok(self, start: float = float("-inf"), end: float = float("inf")) -> list[float]:
         return [t for t, s in self.events if s == 200 and start <= t < end]
@@ -149,6 +152,7 @@ def engine_run(
     configured: float,
     schedule: str = "",
     tag: str = "",
+    root: str = "",
 ) -> dict[str, Any]:
     d = c.workdir("rate")
     with c.emulator(*emulator_args(burst, net, schedule)) as v7:
@@ -164,13 +168,14 @@ def engine_run(
         more = [x for kv in ns.engine_set for x in ("--set", kv)]
         env = c.cli_env()
         cwd = None
-        if ns.engine_root:
-            env["PYTHONPATH"] = str(ns.engine_root)
-            cwd = Path(ns.engine_root)
+        root = root or ns.engine_root
+        if root:
+            env["PYTHONPATH"] = root
+            cwd = Path(root)
         run = c.run_child(c.ingest_cmd(cfg, *more), env=env, log=d / "ingest.log", cwd=cwd)
         state = c.emulator_state(v7)
     tl = Timeline.of(state)
-    name = f"timeline-b{burst:g}-L{net}-R{configured:g}{tag}.json"
+    name = f"timeline-b{burst:g}-L{net}-R{configured:g}{tag}{'-base' if root else ''}.json"
     (d / name).write_bytes(orjson.dumps({"events": tl.events, "rates": state["rate_changes"]}))
     stored = c.counter(state, "items_stored")
     return {
@@ -206,20 +211,30 @@ def darwin_run(py: str, items: int, burst: float, net: str) -> dict[str, Any]:
     }
 
 
+def engines(ns: argparse.Namespace) -> list[tuple[str, str]]:
+    """(label, code root) of the engines each cell runs, interleaved: this one, and the
+    baseline (``--baseline-root``) right after it in the same window."""
+    out = [("engine", "")]
+    if ns.baseline_root:
+        out.append(("baseline", os.path.abspath(ns.baseline_root)))
+    return out
+
+
 def known(ns: argparse.Namespace, s3: str, objects: int) -> tuple[list[list[object]], bool, bool]:
     py = darwin_py.ensure_venv() if ns.darwin_items else ""
     rows: list[list[object]] = []
     ok = met = True
     for burst, net in itertools.product(ns.burst_list, ns.network_list):
-        runs = []
+        runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in engines(ns)}
         for k in range(ns.repeats):
-            r = engine_run(ns, s3, objects, burst, net, RATE, tag=f"-{k}")
-            runs.append(r)
-            print(
-                f"engine, burst {burst:g}, L={net} ms, run {k + 1}: efficiency {r['eff']:.3f}, "
-                f"429 {r['n429']}/{r['requests']}, stored {r['stored']:,}",
-                flush=True,
-            )
+            for label, root in engines(ns):
+                r = engine_run(ns, s3, objects, burst, net, RATE, tag=f"-{k}", root=root)
+                runs[label].append(r)
+                print(
+                    f"{label}, burst {burst:g}, L={net} ms, run {k + 1}: efficiency "
+                    f"{r['eff']:.3f}, 429 {r['n429']}/{r['requests']}, stored {r['stored']:,}",
+                    flush=True,
+                )
         dp: dict[str, Any] = {"eff": float("nan"), "eff_60s": float("nan"), "n429": 0, "ok": True}
         if py:
             dp = darwin_run(py, ns.darwin_items, burst, net)
@@ -228,47 +243,46 @@ def known(ns: argparse.Namespace, s3: str, objects: int) -> tuple[list[list[obje
                 f"waits, {dp['eff_60s']:.3f} with 60 s; 429 {dp['n429']}",
                 flush=True,
             )
-        ok = ok and dp["ok"] and all(r["ok"] for r in runs)
-        met = met and all(r["eff"] >= 0.97 and r["frac429"] < 0.01 for r in runs)
-        rows.append(
-            [
-                f"{burst:g}",
-                net,
-                " / ".join(f"{r['eff']:.3f}" for r in runs),
-                " / ".join(f"{100 * r['frac429']:.2f} %" for r in runs),
-                f"{dp['eff']:.3f} / {dp['eff_60s']:.3f} ({dp['n429']})",
-            ]
-        )
+        mine = runs["engine"]
+        ok = ok and dp["ok"] and all(r["ok"] for rs in runs.values() for r in rs)
+        met = met and all(r["eff"] >= 0.97 and r["frac429"] < 0.01 for r in mine)
+        row: list[object] = [f"{burst:g}", net]
+        for rs in runs.values():
+            row.append(" / ".join(f"{r['eff']:.3f}" for r in rs))
+            row.append(" / ".join(f"{100 * r['frac429']:.2f} %" for r in rs))
+        row.append(f"{dp['eff']:.3f} / {dp['eff_60s']:.3f} ({dp['n429']})")
+        rows.append(row)
     return rows, ok, met
 
 
 def unknown(ns: argparse.Namespace, s3: str, objects: int) -> tuple[list[list[object]], bool, bool]:
     rows: list[list[object]] = []
     ok = met = True
-    for burst in ns.burst_list:
-        for k in range(ns.repeats):
-            r = engine_run(ns, s3, objects, burst, "50", RATE * 10, tag=f"-{k}")
-            tl: Timeline = r["timeline"]
-            t0 = tl.events[0][0] if tl.events else 0.0
-            after = tl.fraction_429(t0 + r["settle_s"])
-            print(
-                f"engine, rate unknown (configured {RATE * 10:g}), burst {burst:g}, L=50 ms, "
-                f"run {k + 1}: efficiency {r['eff']:.3f}, settled after {r['settle_s']:.1f} s, "
-                f"429 {r['n429']}/{r['requests']}",
-                flush=True,
-            )
-            ok = ok and r["ok"]
+    for burst, k, (label, root) in itertools.product(ns.burst_list, range(ns.repeats), engines(ns)):
+        r = engine_run(ns, s3, objects, burst, "50", RATE * 10, tag=f"-{k}", root=root)
+        tl: Timeline = r["timeline"]
+        t0 = tl.events[0][0] if tl.events else 0.0
+        after = tl.fraction_429(t0 + r["settle_s"])
+        print(
+            f"{label}, rate unknown (configured {RATE * 10:g}), burst {burst:g}, L=50 ms, "
+            f"run {k + 1}: efficiency {r['eff']:.3f}, settled after {r['settle_s']:.1f} s, "
+            f"429 {r['n429']}/{r['requests']}",
+            flush=True,
+        )
+        ok = ok and r["ok"]
+        if label == "engine":
             met = met and r["eff"] >= 0.9 and r["settle_s"] <= 5.0
-            rows.append(
-                [
-                    f"{burst:g}",
-                    k + 1,
-                    r["eff"],
-                    r["settle_s"],
-                    f"{100 * r['frac429']:.2f} %",
-                    f"{100 * after:.2f} %",
-                ]
-            )
+        rows.append(
+            [
+                label,
+                f"{burst:g}",
+                k + 1,
+                r["eff"],
+                r["settle_s"],
+                f"{100 * r['frac429']:.2f} %",
+                f"{100 * after:.2f} %",
+            ]
+        )
     return rows, ok, met
 
 
@@ -280,29 +294,32 @@ def recovery(ns: argparse.Namespace) -> tuple[list[list[object]], bool, bool]:
     rows: list[list[object]] = []
     ok = met = True
     with c.synthetic_s3(objects, folders=20) as s3r:
-        for burst in ns.burst_list:
-            for k in range(ns.repeats):
-                r = engine_run(ns, s3r, objects, burst, "50", RATE, schedule, tag=f"-rec{k}")
-                tl: Timeline = r["timeline"]
-                changes = r["rate_changes"]
-                if len(changes) < 2:
-                    print(f"recovery, burst {burst:g}: the run ended before the restore")
-                    ok = False
-                    continue
-                (cut, _), (restore, _) = changes[0], changes[1]
-                storm_429 = tl.storm_s(cut)
-                back_s = tl.back_at(restore, RATE) - restore
-                n429_storm = sum(1 for t, s in tl.events if s == 429 and cut <= t < restore)
-                late_429 = sum(1 for t, s in tl.events if s == 429 and t >= restore)
-                print(
-                    f"recovery, burst {burst:g}, run {k + 1}: 429s for {storm_429:.1f} s after "
-                    f"the cut ({n429_storm} in the storm), back at 0.9 R {back_s:.1f} s after "
-                    f"the restore; 429 after it: {late_429}; stored {r['stored']:,}",
-                    flush=True,
-                )
-                ok = ok and r["ok"]
+        for burst, k, (label, root) in itertools.product(
+            ns.burst_list, range(ns.repeats), engines(ns)
+        ):
+            tag = f"-rec{k}"
+            r = engine_run(ns, s3r, objects, burst, "50", RATE, schedule, tag=tag, root=root)
+            tl: Timeline = r["timeline"]
+            changes = r["rate_changes"]
+            if len(changes) < 2:
+                print(f"recovery, burst {burst:g}: the run ended before the restore")
+                ok = False
+                continue
+            (cut, _), (restore, _) = changes[0], changes[1]
+            storm_429 = tl.storm_s(cut)
+            back_s = tl.back_at(restore, RATE) - restore
+            n429_storm = sum(1 for t, s in tl.events if s == 429 and cut <= t < restore)
+            late_429 = sum(1 for t, s in tl.events if s == 429 and t >= restore)
+            print(
+                f"{label}, recovery, burst {burst:g}, run {k + 1}: 429s for {storm_429:.1f} s "
+                f"after the cut ({n429_storm} in the storm), back at 0.9 R {back_s:.1f} s after "
+                f"the restore; 429 after it: {late_429}; stored {r['stored']:,}",
+                flush=True,
+            )
+            ok = ok and r["ok"]
+            if label == "engine":
                 met = met and storm_429 < 2.0 and back_s <= 10.0
-                rows.append([f"{burst:g}", k + 1, storm_429, n429_storm, back_s, late_429])
+            rows.append([label, f"{burst:g}", k + 1, storm_429, n429_storm, back_s, late_429])
     return rows, ok, met
 
 
@@ -318,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calm", type=float, default=15.0, help="recovery: s before the cut")
     ap.add_argument("--storm", type=float, default=0.0, help="recovery: s at R/10 (30; quick 10)")
     ap.add_argument("--engine-root", default="", help="run the engine from this copy of the code")
+    ap.add_argument(
+        "--baseline-root",
+        default="",
+        help="also run this copy of the code after each engine run, same cell (before/after)",
+    )
     ap.add_argument(
         "--engine-set",
         action="append",
@@ -349,19 +371,31 @@ def main(argv: list[str] | None = None) -> int:
         if "known" in scenarios:
             rows, good, met = known(ns, s3, objects)
             ok = ok and good
-            heads = ["burst", "L ms", "engine eff.", "engine 429", "darwin-py eff. (1 s / 60 s)"]
+            heads = ["burst", "L ms"]
+            for label, _ in engines(ns):
+                heads += [f"{label} eff.", f"{label} 429"]
+            heads.append("darwin-py eff. (1 s / 60 s)")
             tables.append(c.table(heads, rows))
             verdicts.append(f"known rate (>= 0.97, < 1 % 429 in every cell): {_met(met)}")
         if "unknown" in scenarios:
             rows, good, met = unknown(ns, s3, objects)
             ok = ok and good
-            heads = ["burst", "run", "eff.", "settled after s", "429", "429 after settling"]
+            heads = [
+                "engine",
+                "burst",
+                "run",
+                "eff.",
+                "settled after s",
+                "429",
+                "429 after settling",
+            ]
             tables.append(c.table(heads, rows))
             verdicts.append(f"unknown rate (>= 0.9, settled <= 5 s): {_met(met)}")
     if "recovery" in scenarios:
         rows, good, met = recovery(ns)
         ok = ok and good
-        heads = ["burst", "run", "429s after the cut, s", "429 in storm", "back at 0.9 R after s"]
+        heads = ["engine", "burst", "run", "429s after the cut, s", "429 in storm"]
+        heads.append("back at 0.9 R after s")
         tables.append(c.table([*heads, "429 after the restore"], rows))
         verdicts.append(f"recovery (< 2 s of 429s, back <= 10 s): {_met(met)}")
     for t in tables:
