@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from ingest.errors import Interrupted
-from ingest.registrar.rate import Limiter, RateController, Tuning
+from ingest.registrar.rate import ON_WIRE, Limiter, RateController, Tuning
 from ingest.registrar.retry import RetryPolicy
 
 EXACT = Tuning(slack=0.0)  # pacing without the safety slack, for exact arithmetic
@@ -388,6 +388,24 @@ async def test_the_commit_starts_ahead_of_the_slot_by_its_usual_duration() -> No
     gaps = [b - a for a, b in itertools.pairwise(sent[20:])]
     assert all(g == pytest.approx(0.1, abs=0.002) for g in gaps), gaps
     assert ctl.until_conforming(sent[-1]) == pytest.approx(0.1)
+
+
+async def test_a_send_that_reaches_the_wire_late_pushes_the_next_one_back() -> None:
+    """An event-loop stall between the slot and the write: the client reports the write
+    (``ON_WIRE``) and the next send keeps one interval from it, not from the slot."""
+    ft = FakeTime()
+    ctl = RateController(10.0, 1.0, tuning=EXACT)
+    lim = Limiter(ctl, 4, clock=ft.clock, sleep=ft.sleep)
+    async with lim.slot() as first:
+        assert ON_WIRE.get() is not None
+        ft.now += 0.5  # the loop stalled before the request was written...
+        callback = ON_WIRE.get()
+        assert callback is not None
+        callback()  # ...then it went out
+    assert ON_WIRE.get() is None  # only inside a slot
+    async with lim.slot() as second:
+        pass
+    assert second - first >= 0.5 + 0.1 - 1e-9
 
 
 async def test_a_pause_that_begins_during_the_commit_holds_the_send() -> None:

@@ -12,7 +12,9 @@ returns how long the caller must wait, so concurrent callers are spaced out (``b
 once, then one every ``1/rate`` seconds). It paces ``slack`` (1.5 %) below the allowed rate: a
 burst-1 server refuses a request that arrives even a hair early, and arrivals are never exact.
 ``conform(now)`` runs the same bucket over *actual* send times and holds a sender back when an
-earlier one left late. The limiter ends its pacing waits precisely (the last 1.5 ms yield to
+earlier one left late; the HTTP client reports when each request is really on the wire (its
+headers written: ``ON_WIRE``), so an event-loop stall between the slot and the write pushes
+the next send back instead of bunching the two. The limiter ends its pacing waits precisely (the last 1.5 ms yield to
 the loop instead of sleeping: uvloop's timers have a millisecond's resolution) and starts the
 SENT commit (``before_send``) ahead of the slot by the commit's usual duration.
 
@@ -68,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import time
 from collections import deque
@@ -78,6 +81,13 @@ from ingest.errors import Interrupted, RateLimited, RejectedError
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+# Set by ``Limiter.slot`` while its send goes out; the HTTP client calls it once the request
+# is on the wire (its headers written), so the next send keeps its distance from the *real*
+# send: an event-loop stall between the slot and the write must not bunch two requests.
+ON_WIRE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "ingest_rate_on_wire", default=None
+)
 
 MAX_LEAD_S = 0.02  # before_send starts at most this long ahead of its slot
 PRECISE_S = 0.0015  # the end of a pacing wait spent yielding to the loop rather than asleep...
@@ -623,18 +633,26 @@ class Limiter:
         send times, after it (a pause that began meanwhile holds it)."""
         async with self._slots:
             if before_send is None:
-                yield await self.acquire(stop)
-                return
-            await self._booked(stop, self._commit_s)
-            while (wait := self.controller.until_conforming(self.now() + self._commit_s)) > 0:
-                await self.sleep(wait, stop)
-            started = self.now()
-            await before_send()
-            took = self.now() - started
-            # Its usual duration: a smoothed figure, bounded (a stalled commit once must not
-            # make every later one start early).
-            self._commit_s = min(0.875 * self._commit_s + 0.125 * took, MAX_LEAD_S)
-            yield await self._conforming(stop)
+                sent = await self.acquire(stop)
+            else:
+                await self._booked(stop, self._commit_s)
+                while (wait := self.controller.until_conforming(self.now() + self._commit_s)) > 0:
+                    await self.sleep(wait, stop)
+                started = self.now()
+                await before_send()
+                took = self.now() - started
+                # Its usual duration: a smoothed figure, bounded (a stalled commit once must
+                # not make every later one start early).
+                self._commit_s = min(0.875 * self._commit_s + 0.125 * took, MAX_LEAD_S)
+                sent = await self._conforming(stop)
+            token = ON_WIRE.set(self._on_wire)
+            try:
+                yield sent
+            finally:
+                ON_WIRE.reset(token)
+
+    def _on_wire(self) -> None:
+        self.controller.sent_late(self.now())
 
     async def pace(self, delay_s: float, stop: asyncio.Event | None = None) -> None:
         """A pacing wait, ended on time: timers fire up to a millisecond late (uvloop's clock
