@@ -308,18 +308,25 @@ def recovery(ns: argparse.Namespace) -> tuple[list[list[object]], bool, bool]:
             (cut, _), (restore, _) = changes[0], changes[1]
             storm_429 = tl.storm_s(cut)
             back_s = tl.back_at(restore, RATE) - restore
+            # On a loaded machine the engine may not reach 0.9 R at all: also how long until
+            # it is back at 0.9 of what it achieved before the cut.
+            calm_rate = len(tl.ok(cut - min(10.0, cut), cut)) / min(10.0, cut)
+            back_calm_s = tl.back_at(restore, calm_rate) - restore
             n429_storm = sum(1 for t, s in tl.events if s == 429 and cut <= t < restore)
             late_429 = sum(1 for t, s in tl.events if s == 429 and t >= restore)
             print(
                 f"{label}, recovery, burst {burst:g}, run {k + 1}: 429s for {storm_429:.1f} s "
                 f"after the cut ({n429_storm} in the storm), back at 0.9 R {back_s:.1f} s after "
-                f"the restore; 429 after it: {late_429}; stored {r['stored']:,}",
+                f"the restore ({back_calm_s:.1f} s to 0.9 x the {calm_rate:.1f} req/s before "
+                f"the cut); 429 after it: {late_429}; stored {r['stored']:,}",
                 flush=True,
             )
             ok = ok and r["ok"]
             if label == "engine":
                 met = met and storm_429 < 2.0 and back_s <= 10.0
-            rows.append([label, f"{burst:g}", k + 1, storm_429, n429_storm, back_s, late_429])
+            rows.append(
+                [label, f"{burst:g}", k + 1, storm_429, n429_storm, back_s, back_calm_s, late_429]
+            )
     return rows, ok, met
 
 
@@ -395,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, good, met = recovery(ns)
         ok = ok and good
         heads = ["engine", "burst", "run", "429s after the cut, s", "429 in storm"]
-        heads.append("back at 0.9 R after s")
+        heads += ["back at 0.9 R after s", "back at 0.9 x before-cut rate after s"]
         tables.append(c.table([*heads, "429 after the restore"], rows))
         verdicts.append(f"recovery (< 2 s of 429s, back <= 10 s): {_met(met)}")
     for t in tables:
