@@ -118,7 +118,6 @@ class Tuning:
     max_probe: float = 0.25
     congestion_quiet_s: float = 3.0  # a 429 after this long without one starts a congestion
     deep_cut: float = 0.1  # within a congestion, cut to what it let through, down to this share
-    storm_share: float = 0.3  # (that, when it let through less than this share of our rate)
     deep_quiet_s: float = 2.0  # a 429 after this long at a rate: a deep bucket hid an excess
     best_s: float = 60.0  # a rate held within this long is climbed back to quickly...
     best_hold_s: float = 10.0  # ...when it was held this long without a 429 (a deep bucket
@@ -485,14 +484,13 @@ class RateController:
                 new = min(max(measured * t.margin, old * t.max_cut), old * t.margin)
             else:
                 new = old * t.margin  # hardly anything refused: step just below the edge
-            # 429s keep coming since the congestion began and the server let through less
-            # than a third of our rate (pauses included), or less than half while refusing
-            # more than it let through: the limit dropped, to about that.
+            # 429s keep coming since the congestion began, the server refused more than it
+            # let through and that was less than half our rate (pauses included): the limit
+            # dropped, to about that.
             let_through = self._accepted_total - self._accepted_at_congestion
             since = let_through / (now - self._congestion_at) if now > self._congestion_at else 0
             refused = self._refused_total - self._refused_at_congestion
-            storm = since < t.storm_share * old or (since < 0.5 * old and refused >= let_through)
-            if now > self._congestion_at and storm:
+            if now > self._congestion_at and since < 0.5 * old and refused >= let_through:
                 new = min(new, max(since * t.margin, old * t.deep_cut))
             elif proof_wrong and cycle is not None:
                 new = min(new, max(cycle * t.margin, old * t.max_cut))
