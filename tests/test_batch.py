@@ -82,7 +82,6 @@ def _video(prefix: str, segments: int) -> VideoFacts:
 
 PREFIX = "thumbnails/0b0e9f4c-7a55-4c2b/files/6e1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"
 
-
 def _one(key: str, t: ItemType = ItemType.IMAGE, **slot: Any) -> Item:
     """A single-object item (compact unless it carries video facts)."""
     folder, _, name = key.rpartition("/")

@@ -65,7 +65,9 @@ def test_a_missing_manifest_is_a_config_error(tmp_path: Path) -> None:
 
 
 def _planner(readonly: bool = False) -> ShardPlanner:
-    return ShardPlanner(PlanConfig(root_path="/root", slots="manifest"), readonly=readonly)
+    return ShardPlanner(
+        PlanConfig(root_path="/root", slots="manifest"), readonly=readonly
+    )
 
 
 def test_manifest_item_payload_and_problems() -> None:
