@@ -220,6 +220,7 @@ def run_child(
     timeout_s: float = 3600,
     sample_every_s: float = 0.5,
     log: Path | None = None,
+    cwd: Path | None = None,
 ) -> ChildRun:
     """Run ``cmd``; measure wall time, sample RSS (psutil) and take its exact peak RSS from
     ``wait4`` (the kernel's high-water mark for that child only)."""
@@ -228,7 +229,7 @@ def run_child(
     out = (log or (WORK / "last-child.log")).open("w+", encoding="utf-8")
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        list(cmd), env=env or cli_env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        list(cmd), env=env or cli_env(), stdout=out, stderr=subprocess.STDOUT, cwd=cwd or ROOT
     )
     ps = psutil.Process(proc.pid)
     samples: list[tuple[float, float]] = []

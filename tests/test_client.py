@@ -30,6 +30,7 @@ from ingest.errors import (
     V7Error,
 )
 from ingest.registrar.client import V7Client, parse_retry_after
+from ingest.registrar.rate import ON_WIRE
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 
@@ -150,6 +151,31 @@ async def test_register_posts_orjson_to_the_right_endpoint(v7: FakeV7, client: V
     assert ro.path == "/api/v2/teams/acme/items/register_existing_readonly"
     assert rw.headers["Content-Type"] == "application/json"
     assert orjson.loads(rw.body) == body
+
+
+async def test_a_request_inside_a_limiter_slot_reports_when_it_is_on_the_wire(
+    v7: FakeV7, client: V7Client
+) -> None:
+    """The rate limiter spaces the next send from the real one: the client reports the moment
+    a request's headers are written, to whichever slot it goes out in (none: nothing)."""
+    times: list[float] = []
+
+    async def handler(_: web.Request) -> web.StreamResponse:
+        times.append(time.monotonic())
+        return json_response({"items": [], "blocked_items": []})
+
+    v7.handler = handler
+    reported: list[float] = []
+    body = {"items": [], "dataset_slug": "ds", "storage_slug": "st"}
+    await client.register("t", False, body)  # outside a slot: nobody to tell
+    token = ON_WIRE.set(lambda: reported.append(time.monotonic()))
+    try:
+        before = time.monotonic()
+        await client.register("t", False, body)
+    finally:
+        ON_WIRE.reset(token)
+    assert len(reported) == 1
+    assert before <= reported[0] <= times[-1]  # written before the server saw it
 
 
 async def test_datasets_storage_and_items_listing(v7: FakeV7, client: V7Client) -> None:

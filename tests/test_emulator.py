@@ -14,7 +14,13 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
 
-from ingest.emulator.server import Emulator, EmulatorConfig, make_app
+from ingest.emulator.server import (
+    Emulator,
+    EmulatorConfig,
+    TokenBucket,
+    make_app,
+    parse_rate_schedule,
+)
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -391,6 +397,46 @@ async def test_token_bucket_admits_the_configured_rate() -> None:
         assert n > ok > 0
         assert ok <= 50 * elapsed + 2  # never more than rate x time + the bucket
         assert ok >= 50 * elapsed * 0.5  # and not far below it
+
+
+def test_a_rate_change_keeps_the_tokens_earned_at_the_old_rate() -> None:
+    b = TokenBucket(10.0, 5.0, 0.0)
+    for _ in range(5):
+        assert b.take(0.0) == 0.0
+    b.set_rate(2.0, 0.2)  # two tokens earned at 10/s before the cut...
+    assert b.take(0.2) == 0.0 and b.take(0.2) == 0.0
+    assert b.take(0.2) == pytest.approx(0.5)  # ...then one per 0.5 s
+    b.set_rate(2.0, 100.0, burst=1.0)  # a shallower bucket holds at most its new depth
+    assert b.take(100.0) == 0.0
+    assert b.take(100.0) > 0
+
+
+def test_rate_schedule_parses_and_refuses_nonsense() -> None:
+    assert parse_rate_schedule("20:20, 10:2") == [(10.0, 2.0), (20.0, 20.0)]
+    assert parse_rate_schedule("") == []
+    for bad in ("x:1", "10", "-1:2", "1:-2"):
+        with pytest.raises(ValueError):
+            parse_rate_schedule(bad)
+
+
+async def test_the_rate_changes_on_schedule_and_on_request() -> None:
+    async with await _api(
+        EmulatorConfig(rate_per_s=1000.0, burst=5.0, rate_schedule="0.2:1")
+    ) as api:
+        t0 = time.monotonic()
+        assert (await api.register([img("a.jpg")]))[0] == 200  # starts the schedule's clock
+        assert (await api.register([img("b.jpg")]))[0] == 200
+        while time.monotonic() - t0 < 0.3:  # poll past the change (a deadline, not a sleep)
+            await api.register([img(f"p{time.monotonic()}.jpg")])
+        statuses = [(await api.register([img(f"c{i}.jpg")]))[0] for i in range(8)]
+        assert 429 in statuses  # 1 req/s now
+        changes = api.emu.state()["rate_changes"]
+        assert [r for _, r in changes] == [1.0]
+        status, doc, _ = await api.call("POST", "/_emulator/rate", {"rate_per_s": 0})
+        assert status == 200 and doc["rate_per_s"] == 0
+        assert (await api.register([img("d.jpg")]))[0] == 200  # unlimited again
+        assert (await api.call("POST", "/_emulator/rate", {"rate_per_s": -1}))[0] == 422
+        assert (await api.call("POST", "/_emulator/rate", {"burst": 2}))[0] == 422
 
 
 async def test_rate_all_endpoints_and_quota() -> None:

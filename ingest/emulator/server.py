@@ -4,6 +4,10 @@ Admin endpoints (no auth), for tests and benchmarks:
   GET  /_emulator/state            counters and settings
   POST /_emulator/reset            forget items and counters
   POST /_emulator/config           change settings at run time: {"rate_per_s": 20, ...}
+                                   (a new token bucket, full)
+  POST /_emulator/rate             change the rate limit at run time, keeping the bucket's
+                                   tokens: {"rate_per_s": 2, "burst"?: 1}; every change is
+                                   listed in the state's "rate_changes" (time, rate)
   POST /_emulator/faults           queue faults for the next register requests:
                                    {"kind": "5xx"|"reset"|"stall"|"commit_then_fail"|"429",
                                     "count": N}
@@ -62,6 +66,9 @@ class EmulatorConfig:
     retry_after: str = "ceil"  # "ceil" (integer seconds, as HTTP says), "exact", "none", or N
     latency_ms: float = 0.0  # added before every answer
     jitter_ms: float = 0.0  # uniform extra latency
+    # Rate changes at run time, "T:RATE,T:RATE" (T = seconds after the first register
+    # request, on the emulator's own clock): e.g. "10:2,20:20" cuts to 2 req/s for 10 s.
+    rate_schedule: str = ""
     p_5xx: float = 0.0  # probabilities per register request
     p_reset: float = 0.0
     p_stall: float = 0.0
@@ -75,17 +82,44 @@ class EmulatorConfig:
     seed: int = 0
 
 
+def parse_rate_schedule(text: str) -> list[tuple[float, float]]:
+    """ "T:RATE,T:RATE" → [(T, RATE)] sorted by T; ValueError on anything else."""
+    out: list[tuple[float, float]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        t, _, rate = part.partition(":")
+        out.append((float(t), float(rate)))
+        if out[-1][0] < 0 or out[-1][1] < 0:
+            raise ValueError(f"rate schedule entry {part!r}: negative")
+    return sorted(out)
+
+
 class TokenBucket:
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate, self.burst = rate, max(burst, 1.0)
         self.tokens, self.at = self.burst, now
 
+    def _refill(self, now: float) -> None:
+        if now > self.at:
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+
+    def set_rate(self, rate: float, now: float, burst: float | None = None) -> None:
+        """From ``now`` on, ``rate`` (and ``burst``): tokens earned before it at the old rate
+        are kept (up to the new depth), as a real limiter whose setting changes would."""
+        if self.rate > 0:
+            self._refill(now)
+        else:
+            self.tokens, self.at = self.burst, now
+        self.rate = rate
+        if burst is not None:
+            self.burst = max(burst, 1.0)
+        self.tokens = min(self.tokens, self.burst)
+
     def take(self, now: float) -> float:
         """0 when a token was taken, else seconds until one is available."""
         if self.rate <= 0:
             return 0.0
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
+        self._refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
@@ -104,6 +138,8 @@ class Emulator:
         self.fault_queue: collections.deque[str] = collections.deque()
         self.reset_counters()
         self.bucket = TokenBucket(cfg.rate_per_s, cfg.burst, time.monotonic())
+        self.schedule = parse_rate_schedule(cfg.rate_schedule)
+        self.first_register_at: float | None = None
 
     def reset_counters(self) -> None:
         self.requests: collections.Counter[str] = collections.Counter()
@@ -114,6 +150,7 @@ class Emulator:
         self.items_registered = 0
         self.items_received = 0
         self.timeline: collections.deque[tuple[float, int]] = collections.deque(maxlen=500_000)
+        self.rate_changes: list[tuple[float, float]] = []
 
     def state(self) -> dict[str, Any]:
         return {
@@ -129,7 +166,23 @@ class Emulator:
                 "requests": dict(self.requests),
             },
             "timeline": list(self.timeline),
+            "rate_changes": list(self.rate_changes),
         }
+
+    def set_rate(self, rate: float, now: float, burst: float | None = None) -> None:
+        self.bucket.set_rate(rate, now, burst)
+        self.cfg.rate_per_s = rate
+        if burst is not None:
+            self.cfg.burst = burst
+        self.rate_changes.append((round(now - self.started, 4), rate))
+
+    def _scheduled(self, now: float) -> None:
+        """Apply the rate changes of the schedule that are due (each at its own time)."""
+        if self.first_register_at is None:
+            self.first_register_at = now
+        while self.schedule and self.first_register_at + self.schedule[0][0] <= now:
+            t, rate = self.schedule.pop(0)
+            self.set_rate(rate, self.first_register_at + t)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -180,6 +233,7 @@ class Emulator:
         now = time.monotonic()
         if register:
             self.register_requests += 1
+            self._scheduled(now)
         resp: web.StreamResponse
         if request.headers.get("Authorization") != f"ApiKey {self.cfg.api_key}":
             resp = self._error(401, "UNAUTHORIZED", "invalid API key")
@@ -330,11 +384,25 @@ class Emulator:
                 return self._error(422, "VALIDATION_ERROR", f"unknown setting {k!r}", k)
             setattr(self.cfg, k, v)
         self.bucket = TokenBucket(self.cfg.rate_per_s, self.cfg.burst, time.monotonic())
+        if "rate_schedule" in patch:
+            self.schedule = parse_rate_schedule(self.cfg.rate_schedule)
+            self.first_register_at = None
         self.store.max_items_per_request = self.cfg.max_items_per_request
         self.store.blocked_item_ids = bool(self.cfg.blocked_item_ids)
         if "seed" in patch:
             self.rng = random.Random(self.cfg.seed)  # faults drawn from the new seed
         return self._json(asdict(self.cfg))
+
+    async def admin_rate(self, request: web.Request) -> web.Response:
+        doc = orjson.loads(await request.read() or b"{}")
+        rate, burst = doc.get("rate_per_s"), doc.get("burst")
+        ok = isinstance(rate, int | float) and rate >= 0
+        if not ok or (burst is not None and not (isinstance(burst, int | float) and burst >= 1)):
+            return self._error(
+                422, "VALIDATION_ERROR", "rate_per_s >= 0 (and burst >= 1) expected", "rate_per_s"
+            )
+        self.set_rate(float(rate), time.monotonic(), None if burst is None else float(burst))
+        return self._json({"rate_per_s": self.cfg.rate_per_s, "burst": self.cfg.burst})
 
     async def admin_faults(self, request: web.Request) -> web.Response:
         doc = orjson.loads(await request.read())
@@ -376,6 +444,7 @@ def make_app(cfg: EmulatorConfig | None = None, store: Store | None = None) -> w
     r.add_get("/_emulator/state", emu.admin_state)
     r.add_post("/_emulator/reset", emu.admin_reset)
     r.add_post("/_emulator/config", emu.admin_config)
+    r.add_post("/_emulator/rate", emu.admin_rate)
     r.add_post("/_emulator/faults", emu.admin_faults)
     r.add_post("/_emulator/datasets", emu.admin_datasets)
     r.add_post("/_emulator/storage", emu.admin_storage)
@@ -445,7 +514,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Retry-After on 429: ceil (integer seconds), exact, none, or a number",
     )
     p.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
-    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform extra latency, 0..N")
+    p.add_argument(
+        "--rate-schedule",
+        default="",
+        help='rate changes "T:RATE,..." (T = seconds after the first register request)',
+    )
     p.add_argument("--p-5xx", type=float, default=0.0, help="probability of a 5xx per request")
     p.add_argument("--p-reset", type=float, default=0.0, help="probability of a connection reset")
     p.add_argument("--p-stall", type=float, default=0.0, help="probability of a stall")
@@ -489,6 +563,7 @@ def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
         retry_after=ns.retry_after,
         latency_ms=ns.latency_ms,
         jitter_ms=ns.jitter_ms,
+        rate_schedule=ns.rate_schedule,
         p_5xx=ns.p_5xx,
         p_reset=ns.p_reset,
         p_stall=ns.p_stall,
@@ -503,6 +578,11 @@ def config_from_args(ns: argparse.Namespace) -> EmulatorConfig:
 
 def main_from_args(ns: argparse.Namespace) -> int:
     cfg = config_from_args(ns)
+    try:
+        parse_rate_schedule(cfg.rate_schedule)
+    except ValueError as e:
+        print(f"error: --rate-schedule: {e}", file=sys.stderr)
+        return 2
     try:
         try:
             import uvloop

@@ -44,6 +44,7 @@ from ingest.errors import (
     TransportError,
     V7Error,
 )
+from ingest.registrar.rate import ON_WIRE
 from ingest.registrar.wire import Ident, norm_path
 
 if TYPE_CHECKING:
@@ -54,6 +55,15 @@ log = logging.getLogger("ingest.registrar.client")
 # Called once per HTTP request of a multi-request call; the request goes out inside it (the
 # engine passes its rate limiter's slot, so every GET stays within V7's limits).
 SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[object]]
+
+
+async def _on_wire(session: aiohttp.ClientSession, context: object, params: object) -> None:
+    """A request's headers are written: tell the rate limiter when it really left (the
+    server stamps it on its headers), if it goes out inside a limiter's slot."""
+    callback = ON_WIRE.get()
+    if callback is not None:
+        callback()
+
 
 MAX_NAMES_PER_LOOKUP = 100  # darwin-py's importer filters by at most 100 item names per GET
 MAX_LOOKUP_QUERY_CHARS = 6000  # and shrinks the batch when the URL gets too long; we bound it
@@ -186,7 +196,11 @@ class V7Client:
                 limit_per_host=self._max_connections,
                 keepalive_timeout=30.0,
             )
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            trace = aiohttp.TraceConfig()
+            trace.on_request_headers_sent.append(_on_wire)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, trace_configs=[trace]
+            )
             self._owns_session = True
         return self._session
 

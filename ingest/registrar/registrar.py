@@ -20,8 +20,9 @@ input order:
 - ``stop`` set (graceful shutdown) while a batch waits for a send slot or a retry →
   ``Interrupted``: the batch is not sent now; a request already on the wire is answered first.
 
-Exactly-once: an item is marked SENT (``Sending.mark_sent``, committed) once its rate slot is
-granted, immediately before its first POST — never while it waits — so after a stop or a
+Exactly-once: an item is marked SENT (``Sending.mark_sent``, committed) immediately before its
+first POST — the commit starts ahead of the rate slot by its usual duration (at most 20 ms),
+never while the batch waits for its turn — so after a stop or a
 crash only items that may really have reached V7 are SENT. However a call ends (answered,
 given up, stopped, cancelled), items whose requests were only ever refused outright (429,
 400/413/422) have their attempt taken back (``unmark_sent``).
