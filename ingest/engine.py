@@ -339,6 +339,9 @@ async def open_media(
             time_limit_s=m.video_time_limit_s,
             upload_concurrency=m.upload_concurrency,
             temp_dir=Path(m.temp_dir) if m.temp_dir else None,
+            x264_preset=m.video_x264_preset,
+            png_compression_level=m.video_png_compression_level,
+            split_encoders=m.video_split_encoders,
         )
         fps = 0.0 if cfg.plan.fps == "native" else float(cfg.plan.fps)
         options = VideoOptions(

@@ -48,6 +48,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
+from ingest.config import X264_PRESETS
 from ingest.media import MediaError
 from ingest.media.ffmpeg import (
     FFMPEG,
@@ -75,10 +76,6 @@ HLS_GOP = 15
 # darwin-py passes no -preset: libx264's default. Faster presets trade size/quality for time
 # (benchmarks/README.md, Video), the CRF and the rendition sizes stay.
 DEFAULT_X264_PRESET = "medium"
-X264_PRESETS = (
-    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
-    "veryslow", "placebo",
-)  # fmt: skip
 # PNG is lossless at every zlib level; ffmpeg's default (6) costs ~2x level 1's CPU.
 DEFAULT_PNG_COMPRESSION_LEVEL = 1
 HQ_CRF = 23
