@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from PIL import Image, ImageChops
 from ingest.errors import PreflightError
 from ingest.media import MediaError
 from ingest.media.video import (
+    FrameSequence,
     ProbeInfo,
     VideoOptions,
     VideoPool,
@@ -471,6 +473,45 @@ def test_variable_frame_rate(clips: dict[str, Path]) -> None:
     assert len(bucket.keys(f"{PREFIX}/sections/high/")) == 40
     counts = [int(ln.split(":")[1]) for ln in lines]
     assert counts == sorted(counts) and counts[-1] == 0  # 2 s clip, one segment
+
+
+def test_frame_sequence_source(tmp_path: Path) -> None:
+    """Numbered images (what DICOM frames become) are cut like a video file."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=6:duration=3", "-start_number", "1",
+           str(frames / "%06d.png"))  # fmt: skip
+    src = FrameSequence(frames / "%06d.png", Fraction(6), start_number=1)
+    bucket = MemoryBucket()
+    pool = VideoPool(workers=1)
+
+    async def go() -> VideoFacts:
+        return await pool.process(
+            src, prefix=PREFIX, file_name="scan.dcm", uploader=bucket,
+            source_storage_key="src/scan.dcm", size_bytes=123, opts=VideoOptions(fps=3),
+        )  # fmt: skip
+
+    facts = asyncio.run(go())
+    assert (facts.total_frames, facts.visible_frames, facts.native_fps) == (18, 9, 6.0)
+    assert (facts.width, facts.height, facts.storage_key) == (160, 120, "src/scan.dcm")
+    lines = manifest(bucket)
+    assert [ln.split(":")[1:3] for ln in lines] == [
+        [str(i // 12), str(1 - i % 2)] for i in range(18)
+    ]  # 2 s segments of 12 frames; every other frame visible
+    hq = bucket.keys(f"{PREFIX}/sections/high/")
+    assert len(hq) == 9
+    for k in (0, 4, 8):  # visible frame k is source image 2k (numbered from 1)
+        ours = Image.open(io.BytesIO(bucket.objects[hq[k]].data))
+        with Image.open(frames / f"{2 * k + 1:06d}.png") as theirs:
+            assert ImageChops.difference(ours, theirs).getbbox() is None
+    assert f"{PREFIX}/thumbnail.jpg" in bucket.objects
+    assert len(bucket.keys(f"{PREFIX}/segments/high/")) == 3  # 2 segments + playlist
+    no_key = pool.process(
+        src, prefix=PREFIX, file_name="scan.dcm", uploader=bucket,
+        source_storage_key=None, size_bytes=1, opts=VideoOptions(),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="source_storage_key"):
+        asyncio.run(no_key)
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -52,9 +52,12 @@ from ingest.config import X264_PRESETS
 from ingest.media import MediaError
 from ingest.media.ffmpeg import (
     FFMPEG,
+    FrameSequence,
     ProbeInfo,
+    VideoSource,
     check_ffmpeg,
     count_packets,
+    input_args,
     kill,
     probe,
     ts_video_frames,
@@ -62,10 +65,12 @@ from ingest.media.ffmpeg import (
 from ingest.model import Rendition, VideoFacts
 
 __all__ = [
+    "FrameSequence",
     "ProbeInfo",
     "Uploader",
     "VideoOptions",
     "VideoPool",
+    "VideoSource",
     "artifact_prefix",
     "check_ffmpeg",
     "probe",
@@ -392,7 +397,7 @@ ONE_PASS: tuple[tuple[str, ...], ...] = (("high", "low", "frames"),)
 
 
 def _build(
-    src: Path,
+    src: VideoSource,
     work: Path,
     info: ProbeInfo,
     opts: VideoOptions,
@@ -426,7 +431,7 @@ def _build(
 
 
 def _pass_args(
-    src: Path, want: tuple[str, ...], plan: _Plan, info: ProbeInfo, opts: VideoOptions,
+    src: VideoSource, want: tuple[str, ...], plan: _Plan, info: ProbeInfo, opts: VideoOptions,
     tune: _Tuning,
 ) -> list[str]:  # fmt: skip
     """One ffmpeg command producing the outputs in ``want`` (high, low, frames) from one
@@ -474,8 +479,7 @@ def _pass_args(
         "info",
         "-threads",
         str(t),
-        "-i",
-        str(src),
+        *input_args(src),
         "-filter_complex_threads",
         str(t),
         "-filter_complex",
@@ -626,7 +630,7 @@ class VideoPool:
 
     async def process(
         self,
-        src: Path,
+        src: VideoSource,
         *,
         prefix: str,
         file_name: str,
@@ -635,7 +639,13 @@ class VideoPool:
         size_bytes: int,
         opts: VideoOptions,
     ) -> VideoFacts:
-        """Cut one video, stream its artifacts to ``{prefix}/...`` and return its facts."""
+        """Cut one video, stream its artifacts to ``{prefix}/...`` and return its facts.
+
+        ``src`` is a local video file or a ``FrameSequence`` (numbered images, e.g. converted
+        DICOM frames); a sequence is not a file to upload, so it needs ``source_storage_key``.
+        """
+        if isinstance(src, FrameSequence) and source_storage_key is None:
+            raise ValueError("a FrameSequence source needs source_storage_key")
         if not 1 <= opts.primary_frames_quality <= 31:
             raise ValueError("primary_frames_quality must be 1 (PNG) or 2..31 (JPEG)")
         if opts.segment_length < 1:
@@ -655,7 +665,7 @@ class VideoPool:
 
     async def _process(
         self,
-        src: Path,
+        src: VideoSource,
         prefix: str,
         file_name: str,
         uploader: Uploader,
@@ -675,6 +685,7 @@ class VideoPool:
         streamer = _Streamer(uploader, self.upload_concurrency)
         try:
             if source_storage_key is None:
+                assert isinstance(src, Path)
                 ctype = mimetypes.guess_type(file_name)[0] or CT_BINARY
                 streamer.put(_Upload(src, f"{prefix}/{file_name}", ctype, delete=False))
             plan = _build(src, work, info, opts, self.tuning, step, self.grouping)
@@ -800,7 +811,7 @@ class VideoPool:
 
     async def _finish(
         self,
-        src: Path,
+        src: VideoSource,
         plan: _Plan,
         frames: _Frames,
         info: ProbeInfo,
@@ -889,7 +900,7 @@ class VideoPool:
             audio_peaks_key=f"{prefix}/audio_peaks.gz" if peaks_gz is not None else "",
         )
 
-    async def _seek_thumbnail(self, src: Path, frames: _Frames, n: int, out: Path) -> None:
+    async def _seek_thumbnail(self, src: VideoSource, frames: _Frames, n: int, out: Path) -> None:
         """Decode from the keyframe before frame ``n`` only, then fit it inside 356x200."""
         await asyncio.to_thread(out.unlink, True)
         seek: list[str] = []
@@ -909,8 +920,7 @@ class VideoPool:
             "-threads",
             str(self.threads),
             *seek,
-            "-i",
-            str(src),
+            *input_args(src),
             "-map",
             "0:v:0",
             "-vf",
