@@ -10,7 +10,8 @@ its own child process and in a rotating order (so load drift hits every variant 
   environment (``.bench/darwin-venv``, created by benchmarks/darwin_py.py, or ``$DARWIN_VENV``);
 - ``before``: ``VideoPool`` as it was (one ffmpeg process, PNG at zlib's default level 6);
 - ``ours``: ``VideoPool`` defaults (three ffmpeg processes, PNG level 1, x264 ``medium``);
-- ``veryfast``: the defaults with ``x264_preset="veryfast"`` (the documented trade-off).
+- ``veryfast``: the defaults with ``x264_preset="veryfast"`` (the documented trade-off);
+- on request: ``t1`` (one thread per ffmpeg process), ``onepass`` (PNG level 1, one process).
 
 Every variant writes the same artifact set (PNG primary frames, JPEG q5 previews, HLS CRF 23
 and 40, manifest, thumbnail, audio peaks); ours upload into a sink that drops the bytes.
@@ -55,6 +56,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "before": {"split_encoders": False, "png_compression_level": 6},
     "ours": {},
     "veryfast": {"x264_preset": "veryfast"},
+    # Not run by default (--variants ...,t1,onepass):
+    "t1": {"threads_per_worker": 1},  # one thread per ffmpeg process
+    "onepass": {"split_encoders": False},  # PNG level 1 in one process
 }
 
 

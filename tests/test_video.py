@@ -634,6 +634,38 @@ def test_cancellation_kills_ffmpeg_and_cleans_temp(clips: dict[str, Path], tmp_p
     assert list(temp.iterdir()) == []
 
 
+def test_one_failing_pass_stops_the_others(
+    clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault in one of a video's ffmpeg processes (here the low rendition's disk fills up:
+    no real ffmpeg fails on cue, so an ffmpeg on PATH fails for that command and runs the
+    real one for the others) fails the video with that process's reason (not the "exit -9"
+    of the ones killed because of it), no process is left and the temp dir is gone."""
+    real = shutil.which("ffmpeg")
+    assert real is not None
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "ffmpeg").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *segments/low*)\n'
+        "  echo \"[hls @ 0x5] Failed to open file '/t/x/000000000.ts': No space left on "
+        'device" >&2; exit 1;;\n'
+        "esac\n"
+        f'exec {real} "$@"\n'
+    )
+    (shim / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}:{os.environ['PATH']}")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    bucket = MemoryBucket()
+    with pytest.raises(MediaError) as err:
+        process(clips["base"], pool=VideoPool(workers=1, temp_dir=temp), bucket=bucket)
+    assert err.value.reason == "ffmpeg failed: No space left on device"
+    assert f"{PREFIX}/frames_manifest.txt" not in bucket.objects
+    assert ffmpeg_children() == []
+    assert list(temp.iterdir()) == []
+
+
 @pytest.mark.timeout(60)
 def test_backpressure_pauses_ffmpeg(clips: dict[str, Path], tmp_path: Path) -> None:
     bucket = MemoryBucket(gate=asyncio.Event())

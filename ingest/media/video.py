@@ -749,12 +749,14 @@ class VideoPool:
             if not waiters:
                 await asyncio.gather(*readers)
         finally:
-            await asyncio.gather(*(kill(proc) for proc in procs), return_exceptions=True)
-            if readers:  # reaped processes: their stderr ends now; keep the failure's reason
-                await asyncio.wait(readers, timeout=READER_GRACE_S)
-            for r in readers:
-                r.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
+            try:
+                await asyncio.gather(*(kill(proc) for proc in procs), return_exceptions=True)
+                if readers:  # reaped processes: their stderr ends now; keep the failure's reason
+                    await asyncio.wait(readers, timeout=READER_GRACE_S)
+            finally:
+                for r in readers:
+                    r.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
         # The process that failed by itself, not one we killed because of it.
         failed = sorted(
             (rc < 0, p.name, rc, p)
