@@ -8,7 +8,8 @@ its own child process and in a rotating order (so load drift hits every variant 
 
 - ``darwin``: darwin-py's ``darwin.extractor.video.extract_artifacts`` in its own virtual
   environment (``.bench/darwin-venv``, created by benchmarks/darwin_py.py, or ``$DARWIN_VENV``);
-- ``before``: ``VideoPool`` as it was (one ffmpeg process, PNG at zlib's default level 6);
+- ``before``: ``VideoPool`` as it was: with ``--before-root /work/main`` that checkout's own
+  code, otherwise emulated (one ffmpeg process, PNG at zlib's default level 6);
 - ``ours``: ``VideoPool`` defaults (three ffmpeg processes, PNG level 1, x264 ``medium``);
 - ``veryfast``: the defaults with ``x264_preset="veryfast"`` (the documented trade-off);
 - on request: ``t1`` (one thread per ffmpeg process), ``onepass`` (PNG level 1, one process).
@@ -124,9 +125,9 @@ async def run_pool(
     }
 
 
-def child(variant: str, clips: list[Path], temp: Path, workers: int) -> None:
+def child(knobs: dict[str, Any], clips: list[Path], temp: Path, workers: int) -> None:
     """Runs inside the child process: one pool run, one JSON line."""
-    result = asyncio.run(run_pool(clips, temp, workers, VARIANTS[variant]))
+    result = asyncio.run(run_pool(clips, temp, workers, knobs))
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -146,14 +147,22 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     return {"wall_s": wall, "cpu_s": cpu, **doc}
 
 
+BEFORE_ROOT: Path | None = None  # --before-root: a checkout whose `ingest` is "before"
+
+
 def run_variant(variant: str, clips: list[Path], temp: Path, workers: int = 1) -> dict[str, Any]:
     if variant == "darwin":
         script = temp / "darwin_extract.py"
         script.write_text(DARWIN_SCRIPT, encoding="utf-8")
         return timed([str(DARWIN_PY), str(script), str(clips[0]), str(temp)])
-    cmd = [sys.executable, "-m", "benchmarks.video", "--child", variant, "--workers", str(workers)]
-    env = {**os.environ, "PYTHONPATH": str(c.ROOT)}
-    return timed([*cmd, "--temp", str(temp), *map(str, clips)], env=env)
+    knobs, root = VARIANTS[variant], c.ROOT
+    if variant == "before" and BEFORE_ROOT is not None:
+        knobs, root = {}, BEFORE_ROOT  # that checkout's own VideoPool with its defaults
+    # Run as a script so that `ingest` comes from PYTHONPATH = root, this file from here.
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(knobs)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd += ["--workers", str(workers), "--temp", str(temp), *map(str, clips)]
+    return timed(cmd, env=env)
 
 
 def rounds(clip: Path, temp: Path, names: list[str], n: int) -> dict[str, list[dict[str, Any]]]:
@@ -204,20 +213,13 @@ def throughput(clip: Path, temp: Path, n: int, darwin_wall_s: float) -> None:
         dup.write_bytes(clip.read_bytes())
         clips.append(dup)
     rows: list[list[object]] = []
-    for variant in ("ours", "before"):
-        for workers in (1, 2):
-            res = run_variant(variant, clips, temp, workers)
-            rows.append(
-                [
-                    variant,
-                    workers,
-                    f"{res['wall_s']:.1f}",
-                    f"{res['cpu_s']:.1f}",
-                    f"{n * 60 / res['wall_s']:.1f}",
-                    f"{n * darwin_wall_s / res['wall_s']:.2f}",
-                ]
-            )
-            print(f"{n} clips, {variant}, workers {workers}: {res['wall_s']:.1f} s", flush=True)
+    for variant, workers in (("ours", 1), ("ours", 2), ("before", 2)):
+        res = run_variant(variant, clips, temp, workers)
+        wall = res["wall_s"]
+        speedup = n * darwin_wall_s / wall  # darwin-py cuts one video after another
+        rows.append([variant, workers, f"{wall:.1f}", f"{res['cpu_s']:.1f}",
+                     f"{n * 60 / wall:.1f}", f"{speedup:.2f}"])  # fmt: skip
+        print(f"{n} clips, {variant}, workers {workers}: {wall:.1f} s", flush=True)
     print()
     header = ["variant", "workers", "wall s", "CPU s", "clips/min", "vs darwin-py one by one"]
     print(c.table(header, rows))
@@ -235,10 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--temp", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--before-root",
+        type=Path,
+        help='checkout (e.g. main\'s) whose VideoPool runs as "before" (default: emulated here)',
+    )
     a = ap.parse_args(argv)
     if a.child:
-        child(a.child, a.paths, a.temp, a.workers)
+        child(json.loads(a.child), a.paths, a.temp, a.workers)
         return 0
+    global BEFORE_ROOT
+    BEFORE_ROOT = a.before_root
     names = a.variants.split(",")
     if "darwin" not in names:
         names.insert(0, "darwin")

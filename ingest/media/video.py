@@ -493,8 +493,9 @@ def _pass_args(
     if not frames:
         return args
     if plan.hq_ext == "png":
-        # Lossless at every level; 1 encodes ~2x faster than zlib's default 6, ~15 % larger.
-        hq_codec = ["-compression_level", str(tune.png_compression_level)]
+        # Lossless at every level; 1 encodes ~2x faster than zlib's default 6. The "up" filter
+        # costs no measurable CPU and makes level 1's frames ~10 % smaller (~5 % above 6's).
+        hq_codec = ["-compression_level", str(tune.png_compression_level), "-pred", "up"]
     else:
         hq_codec = ["-q:v", str(opts.primary_frames_quality)]
     args += _frames_output("[fh]", dirs["sections/high"] / f"%09d.{plan.hq_ext}", hq_codec, t)
