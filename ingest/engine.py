@@ -285,7 +285,7 @@ def artifact_prefixes(cfg: Config, target: Target, media: MediaStage | None) -> 
 
 
 def video_workers(cfg: Config) -> int:
-    """ffmpeg processes at once: configured, or half the cores (each uses several threads)."""
+    """Videos cut at once: configured, or half the cores (each runs three ffmpeg processes)."""
     return cfg.media.video_workers or max(1, (os.cpu_count() or 2) // 2)
 
 
