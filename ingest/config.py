@@ -131,7 +131,7 @@ class MediaConfig:
     video_threads_per_worker: int = 0  # ffmpeg -threads; 0 = cores / workers
     video_time_limit_s: float = 3600.0  # one video's processing time limit
     # Encoders of one video in three ffmpeg processes at once (HLS high, HLS low, frames):
-    # ~2x less wall time on 2 cores, ~5 % more CPU (three decodes); false = one process.
+    # every core busy for one video, ~5-8 % more CPU (three decodes); false = one process.
     video_split_encoders: bool = True
     video_x264_preset: str = "medium"  # libx264 -preset (darwin-py: medium); faster = larger
     video_png_compression_level: int = 1  # zlib level 0..9 of PNG frames (lossless at all)
