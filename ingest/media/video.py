@@ -1,8 +1,9 @@
 """Locally processed video: V7's artifact set, its encoders run in parallel processes.
 
 Three ffmpeg processes per video, started together, each decoding the source (decoding is
-~4 % of this work; one process feeds all its encoders from one main thread in ffmpeg 5.x and
-used ~1.3 of 2 cores, three keep every core busy):
+~4 % of this work; one process feeds all its encoders from one main thread in ffmpeg 5.x, so
+its encoders run in lockstep and it used 1.3-1.8 of 2 cores; three processes are scheduled
+independently, one video can use every core):
 
 - HLS high: libx264 CRF 23, GOP 15, keyframes forced on segment boundaries;
 - HLS low: CRF 40, height max(2*ceil(h/4), 720) when h > 720;
@@ -390,8 +391,8 @@ class _Plan:
 
 
 # How a video's outputs are grouped into ffmpeg processes. One process decodes once but
-# ffmpeg 5.x feeds every encoder from its one main thread, so it uses ~1.3 of 2 cores; three
-# processes (each decoding: ~4 % of the CPU of this work) keep every core busy.
+# ffmpeg 5.x feeds every encoder from its one main thread (1.3-1.8 of 2 cores used); three
+# processes (each decoding: ~4 % of the CPU of this work) are scheduled independently.
 SPLIT_PASSES: tuple[tuple[str, ...], ...] = (("high",), ("low",), ("frames",))
 ONE_PASS: tuple[tuple[str, ...], ...] = (("high", "low", "frames"),)
 
