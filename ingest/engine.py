@@ -399,8 +399,7 @@ def artifact_prefixes(cfg: Config, target: Target, media: MediaStage | None) -> 
 
 
 def video_workers(cfg: Config) -> int:
-    """ffmpeg processes at once: configured, or half the usable CPUs (each uses several
-    threads)."""
+    """Videos cut at once: configured, or half the usable CPUs (each uses several threads)."""
     return cfg.media.video_workers or max(1, available_cpus() // 2)
 
 
@@ -454,6 +453,9 @@ async def open_media(
             time_limit_s=m.video_time_limit_s,
             upload_concurrency=m.upload_concurrency,
             temp_dir=Path(m.temp_dir) if m.temp_dir else None,
+            x264_preset=m.video_x264_preset,
+            png_compression_level=m.video_png_compression_level,
+            split_encoders=m.video_split_encoders,
         )
         fps = 0.0 if cfg.plan.fps == "native" else float(cfg.plan.fps)
         options = VideoOptions(

@@ -47,6 +47,18 @@ def test_overrides_are_typed_and_unknown_fields_named(tmp_path: Path) -> None:
         config.load(None, ["media.primary_frames_quality=40"])
 
 
+def test_video_speed_knobs_are_validated() -> None:
+    default = config.load(None, []).media
+    assert (default.video_x264_preset, default.video_png_compression_level) == ("medium", 1)
+    assert default.video_split_encoders is False
+    m = config.load(None, ["media.video_x264_preset=veryfast", "media.video_split_encoders=true"])
+    assert (m.media.video_x264_preset, m.media.video_split_encoders) == ("veryfast", True)
+    with pytest.raises(ConfigError, match=r"video_x264_preset must be one of .*got 'quick'"):
+        config.load(None, ["media.video_x264_preset=quick"])
+    with pytest.raises(ConfigError, match=re.escape("video_png_compression_level must be 0..9")):
+        config.load(None, ["media.video_png_compression_level=10"])
+
+
 def test_a_local_source_needs_an_upload_bucket() -> None:
     cfg = config.load(
         None, ["source.provider=local", "source.bucket=/tmp", "v7.dataset=d", "v7.storage=s"]

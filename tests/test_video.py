@@ -14,8 +14,9 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 import pytest
@@ -24,6 +25,7 @@ from PIL import Image, ImageChops
 from ingest.errors import PreflightError
 from ingest.media import MediaError
 from ingest.media.video import (
+    FrameSequence,
     ProbeInfo,
     VideoOptions,
     VideoPool,
@@ -314,13 +316,72 @@ def test_frames_equal_a_plain_reference_dump(
     ffmpeg("-i", str(clips["base"]), "-fps_mode", "passthrough", str(tmp_path / "%09d.png"))
     ref = sorted(tmp_path.glob("*.png"))
     assert len(ref) == len(bucket.keys(f"{PREFIX}/sections/high/")) == 150
-    for n in (0, 74, 149):
+    for n, path in enumerate(ref):  # PNG at zlib level 1 is still lossless: the same pixels
+        ours = Image.open(io.BytesIO(bucket.objects[f"{PREFIX}/sections/high/{n:09d}.png"].data))
+        with Image.open(path) as theirs:
+            assert ours.mode == theirs.mode and ours.size == theirs.size
+            assert ImageChops.difference(ours, theirs).getbbox() is None, n
+
+
+def x264_settings(segment: bytes, tmp: Path) -> str:
+    """The settings libx264 writes into its first SEI ("options: cabac=1 ref=3 ..."), read
+    from the segment's H.264 elementary stream (the TS packets cut it into pieces)."""
+    ts = tmp / "segment.ts"
+    ts.write_bytes(segment)
+    es = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(ts), "-map", "0:v:0", "-c", "copy", "-f", "h264",
+         "pipe:1"],
+        check=True, capture_output=True, stdin=subprocess.DEVNULL,
+    ).stdout  # fmt: skip
+    start = es.index(b"options: ")
+    return es[start : es.index(b"\x00", start)].decode("ascii", "replace") + " "
+
+
+def test_renditions_at_darwin_py_crf_gop_and_preset(
+    default_run: tuple[dict[str, Any], MemoryBucket], tmp_path: Path
+) -> None:
+    _, bucket = default_run
+    high = x264_settings(bucket.objects[f"{PREFIX}/segments/high/000000000.ts"].data, tmp_path)
+    low = x264_settings(bucket.objects[f"{PREFIX}/segments/low/000000000.ts"].data, tmp_path)
+    for opts, crf in ((high, "23.0"), (low, "40.0")):
+        assert f" crf={crf} " in opts and " keyint=15 " in opts
+        assert " subme=7 " in opts and " ref=3 " in opts  # libx264's default preset, medium
+
+
+def test_one_process_and_three_write_the_same_artifacts(
+    default_run: tuple[dict[str, Any], MemoryBucket], clips: dict[str, Path]
+) -> None:
+    """split_encoders only changes how the work is spread over processes."""
+    split_slot, split = default_run
+    slot, one = process(clips["base"], pool=VideoPool(workers=1, split_encoders=False),
+                        source_storage_key=None)  # fmt: skip
+    assert set(one.objects) == set(split.objects)
+    assert manifest(one) == manifest(split)
+    for key in split.keys(f"{PREFIX}/sections/high/")[::37]:
+        assert one.objects[key].data == split.objects[key].data  # same pixels, same zlib level
+    assert {k: v for k, v in slot.items() if k != "hls_segments"} == {
+        k: v for k, v in split_slot.items() if k != "hls_segments"
+    }
+    for q in ("high_quality", "low_quality"):
+        assert slot["hls_segments"][q]["index"] == split_slot["hls_segments"][q]["index"]
+
+
+def test_faster_preset_and_png_level_are_knobs(clips: dict[str, Path], tmp_path: Path) -> None:
+    pool = VideoPool(workers=1, x264_preset="veryfast", png_compression_level=9)
+    slot, bucket = process(clips["ntsc"], pool=pool)
+    high = x264_settings(bucket.objects[f"{PREFIX}/segments/high/000000000.ts"].data, tmp_path)
+    assert " crf=23.0 " in high and " subme=2 " in high and " ref=1 " in high  # veryfast
+    ffmpeg("-i", str(clips["ntsc"]), "-fps_mode", "passthrough", str(tmp_path / "%09d.png"))
+    ref = sorted(tmp_path.glob("*.png"))
+    assert len(ref) == slot["total_frames"] == 90
+    for n in (0, 45, 89):
         ours = Image.open(io.BytesIO(bucket.objects[f"{PREFIX}/sections/high/{n:09d}.png"].data))
         with Image.open(ref[n]) as theirs:
-            assert ours.mode == theirs.mode and ours.size == theirs.size
-            diff = ImageChops.difference(ours.convert("RGB"), theirs.convert("RGB"))
-            extrema = cast(tuple[tuple[int, int], ...], diff.getextrema())
-            assert max(hi for _, hi in extrema) <= 2
+            assert ImageChops.difference(ours, theirs).getbbox() is None
+    with pytest.raises(ValueError, match="x264 preset"):
+        VideoPool(x264_preset="quick")
+    with pytest.raises(ValueError, match="PNG compression level"):
+        VideoPool(png_compression_level=10)
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -412,6 +473,45 @@ def test_variable_frame_rate(clips: dict[str, Path]) -> None:
     assert len(bucket.keys(f"{PREFIX}/sections/high/")) == 40
     counts = [int(ln.split(":")[1]) for ln in lines]
     assert counts == sorted(counts) and counts[-1] == 0  # 2 s clip, one segment
+
+
+def test_frame_sequence_source(tmp_path: Path) -> None:
+    """Numbered images (what DICOM frames become) are cut like a video file."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=6:duration=3", "-start_number", "1",
+           str(frames / "%06d.png"))  # fmt: skip
+    src = FrameSequence(frames / "%06d.png", Fraction(6), start_number=1)
+    bucket = MemoryBucket()
+    pool = VideoPool(workers=1)
+
+    async def go() -> VideoFacts:
+        return await pool.process(
+            src, prefix=PREFIX, file_name="scan.dcm", uploader=bucket,
+            source_storage_key="src/scan.dcm", size_bytes=123, opts=VideoOptions(fps=3),
+        )  # fmt: skip
+
+    facts = asyncio.run(go())
+    assert (facts.total_frames, facts.visible_frames, facts.native_fps) == (18, 9, 6.0)
+    assert (facts.width, facts.height, facts.storage_key) == (160, 120, "src/scan.dcm")
+    lines = manifest(bucket)
+    assert [ln.split(":")[1:3] for ln in lines] == [
+        [str(i // 12), str(1 - i % 2)] for i in range(18)
+    ]  # 2 s segments of 12 frames; every other frame visible
+    hq = bucket.keys(f"{PREFIX}/sections/high/")
+    assert len(hq) == 9
+    for k in (0, 4, 8):  # visible frame k is source image 2k (numbered from 1)
+        ours = Image.open(io.BytesIO(bucket.objects[hq[k]].data))
+        with Image.open(frames / f"{2 * k + 1:06d}.png") as theirs:
+            assert ImageChops.difference(ours, theirs).getbbox() is None
+    assert f"{PREFIX}/thumbnail.jpg" in bucket.objects
+    assert len(bucket.keys(f"{PREFIX}/segments/high/")) == 3  # 2 segments + playlist
+    no_key = pool.process(
+        src, prefix=PREFIX, file_name="scan.dcm", uploader=bucket,
+        source_storage_key=None, size_bytes=1, opts=VideoOptions(),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="source_storage_key"):
+        asyncio.run(no_key)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -530,6 +630,38 @@ def test_cancellation_kills_ffmpeg_and_cleans_temp(clips: dict[str, Path], tmp_p
             await task
 
     asyncio.run(go())
+    assert ffmpeg_children() == []
+    assert list(temp.iterdir()) == []
+
+
+def test_one_failing_pass_stops_the_others(
+    clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault in one of a video's ffmpeg processes (here the low rendition's disk fills up:
+    no real ffmpeg fails on cue, so an ffmpeg on PATH fails for that command and runs the
+    real one for the others) fails the video with that process's reason (not the "exit -9"
+    of the ones killed because of it), no process is left and the temp dir is gone."""
+    real = shutil.which("ffmpeg")
+    assert real is not None
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "ffmpeg").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *segments/low*)\n'
+        "  echo \"[hls @ 0x5] Failed to open file '/t/x/000000000.ts': No space left on "
+        'device" >&2; exit 1;;\n'
+        "esac\n"
+        f'exec {real} "$@"\n'
+    )
+    (shim / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}:{os.environ['PATH']}")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    bucket = MemoryBucket()
+    with pytest.raises(MediaError) as err:
+        process(clips["base"], pool=VideoPool(workers=1, temp_dir=temp), bucket=bucket)
+    assert err.value.reason == "ffmpeg failed: No space left on device"
+    assert f"{PREFIX}/frames_manifest.txt" not in bucket.objects
     assert ffmpeg_children() == []
     assert list(temp.iterdir()) == []
 

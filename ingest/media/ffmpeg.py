@@ -88,6 +88,31 @@ async def check_ffmpeg() -> str:
 
 
 @dataclass(frozen=True)
+class FrameSequence:
+    """Numbered still images as a video source (e.g. DICOM frames written as PNG): read by
+    ffmpeg's image2 demuxer at ``frame_rate``, numbered from ``start_number``."""
+
+    pattern: Path  # printf-style, e.g. frames/%09d.png
+    frame_rate: Fraction
+    start_number: int = 0
+
+    @property
+    def first(self) -> Path:
+        return Path(str(self.pattern) % self.start_number)
+
+
+VideoSource = Path | FrameSequence  # what the video pipeline cuts
+
+
+def input_args(src: VideoSource) -> list[str]:
+    """ffmpeg / ffprobe input options for ``src`` (ending with ``-i <input>``)."""
+    if isinstance(src, FrameSequence):
+        rate, start = str(src.frame_rate), str(src.start_number)
+        return ["-f", "image2", "-framerate", rate, "-start_number", start, "-i", str(src.pattern)]
+    return ["-i", str(src)]
+
+
+@dataclass(frozen=True)
 class ProbeInfo:
     """What ffprobe says about the first video stream (dimensions as displayed, i.e. after the
     rotation ffmpeg applies when decoding)."""
@@ -137,10 +162,11 @@ def stderr_reason(err: bytes, default: str) -> str:
     return text[:200]
 
 
-async def probe(path: Path) -> ProbeInfo:
+async def probe(path: VideoSource) -> ProbeInfo:
     """Probe ``path``. MediaError for a zero-byte / corrupt file or one without a video stream."""
+    first = path.first if isinstance(path, FrameSequence) else path
     try:
-        size = (await asyncio.to_thread(path.stat)).st_size
+        size = (await asyncio.to_thread(first.stat)).st_size
     except OSError as e:
         raise MediaError(f"cannot read the video file: {e.strerror}") from None
     if size == 0:
@@ -153,7 +179,7 @@ async def probe(path: Path) -> ProbeInfo:
         "-show_format",
         "-of",
         "json",
-        str(path),
+        *input_args(path),
         timeout_s=120,
     )
     if rc != 0:
@@ -201,7 +227,7 @@ async def probe(path: Path) -> ProbeInfo:
     )
 
 
-async def count_packets(path: Path) -> int:
+async def count_packets(path: VideoSource) -> int:
     """Video packets in the file (demux only, no decode): darwin-py's frame-count fallback for
     streams without an average frame rate."""
     rc, out, err = await _run(
@@ -215,7 +241,7 @@ async def count_packets(path: Path) -> int:
         "stream=nb_read_packets",
         "-of",
         "json",
-        str(path),
+        *input_args(path),
         timeout_s=600,
     )
     if rc != 0:

@@ -1,24 +1,30 @@
-"""Locally processed video: V7's artifact set from ONE decode of the source.
+"""Locally processed video: V7's artifact set, its encoders run in parallel processes.
 
-One ffmpeg process per video decodes the source once and ``split``s the frames into
+Three ffmpeg processes per video, started together, each decoding the source (decoding is
+~4 % of this work; one process feeds all its encoders from one main thread in ffmpeg 5.x, so
+its encoders run in lockstep and it used 1.3-1.8 of 2 cores; three processes are scheduled
+independently, one video can use every core):
 
-- the HLS high rendition (libx264 CRF 23, GOP 15, keyframes forced on segment boundaries),
-- the HLS low rendition (CRF 40, height max(2*ceil(h/4), 720) when h > 720),
-- the HQ frame writer (PNG, or JPEG ``-q:v Q``) and the LQ preview writer (JPEG q 5), both fed
-  only the *visible* frames (``select`` with a running counter, exactly the manifest's rule),
-- the thumbnail (the middle frame fitted inside 356x200), when the container states its frame
-  count; otherwise a cheap seek-based second command after the pass,
-- the audio peaks (first audio stream, mono, 1 kHz, u8), gzipped afterwards;
+- HLS high: libx264 CRF 23, GOP 15, keyframes forced on segment boundaries;
+- HLS low: CRF 40, height max(2*ceil(h/4), 720) when h > 720;
+- frames: ``showinfo`` logs every decoded frame's timestamp for the manifest, then ``split``s
+  into the HQ frame writer (PNG at zlib level 1 -- lossless, the pixels of ffmpeg's decode --
+  or JPEG ``-q:v Q``) and the LQ preview writer (JPEG q 5), both fed only the *visible* frames
+  (``select`` with a running counter, exactly the manifest's rule); the thumbnail (the middle
+  frame fitted inside 356x200) when the container states its frame count, otherwise a cheap
+  seek-based command after the pass; the audio peaks (first audio stream, mono, 1 kHz, u8),
+  gzipped afterwards.
 
-and ``showinfo`` in front of the split logs every decoded frame's timestamp for the manifest.
+``split_encoders=False`` puts all of it in one process (one decode: least CPU, most wall time).
 Segment frame counts come from the segments themselves (video PES packets, no decoding).
 
 Artifacts are streamed to the bucket while ffmpeg runs: image2 and HLS write ``*.tmp`` files
 and rename them when complete (``-atomic_writing 1`` / ``-hls_flags temp_file``), so every file
 under its final name is complete; it is uploaded (bounded concurrency) and deleted. When uploads
-fall behind by more than ``max_pending_bytes`` ffmpeg is paused (SIGSTOP) until the backlog
-halves (SIGCONT), so temp disk stays bounded. Playlists, thumbnail, peaks and the manifest go
-last. Keys live under a deterministic prefix: a re-run overwrites, it never orphans.
+fall behind by more than ``max_pending_bytes`` every ffmpeg of the video is paused (SIGSTOP)
+until the backlog halves (SIGCONT), so temp disk stays bounded. Playlists, thumbnail, peaks and
+the manifest go last. Keys live under a deterministic prefix: a re-run overwrites, it never
+orphans.
 """
 
 from __future__ import annotations
@@ -43,13 +49,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
+from ingest.config import X264_PRESETS
 from ingest.cpus import available_cpus
 from ingest.media import MediaError
 from ingest.media.ffmpeg import (
     FFMPEG,
+    FrameSequence,
     ProbeInfo,
+    VideoSource,
     check_ffmpeg,
     count_packets,
+    input_args,
     kill,
     probe,
     ts_video_frames,
@@ -57,10 +67,12 @@ from ingest.media.ffmpeg import (
 from ingest.model import Rendition, VideoFacts
 
 __all__ = [
+    "FrameSequence",
     "ProbeInfo",
     "Uploader",
     "VideoOptions",
     "VideoPool",
+    "VideoSource",
     "artifact_prefix",
     "check_ffmpeg",
     "probe",
@@ -68,12 +80,18 @@ __all__ = [
 ]
 
 HLS_GOP = 15
+# darwin-py passes no -preset: libx264's default. Faster presets trade size/quality for time
+# (benchmarks/README.md, Video), the CRF and the rendition sizes stay.
+DEFAULT_X264_PRESET = "medium"
+# PNG is lossless at every zlib level; ffmpeg's default (6) costs ~2x level 1's CPU.
+DEFAULT_PNG_COMPRESSION_LEVEL = 1
 HQ_CRF = 23
 LQ_CRF = 40
 LQ_FRAMES_QUALITY = 5
 THUMB_W, THUMB_H = 356, 200
 LOW_MAX_HEIGHT_RULE = "if(gt(ih,720),max(ceil(ih/4)*2,720),ih)"
 POLL_S = 0.05
+READER_GRACE_S = 2.0  # stderr left to read once a pass is reaped
 
 CT_TS = "video/mp2t"
 CT_M3U8 = "application/vnd.apple.mpegurl"
@@ -110,6 +128,16 @@ def artifact_prefix(config_prefix: str, storage_name: str, source_key: str) -> s
     slot = uuid.UUID(bytes=digest[16:32], version=4)
     parts = [config_prefix.strip("/"), str(item), "files", str(slot)]
     return "/".join(p for p in parts if p)
+
+
+def check_x264_preset(preset: str) -> None:
+    if preset not in X264_PRESETS:
+        raise ValueError(f"x264 preset must be one of {', '.join(X264_PRESETS)}")
+
+
+def check_png_compression_level(level: int) -> None:
+    if not 0 <= level <= 9:
+        raise ValueError("PNG compression level must be 0..9")
 
 
 def visible_step(native_fps: float, fps: float) -> float:
@@ -285,7 +313,7 @@ def _content_type(name: str) -> str:
 
 
 def _hls_output(
-    label: str, crf: int, seg: int, out_dir: Path, threads: int, audio: bool
+    label: str, crf: int, seg: int, out_dir: Path, tune: _Tuning, audio: bool
 ) -> list[str]:
     args = ["-map", label]
     if audio:
@@ -293,6 +321,8 @@ def _hls_output(
     args += [
         "-c:v",
         "libx264",
+        "-preset",
+        tune.x264_preset,
         "-crf",
         str(crf),
         "-g",
@@ -300,7 +330,7 @@ def _hls_output(
         "-force_key_frames",
         f"expr:gte(t,n_forced*{seg})",
         "-threads",
-        str(threads),
+        str(tune.threads),
         "-fps_mode",
         "passthrough",
         "-max_muxing_queue_size",
@@ -322,16 +352,32 @@ def _hls_output(
     return args
 
 
-def _frames_output(label: str, pattern: Path, quality: int | None, threads: int) -> list[str]:
-    args = ["-map", label, "-fps_mode", "passthrough", "-threads", str(threads)]
-    if quality is not None:
-        args += ["-q:v", str(quality)]
+def _frames_output(label: str, pattern: Path, codec_args: list[str], threads: int) -> list[str]:
+    args = ["-map", label, "-fps_mode", "passthrough", "-threads", str(threads), *codec_args]
     return [*args, "-f", "image2", "-atomic_writing", "1", "-start_number", "0", str(pattern)]
+
+
+@dataclass(frozen=True)
+class _Tuning:
+    """Engine-side knobs that change speed, never the artifact set or its formats."""
+
+    threads: int
+    x264_preset: str
+    png_compression_level: int
+
+
+@dataclass
+class _Pass:
+    """One ffmpeg process of a video's plan and what its stderr said."""
+
+    name: str
+    args: list[str]
+    frames: _Frames = field(default_factory=_Frames)
 
 
 @dataclass
 class _Plan:
-    args: list[str]
+    passes: list[_Pass]
     dirs: dict[str, Path]  # watched dir name -> local dir ("segments/high", ...)
     thumb_frame: int | None  # middle frame picked in-graph, or None
     thumbnail: Path
@@ -339,9 +385,27 @@ class _Plan:
     step: float
     hq_ext: str
 
+    @property
+    def timeline(self) -> _Frames:
+        """The pass whose showinfo logged every decoded frame (the manifest's source)."""
+        return next(p.frames for p in self.passes if "frames" in p.name)
+
+
+# How a video's outputs are grouped into ffmpeg processes. One process decodes once but
+# ffmpeg 5.x feeds every encoder from its one main thread (1.3-1.8 of 2 cores used); three
+# processes (each decoding: ~4 % of the CPU of this work) are scheduled independently.
+SPLIT_PASSES: tuple[tuple[str, ...], ...] = (("high",), ("low",), ("frames",))
+ONE_PASS: tuple[tuple[str, ...], ...] = (("high", "low", "frames"),)
+
 
 def _build(
-    src: Path, work: Path, info: ProbeInfo, opts: VideoOptions, threads: int, step: float
+    src: VideoSource,
+    work: Path,
+    info: ProbeInfo,
+    opts: VideoOptions,
+    tune: _Tuning,
+    step: float,
+    grouping: tuple[tuple[str, ...], ...] = SPLIT_PASSES,
 ) -> _Plan:
     dirs = {
         "segments/high": work / "segments" / "high",
@@ -352,32 +416,61 @@ def _build(
         dirs["sections/low"] = work / "sections" / "low"
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    seg = opts.segment_length
-    even = "pad=ceil(iw/2)*2:ceil(ih/2)*2"
     thumb_frame = info.total_frames // 2 if info.total_frames else None
-    branches = 3 + (1 if thumb_frame is not None else 0)
-    graph = [
-        f"[0:v:0]showinfo=checksum=0,split={branches}[hq][lq][fr]"
-        + ("[th]" if thumb_frame is not None else ""),
-        f"[hq]{even},format=yuv420p[vh]",
-        f"[lq]scale=-2:'{LOW_MAX_HEIGHT_RULE}',{even},format=yuv420p[vl]",
-    ]
-    sel = f"select='{_select_expr(step)}'," if step > 1 else ""
-    if opts.extract_preview_frames:
-        graph.append(f"[fr]{sel}split=2[fh][fl]")
+    plan = _Plan(
+        passes=[],
+        dirs=dirs,
+        thumb_frame=thumb_frame,
+        thumbnail=work / "thumbnail.jpg",
+        peaks=work / "audio_peaks.raw" if info.has_audio else None,
+        step=step,
+        hq_ext="png" if opts.primary_frames_quality <= 1 else "jpg",
+    )
+    for want in grouping:
+        args = _pass_args(src, want, plan, info, opts, tune)
+        plan.passes.append(_Pass("+".join(want), args))
+    return plan
+
+
+def _pass_args(
+    src: VideoSource, want: tuple[str, ...], plan: _Plan, info: ProbeInfo, opts: VideoOptions,
+    tune: _Tuning,
+) -> list[str]:  # fmt: skip
+    """One ffmpeg command producing the outputs in ``want`` (high, low, frames) from one
+    decode; the ``frames`` process also logs the timeline (showinfo), the thumbnail and the
+    audio peaks."""
+    even = "pad=ceil(iw/2)*2:ceil(ih/2)*2"
+    branches: list[tuple[str, str]] = []
+    if "high" in want:
+        branches.append(("hq", f"{even},format=yuv420p[vh]"))
+    if "low" in want:
+        branches.append(("lq", f"scale=-2:'{LOW_MAX_HEIGHT_RULE}',{even},format=yuv420p[vl]"))
+    frames = "frames" in want
+    if frames:
+        sel = f"select='{_select_expr(plan.step)}'," if plan.step > 1 else ""
+        if opts.extract_preview_frames:
+            branches.append(("fr", f"{sel}split=2[fh][fl]"))
+        else:
+            branches.append(("fr", f"{sel}null[fh]"))
+        if plan.thumb_frame is not None:
+            branches.append(
+                (
+                    "th",
+                    f"select='eq(n\\,{plan.thumb_frame})',"
+                    f"scale=w={THUMB_W}:h={THUMB_H}:force_original_aspect_ratio=decrease[tn]",
+                )
+            )
+    head = "[0:v:0]" + ("showinfo=checksum=0," if frames else "")
+    if len(branches) == 1:
+        graph = [head + branches[0][1]]
     else:
-        graph.append(f"[fr]{sel}null[fh]")
-    thumbnail = work / "thumbnail.jpg"
-    if thumb_frame is not None:
-        graph.append(
-            f"[th]select='eq(n\\,{thumb_frame})',"
-            f"scale=w={THUMB_W}:h={THUMB_H}:force_original_aspect_ratio=decrease[tn]"
-        )
-    peaks = work / "audio_peaks.raw" if info.has_audio else None
-    if peaks is not None:
+        labels = "".join(f"[{label}]" for label, _ in branches)
+        graph = [f"{head}split={len(branches)}{labels}"]
+        graph += [f"[{label}]{chain}" for label, chain in branches]
+    if frames and plan.peaks is not None:
         graph.append("[0:a:0]aresample=1000,asetnsamples=1[pk]")
 
-    hq_ext = "png" if opts.primary_frames_quality <= 1 else "jpg"
+    t = tune.threads
     args = [
         FFMPEG,
         "-hide_banner",
@@ -387,28 +480,36 @@ def _build(
         "-v",
         "info",
         "-threads",
-        str(threads),
-        "-i",
-        str(src),
+        str(t),
+        *input_args(src),
         "-filter_complex_threads",
-        str(threads),
+        str(t),
         "-filter_complex",
         ";".join(graph),
     ]
-    args += _hls_output("[vh]", HQ_CRF, seg, dirs["segments/high"], threads, info.has_audio)
-    args += _hls_output("[vl]", LQ_CRF, seg, dirs["segments/low"], threads, info.has_audio)
-    hq_q = None if hq_ext == "png" else opts.primary_frames_quality
-    args += _frames_output("[fh]", dirs["sections/high"] / f"%09d.{hq_ext}", hq_q, threads)
+    seg, dirs = opts.segment_length, plan.dirs
+    if "high" in want:
+        args += _hls_output("[vh]", HQ_CRF, seg, dirs["segments/high"], tune, info.has_audio)
+    if "low" in want:
+        args += _hls_output("[vl]", LQ_CRF, seg, dirs["segments/low"], tune, info.has_audio)
+    if not frames:
+        return args
+    if plan.hq_ext == "png":
+        # Lossless at every level; 1 encodes ~2x faster than zlib's default 6. The "up" filter
+        # costs no measurable CPU and makes level 1's frames ~10 % smaller (~5 % above 6's).
+        hq_codec = ["-compression_level", str(tune.png_compression_level), "-pred", "up"]
+    else:
+        hq_codec = ["-q:v", str(opts.primary_frames_quality)]
+    args += _frames_output("[fh]", dirs["sections/high"] / f"%09d.{plan.hq_ext}", hq_codec, t)
     if opts.extract_preview_frames:
-        args += _frames_output(
-            "[fl]", dirs["sections/low"] / "%09d.jpg", LQ_FRAMES_QUALITY, threads
-        )
-    if thumb_frame is not None:
+        lq_codec = ["-q:v", str(LQ_FRAMES_QUALITY)]
+        args += _frames_output("[fl]", dirs["sections/low"] / "%09d.jpg", lq_codec, t)
+    if plan.thumb_frame is not None:
         args += ["-map", "[tn]", "-fps_mode", "passthrough", "-update", "1"]
-        args += ["-f", "image2", str(thumbnail)]
-    if peaks is not None:
-        args += ["-map", "[pk]", "-ac", "1", "-f", "u8", str(peaks)]
-    return _Plan(args, dirs, thumb_frame, thumbnail, peaks, step, hq_ext)
+        args += ["-f", "image2", str(plan.thumbnail)]
+    if plan.peaks is not None:
+        args += ["-map", "[pk]", "-ac", "1", "-f", "u8", str(plan.peaks)]
+    return args
 
 
 def _extinf(index: str) -> list[float]:
@@ -484,12 +585,20 @@ def manifest_lines(pts_text: list[str], segment_counts: list[int], step: float) 
     return lines
 
 
+def _signal_all(procs: list[asyncio.subprocess.Process], sig: int) -> None:
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+
+
 def default_workers() -> int:
     return max(1, available_cpus() // 2)
 
 
 class VideoPool:
-    """Processes videos with at most ``workers`` ffmpeg processes at a time."""
+    """Processes at most ``workers`` videos at a time; each runs ``len(grouping)`` ffmpeg
+    processes at once (three by default: HLS high, HLS low, frames) of ``threads`` each."""
 
     def __init__(
         self,
@@ -500,12 +609,19 @@ class VideoPool:
         temp_dir: Path | None = None,
         max_pending_bytes: int = 512 * 1024 * 1024,
         on_pause: Callable[[], None] | None = None,
+        x264_preset: str = DEFAULT_X264_PRESET,
+        png_compression_level: int = DEFAULT_PNG_COMPRESSION_LEVEL,
+        split_encoders: bool = True,
     ) -> None:
         cores = available_cpus()
         self.workers = workers if workers > 0 else default_workers()
         self.threads = (
             threads_per_worker if threads_per_worker > 0 else max(1, cores // self.workers)
         )
+        check_x264_preset(x264_preset)
+        check_png_compression_level(png_compression_level)
+        self.tuning = _Tuning(self.threads, x264_preset, png_compression_level)
+        self.grouping = SPLIT_PASSES if split_encoders else ONE_PASS
         self.time_limit_s = time_limit_s
         self.upload_concurrency = max(1, upload_concurrency)
         self.temp_dir = temp_dir
@@ -517,7 +633,7 @@ class VideoPool:
 
     async def process(
         self,
-        src: Path,
+        src: VideoSource,
         *,
         prefix: str,
         file_name: str,
@@ -526,7 +642,13 @@ class VideoPool:
         size_bytes: int,
         opts: VideoOptions,
     ) -> VideoFacts:
-        """Cut one video, stream its artifacts to ``{prefix}/...`` and return its facts."""
+        """Cut one video, stream its artifacts to ``{prefix}/...`` and return its facts.
+
+        ``src`` is a local video file or a ``FrameSequence`` (numbered images, e.g. converted
+        DICOM frames); a sequence is not a file to upload, so it needs ``source_storage_key``.
+        """
+        if isinstance(src, FrameSequence) and source_storage_key is None:
+            raise ValueError("a FrameSequence source needs source_storage_key")
         if not 1 <= opts.primary_frames_quality <= 31:
             raise ValueError("primary_frames_quality must be 1 (PNG) or 2..31 (JPEG)")
         if opts.segment_length < 1:
@@ -546,7 +668,7 @@ class VideoPool:
 
     async def _process(
         self,
-        src: Path,
+        src: VideoSource,
         prefix: str,
         file_name: str,
         uploader: Uploader,
@@ -566,9 +688,10 @@ class VideoPool:
         streamer = _Streamer(uploader, self.upload_concurrency)
         try:
             if source_storage_key is None:
+                assert isinstance(src, Path)
                 ctype = mimetypes.guess_type(file_name)[0] or CT_BINARY
                 streamer.put(_Upload(src, f"{prefix}/{file_name}", ctype, delete=False))
-            plan = _build(src, work, info, opts, self.threads, step)
+            plan = _build(src, work, info, opts, self.tuning, step, self.grouping)
             frames = await self._run(plan, work, prefix, streamer)
             facts = await self._finish(
                 src, plan, frames, info, native_fps, work, prefix, file_name, streamer, opts
@@ -589,45 +712,68 @@ class VideoPool:
             await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _run(self, plan: _Plan, work: Path, prefix: str, streamer: _Streamer) -> _Frames:
-        frames = _Frames()
-        proc = await asyncio.create_subprocess_exec(
-            *plan.args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        assert proc.stderr is not None
-        reader = asyncio.create_task(self._read_stderr(proc.stderr, frames))
+        """Run the plan's ffmpeg processes at once, streaming what they complete; every one
+        is killed and reaped on error, time limit or cancellation."""
+        procs: list[asyncio.subprocess.Process] = []
+        readers: list[asyncio.Task[None]] = []
         seen: set[str] = set()
         paused = False
         try:
-            waiter = asyncio.ensure_future(proc.wait())
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=POLL_S)
+            for p in plan.passes:
+                proc = await asyncio.create_subprocess_exec(
+                    *p.args,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                procs.append(proc)
+                assert proc.stderr is not None
+                readers.append(
+                    asyncio.create_task(self._read_stderr(proc.stderr, p.frames), name=p.name)
+                )
+            waiters = {asyncio.ensure_future(proc.wait()) for proc in procs}
+            while waiters:
+                _, waiters = await asyncio.wait(waiters, timeout=POLL_S)
                 streamer.raise_error()
                 self._scan(plan, prefix, streamer, seen)
-                if done:
-                    break
+                if any(proc.returncode not in (None, 0) for proc in procs):
+                    break  # one failed: the others' work is wasted, stop them now
                 if not paused and streamer.backlog_bytes > self.max_pending_bytes:
-                    os.kill(proc.pid, signal.SIGSTOP)
+                    _signal_all(procs, signal.SIGSTOP)
                     paused = True
                     self.pauses += 1
                     if self.on_pause is not None:
                         self.on_pause()
                 elif paused and streamer.backlog_bytes <= self.max_pending_bytes // 2:
-                    os.kill(proc.pid, signal.SIGCONT)
+                    _signal_all(procs, signal.SIGCONT)
                     paused = False
-            await reader
+            for w in waiters:
+                w.cancel()
+            if not waiters:
+                await asyncio.gather(*readers)
         finally:
-            await kill(proc)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-        if proc.returncode != 0:
-            raise MediaError(f"ffmpeg failed: {_reason(frames, f'exit {proc.returncode}')}")
+            try:
+                await asyncio.gather(*(kill(proc) for proc in procs), return_exceptions=True)
+                if readers:  # reaped processes: their stderr ends now; keep the failure's reason
+                    await asyncio.wait(readers, timeout=READER_GRACE_S)
+            finally:
+                for r in readers:
+                    r.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+        # The process that failed by itself, not one we killed because of it.
+        failed = sorted(
+            (rc < 0, p.name, rc, p)
+            for p, rc in zip(plan.passes, (q.returncode for q in procs), strict=True)
+            if rc is not None and rc != 0
+        )
+        if failed:
+            _, _, rc, p = failed[0]
+            raise MediaError(f"ffmpeg failed: {_reason(p.frames, f'exit {rc}')}")
+        frames = plan.timeline
         if not frames.pts_text:
             raise MediaError(f"no decodable video frames: {_reason(frames, 'empty stream')}")
-        if any("partial file" in e or "truncat" in e.lower() for e in frames.errors):
+        errors = [e for p in plan.passes for e in p.frames.errors]
+        if any("partial file" in e or "truncat" in e.lower() for e in errors):
             raise MediaError("truncated file: the video stream ends early")
         self._scan(plan, prefix, streamer, seen)
         return frames
@@ -670,7 +816,7 @@ class VideoPool:
 
     async def _finish(
         self,
-        src: Path,
+        src: VideoSource,
         plan: _Plan,
         frames: _Frames,
         info: ProbeInfo,
@@ -759,7 +905,7 @@ class VideoPool:
             audio_peaks_key=f"{prefix}/audio_peaks.gz" if peaks_gz is not None else "",
         )
 
-    async def _seek_thumbnail(self, src: Path, frames: _Frames, n: int, out: Path) -> None:
+    async def _seek_thumbnail(self, src: VideoSource, frames: _Frames, n: int, out: Path) -> None:
         """Decode from the keyframe before frame ``n`` only, then fit it inside 356x200."""
         await asyncio.to_thread(out.unlink, True)
         seek: list[str] = []
@@ -779,8 +925,7 @@ class VideoPool:
             "-threads",
             str(self.threads),
             *seek,
-            "-i",
-            str(src),
+            *input_args(src),
             "-map",
             "0:v:0",
             "-vf",
