@@ -156,6 +156,48 @@ def test_enhanced_multi_frame_rescale_and_window_come_from_the_functional_groups
     assert list(second[0]) == list(window(arr.astype(float) - 1024, 500, 2000)[0])
 
 
+def _enhanced(path: Path, frames: int = 2, rows: int = 4, columns: int = 4) -> np.ndarray:
+    """An enhanced multi-frame CT file whose rescale and window live only in its shared
+    functional groups (as Enhanced CT/MR keep them); returns its stored pixels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.NumberOfFrames = frames
+    shared, pvt, voi = Dataset(), Dataset(), Dataset()
+    pvt.RescaleSlope, pvt.RescaleIntercept = 1, -1024
+    voi.WindowCenter, voi.WindowWidth = 40, 400
+    shared.PixelValueTransformationSequence = [pvt]
+    shared.FrameVOILUTSequence = [voi]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence = [Dataset() for _ in range(frames)]
+    row = np.linspace(824, 1264, columns).astype(np.uint16)
+    arr = np.tile(row, (frames, rows, 1))
+    ds.PixelData = arr.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return arr
+
+
+def test_an_enhanced_file_on_disk_is_windowed_from_its_functional_groups(tmp_path: Path) -> None:
+    from ingest.media.dicom import convert_frame
+
+    path = tmp_path / "enhanced.dcm"
+    arr = _enhanced(path)
+    got = np.frombuffer(convert_frame(str(path), 1, False), dtype=np.uint8).reshape(4, 4)
+    # HU = stored - 1024 = -200, 0, ..., 240 under 40/400; min/max would give 0..255 instead.
+    assert (got == window(arr[1].astype(float) - 1024, 40, 400)).all()
+    assert got[0, 0] == 0 and 0 < got[0, 1] < 255
+
+
 def test_colour_files_come_out_rgb_and_bad_files_fail_with_a_reason(tmp_path: Path) -> None:
     ds = pydicom.dcmread(_file("SC_ybr_full_422_uncompressed.dcm"))
     out = to_display(ds.pixel_array, ds)  # pydicom converted YBR to RGB

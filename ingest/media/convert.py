@@ -55,7 +55,7 @@ from ingest.model import ConvertedFacts, ImageFacts, ItemType, ObjectInfo, Slot,
 
 T = TypeVar("T")
 
-DICOM_KIND = "dicom/v1"
+DICOM_KIND = "dicom/v2"  # v2: enhanced files' functional groups reach the decoder
 DOWNLOAD_CONCURRENCY = 8  # bucket reads at once per slot
 PREFETCH_FILES = 8  # slices fetched ahead of the decoder in a series
 HEADER_BYTES = 64 * 1024  # what is read of each slice to sort a series (the whole if longer)

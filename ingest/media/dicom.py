@@ -358,7 +358,9 @@ def _decode(path: str, index: int | None) -> tuple[Any, Any]:
     ds = Dataset()
     try:
         # A path: pydicom reads only the frame asked for, never the whole multi-frame file.
-        arr = pixel_array(path, ds_out=ds, index=index)
+        # It copies only the image pixel module (0028) to ``ds``; the functional groups an
+        # enhanced file keeps its rescale and window in must be asked for.
+        arr = pixel_array(path, ds_out=ds, index=index, specific_tags=list(_GROUP_TAGS))
     except AttributeError:
         # A deflated file cannot be read that way (the whole dataset is compressed).
         ds = pydicom.dcmread(path)
@@ -374,6 +376,10 @@ _FUNCTIONAL_GROUPS: Final = (
     ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
     ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
 )
+
+
+# SharedFunctionalGroupsSequence, PerFrameFunctionalGroupsSequence
+_GROUP_TAGS: Final = (0x52009229, 0x52009230)
 
 
 def frame_dataset(ds: Any, index: int) -> Any:
