@@ -210,6 +210,30 @@ def test_colour_files_come_out_rgb_and_bad_files_fail_with_a_reason(tmp_path: Pa
         read_header(_file("rtplan.dcm"))
 
 
+def test_untrusted_headers_are_rejected_before_anything_is_sized_from_them(
+    tmp_path: Path,
+) -> None:
+    ds = pydicom.dcmread(_file("CT_small.dcm"))  # 128 x 128, 16-bit, native
+    path = tmp_path / "x.dcm"
+    ds.NumberOfFrames = 2_000_000_000
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(MediaError, match="too many frames: NumberOfFrames 2,000,000,000"):
+        read_header(str(path))
+    ds.NumberOfFrames = 3  # one frame's bytes in the file, three stated
+    ds.save_as(path, enforce_file_format=True)
+    size = path.stat().st_size
+    assert read_header(str(path)).frames == 3  # no size given: nothing to compare
+    with pytest.raises(MediaError, match="truncated pixel data: 128 x 128 x 3 frames need 98,304"):
+        read_header(str(path), size)
+    del ds.NumberOfFrames
+    ds.save_as(path, enforce_file_format=True)
+    assert read_header(str(path), path.stat().st_size, 128 * 128).rows == 128
+    with pytest.raises(MediaError, match="image too large: 128 x 128"):
+        read_header(str(path), path.stat().st_size, 128 * 128 - 1)
+    # An encapsulated syntax has no size to derive: only the object's bytes bound it.
+    assert read_header(_file("JPEG2000.dcm"), 10).frames == 1
+
+
 @pytest.mark.parametrize(
     ("syntax", "reason"),
     [
@@ -576,3 +600,44 @@ async def test_a_series_is_sorted_from_header_prefixes_and_streamed_through_a_bo
     assert isinstance(facts.made, VideoFacts) and facts.made.total_frames == n
     first = bucket.uploaded[f"{facts.made.sections_prefix}/000000000.png"]
     assert int(np.asarray(Image.open(io.BytesIO(first))).mean()) == (n - 1) * 8
+
+
+def _converter(pool: Any, bucket: _DirBucket, tmp_path: Path, videos: Any = None) -> Any:
+    from ingest.media.convert import DicomConverter
+    from ingest.media.video import VideoOptions
+
+    return DicomConverter(
+        pool,
+        videos,
+        bucket,
+        bucket,
+        prefix="art",
+        storage_name="ro",
+        video_options=VideoOptions(),
+        fps=10.0,
+        ignore_layout=False,
+        temp_dir=tmp_path,
+    )
+
+
+@pytest.mark.e2e  # real decoder processes
+@pytest.mark.timeout(120)
+async def test_the_pixel_limit_applies_to_every_slice_of_a_series_before_any_decoding(
+    tmp_path: Path,
+) -> None:
+    from ingest.media.thumbnail import ThumbnailPool
+
+    root = tmp_path / "bucket"
+    (root / "s").mkdir(parents=True)
+    objs = []
+    for k in range(3):
+        body = _slice(k, k + 1, 0.0, size=256)
+        (root / f"s/{k}.dcm").write_bytes(body)
+        objs.append(ObjectInfo(f"s/{k}.dcm", len(body), f"e{k}"))
+    bucket = _DirBucket(root)
+    async with ThumbnailPool(workers=1, max_pixels=256 * 256 - 1) as pool:
+        with pytest.raises(MediaError, match=r"\.dcm: image too large: 256 x 256"):
+            await _converter(pool, bucket, tmp_path).convert(
+                Slot("0", ItemType.DICOM, tuple(objs), "0.dcm")
+            )
+    assert bucket.downloads == []  # refused from the header prefixes alone

@@ -41,6 +41,8 @@ from typing import Any, Protocol, TypeVar
 
 from ingest.media import MediaError
 from ingest.media.dicom import (
+    MAX_FRAMES,
+    DicomRejected,
     SliceHeader,
     SliceImage,
     convert_frame,
@@ -204,11 +206,14 @@ class DicomConverter:
             keys = layout(slot, self.prefix, self.storage_name)
             if len(slot.objects) == 1:
                 await files.fetch(0)
-                headers = [await self.decoders.call(read_header, str(files.paths[0]))]
+                headers = [await self._header(files, 0, files.paths[0])]
                 if headers[0].frames == 1:
                     return await self._slice(files.paths[0], keys)
             else:
                 headers = await self._headers(files)
+            total = sum(h.frames for h in headers)
+            if total > MAX_FRAMES:
+                raise MediaError(f"too many frames in the series: {total:,} (at most {MAX_FRAMES:,})")
             problem = size_problem(headers, files.names)
             if problem:
                 raise MediaError(problem)
@@ -229,18 +234,26 @@ class DicomConverter:
                 head = await files.head(i)
                 if head is not None:
                     try:
-                        return await self.decoders.call(read_header, str(head))
+                        return await self._header(files, i, head)
+                    except DicomRejected:
+                        raise
                     except MediaError:
                         pass  # the header runs past the prefix (or is bad): read it all
                     finally:
                         await asyncio.to_thread(head.unlink, True)
                 await files.fetch(i)
-                return await self.decoders.call(read_header, str(files.paths[i]))
+                return await self._header(files, i, files.paths[i])
             except MediaError as e:
                 raise MediaError(f"{files.names[i]}: {e.reason}"[:300], final=e.final) from None
 
         # The bucket side is bounded by _Files, the decoder pool by its own semaphore.
         return await _all([one(i) for i in range(len(files.paths))])
+
+    async def _header(self, files: _Files, i: int, path: Path) -> SliceHeader:
+        """The header of object ``i`` read from ``path`` (the object or a prefix of it),
+        checked against its size and the pixel limit before anything is decoded."""
+        size = files.objects[i].size
+        return await self.decoders.call(read_header, str(path), size, self.decoders.max_pixels)
 
     async def _slice(self, path: Path, keys: Layout) -> ConvertedFacts:
         image: SliceImage = await self.decoders.call(

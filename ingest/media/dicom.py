@@ -50,9 +50,15 @@ HEADER_TAGS: Final = (
     "RecommendedDisplayFrameRate",
     "FrameTime",
 )
+MAX_FRAMES: Final = 10_000  # NumberOfFrames above this is FAILED (as the planner's MAX_DICOM_SLICES)
 PNG_COMPRESS_LEVEL: Final = 1  # measured: level 6 is no smaller on CT noise, and slower
 
 T = TypeVar("T")
+
+
+class DicomRejected(MediaError):
+    """A header that says the file must not be decoded (too large, too many frames, more
+    pixels than bytes): final, and no longer read of the same header can change it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,21 +327,35 @@ def _check_decodable(ds: Any) -> None:
         raise MediaError(f"no decoder installed for transfer syntax: {uid.name}")
 
 
-def read_header(path: str) -> SliceHeader:
+def read_header(path: str, object_bytes: int = 0, max_pixels: int = 0) -> SliceHeader:
     """The header of ``path`` without its pixel data (``stop_before_pixels``). Raises
-    MediaError: not DICOM, no image (e.g. a structured report), a syntax we cannot decode."""
-    return _guard(lambda: _read_header(path))
+    MediaError: not DICOM, no image (e.g. a structured report), a syntax we cannot decode,
+    more than ``max_pixels`` per frame (0: no limit) or more than ``MAX_FRAMES`` frames, or
+    (uncompressed syntaxes, when ``object_bytes`` > 0 is the object's size) more pixel data
+    than the object holds. The header is untrusted: nothing is sized from it unchecked."""
+    return _guard(lambda: _read_header(path, object_bytes, max_pixels))
 
 
-def _read_header(path: str) -> SliceHeader:
+def _read_header(path: str, object_bytes: int = 0, max_pixels: int = 0) -> SliceHeader:
     import pydicom
 
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
     rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    if not rows or not columns:
+    if not rows or not columns or rows < 0 or columns < 0:
         raise MediaError("no pixel data (a DICOM file without an image)")
     _check_decodable(ds)
+    if max_pixels and rows * columns > max_pixels:
+        raise DicomRejected(f"image too large: {columns} x {rows} (more than {max_pixels:,} pixels)")
+    frames = max(1, _int(ds.get("NumberOfFrames")) or 1)
+    if frames > MAX_FRAMES:
+        raise DicomRejected(f"too many frames: NumberOfFrames {frames:,} (at most {MAX_FRAMES:,})")
     samples = _int(ds.get("SamplesPerPixel")) or 1
+    need = native_pixel_bytes(ds, rows * columns * frames * max(1, samples))
+    if object_bytes and need > object_bytes:
+        raise DicomRejected(
+            f"truncated pixel data: {columns} x {rows} x {frames} frames need {need:,} bytes, "
+            f"the object has {object_bytes:,}"
+        )
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     return SliceHeader(
         series_number=_int(ds.get("SeriesNumber")),
@@ -344,10 +364,24 @@ def _read_header(path: str) -> SliceHeader:
         position=_position(ds.get("ImagePositionPatient")),
         rows=rows,
         columns=columns,
-        frames=max(1, _int(ds.get("NumberOfFrames")) or 1),
+        frames=frames,
         color=samples > 1 or photometric == "PALETTE COLOR",
         fps=_stated_fps(ds),
     )
+
+
+def native_pixel_bytes(ds: Any, samples: int) -> int:
+    """The pixel data an uncompressed (native, not deflated) syntax needs for ``samples``
+    samples; 0 for an encapsulated or deflated one (no size can be derived)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    uid = ds.file_meta.TransferSyntaxUID
+    if uid.is_encapsulated or uid == DeflatedExplicitVRLittleEndian:
+        return 0
+    bits = _int(ds.get("BitsAllocated")) or 8
+    if bits == 1:
+        return (samples + 7) // 8
+    return samples * ((bits + 7) // 8)
 
 
 def _decode(path: str, index: int | None) -> tuple[Any, Any]:
