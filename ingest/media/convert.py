@@ -213,7 +213,9 @@ class DicomConverter:
                 headers = await self._headers(files)
             total = sum(h.frames for h in headers)
             if total > MAX_FRAMES:
-                raise MediaError(f"too many frames in the series: {total:,} (at most {MAX_FRAMES:,})")
+                raise MediaError(
+                    f"too many frames in the series: {total:,} (at most {MAX_FRAMES:,})"
+                )
             problem = size_problem(headers, files.names)
             if problem:
                 raise MediaError(problem)

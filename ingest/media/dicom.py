@@ -50,7 +50,7 @@ HEADER_TAGS: Final = (
     "RecommendedDisplayFrameRate",
     "FrameTime",
 )
-MAX_FRAMES: Final = 10_000  # NumberOfFrames above this is FAILED (as the planner's MAX_DICOM_SLICES)
+MAX_FRAMES: Final = 10_000  # frames per file or series, as the planner's MAX_DICOM_SLICES
 PNG_COMPRESS_LEVEL: Final = 1  # measured: level 6 is no smaller on CT noise, and slower
 
 T = TypeVar("T")
@@ -345,7 +345,9 @@ def _read_header(path: str, object_bytes: int = 0, max_pixels: int = 0) -> Slice
         raise MediaError("no pixel data (a DICOM file without an image)")
     _check_decodable(ds)
     if max_pixels and rows * columns > max_pixels:
-        raise DicomRejected(f"image too large: {columns} x {rows} (more than {max_pixels:,} pixels)")
+        raise DicomRejected(
+            f"image too large: {columns} x {rows} (more than {max_pixels:,} pixels)"
+        )
     frames = max(1, _int(ds.get("NumberOfFrames")) or 1)
     if frames > MAX_FRAMES:
         raise DicomRejected(f"too many frames: NumberOfFrames {frames:,} (at most {MAX_FRAMES:,})")
