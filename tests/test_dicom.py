@@ -641,3 +641,31 @@ async def test_the_pixel_limit_applies_to_every_slice_of_a_series_before_any_dec
                 Slot("0", ItemType.DICOM, tuple(objs), "0.dcm")
             )
     assert bucket.downloads == []  # refused from the header prefixes alone
+
+
+def _series_bucket(tmp_path: Path, bodies: dict[str, bytes]) -> tuple[_DirBucket, list[ObjectInfo]]:
+    root = tmp_path / "bucket"
+    objs = []
+    for key, body in bodies.items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(body)
+        objs.append(ObjectInfo(key, len(body), f"e-{key}"))
+    return _DirBucket(root), objs
+
+
+@needs_ffmpeg
+@pytest.mark.e2e  # real decoder processes and ffmpeg
+@pytest.mark.timeout(120)
+async def test_a_small_series_thumbnail_is_not_enlarged(tmp_path: Path) -> None:
+    from ingest.media.thumbnail import ThumbnailPool
+    from ingest.media.video import VideoPool
+
+    bucket, objs = _series_bucket(
+        tmp_path, {f"s/{k}.dcm": _slice(k * 40, k + 1, 0.0) for k in range(3)}
+    )
+    async with ThumbnailPool(workers=1) as pool:
+        conv = _converter(pool, bucket, tmp_path, VideoPool(workers=1, temp_dir=tmp_path))
+        facts = await conv.convert(Slot("0", ItemType.DICOM, tuple(objs), "0.dcm"))
+    assert isinstance(facts.made, VideoFacts)
+    with Image.open(io.BytesIO(bucket.uploaded[facts.made.thumbnail_key])) as im:
+        assert im.size == (128, 128)  # fits inside 356x200 already: kept, never enlarged

@@ -371,7 +371,7 @@ def _build(
     if thumb_frame is not None:
         graph.append(
             f"[th]select='eq(n\\,{thumb_frame})',"
-            f"scale=w={THUMB_W}:h={THUMB_H}:force_original_aspect_ratio=decrease[tn]"
+            f"scale=w='min({THUMB_W},iw)':h='min({THUMB_H},ih)':force_original_aspect_ratio=decrease[tn]"
         )
     peaks = work / "audio_peaks.raw" if info.has_audio else None
     if peaks is not None:
@@ -784,7 +784,7 @@ class VideoPool:
             "-map",
             "0:v:0",
             "-vf",
-            f"scale=w={THUMB_W}:h={THUMB_H}:force_original_aspect_ratio=decrease",
+            f"scale=w='min({THUMB_W},iw)':h='min({THUMB_H},ih)':force_original_aspect_ratio=decrease",
             "-frames:v",
             "1",
             "-update",
