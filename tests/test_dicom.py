@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,27 @@ def test_series_order_follows_v7_keys_in_their_significance() -> None:
     assert series_order(headers, names, ignore_layout=True) == list(range(7))
     # Everything equal: the file name decides.
     assert series_order([_h(1, 1), _h(1, 1)], ["z.dcm", "a.dcm"]) == [1, 0]
+
+
+def test_positions_sort_along_the_slice_normal_when_there_is_no_slice_location() -> None:
+    # Sagittal: rows along +y, columns along -z, so the normal is -x: depth grows as x falls.
+    sagittal = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+    xs = [-10.0, 10.0, 0.0]
+    headers = [
+        SliceHeader(1, None, None, (x, 5.0, 7.0), 4, 4, 1, False, orientation=sagittal) for x in xs
+    ]
+    assert series_order(headers, ["a", "b", "c"]) == [1, 2, 0]  # x 10, 0, -10
+    # An oblique series whose x drifts against its depth: the projection, not x, decides.
+    oblique = (1.0, 0.0, 0.0, 0.0, 0.8, -0.6)  # normal (0, 0.6, 0.8)
+    positions = [(3.0, 0.6 * d, 0.8 * d) for d in (2.0, 0.0, 1.0)]
+    headers = [
+        SliceHeader(1, None, None, (p[0] - i, p[1], p[2]), 4, 4, 1, False, orientation=oblique)
+        for i, p in enumerate(positions)
+    ]
+    assert series_order(headers, ["a", "b", "c"]) == [1, 2, 0]
+    # SliceLocation still comes first, as the seed says.
+    located = [replace(headers[0], slice_location=-1.0), *headers[1:]]
+    assert series_order(located, ["a", "b", "c"])[0] == 0
 
 
 def test_sections_expand_frames_in_file_order_and_sizes_must_agree() -> None:

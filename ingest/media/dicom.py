@@ -40,6 +40,8 @@ HEADER_TAGS: Final = (
     "InstanceNumber",
     "SliceLocation",
     "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SeriesInstanceUID",
     "Rows",
     "Columns",
     "NumberOfFrames",
@@ -74,6 +76,8 @@ class SliceHeader:
     frames: int
     color: bool  # more than one sample per pixel, or a palette
     fps: float = 0.0  # stated by the file (CineRate, RecommendedDisplayFrameRate, FrameTime)
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (row, column cosines)
+    series_uid: str = ""  # SeriesInstanceUID
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +93,30 @@ class SliceImage:
 # --- pure: order ---------------------------------------------------------------------------
 
 
-def _sort_key(h: SliceHeader, name: str) -> tuple[Any, ...]:
+def slice_normal(orientation: tuple[float, ...] | None) -> tuple[float, float, float] | None:
+    """The slice normal (row cosines x column cosines) of an ImageOrientationPatient, or None
+    when it is missing or degenerate."""
+    if orientation is None or len(orientation) != 6:
+        return None
+    r, c = orientation[:3], orientation[3:]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    return n if any(abs(v) > 1e-6 for v in n) else None
+
+
+def _position_key(
+    position: tuple[float, ...] | None, normal: tuple[float, float, float] | None
+) -> tuple[float, ...] | None:
+    """Where a slice lies along the series: its position projected on the slice normal (so an
+    oblique or sagittal series sorts by depth, not by x); the raw position when the series has
+    no orientation (the best there is)."""
+    if position is None or normal is None or len(position) != 3:
+        return position
+    return (sum(p * n for p, n in zip(position, normal, strict=True)),)
+
+
+def _sort_key(
+    h: SliceHeader, name: str, normal: tuple[float, float, float] | None = None
+) -> tuple[Any, ...]:
     """V7's order (SeriesNumber, InstanceNumber, SliceLocation, ImagePositionPatient, file
     name); a missing value sorts after every present one."""
 
@@ -100,7 +127,7 @@ def _sort_key(h: SliceHeader, name: str) -> tuple[Any, ...]:
         opt(h.series_number),
         opt(h.instance_number),
         opt(h.slice_location),
-        opt(h.position),
+        opt(_position_key(h.position, normal)),
         name,
     )
 
@@ -109,10 +136,14 @@ def series_order(
     headers: Sequence[SliceHeader], names: Sequence[str], *, ignore_layout: bool = False
 ) -> list[int]:
     """Indices of ``headers`` in the order V7 shows slices; the listing's order when
-    ``ignore_layout`` (``options.ignore_dicom_layout``). Stable, pure."""
+    ``ignore_layout`` (``options.ignore_dicom_layout``). Positions are compared along the
+    normal of the series' first valid orientation. Stable, pure."""
     if ignore_layout:
         return list(range(len(headers)))
-    return sorted(range(len(headers)), key=lambda i: _sort_key(headers[i], names[i]))
+    normal = next(
+        (n for n in (slice_normal(h.orientation) for h in headers) if n is not None), None
+    )
+    return sorted(range(len(headers)), key=lambda i: _sort_key(headers[i], names[i], normal))
 
 
 def size_problem(headers: Sequence[SliceHeader], names: Sequence[str]) -> str:
@@ -364,6 +395,8 @@ def _read_header(path: str, object_bytes: int = 0, max_pixels: int = 0) -> Slice
         instance_number=_int(ds.get("InstanceNumber")),
         slice_location=_float(ds.get("SliceLocation")),
         position=_position(ds.get("ImagePositionPatient")),
+        orientation=_position(ds.get("ImageOrientationPatient")),
+        series_uid=str(ds.get("SeriesInstanceUID") or ""),
         rows=rows,
         columns=columns,
         frames=frames,
