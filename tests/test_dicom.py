@@ -28,6 +28,7 @@ from ingest.media.dicom import (
     convert_slice,
     read_header,
     series_order,
+    series_members,
     size_problem,
     to_display,
     window,
@@ -691,3 +692,63 @@ async def test_a_small_series_thumbnail_is_not_enlarged(tmp_path: Path) -> None:
     assert isinstance(facts.made, VideoFacts)
     with Image.open(io.BytesIO(bucket.uploaded[facts.made.thumbnail_key])) as im:
         assert im.size == (128, 128)  # fits inside 356x200 already: kept, never enlarged
+
+
+def test_series_members_keep_the_largest_series_and_leave_the_rest_out_with_reasons() -> None:
+    def h(uid: str, size: int = 4, frames: int = 1) -> SliceHeader:
+        return SliceHeader(1, 1, None, None, size, size, frames, False, series_uid=uid)
+
+    headers = [h("A"), h("A", 8), h("A"), h("B"), h("A"), h("A", frames=5)]
+    names = [f"{k}.dcm" for k in "abcdef"]
+    m = series_members(headers, names)
+    assert m.kept == [0, 2, 4] and m.problem == ""
+    reasons = dict(m.left_out)
+    assert sorted(reasons) == [1, 3, 5]
+    assert "8x8 slice in a 4x4 series" in reasons[1]
+    assert "another series (SeriesInstanceUID B)" in reasons[3]
+    assert "multi-frame file (5 frames) is not spliced" in reasons[5]
+    # ignore_dicom_layout: every file a slice (frames spliced), the UID not looked at.
+    forced = series_members(headers, names, ignore_layout=True)
+    assert forced.kept == [0, 2, 3, 4, 5] and [i for i, _r in forced.left_out] == [1]
+    # No majority: nothing is chosen, the slot fails with the sizes.
+    tie = series_members([h("A"), h("A", 8)], ["a", "b"])
+    assert tie.kept == [] and "differing sizes" in tie.problem
+
+
+def _with(data: bytes, **attrs: Any) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for name, value in attrs.items():
+        setattr(ds, name, value)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@needs_ffmpeg
+@pytest.mark.e2e  # real decoder processes and ffmpeg
+@pytest.mark.timeout(120)
+async def test_a_localizer_another_series_and_a_multi_frame_file_are_left_out_not_fatal(
+    tmp_path: Path,
+) -> None:
+    from ingest.media.thumbnail import ThumbnailPool
+    from ingest.media.video import VideoPool
+
+    bodies = {f"s/{k}.dcm": _slice(40 * (k + 1), 3 - k, 0.0) for k in range(3)}
+    bodies["s/scout.dcm"] = _slice(250, 1, 0.0, size=64)
+    bodies["s/other.dcm"] = _with(_slice(200, 1, 0.0), SeriesInstanceUID="1.2.3.4")
+    bodies["s/multi.dcm"] = Path(_file("rtdose.dcm")).read_bytes()
+    bucket, objs = _series_bucket(tmp_path, bodies)
+    slot = Slot("0", ItemType.DICOM, tuple(objs), "0.dcm")
+    async with ThumbnailPool(workers=1) as pool:
+        conv = _converter(pool, bucket, tmp_path, VideoPool(workers=1, temp_dir=tmp_path))
+        facts = await conv.convert(slot)
+    assert facts.order == (2, 1, 0)  # instances 1, 2, 3 of the series kept
+    assert isinstance(facts.made, VideoFacts) and facts.made.total_frames == 3
+    assert [i for i, _r in facts.left_out] == [3, 4, 5]
+    item = Item("/", "s", (replace(slot, facts=(facts,)),))
+    report = codec.converted_by_key(item)
+    assert report["s/scout.dcm"].startswith("not converted: 64x64 slice in a 128x128 series")
+    assert report["s/other.dcm"].startswith("not converted: another series")
+    assert report["s/multi.dcm"].startswith("not converted: a multi-frame file (15 frames)")
+    assert report["s/0.dcm"] == f"{facts.storage_key} (section 2)"
+    assert codec.item_from_bytes(codec.item_to_bytes(item)) == item  # left_out round-trips

@@ -10,11 +10,15 @@
   temp dir; that video goes through the ordinary video pipeline (``VideoPool.process``: HLS,
   one HQ/LQ section per frame, thumbnail, manifest) and is uploaded beside its artifacts as the
   slot's ``storage_key``. Lossless, so each HQ section is exactly the converted slice.
-- A multi-frame file inside a series contributes its frames in its place (V7 would give it a
-  slot of its own on read-write storage; a read-only item cannot gain slots here).
-- Slices of differing sizes in one series: ``FAILED`` with the sizes found (a video has one
-  frame size; splitting would change the item V7 is given, and the user decides:
-  ``plan.dicom_series = false`` registers each slice alone).
+- A multi-frame file among the files of a series is left out of the series video (V7 gives
+  such a file a slot of its own; a converted read-only item cannot gain slots here), unless
+  ``ignore_dicom_layout``, where V7 makes every file a slice and its frames go in its place.
+- Within a series, the largest group of one SeriesInstanceUID and one frame size is the video;
+  the rest (a localizer of another size, a second series in the folder) is left out, each
+  file with its reason in ``ConvertedFacts.left_out`` (the report's ``converted`` column says
+  "not converted: ..."), and the series is still registered. A tie between two groups:
+  ``FAILED`` with the sizes found (``plan.dicom_series = false`` registers each slice alone).
+  See ``ingest.media.dicom.series_members``.
 
 Bounded: a series is sorted from each slice's first ``HEADER_BYTES`` (a ranged read, parsed
 without pixels); the slices are then fetched a few ahead of the decoder in series order and
@@ -48,8 +52,8 @@ from ingest.media.dicom import (
     convert_frame,
     convert_slice,
     read_header,
+    series_members,
     series_order,
-    size_problem,
 )
 from ingest.media.ffmpeg import FFMPEG, kill, stderr_reason
 from ingest.media.thumbnail import thumbnail_key
@@ -216,11 +220,20 @@ class DicomConverter:
                 raise MediaError(
                     f"too many frames in the series: {total:,} (at most {MAX_FRAMES:,})"
                 )
-            problem = size_problem(headers, files.names)
-            if problem:
-                raise MediaError(problem)
-            order = series_order(headers, files.names, ignore_layout=self.ignore_layout)
-            return await self._series(files, headers, order, keys, work)
+            members = series_members(headers, files.names, ignore_layout=self.ignore_layout)
+            if members.problem:
+                raise MediaError(members.problem)
+            kept = members.kept
+            order = [
+                kept[j]
+                for j in series_order(
+                    [headers[i] for i in kept],
+                    [files.names[i] for i in kept],
+                    ignore_layout=self.ignore_layout,
+                )
+            ]
+            facts = await self._series(files, headers, order, keys, work)
+            return replace(facts, left_out=tuple(members.left_out))
         finally:
             await files.close()
             with contextlib.suppress(OSError):
@@ -277,8 +290,8 @@ class DicomConverter:
         if self.videos is None:
             raise MediaError("local video processing is not available in this run")
         sections = section_order(headers, order)
-        rgb = any(h.color for h in headers)
-        width, height = headers[0].columns, headers[0].rows
+        rgb = any(headers[i].color for i in order)
+        width, height = headers[order[0]].columns, headers[order[0]].rows
         fps = series_fps(headers, self.fps)
         video = work / keys.video_name
         opts = self.video_options

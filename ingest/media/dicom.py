@@ -158,6 +158,67 @@ def size_problem(headers: Sequence[SliceHeader], names: Sequence[str]) -> str:
     return ("slices of differing sizes in one series: " + ", ".join(parts))[:300]
 
 
+@dataclass(frozen=True, slots=True)
+class Members:
+    """Which files of a slot make its video (``kept``, object indices), which are left out
+    and why, and ``problem`` ("" or why no video can be made)."""
+
+    kept: list[int]
+    left_out: list[tuple[int, str]]
+    problem: str = ""
+
+
+def series_members(
+    headers: Sequence[SliceHeader], names: Sequence[str], *, ignore_layout: bool = False
+) -> Members:
+    """Pure: the files of a multi-file slot that form one video. A video has one frame size,
+    and a folder often holds a localizer (scout) of another size or a second series beside
+    the series, so the largest group of one SeriesInstanceUID and one size is the series and
+    the rest are left out, each with its reason (a tie: no video, ``problem`` names the sizes).
+    A multi-frame file is left out too (V7 gives it a slot of its own, never splices it)
+    unless ``ignore_layout`` (V7's ``ignore_dicom_layout``: every file is a slice of the
+    series; the series UID is then not looked at either)."""
+    left: list[tuple[int, str]] = []
+    rest: list[int] = []
+    for i, h in enumerate(headers):
+        if h.frames > 1 and not ignore_layout and len(headers) > 1:
+            left.append(
+                (
+                    i,
+                    f"a multi-frame file ({h.frames} frames) is not spliced into the series: "
+                    "V7 gives it a slot of its own (plan.dicom_series = false registers it alone)",
+                )
+            )
+        else:
+            rest.append(i)
+    groups: dict[tuple[str, int, int], list[int]] = {}
+    for i in rest:
+        h = headers[i]
+        groups.setdefault(("" if ignore_layout else h.series_uid, h.columns, h.rows), []).append(i)
+    if not groups:
+        return Members([], left, "every file is multi-frame: no series to convert")
+    ranked = sorted(groups.items(), key=lambda g: -len(g[1]))
+    if len(ranked) > 1 and len(ranked[0][1]) == len(ranked[1][1]):
+        tied = [i for _k, ids in ranked for i in ids]
+        return Members(
+            [],
+            left,
+            size_problem([headers[i] for i in tied], [names[i] for i in tied])
+            or "two series of as many slices in one folder: no majority series",
+        )
+    (_uid, width, height), kept = ranked[0]
+    for (other_uid, w, h), ids in ranked[1:]:
+        if (w, h) != (width, height):
+            why = f"{w}x{h} slice in a {width}x{height} series (a localizer?): left out"
+        else:
+            why = (
+                f"another series (SeriesInstanceUID {other_uid[:64]}) than the "
+                f"{len(kept)} slices converted"
+            )
+        left += [(i, why[:300]) for i in ids]
+    return Members(kept, sorted(left))
+
+
 # --- pure: pixels --------------------------------------------------------------------------
 
 
@@ -383,13 +444,14 @@ def _read_header(path: str, object_bytes: int = 0, max_pixels: int = 0) -> Slice
     if frames > MAX_FRAMES:
         raise DicomRejected(f"too many frames: NumberOfFrames {frames:,} (at most {MAX_FRAMES:,})")
     samples = _int(ds.get("SamplesPerPixel")) or 1
-    need = native_pixel_bytes(ds, rows * columns * frames * max(1, samples))
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    per_pixel = 2 if photometric == "YBR_FULL_422" else max(1, samples)  # 4:2:2: Y Y Cb Cr
+    need = native_pixel_bytes(ds, rows * columns * frames * per_pixel)
     if object_bytes and need > object_bytes:
         raise DicomRejected(
             f"truncated pixel data: {columns} x {rows} x {frames} frames need {need:,} bytes, "
             f"the object has {object_bytes:,}"
         )
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     return SliceHeader(
         series_number=_int(ds.get("SeriesNumber")),
         instance_number=_int(ds.get("InstanceNumber")),
