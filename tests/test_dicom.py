@@ -55,6 +55,10 @@ def _file(name: str) -> str:
     return str(path)
 
 
+def _testdata_bytes(name: str) -> bytes:
+    return Path(_file(name)).read_bytes()
+
+
 def _h(
     series: int | None = 1,
     instance: int | None = None,
@@ -736,7 +740,7 @@ async def test_a_localizer_another_series_and_a_multi_frame_file_are_left_out_no
     bodies = {f"s/{k}.dcm": _slice(40 * (k + 1), 3 - k, 0.0) for k in range(3)}
     bodies["s/scout.dcm"] = _slice(250, 1, 0.0, size=64)
     bodies["s/other.dcm"] = _with(_slice(200, 1, 0.0), SeriesInstanceUID="1.2.3.4")
-    bodies["s/multi.dcm"] = Path(_file("rtdose.dcm")).read_bytes()
+    bodies["s/multi.dcm"] = _testdata_bytes("rtdose.dcm")  # 15 frames
     bucket, objs = _series_bucket(tmp_path, bodies)
     slot = Slot("0", ItemType.DICOM, tuple(objs), "0.dcm")
     async with ThumbnailPool(workers=1) as pool:

@@ -207,9 +207,9 @@ def series_members(
             or "two series of as many slices in one folder: no majority series",
         )
     (_uid, width, height), kept = ranked[0]
-    for (other_uid, w, h), ids in ranked[1:]:
-        if (w, h) != (width, height):
-            why = f"{w}x{h} slice in a {width}x{height} series (a localizer?): left out"
+    for (other_uid, gw, gh), ids in ranked[1:]:
+        if (gw, gh) != (width, height):
+            why = f"{gw}x{gh} slice in a {width}x{height} series (a localizer?): left out"
         else:
             why = (
                 f"another series (SeriesInstanceUID {other_uid[:64]}) than the "
