@@ -317,7 +317,7 @@ def test_layout_keys_are_derived_from_the_object_or_series_folder() -> None:
     two = Slot("0", ItemType.DICOM, (ObjectInfo("a/b/1.dcm", 5), ObjectInfo("a/b/2.dcm", 5)), "1")
     three = Slot("0", ItemType.DICOM, (*two.objects, ObjectInfo("a/b/3.dcm", 5)), "1")
     assert layout(two, "v7", "ro").video_prefix == layout(three, "v7", "ro").video_prefix
-    assert layout(two, "v7", "ro").video_name == "b.mkv"
+    assert layout(two, "v7", "ro").video_name == "b.mp4"
     # A new version of one slice is a cache miss.
     changed = Slot("0", ItemType.DICOM, (two.objects[0], ObjectInfo("a/b/2.dcm", 5, "new")), "1")
     assert cache_kind(two, 10, False, None) != cache_kind(changed, 10, False, None)
@@ -451,7 +451,9 @@ def test_read_only_dicom_slices_become_images_and_series_become_videos(
     (video,) = items["series"]["slots"]
     assert video["type"] == "video" and (video["width"], video["height"]) == (256, 256)
     assert video["total_frames"] == 5 and video["visible_frames"] == 5
-    assert video["storage_key"].endswith("/series.mkv")
+    assert video["storage_key"].endswith("/series.mp4")  # browser-playable, not the FFV1
+    listed = s3.list_objects_v2(Bucket=bucket_name).get("Contents", [])
+    assert not [o["Key"] for o in listed if o["Key"].endswith(".mkv")]
     for field in ("storage_key", "storage_thumbnail_key", "storage_frames_manifest_key"):
         s3.head_object(Bucket=bucket_name, Key=video[field])
     prefix = video["storage_sections_key_prefix"]
@@ -670,6 +672,18 @@ async def test_the_pixel_limit_applies_to_every_slice_of_a_series_before_any_dec
     assert bucket.downloads == []  # refused from the header prefixes alone
 
 
+def _ffprobe(path: Path) -> dict[str, Any]:
+    import subprocess
+
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)],
+        check=True,
+        capture_output=True,
+    ).stdout
+    result: dict[str, Any] = orjson.loads(out)
+    return result
+
+
 def _series_bucket(tmp_path: Path, bodies: dict[str, bytes]) -> tuple[_DirBucket, list[ObjectInfo]]:
     root = tmp_path / "bucket"
     objs = []
@@ -683,7 +697,9 @@ def _series_bucket(tmp_path: Path, bodies: dict[str, bytes]) -> tuple[_DirBucket
 @needs_ffmpeg
 @pytest.mark.e2e  # real decoder processes and ffmpeg
 @pytest.mark.timeout(120)
-async def test_a_small_series_thumbnail_is_not_enlarged(tmp_path: Path) -> None:
+async def test_a_series_plays_as_an_h264_mp4_and_its_small_thumbnail_is_not_enlarged(
+    tmp_path: Path,
+) -> None:
     from ingest.media.thumbnail import ThumbnailPool
     from ingest.media.video import VideoPool
 
@@ -696,6 +712,17 @@ async def test_a_small_series_thumbnail_is_not_enlarged(tmp_path: Path) -> None:
     assert isinstance(facts.made, VideoFacts)
     with Image.open(io.BytesIO(bucket.uploaded[facts.made.thumbnail_key])) as im:
         assert im.size == (128, 128)  # fits inside 356x200 already: kept, never enlarged
+    # The storage key is a browser-playable MP4 uploaded beside the artifacts; no FFV1 leaves.
+    assert facts.storage_key.endswith("/s.mp4")
+    assert facts.made.size_bytes == len(bucket.uploaded[facts.storage_key])
+    assert not [k for k in bucket.uploaded if k.endswith(".mkv")]
+    mp4 = tmp_path / "got.mp4"
+    mp4.write_bytes(bucket.uploaded[facts.storage_key])
+    probe = _ffprobe(mp4)
+    assert "mp4" in probe["format"]["format_name"]
+    (stream,) = probe["streams"]
+    assert (stream["codec_name"], stream["pix_fmt"]) == ("h264", "yuv420p")
+    assert (stream["width"], stream["height"], stream["nb_frames"]) == (128, 128, "3")
 
 
 def test_series_members_keep_the_largest_series_and_leave_the_rest_out_with_reasons() -> None:

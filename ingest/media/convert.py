@@ -7,9 +7,11 @@
   slice (or per frame), in V7's order (``ingest.media.dicom.series_order``; the listing's
   order with ``ignore_dicom_layout``). Frames are decoded one by one in the decoder processes
   and piped as raw 8-bit video into ffmpeg's stdin, which writes a lossless FFV1 video in the
-  temp dir; that video goes through the ordinary video pipeline (``VideoPool.process``: HLS,
-  one HQ/LQ section per frame, thumbnail, manifest) and is uploaded beside its artifacts as the
-  slot's ``storage_key``. Lossless, so each HQ section is exactly the converted slice.
+  temp dir (never uploaded: browsers cannot play FFV1); that video goes through the ordinary
+  video pipeline (``VideoPool.process``: HLS, one HQ/LQ section per frame, thumbnail,
+  manifest), lossless, so each HQ section is exactly the converted slice. The slot's
+  ``storage_key`` is an H.264 MP4 (yuv420p, faststart) encoded from it and uploaded beside its
+  artifacts, which a browser plays.
 - A multi-frame file among the files of a series is left out of the series video (V7 gives
   such a file a slot of its own; a converted read-only item cannot gain slots here), unless
   ``ignore_dicom_layout``, where V7 makes every file a slice and its frames go in its place.
@@ -97,7 +99,7 @@ class Bucket(Protocol):
 
     async def download(self, key: str, dest: Path) -> None: ...
     async def read_range(self, key: str, start: int, end: int) -> bytes: ...
-    async def upload(self, key: str, data: bytes, content_type: str) -> None: ...
+    async def upload(self, key: str, data: bytes | Path, content_type: str) -> None: ...
     def to_storage(self, key: str) -> str: ...
 
 
@@ -140,7 +142,7 @@ def layout(slot: Slot, prefix: str, storage_name: str) -> Layout:
         png=png,
         thumbnail=thumbnail_key(sid, prefix),
         video_prefix=artifact_prefix(prefix, storage_name, sid),
-        video_name=f"{stem}.mkv",
+        video_name=f"{stem}.mp4",
     )
 
 
@@ -293,32 +295,35 @@ class DicomConverter:
         rgb = any(headers[i].color for i in order)
         width, height = headers[order[0]].columns, headers[order[0]].rows
         fps = series_fps(headers, self.fps)
-        video = work / keys.video_name
+        video = work / f"{Path(keys.video_name).stem}.mkv"  # FFV1: temp only
+        playable = work / keys.video_name
         opts = self.video_options
         with contextlib.suppress(TypeError):  # every slice one visible section
             opts = replace(opts, fps=0.0)
         limit_s = float(getattr(self.videos, "time_limit_s", 0) or 0) or None
         async with self._encodes:
             try:
-                async with (
-                    asyncio.timeout(limit_s),
-                    contextlib.aclosing(self._frames(files, sections, rgb)) as frames,
-                ):
-                    await encode_lossless(
-                        frames, video, width=width, height=height, rgb=rgb, fps=fps
-                    )
+                async with asyncio.timeout(limit_s):  # both encodes, one limit
+                    async with contextlib.aclosing(self._frames(files, sections, rgb)) as frames:
+                        await encode_lossless(
+                            frames, video, width=width, height=height, rgb=rgb, fps=fps
+                        )
+                    await encode_mp4(video, playable)
             except TimeoutError:
                 raise MediaError(
                     f"time limit: converting the slices took longer than {limit_s:g} s",
                     final=False,
                 ) from None
-            size = (await asyncio.to_thread(video.stat)).st_size
+            size = (await asyncio.to_thread(playable.stat)).st_size
+            mp4_key = f"{keys.video_prefix}/{keys.video_name}"
+            await self.bucket.upload(mp4_key, playable, "video/mp4")
+            await asyncio.to_thread(playable.unlink, True)
             facts = await self.videos.process(
                 video,
                 prefix=self.bucket.to_storage(keys.video_prefix),
                 file_name=keys.video_name,
                 uploader=self.uploader,
-                source_storage_key=None,  # the video is ours: uploaded beside its artifacts
+                source_storage_key=self.bucket.to_storage(mp4_key),  # uploaded above
                 size_bytes=size,
                 opts=opts,
             )
@@ -495,6 +500,45 @@ async def encode_lossless(
     if count == 0:
         raise MediaError("no frames to encode")
     return count
+
+
+async def encode_mp4(src: Path, out: Path) -> None:
+    """The browser-playable copy of a converted series: H.264 (CRF 18, yuv420p, padded to even
+    sizes as 4:2:0 needs), faststart MP4."""
+    args = [
+        FFMPEG,
+        "-hide_banner",
+        "-nostats",
+        "-v",
+        "error",
+        "-i",
+        str(src),
+        "-map",
+        "0:v:0",
+        "-vf",
+        "pad=ceil(iw/2)*2:ceil(ih/2)*2,format=yuv420p",
+        "-c:v",
+        "libx264",
+        "-crf",
+        "18",
+        "-movflags",
+        "+faststart",
+        "-y",
+        str(out),
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _out, err = await proc.communicate()
+        if proc.returncode != 0:
+            reason = stderr_reason(err, f"exit {proc.returncode}")
+            raise MediaError(f"ffmpeg could not encode the series MP4: {reason}")
+    finally:
+        await kill(proc)
 
 
 def converted_slot(slot: Slot, facts: ConvertedFacts, keys: Layout) -> Slot:
