@@ -262,15 +262,15 @@ def test_untrusted_headers_are_rejected_before_anything_is_sized_from_them(
 
 
 @pytest.mark.parametrize(
-    ("syntax", "reason"),
+    ("syntax", "reason", "at_header"),
     [
-        (MPEG2MPML, "unsupported transfer syntax: MPEG2"),  # no image decoder for MPEG video
-        ("1.2.3.4.5", "unsupported transfer syntax: 1.2.3.4.5"),
-        (JPEGBaseline8Bit, "cannot decode the pixel data"),  # a decoder, but corrupt data
+        (MPEG2MPML, "unsupported transfer syntax: MPEG2", True),  # no image decoder for MPEG
+        ("1.2.3.4.5", "unsupported transfer syntax: 1.2.3.4.5", True),
+        (JPEGBaseline8Bit, "cannot decode the pixel data", False),  # a decoder, corrupt data
     ],
 )
 def test_undecodable_pixel_data_fails_with_the_syntax_or_the_decoder_error(
-    tmp_path: Path, syntax: str, reason: str
+    tmp_path: Path, syntax: str, reason: str, at_header: bool
 ) -> None:
     ds = pydicom.dcmread(_file("CT_small.dcm"))
     ds.file_meta.TransferSyntaxUID = UID(syntax)
@@ -278,8 +278,12 @@ def test_undecodable_pixel_data_fails_with_the_syntax_or_the_decoder_error(
     ds["PixelData"].VR = "OB"
     path = tmp_path / "x.dcm"
     ds.save_as(path)
+    if at_header:  # refused from the header already, before any pixel is read
+        with pytest.raises(MediaError, match=reason):
+            read_header(str(path))
+    else:
+        assert read_header(str(path)).rows == 128
     with pytest.raises(MediaError, match=reason):
-        read_header(str(path))
         convert_slice(str(path), 10**9)
 
 
@@ -558,8 +562,9 @@ class _DirBucket:
     """A bucket that is a local directory (real files, real reads), recording what the
     converter does: ranged header reads, downloads, and the most slices on temp disk."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, temp_root: Path | None = None) -> None:
         self.root = root
+        self.temp_root = temp_root  # where the converter's temp dirs are: counted on each call
         self.ranges: list[str] = []
         self.downloads: list[str] = []
         self.uploaded: dict[str, bytes] = {}
@@ -567,18 +572,26 @@ class _DirBucket:
 
     async def read_range(self, key: str, start: int, end: int) -> bytes:
         self.ranges.append(key)
+        self.note_disk()
         data = await asyncio.to_thread((self.root / key).read_bytes)
         return data[start:end]
 
     async def download(self, key: str, dest: Path) -> None:
         self.downloads.append(key)
         await asyncio.to_thread(shutil.copyfile, self.root / key, dest)
-        on_disk = len(list(dest.parent.glob("*.dcm")))
+        self.note_disk()
+
+    def note_disk(self) -> None:
+        """Every file in the converter's temp dirs (slices, header prefixes, the videos)."""
+        if self.temp_root is None:
+            return
+        on_disk = sum(1 for p in self.temp_root.glob("ingest-dicom-*/*") if p.is_file())
         self.most_on_disk = max(self.most_on_disk, on_disk)
 
     async def upload(
         self, key: str, data: bytes | Path, content_type: str, content_encoding: str | None = None
     ) -> None:
+        self.note_disk()
         if isinstance(data, Path):
             data = await asyncio.to_thread(data.read_bytes)
         self.uploaded[key] = data
@@ -606,7 +619,7 @@ async def test_a_series_is_sorted_from_header_prefixes_and_streamed_through_a_bo
         (root / f"s/s{k:02d}.dcm").write_bytes(body)
         assert len(body) > HEADER_BYTES
         objs.append(ObjectInfo(f"s/s{k:02d}.dcm", len(body), f"e{k}"))
-    bucket = _DirBucket(root)
+    bucket = _DirBucket(root, tmp_path)
     async with ThumbnailPool(workers=1, max_pending=2) as pool:
         conv = DicomConverter(
             pool,
@@ -622,10 +635,14 @@ async def test_a_series_is_sorted_from_header_prefixes_and_streamed_through_a_bo
         )
         facts = await conv.convert(Slot("0", ItemType.DICOM, tuple(objs), "s00.dcm"))
     assert facts.order == tuple(range(n - 1, -1, -1))
-    assert sorted(bucket.ranges) == [o.key for o in objs]  # every header from a prefix
-    # s07's header is longer than the prefix: read whole for its header, and not again.
+    assert sorted(set(bucket.ranges)) == [o.key for o in objs]  # every header from a prefix
+    # s07's header is longer than the first prefix: read again with a longer one, never
+    # downloaded whole for its header; every slice is downloaded once, to be decoded.
+    assert bucket.ranges.count("s/s07.dcm") == 2 and len(bucket.ranges) == n + 1
     assert sorted(bucket.downloads) == [o.key for o in objs]
-    assert bucket.most_on_disk <= PREFETCH_FILES + 2 + 1  # a window, never the series
+    # Every file in the temp dir (slices, prefixes, the FFV1 and MP4): a window, never the
+    # series (n slices).
+    assert 0 < bucket.most_on_disk <= PREFETCH_FILES + 2 + 1
     assert isinstance(facts.made, VideoFacts) and facts.made.total_frames == n
     first = bucket.uploaded[f"{facts.made.sections_prefix}/000000000.png"]
     assert int(np.asarray(Image.open(io.BytesIO(first))).mean()) == (n - 1) * 8
@@ -783,3 +800,32 @@ async def test_a_localizer_another_series_and_a_multi_frame_file_are_left_out_no
     assert report["s/multi.dcm"].startswith("not converted: a multi-frame file (15 frames)")
     assert report["s/0.dcm"] == f"{facts.storage_key} (section 2)"
     assert codec.item_from_bytes(codec.item_to_bytes(item)) == item  # left_out round-trips
+
+
+@pytest.mark.e2e  # real decoder processes
+@pytest.mark.timeout(60)
+async def test_a_dcm_object_over_the_size_limit_fails_unread(tmp_path: Path) -> None:
+    from ingest.media.convert import DicomConverter
+    from ingest.media.thumbnail import ThumbnailPool
+    from ingest.media.video import VideoOptions
+
+    body = _slice(10, 1, 0.0)
+    bucket, objs = _series_bucket(tmp_path, {"one/a.dcm": body, "s/a.dcm": body, "s/b.dcm": body})
+    async with ThumbnailPool(workers=1) as pool:
+        conv = DicomConverter(
+            pool,
+            None,
+            bucket,
+            bucket,
+            prefix="art",
+            storage_name="ro",
+            video_options=VideoOptions(),
+            fps=10.0,
+            ignore_layout=False,
+            temp_dir=tmp_path,
+            max_bytes=len(body) - 1,
+        )
+        for slot_objs in ((objs[0],), (objs[1], objs[2])):
+            with pytest.raises(MediaError, match=r"DICOM file too large: [\d,]+ bytes \(media\.max_image_bytes"):
+                await conv.convert(Slot("0", ItemType.DICOM, slot_objs, "a.dcm"))
+    assert bucket.downloads == [] and bucket.ranges == []

@@ -23,9 +23,11 @@
   See ``ingest.media.dicom.series_members``.
 
 Bounded: a series is sorted from each slice's first ``HEADER_BYTES`` (a ranged read, parsed
-without pixels); the slices are then fetched a few ahead of the decoder in series order and
-deleted once decoded (temp disk: a window of slices plus the video being written), and at
-most ``max_pending`` frames are being decoded or waiting for ffmpeg at a time.
+without pixels; a longer header is read again with 1 MiB, then 8 MiB, then whole; every prefix
+is deleted once parsed); the slices are then fetched a few ahead of the decoder in series
+order and deleted once decoded (temp disk: a window of slices plus the two videos being
+written), and at most ``max_pending`` frames are being decoded or waiting for ffmpeg at a
+time. A ``.dcm`` object larger than ``media.max_image_bytes`` is FAILED without being read.
 Idempotent: every key is derived from the object (or series folder) key, so a re-run
 overwrites; the facts are cached per object version, so an unchanged file is never converted
 twice.
@@ -66,7 +68,10 @@ T = TypeVar("T")
 DICOM_KIND = "dicom/v2"  # v2: enhanced files' functional groups reach the decoder
 DOWNLOAD_CONCURRENCY = 8  # bucket reads at once per slot
 PREFETCH_FILES = 8  # slices fetched ahead of the decoder in a series
-HEADER_BYTES = 64 * 1024  # what is read of each slice to sort a series (the whole if longer)
+HEADER_BYTES = 64 * 1024  # what is read of each slice to sort a series
+# Ranged reads tried in turn for a header (a long private header); past the last the whole
+# object is read, and every prefix is deleted once parsed.
+HEADER_READS = (HEADER_BYTES, 1024 * 1024, 8 * 1024 * 1024)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -186,6 +191,7 @@ class DicomConverter:
         fps: float,
         ignore_layout: bool,
         temp_dir: Path | None = None,
+        max_bytes: int = 0,
     ) -> None:
         self.decoders = decoders
         self.videos = videos
@@ -197,6 +203,7 @@ class DicomConverter:
         self.fps = fps
         self.ignore_layout = ignore_layout
         self.temp_dir = temp_dir
+        self.max_bytes = max_bytes  # a larger .dcm object is FAILED unread (0: no limit)
         # Series encodes at once: as many as ffmpeg video workers (a multi-frame file can
         # arrive through the image workers, which are many more).
         self._encodes = asyncio.Semaphore(max(1, int(getattr(videos, "workers", 1) or 1)))
@@ -207,7 +214,7 @@ class DicomConverter:
     async def convert(self, slot: Slot) -> ConvertedFacts:
         """Read headers, order, decode and write the slot's conversion; raises MediaError."""
         work = Path(tempfile.mkdtemp(prefix="ingest-dicom-", dir=self.temp_dir))
-        files = _Files(slot.objects, work, self.bucket)
+        files = _Files(slot.objects, work, self.bucket, self.max_bytes)
         try:
             keys = layout(slot, self.prefix, self.storage_name)
             if len(slot.objects) == 1:
@@ -242,29 +249,37 @@ class DicomConverter:
                 await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _headers(self, files: _Files) -> list[SliceHeader]:
-        """Every slice's header, read from the first ``HEADER_BYTES`` of the object (the
-        whole object when its header is longer): the slices themselves are fetched later,
-        a few at a time, in series order."""
+        """Every slice's header, from ranged reads of growing size (``HEADER_READS``; the
+        whole object only past the last), each parsed and deleted at once: at most
+        ``DOWNLOAD_CONCURRENCY`` prefixes on temp disk, no slice kept. The slices themselves
+        are fetched later, a few at a time, in series order."""
+        reading = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
 
         async def one(i: int) -> SliceHeader:
             try:
-                head = await files.head(i)
-                if head is not None:
-                    try:
-                        return await self._header(files, i, head)
-                    except DicomRejected:
-                        raise
-                    except MediaError:
-                        pass  # the header runs past the prefix (or is bad): read it all
-                    finally:
-                        await asyncio.to_thread(head.unlink, True)
-                await files.fetch(i)
-                return await self._header(files, i, files.paths[i])
+                async with reading:
+                    return await self._header_of(files, i)
             except MediaError as e:
                 raise MediaError(f"{files.names[i]}: {e.reason}"[:300], final=e.final) from None
 
-        # The bucket side is bounded by _Files, the decoder pool by its own semaphore.
         return await _all([one(i) for i in range(len(files.paths))])
+
+    async def _header_of(self, files: _Files, i: int) -> SliceHeader:
+        size = files.objects[i].size
+        for limit in (*HEADER_READS, size):
+            whole = size <= limit
+            head = await files.head(i, min(limit, size))
+            try:
+                return await self._header(files, i, head)
+            except DicomRejected:
+                raise
+            except MediaError:
+                if whole:
+                    raise  # the whole object was read: the header itself is bad
+                # else the header runs past this prefix: read more
+            finally:
+                await asyncio.to_thread(head.unlink, True)
+        raise AssertionError("unreachable: the last read is the whole object")
 
     async def _header(self, files: _Files, i: int, path: Path) -> SliceHeader:
         """The header of object ``i`` read from ``path`` (the object or a prefix of it),
@@ -375,8 +390,11 @@ class _Files:
     """The slot's objects in the temp dir: fetched on demand (bounded concurrency), header
     prefixes, deletion once decoded."""
 
-    def __init__(self, objects: Sequence[ObjectInfo], work: Path, bucket: Bucket) -> None:
+    def __init__(
+        self, objects: Sequence[ObjectInfo], work: Path, bucket: Bucket, max_bytes: int = 0
+    ) -> None:
         self.objects = objects
+        self.max_bytes = max_bytes
         self.names = [o.key.rpartition("/")[2] for o in objects]
         self.paths = [work / f"{i:06d}.dcm" for i in range(len(objects))]
         self._work = work
@@ -385,19 +403,25 @@ class _Files:
         self._fetches: dict[int, asyncio.Task[None]] = {}
 
     def _check(self, i: int) -> None:
-        if self.objects[i].size <= 0:
+        size = self.objects[i].size
+        if size <= 0:
             raise MediaError("empty object (0 bytes)")
+        if self.max_bytes and size > self.max_bytes:
+            raise MediaError(
+                f"DICOM file too large: {size:,} bytes (media.max_image_bytes {self.max_bytes:,})"
+            )
 
-    async def head(self, i: int) -> Path | None:
-        """The first ``HEADER_BYTES`` of object ``i`` in a file, or None when the object is
-        not larger than that (fetch it whole instead)."""
+    async def head(self, i: int, size: int) -> Path:
+        """The first ``size`` bytes of object ``i`` in a file of their own (the caller
+        deletes it); the whole object past ``HEADER_READS``."""
         self._check(i)
         obj = self.objects[i]
-        if obj.size <= HEADER_BYTES:
-            return None
-        async with self._sem:
-            data = await self._bucket.read_range(obj.key, 0, HEADER_BYTES)
         path = self._work / f"{i:06d}.head"
+        async with self._sem:
+            if size > HEADER_READS[-1]:
+                await self._bucket.download(obj.key, path)
+                return path
+            data = await self._bucket.read_range(obj.key, 0, size)
         await asyncio.to_thread(path.write_bytes, data)
         return path
 

@@ -203,6 +203,7 @@ class MediaStage:
                 fps=dicom.fps,
                 ignore_layout=dicom.ignore_layout,
                 temp_dir=temp_dir,
+                max_bytes=max_image_bytes,
             )
 
     async def prepare(self, item: Item) -> Item:
