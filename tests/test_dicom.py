@@ -826,6 +826,8 @@ async def test_a_dcm_object_over_the_size_limit_fails_unread(tmp_path: Path) -> 
             max_bytes=len(body) - 1,
         )
         for slot_objs in ((objs[0],), (objs[1], objs[2])):
-            with pytest.raises(MediaError, match=r"DICOM file too large: [\d,]+ bytes \(media\.max_image_bytes"):
+            with pytest.raises(
+                MediaError, match=r"DICOM file too large: [\d,]+ bytes \(media\.max_image_bytes"
+            ):
                 await conv.convert(Slot("0", ItemType.DICOM, slot_objs, "a.dcm"))
     assert bucket.downloads == [] and bucket.ranges == []
