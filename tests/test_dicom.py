@@ -831,3 +831,41 @@ async def test_a_dcm_object_over_the_size_limit_fails_unread(tmp_path: Path) -> 
             ):
                 await conv.convert(Slot("0", ItemType.DICOM, slot_objs, "a.dcm"))
     assert bucket.downloads == [] and bucket.ranges == []
+
+
+def test_min_max_fallback_skips_padding_and_uses_one_range_per_series(tmp_path: Path) -> None:
+    from ingest.media.dicom import convert_frame, series_range
+
+    def unwindowed(values: np.ndarray, name: str, **attrs: Any) -> Path:
+        ds = pydicom.dcmread(_file("CT_small.dcm"))  # signed 16-bit, 128 x 128
+        for tag in ("WindowCenter", "WindowWidth"):
+            if tag in ds:
+                delattr(ds, tag)
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = np.resize(values.astype(np.int16), (128, 128)).tobytes()
+        for k, v in attrs.items():
+            setattr(ds, k, v)
+            ds[k].VR = "SS"  # PixelRepresentation 1: the ambiguous US/SS is SS
+        path = tmp_path / name
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    # Padding (the air outside the scan) does not take the black end of the range.
+    padded = unwindowed(np.array([-2000, 0, 50, 100]), "pad.dcm", PixelPaddingValue=-2000)
+    got = np.frombuffer(convert_frame(str(padded), 0, False), np.uint8)
+    assert list(got[:4]) == [0, 0, 128, 255]
+    # Two slices of one series: the same stored value gives the same grey in both.
+    a = unwindowed(
+        np.array([0, 100]), "a.dcm", SmallestImagePixelValue=0, LargestImagePixelValue=100
+    )
+    b = unwindowed(
+        np.array([0, 200]), "b.dcm", SmallestImagePixelValue=0, LargestImagePixelValue=200
+    )
+    headers = [read_header(str(a)), read_header(str(b))]
+    rng = series_range(headers)
+    assert rng == (0.0, 200.0)
+    ga = np.frombuffer(convert_frame(str(a), 0, False, rng), np.uint8)
+    gb = np.frombuffer(convert_frame(str(b), 0, False, rng), np.uint8)
+    assert ga[0] == gb[0] == 0
+    assert ga[1] == 128 and gb[1] == 255  # 100 of 0..200 is mid-grey in both slices
+    assert series_range([headers[0], replace(headers[1], stored_range=None)]) is None

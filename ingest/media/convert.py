@@ -58,6 +58,7 @@ from ingest.media.dicom import (
     read_header,
     series_members,
     series_order,
+    series_range,
 )
 from ingest.media.ffmpeg import FFMPEG, kill, stderr_reason
 from ingest.media.thumbnail import thumbnail_key
@@ -308,6 +309,7 @@ class DicomConverter:
             raise MediaError("local video processing is not available in this run")
         sections = section_order(headers, order)
         rgb = any(headers[i].color for i in order)
+        stored_range = series_range([headers[i] for i in order])
         width, height = headers[order[0]].columns, headers[order[0]].rows
         fps = series_fps(headers, self.fps)
         video = work / f"{Path(keys.video_name).stem}.mkv"  # FFV1: temp only
@@ -319,7 +321,9 @@ class DicomConverter:
         async with self._encodes:
             try:
                 async with asyncio.timeout(limit_s):  # both encodes, one limit
-                    async with contextlib.aclosing(self._frames(files, sections, rgb)) as frames:
+                    async with contextlib.aclosing(
+                        self._frames(files, sections, rgb, stored_range)
+                    ) as frames:
                         await encode_lossless(
                             frames, video, width=width, height=height, rgb=rgb, fps=fps
                         )
@@ -345,7 +349,11 @@ class DicomConverter:
         return ConvertedFacts(facts.storage_key, facts, tuple(i for i, _f in sections))
 
     async def _frames(
-        self, files: _Files, sections: Sequence[tuple[int, int]], rgb: bool
+        self,
+        files: _Files,
+        sections: Sequence[tuple[int, int]],
+        rgb: bool,
+        stored_range: tuple[float, float] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Each section's 8-bit frame, in order: at most ``max_pending`` decoding ahead and
         ``PREFETCH_FILES`` slices fetched ahead; a slice's file is deleted once its last
@@ -372,7 +380,9 @@ class DicomConverter:
                 n = position[i]
                 files.prefetch(in_order[n : n + PREFETCH_FILES])
                 await files.fetch(i)
-                call = self.decoders.call(convert_frame, str(files.paths[i]), frame, rgb)
+                call = self.decoders.call(
+                    convert_frame, str(files.paths[i]), frame, rgb, stored_range
+                )
                 ahead.append((i, asyncio.ensure_future(call)))
                 if len(ahead) >= limit:
                     yield await next_frame()

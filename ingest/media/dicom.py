@@ -14,8 +14,10 @@ Pixels, in DICOM's own order (PS3.3 C.11 / C.7.6.3):
    is converted to RGB by the decoder (pydicom's ``as_rgb``), planar configuration undone;
 2. grey: the modality LUT (RescaleSlope/RescaleIntercept, or a Modality LUT Sequence), then the
    VOI: the VOI LUT Sequence when present, else the first WindowCenter/WindowWidth pair (with
-   VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID), else **min/max of the slice** (documented
-   fallback: every slice of a series is stretched on its own); an enhanced multi-frame file's
+   VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID), else **min/max** (documented fallback),
+   PixelPaddingValue excluded: one range for a whole series from its headers'
+   Smallest/LargestImagePixelValue when every slice states them, else each slice's own
+   min/max (a first pass over a series would read every slice twice); an enhanced multi-frame file's
    per-frame / shared functional groups stand in for the top-level attributes
    (:func:`frame_dataset`); MONOCHROME1 is inverted last;
 3. colour: RGB kept, PALETTE COLOR through its palette, samples above 8 bits scaled down.
@@ -48,6 +50,9 @@ HEADER_TAGS: Final = (
     "SamplesPerPixel",
     "PhotometricInterpretation",
     "BitsAllocated",
+    "PixelRepresentation",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
     "CineRate",
     "RecommendedDisplayFrameRate",
     "FrameTime",
@@ -78,6 +83,7 @@ class SliceHeader:
     fps: float = 0.0  # stated by the file (CineRate, RecommendedDisplayFrameRate, FrameTime)
     orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (row, column cosines)
     series_uid: str = ""  # SeriesInstanceUID
+    stored_range: tuple[float, float] | None = None  # Smallest/LargestImagePixelValue
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +275,7 @@ def _first(value: Any) -> float | None:
     return _first(value[0]) if len(value) else None
 
 
-def to_display(arr: Any, ds: Any) -> Any:
+def to_display(arr: Any, ds: Any, stored_range: tuple[float, float] | None = None) -> Any:
     """Decoded pixels of one frame (rows x columns [x samples]) to display-correct 8-bit:
     uint8 rows x columns (grey) or rows x columns x 3 (RGB). See the module docstring.
 
@@ -285,16 +291,34 @@ def to_display(arr: Any, ds: Any) -> Any:
         return _eight_bit_rgb(rgb, 16 if rgb.dtype.itemsize > 1 else 8)
     if arr.ndim == 3:
         return _eight_bit_rgb(arr, int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8))
+    fallback = stored_range or _unpadded_range(arr, ds)
     if arr.dtype.kind in "iu" and arr.size:
         lo, hi = int(arr.min()), int(arr.max())
         if hi - lo < arr.size:
-            lut = _grey_display(np.arange(lo, hi + 1, dtype=np.int64), ds, photometric)
+            lut = _grey_display(np.arange(lo, hi + 1, dtype=np.int64), ds, photometric, fallback)
             return lut[np.subtract(arr, lo, dtype=np.int64)]
-    return _grey_display(arr, ds, photometric)
+    return _grey_display(arr, ds, photometric, fallback)
 
 
-def _grey_display(values: Any, ds: Any, photometric: str) -> Any:
-    """Modality LUT, VOI (LUT, window or min/max), MONOCHROME1 inversion: stored -> 0..255."""
+def _unpadded_range(arr: Any, ds: Any) -> tuple[float, float] | None:
+    """min..max of the stored values that are not PixelPaddingValue (the air outside a CT
+    scan would else take the black end of the min/max fallback); None: no such values."""
+    import numpy as np
+
+    if not arr.size:
+        return None
+    pad = _float(_first(ds.get("PixelPaddingValue")))
+    values = arr if pad is None else arr[arr != pad]
+    if not values.size:
+        return None
+    return float(np.min(values)), float(np.max(values))
+
+
+def _grey_display(
+    values: Any, ds: Any, photometric: str, fallback: tuple[float, float] | None = None
+) -> Any:
+    """Modality LUT, VOI (LUT, window, or ``fallback``: a stored-value range stretched onto
+    0..255, default the values' min/max), MONOCHROME1 inversion: stored -> 0..255."""
     import numpy as np
     from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
@@ -309,8 +333,11 @@ def _grey_display(values: Any, ds: Any, photometric: str) -> Any:
         if function.upper() == "LINEAR" and width < 1:
             function = "LINEAR_EXACT"
         out = window(values, center, width, function)
+    elif fallback is not None:  # the series' range, or this frame's without padding
+        ends = np.asarray(apply_modality_lut(np.array(fallback), ds), dtype=np.float64)
+        out = stretch(values, float(ends.min()), float(ends.max()))
     else:
-        out = stretch(values)  # fallback: min/max of this frame
+        out = stretch(values)
     if photometric == "MONOCHROME1":
         out = np.subtract(255, out, dtype=np.uint8)
     return out
@@ -394,6 +421,22 @@ def _position(value: Any) -> tuple[float, ...] | None:
     return pos or None
 
 
+def _stored_range(ds: Any) -> tuple[float, float] | None:
+    lo = _float(_first(ds.get("SmallestImagePixelValue")))
+    hi = _float(_first(ds.get("LargestImagePixelValue")))
+    return (lo, hi) if lo is not None and hi is not None and hi > lo else None
+
+
+def series_range(headers: Sequence[SliceHeader]) -> tuple[float, float] | None:
+    """One stored-value range for every slice of a series without a window, so the min/max
+    fallback does not stretch each slice on its own (the series would flicker): from the
+    headers' Smallest/LargestImagePixelValue when every slice states them, else None."""
+    ranges = [h.stored_range for h in headers]
+    if not ranges or any(r is None for r in ranges):
+        return None
+    return min(r[0] for r in ranges if r), max(r[1] for r in ranges if r)
+
+
 def _stated_fps(ds: Any) -> float:
     for tag in ("CineRate", "RecommendedDisplayFrameRate"):
         v = _float(ds.get(tag))
@@ -459,6 +502,7 @@ def _read_header(path: str, object_bytes: int = 0, max_pixels: int = 0) -> Slice
         position=_position(ds.get("ImagePositionPatient")),
         orientation=_position(ds.get("ImageOrientationPatient")),
         series_uid=str(ds.get("SeriesInstanceUID") or ""),
+        stored_range=_stored_range(ds),
         rows=rows,
         columns=columns,
         frames=frames,
@@ -536,13 +580,16 @@ def frame_dataset(ds: Any, index: int) -> Any:
     return ds
 
 
-def convert_frame(path: str, index: int, rgb: bool) -> bytes:
+def convert_frame(
+    path: str, index: int, rgb: bool, stored_range: tuple[float, float] | None = None
+) -> bytes:
     """Frame ``index`` of ``path`` as raw 8-bit pixels (grey, or RGB24 when ``rgb``), rows x
-    columns: what the video encoder reads from its stdin."""
+    columns: what the video encoder reads from its stdin. ``stored_range``: the series'
+    range for the min/max fallback (``series_range``)."""
 
     def work() -> bytes:
         arr, ds = _decode(path, index)
-        out = to_display(arr, ds)
+        out = to_display(arr, ds, stored_range)
         return bytes((as_rgb(out) if rgb else _grey(out)).tobytes())
 
     return _guard(work)
