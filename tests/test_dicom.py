@@ -869,3 +869,67 @@ def test_min_max_fallback_skips_padding_and_uses_one_range_per_series(tmp_path: 
     assert ga[0] == gb[0] == 0
     assert ga[1] == 128 and gb[1] == 255  # 100 of 0..200 is mid-grey in both slices
     assert series_range([headers[0], replace(headers[1], stored_range=None)]) is None
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    """True once ``pid`` has exited (a zombie counts: it runs no more), within the timeout."""
+    import psutil  # type: ignore[import-untyped]
+
+    try:
+        proc = psutil.Process(pid)
+        proc.wait(timeout=timeout_s)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    return True
+
+
+@pytest.mark.e2e  # real worker processes
+@pytest.mark.timeout(60)
+async def test_a_decoder_job_past_its_time_limit_fails_and_its_worker_is_killed() -> None:
+    import time
+
+    from ingest.media.thumbnail import ThumbnailPool
+
+    async with ThumbnailPool(workers=1, max_pending=2) as pool:
+        assert await pool.call(abs, -1) == 1  # the worker is up
+        (pid,) = pool.worker_pids()
+        hung = asyncio.ensure_future(pool.call_within(0.5, time.sleep, 60))
+        queued = asyncio.ensure_future(pool.call(abs, -3))  # behind it, on the same worker
+        with pytest.raises(MediaError, match=r"time limit: decoding took longer than 0\.5 s"):
+            await hung
+        assert await queued == 3  # retried alone in the quarantine worker
+        gone = await asyncio.to_thread(_wait_gone, pid, 10.0)
+        assert gone, "the timed-out job's worker is still running"
+        assert await pool.call(abs, -2) == 2  # a new worker took over
+        assert pid not in pool.worker_pids()
+
+
+@pytest.mark.e2e  # real decoder processes
+@pytest.mark.timeout(60)
+async def test_every_dicom_decoder_job_runs_under_the_decode_limit(tmp_path: Path) -> None:
+    from ingest.media.convert import DicomConverter
+    from ingest.media.thumbnail import ThumbnailPool
+    from ingest.media.video import VideoOptions
+
+    body = _slice(10, 1, 0.0)
+    bucket, objs = _series_bucket(tmp_path, {"one/a.dcm": body, "s/a.dcm": body, "s/b.dcm": body})
+    async with ThumbnailPool(workers=1) as pool:
+        conv = DicomConverter(
+            pool,
+            None,
+            bucket,
+            bucket,
+            prefix="art",
+            storage_name="ro",
+            video_options=VideoOptions(),
+            fps=10.0,
+            ignore_layout=False,
+            temp_dir=tmp_path,
+            decode_limit_s=1e-4,  # less than any trip to a worker process
+        )
+        for slot_objs in ((objs[0],), (objs[1], objs[2])):
+            with pytest.raises(MediaError, match="time limit: decoding took longer") as e:
+                await conv.convert(Slot("0", ItemType.DICOM, slot_objs, "a.dcm"))
+            assert not e.value.final  # transient: retried later

@@ -69,6 +69,9 @@ T = TypeVar("T")
 DICOM_KIND = "dicom/v2"  # v2: enhanced files' functional groups reach the decoder
 DOWNLOAD_CONCURRENCY = 8  # bucket reads at once per slot
 PREFETCH_FILES = 8  # slices fetched ahead of the decoder in a series
+# One decoder job (a header, a slice, a frame) past this is FAILED (retryable) and its worker
+# killed: a slice decodes in milliseconds, a large JPEG 2000 frame in seconds.
+DECODE_LIMIT_S = 120.0
 HEADER_BYTES = 64 * 1024  # what is read of each slice to sort a series
 # Ranged reads tried in turn for a header (a long private header); past the last the whole
 # object is read, and every prefix is deleted once parsed.
@@ -83,6 +86,7 @@ class Decoders(Protocol):
     max_pixels: int
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
+    async def call_within(self, limit_s: float | None, fn: Callable[..., T], *args: Any) -> T: ...
 
 
 class Cutter(Protocol):
@@ -193,6 +197,7 @@ class DicomConverter:
         ignore_layout: bool,
         temp_dir: Path | None = None,
         max_bytes: int = 0,
+        decode_limit_s: float = DECODE_LIMIT_S,
     ) -> None:
         self.decoders = decoders
         self.videos = videos
@@ -205,6 +210,7 @@ class DicomConverter:
         self.ignore_layout = ignore_layout
         self.temp_dir = temp_dir
         self.max_bytes = max_bytes  # a larger .dcm object is FAILED unread (0: no limit)
+        self.decode_limit_s = decode_limit_s
         # Series encodes at once: as many as ffmpeg video workers (a multi-frame file can
         # arrive through the image workers, which are many more).
         self._encodes = asyncio.Semaphore(max(1, int(getattr(videos, "workers", 1) or 1)))
@@ -286,12 +292,14 @@ class DicomConverter:
         """The header of object ``i`` read from ``path`` (the object or a prefix of it),
         checked against its size and the pixel limit before anything is decoded."""
         size = files.objects[i].size
-        return await self.decoders.call(read_header, str(path), size, self.decoders.max_pixels)
+        return await self._decode(read_header, str(path), size, self.decoders.max_pixels)
+
+    async def _decode(self, fn: Callable[..., T], *args: Any) -> T:
+        """A decoder job under ``decode_limit_s`` (its worker killed past it)."""
+        return await self.decoders.call_within(self.decode_limit_s, fn, *args)
 
     async def _slice(self, path: Path, keys: Layout) -> ConvertedFacts:
-        image: SliceImage = await self.decoders.call(
-            convert_slice, str(path), self.decoders.max_pixels
-        )
+        image: SliceImage = await self._decode(convert_slice, str(path), self.decoders.max_pixels)
         await self.bucket.upload(keys.png, image.png, "image/png")
         await self.bucket.upload(keys.thumbnail, image.thumbnail, "image/jpeg")
         facts = ImageFacts(image.width, image.height, self.bucket.to_storage(keys.thumbnail))
@@ -380,9 +388,7 @@ class DicomConverter:
                 n = position[i]
                 files.prefetch(in_order[n : n + PREFETCH_FILES])
                 await files.fetch(i)
-                call = self.decoders.call(
-                    convert_frame, str(files.paths[i]), frame, rgb, stored_range
-                )
+                call = self._decode(convert_frame, str(files.paths[i]), frame, rgb, stored_range)
                 ahead.append((i, asyncio.ensure_future(call)))
                 if len(ahead) >= limit:
                     yield await next_frame()
