@@ -506,7 +506,7 @@ def test_read_only_dicom_is_planned_for_conversion_and_read_write_is_unchanged()
     from ingest.config import PlanConfig
     from ingest.model import Media
     from ingest.planner import ShardPlanner
-    from ingest.run.processing import _queue
+    from ingest.run.processing import DICOM_VIDEO_QUEUE_BYTES, _queue
 
     # In key order: "p/one.dcm" is alone in its folder "p/", the three below "p/s/" a series.
     objs = [ObjectInfo("p/one.dcm", 9)] + [ObjectInfo(f"p/s/{i}.dcm", 9, "e") for i in range(3)]
@@ -518,6 +518,15 @@ def test_read_only_dicom_is_planned_for_conversion_and_read_write_is_unchanged()
     assert by_name["s"].media is Media.DICOM and by_name["p"].media is Media.DICOM
     assert _queue(by_name["s"]) is Media.VIDEO  # a series is cut by ffmpeg
     assert _queue(by_name["p"]) is Media.IMAGE  # one file: usually one PNG
+    # A large single file is likely multi-frame (a video under a video permit): it must not
+    # wait for that permit in an image worker.
+    big = ShardPlanner(PlanConfig(), readonly=True)
+    (cine,) = [
+        i
+        for i in [*big.feed([ObjectInfo("c/cine.dcm", DICOM_VIDEO_QUEUE_BYTES + 1)]), *big.finish()]
+        if isinstance(i, Item)
+    ]
+    assert cine.media is Media.DICOM and _queue(cine) is Media.VIDEO
     singles = ShardPlanner(PlanConfig(dicom_series=False), readonly=True)
     alone = [i for i in [*singles.feed(objs), *singles.finish()] if isinstance(i, Item)]
     assert [i.name for i in alone] == ["one.dcm", "0.dcm", "1.dcm", "2.dcm"]
