@@ -131,6 +131,9 @@ class ConvertedFacts:
     storage_key: str
     made: ImageFacts | VideoFacts
     order: tuple[int, ...] = ()
+    # (object index, reason) of the slot's objects not in the conversion: a localizer of
+    # another size, another series, a multi-frame file (``ingest.media.convert``)
+    left_out: tuple[tuple[int, str], ...] = ()
 
 
 Facts = Union[ImageFacts, UploadFacts, VideoFacts, ConvertedFacts]  # noqa: UP007 (runtime alias)

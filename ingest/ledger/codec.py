@@ -52,6 +52,7 @@ def _facts_dict(f: Facts) -> dict[str, Any]:
             "storage_key": f.storage_key,
             "made": _facts_dict(f.made),
             "order": list(f.order),
+            **({"left_out": [[i, r] for i, r in f.left_out]} if f.left_out else {}),
         }
     return {
         "t": "video",
@@ -84,7 +85,10 @@ def _facts_from_dict(d: Mapping[str, Any]) -> Facts:
         if not isinstance(made, ImageFacts | VideoFacts):
             raise CodecError(f"converted DICOM made {made!r}")
         return ConvertedFacts(
-            str(d["storage_key"]), made, tuple(int(i) for i in d.get("order", ()))
+            str(d["storage_key"]),
+            made,
+            tuple(int(i) for i in d.get("order", ())),
+            tuple((int(i), str(r)) for i, r in d.get("left_out", ())),
         )
     if t == "video":
         return VideoFacts(
@@ -181,10 +185,14 @@ def converted_by_key(item: Item) -> dict[str, str]:
         if isinstance(c.made, ImageFacts):
             out.update((o.key, c.storage_key) for o in slot.objects)
             continue
+        left_out = dict(c.left_out)
         sections: dict[int, list[int]] = {}
         for n, i in enumerate(c.order):
             sections.setdefault(i, []).append(n)
         for i, o in enumerate(slot.objects):
+            if i in left_out:
+                out[o.key] = f"not converted: {left_out[i]}"
+                continue
             found = sections.get(i, [])
             where = f"section {found[0]}" if len(found) == 1 else f"sections {_span(found)}"
             out[o.key] = f"{c.storage_key} ({where})" if found else c.storage_key

@@ -7,19 +7,27 @@
   slice (or per frame), in V7's order (``ingest.media.dicom.series_order``; the listing's
   order with ``ignore_dicom_layout``). Frames are decoded one by one in the decoder processes
   and piped as raw 8-bit video into ffmpeg's stdin, which writes a lossless FFV1 video in the
-  temp dir; that video goes through the ordinary video pipeline (``VideoPool.process``: HLS,
-  one HQ/LQ section per frame, thumbnail, manifest) and is uploaded beside its artifacts as the
-  slot's ``storage_key``. Lossless, so each HQ section is exactly the converted slice.
-- A multi-frame file inside a series contributes its frames in its place (V7 would give it a
-  slot of its own on read-write storage; a read-only item cannot gain slots here).
-- Slices of differing sizes in one series: ``FAILED`` with the sizes found (a video has one
-  frame size; splitting would change the item V7 is given, and the user decides:
-  ``plan.dicom_series = false`` registers each slice alone).
+  temp dir (never uploaded: browsers cannot play FFV1); that video goes through the ordinary
+  video pipeline (``VideoPool.process``: HLS, one HQ/LQ section per frame, thumbnail,
+  manifest), lossless, so each HQ section is exactly the converted slice. The slot's
+  ``storage_key`` is an H.264 MP4 (yuv420p, faststart) encoded from it and uploaded beside its
+  artifacts, which a browser plays.
+- A multi-frame file among the files of a series is left out of the series video (V7 gives
+  such a file a slot of its own; a converted read-only item cannot gain slots here), unless
+  ``ignore_dicom_layout``, where V7 makes every file a slice and its frames go in its place.
+- Within a series, the largest group of one SeriesInstanceUID and one frame size is the video;
+  the rest (a localizer of another size, a second series in the folder) is left out, each
+  file with its reason in ``ConvertedFacts.left_out`` (the report's ``converted`` column says
+  "not converted: ..."), and the series is still registered. A tie between two groups:
+  ``FAILED`` with the sizes found (``plan.dicom_series = false`` registers each slice alone).
+  See ``ingest.media.dicom.series_members``.
 
 Bounded: a series is sorted from each slice's first ``HEADER_BYTES`` (a ranged read, parsed
-without pixels); the slices are then fetched a few ahead of the decoder in series order and
-deleted once decoded (temp disk: a window of slices plus the video being written), and at
-most ``max_pending`` frames are being decoded or waiting for ffmpeg at a time.
+without pixels; a longer header is read again with 1 MiB, then 8 MiB, then whole; every prefix
+is deleted once parsed); the slices are then fetched a few ahead of the decoder in series
+order and deleted once decoded (temp disk: a window of slices plus the two videos being
+written), and at most ``max_pending`` frames are being decoded or waiting for ffmpeg at a
+time. A ``.dcm`` object larger than ``media.max_image_bytes`` is FAILED without being read.
 Idempotent: every key is derived from the object (or series folder) key, so a re-run
 overwrites; the facts are cached per object version, so an unchanged file is never converted
 twice.
@@ -41,13 +49,16 @@ from typing import Any, Protocol, TypeVar
 
 from ingest.media import MediaError
 from ingest.media.dicom import (
+    MAX_FRAMES,
+    DicomRejected,
     SliceHeader,
     SliceImage,
     convert_frame,
     convert_slice,
     read_header,
+    series_members,
     series_order,
-    size_problem,
+    series_range,
 )
 from ingest.media.ffmpeg import FFMPEG, kill, stderr_reason
 from ingest.media.thumbnail import thumbnail_key
@@ -55,10 +66,16 @@ from ingest.model import ConvertedFacts, ImageFacts, ItemType, ObjectInfo, Slot,
 
 T = TypeVar("T")
 
-DICOM_KIND = "dicom/v1"
+DICOM_KIND = "dicom/v2"  # v2: enhanced files' functional groups reach the decoder
 DOWNLOAD_CONCURRENCY = 8  # bucket reads at once per slot
 PREFETCH_FILES = 8  # slices fetched ahead of the decoder in a series
-HEADER_BYTES = 64 * 1024  # what is read of each slice to sort a series (the whole if longer)
+# One decoder job (a header, a slice, a frame) past this is FAILED (retryable) and its worker
+# killed: a slice decodes in milliseconds, a large JPEG 2000 frame in seconds.
+DECODE_LIMIT_S = 120.0
+HEADER_BYTES = 64 * 1024  # what is read of each slice to sort a series
+# Ranged reads tried in turn for a header (a long private header); past the last the whole
+# object is read, and every prefix is deleted once parsed.
+HEADER_READS = (HEADER_BYTES, 1024 * 1024, 8 * 1024 * 1024)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -69,6 +86,7 @@ class Decoders(Protocol):
     max_pixels: int
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
+    async def call_within(self, limit_s: float | None, fn: Callable[..., T], *args: Any) -> T: ...
 
 
 class Cutter(Protocol):
@@ -91,7 +109,7 @@ class Bucket(Protocol):
 
     async def download(self, key: str, dest: Path) -> None: ...
     async def read_range(self, key: str, start: int, end: int) -> bytes: ...
-    async def upload(self, key: str, data: bytes, content_type: str) -> None: ...
+    async def upload(self, key: str, data: bytes | Path, content_type: str) -> None: ...
     def to_storage(self, key: str) -> str: ...
 
 
@@ -134,7 +152,7 @@ def layout(slot: Slot, prefix: str, storage_name: str) -> Layout:
         png=png,
         thumbnail=thumbnail_key(sid, prefix),
         video_prefix=artifact_prefix(prefix, storage_name, sid),
-        video_name=f"{stem}.mkv",
+        video_name=f"{stem}.mp4",
     )
 
 
@@ -178,6 +196,8 @@ class DicomConverter:
         fps: float,
         ignore_layout: bool,
         temp_dir: Path | None = None,
+        max_bytes: int = 0,
+        decode_limit_s: float = DECODE_LIMIT_S,
     ) -> None:
         self.decoders = decoders
         self.videos = videos
@@ -189,6 +209,8 @@ class DicomConverter:
         self.fps = fps
         self.ignore_layout = ignore_layout
         self.temp_dir = temp_dir
+        self.max_bytes = max_bytes  # a larger .dcm object is FAILED unread (0: no limit)
+        self.decode_limit_s = decode_limit_s
         # Series encodes at once: as many as ffmpeg video workers (a multi-frame file can
         # arrive through the image workers, which are many more).
         self._encodes = asyncio.Semaphore(max(1, int(getattr(videos, "workers", 1) or 1)))
@@ -199,53 +221,85 @@ class DicomConverter:
     async def convert(self, slot: Slot) -> ConvertedFacts:
         """Read headers, order, decode and write the slot's conversion; raises MediaError."""
         work = Path(tempfile.mkdtemp(prefix="ingest-dicom-", dir=self.temp_dir))
-        files = _Files(slot.objects, work, self.bucket)
+        files = _Files(slot.objects, work, self.bucket, self.max_bytes)
         try:
             keys = layout(slot, self.prefix, self.storage_name)
             if len(slot.objects) == 1:
                 await files.fetch(0)
-                headers = [await self.decoders.call(read_header, str(files.paths[0]))]
+                headers = [await self._header(files, 0, files.paths[0])]
                 if headers[0].frames == 1:
                     return await self._slice(files.paths[0], keys)
             else:
                 headers = await self._headers(files)
-            problem = size_problem(headers, files.names)
-            if problem:
-                raise MediaError(problem)
-            order = series_order(headers, files.names, ignore_layout=self.ignore_layout)
-            return await self._series(files, headers, order, keys, work)
+            total = sum(h.frames for h in headers)
+            if total > MAX_FRAMES:
+                raise MediaError(
+                    f"too many frames in the series: {total:,} (at most {MAX_FRAMES:,})"
+                )
+            members = series_members(headers, files.names, ignore_layout=self.ignore_layout)
+            if members.problem:
+                raise MediaError(members.problem)
+            kept = members.kept
+            order = [
+                kept[j]
+                for j in series_order(
+                    [headers[i] for i in kept],
+                    [files.names[i] for i in kept],
+                    ignore_layout=self.ignore_layout,
+                )
+            ]
+            facts = await self._series(files, headers, order, keys, work)
+            return replace(facts, left_out=tuple(members.left_out))
         finally:
             await files.close()
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(shutil.rmtree, work, True)
 
     async def _headers(self, files: _Files) -> list[SliceHeader]:
-        """Every slice's header, read from the first ``HEADER_BYTES`` of the object (the
-        whole object when its header is longer): the slices themselves are fetched later,
-        a few at a time, in series order."""
+        """Every slice's header, from ranged reads of growing size (``HEADER_READS``; the
+        whole object only past the last), each parsed and deleted at once: at most
+        ``DOWNLOAD_CONCURRENCY`` prefixes on temp disk, no slice kept. The slices themselves
+        are fetched later, a few at a time, in series order."""
+        reading = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
 
         async def one(i: int) -> SliceHeader:
             try:
-                head = await files.head(i)
-                if head is not None:
-                    try:
-                        return await self.decoders.call(read_header, str(head))
-                    except MediaError:
-                        pass  # the header runs past the prefix (or is bad): read it all
-                    finally:
-                        await asyncio.to_thread(head.unlink, True)
-                await files.fetch(i)
-                return await self.decoders.call(read_header, str(files.paths[i]))
+                async with reading:
+                    return await self._header_of(files, i)
             except MediaError as e:
                 raise MediaError(f"{files.names[i]}: {e.reason}"[:300], final=e.final) from None
 
-        # The bucket side is bounded by _Files, the decoder pool by its own semaphore.
         return await _all([one(i) for i in range(len(files.paths))])
 
+    async def _header_of(self, files: _Files, i: int) -> SliceHeader:
+        size = files.objects[i].size
+        for limit in (*HEADER_READS, size):
+            whole = size <= limit
+            head = await files.head(i, min(limit, size))
+            try:
+                return await self._header(files, i, head)
+            except DicomRejected:
+                raise
+            except MediaError:
+                if whole:
+                    raise  # the whole object was read: the header itself is bad
+                # else the header runs past this prefix: read more
+            finally:
+                await asyncio.to_thread(head.unlink, True)
+        raise AssertionError("unreachable: the last read is the whole object")
+
+    async def _header(self, files: _Files, i: int, path: Path) -> SliceHeader:
+        """The header of object ``i`` read from ``path`` (the object or a prefix of it),
+        checked against its size and the pixel limit before anything is decoded."""
+        size = files.objects[i].size
+        return await self._decode(read_header, str(path), size, self.decoders.max_pixels)
+
+    async def _decode(self, fn: Callable[..., T], *args: Any) -> T:
+        """A decoder job under ``decode_limit_s`` (its worker killed past it)."""
+        return await self.decoders.call_within(self.decode_limit_s, fn, *args)
+
     async def _slice(self, path: Path, keys: Layout) -> ConvertedFacts:
-        image: SliceImage = await self.decoders.call(
-            convert_slice, str(path), self.decoders.max_pixels
-        )
+        image: SliceImage = await self._decode(convert_slice, str(path), self.decoders.max_pixels)
         await self.bucket.upload(keys.png, image.png, "image/png")
         await self.bucket.upload(keys.thumbnail, image.thumbnail, "image/jpeg")
         facts = ImageFacts(image.width, image.height, self.bucket.to_storage(keys.thumbnail))
@@ -262,42 +316,52 @@ class DicomConverter:
         if self.videos is None:
             raise MediaError("local video processing is not available in this run")
         sections = section_order(headers, order)
-        rgb = any(h.color for h in headers)
-        width, height = headers[0].columns, headers[0].rows
+        rgb = any(headers[i].color for i in order)
+        stored_range = series_range([headers[i] for i in order])
+        width, height = headers[order[0]].columns, headers[order[0]].rows
         fps = series_fps(headers, self.fps)
-        video = work / keys.video_name
+        video = work / f"{Path(keys.video_name).stem}.mkv"  # FFV1: temp only
+        playable = work / keys.video_name
         opts = self.video_options
         with contextlib.suppress(TypeError):  # every slice one visible section
             opts = replace(opts, fps=0.0)
         limit_s = float(getattr(self.videos, "time_limit_s", 0) or 0) or None
         async with self._encodes:
             try:
-                async with (
-                    asyncio.timeout(limit_s),
-                    contextlib.aclosing(self._frames(files, sections, rgb)) as frames,
-                ):
-                    await encode_lossless(
-                        frames, video, width=width, height=height, rgb=rgb, fps=fps
-                    )
+                async with asyncio.timeout(limit_s):  # both encodes, one limit
+                    async with contextlib.aclosing(
+                        self._frames(files, sections, rgb, stored_range)
+                    ) as frames:
+                        await encode_lossless(
+                            frames, video, width=width, height=height, rgb=rgb, fps=fps
+                        )
+                    await encode_mp4(video, playable)
             except TimeoutError:
                 raise MediaError(
                     f"time limit: converting the slices took longer than {limit_s:g} s",
                     final=False,
                 ) from None
-            size = (await asyncio.to_thread(video.stat)).st_size
+            size = (await asyncio.to_thread(playable.stat)).st_size
+            mp4_key = f"{keys.video_prefix}/{keys.video_name}"
+            await self.bucket.upload(mp4_key, playable, "video/mp4")
+            await asyncio.to_thread(playable.unlink, True)
             facts = await self.videos.process(
                 video,
                 prefix=self.bucket.to_storage(keys.video_prefix),
                 file_name=keys.video_name,
                 uploader=self.uploader,
-                source_storage_key=None,  # the video is ours: uploaded beside its artifacts
+                source_storage_key=self.bucket.to_storage(mp4_key),  # uploaded above
                 size_bytes=size,
                 opts=opts,
             )
         return ConvertedFacts(facts.storage_key, facts, tuple(i for i, _f in sections))
 
     async def _frames(
-        self, files: _Files, sections: Sequence[tuple[int, int]], rgb: bool
+        self,
+        files: _Files,
+        sections: Sequence[tuple[int, int]],
+        rgb: bool,
+        stored_range: tuple[float, float] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Each section's 8-bit frame, in order: at most ``max_pending`` decoding ahead and
         ``PREFETCH_FILES`` slices fetched ahead; a slice's file is deleted once its last
@@ -324,7 +388,7 @@ class DicomConverter:
                 n = position[i]
                 files.prefetch(in_order[n : n + PREFETCH_FILES])
                 await files.fetch(i)
-                call = self.decoders.call(convert_frame, str(files.paths[i]), frame, rgb)
+                call = self._decode(convert_frame, str(files.paths[i]), frame, rgb, stored_range)
                 ahead.append((i, asyncio.ensure_future(call)))
                 if len(ahead) >= limit:
                     yield await next_frame()
@@ -342,8 +406,11 @@ class _Files:
     """The slot's objects in the temp dir: fetched on demand (bounded concurrency), header
     prefixes, deletion once decoded."""
 
-    def __init__(self, objects: Sequence[ObjectInfo], work: Path, bucket: Bucket) -> None:
+    def __init__(
+        self, objects: Sequence[ObjectInfo], work: Path, bucket: Bucket, max_bytes: int = 0
+    ) -> None:
         self.objects = objects
+        self.max_bytes = max_bytes
         self.names = [o.key.rpartition("/")[2] for o in objects]
         self.paths = [work / f"{i:06d}.dcm" for i in range(len(objects))]
         self._work = work
@@ -352,19 +419,25 @@ class _Files:
         self._fetches: dict[int, asyncio.Task[None]] = {}
 
     def _check(self, i: int) -> None:
-        if self.objects[i].size <= 0:
+        size = self.objects[i].size
+        if size <= 0:
             raise MediaError("empty object (0 bytes)")
+        if self.max_bytes and size > self.max_bytes:
+            raise MediaError(
+                f"DICOM file too large: {size:,} bytes (media.max_image_bytes {self.max_bytes:,})"
+            )
 
-    async def head(self, i: int) -> Path | None:
-        """The first ``HEADER_BYTES`` of object ``i`` in a file, or None when the object is
-        not larger than that (fetch it whole instead)."""
+    async def head(self, i: int, size: int) -> Path:
+        """The first ``size`` bytes of object ``i`` in a file of their own (the caller
+        deletes it); the whole object past ``HEADER_READS``."""
         self._check(i)
         obj = self.objects[i]
-        if obj.size <= HEADER_BYTES:
-            return None
-        async with self._sem:
-            data = await self._bucket.read_range(obj.key, 0, HEADER_BYTES)
         path = self._work / f"{i:06d}.head"
+        async with self._sem:
+            if size > HEADER_READS[-1]:
+                await self._bucket.download(obj.key, path)
+                return path
+            data = await self._bucket.read_range(obj.key, 0, size)
         await asyncio.to_thread(path.write_bytes, data)
         return path
 
@@ -467,6 +540,45 @@ async def encode_lossless(
     if count == 0:
         raise MediaError("no frames to encode")
     return count
+
+
+async def encode_mp4(src: Path, out: Path) -> None:
+    """The browser-playable copy of a converted series: H.264 (CRF 18, yuv420p, padded to even
+    sizes as 4:2:0 needs), faststart MP4."""
+    args = [
+        FFMPEG,
+        "-hide_banner",
+        "-nostats",
+        "-v",
+        "error",
+        "-i",
+        str(src),
+        "-map",
+        "0:v:0",
+        "-vf",
+        "pad=ceil(iw/2)*2:ceil(ih/2)*2,format=yuv420p",
+        "-c:v",
+        "libx264",
+        "-crf",
+        "18",
+        "-movflags",
+        "+faststart",
+        "-y",
+        str(out),
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _out, err = await proc.communicate()
+        if proc.returncode != 0:
+            reason = stderr_reason(err, f"exit {proc.returncode}")
+            raise MediaError(f"ffmpeg could not encode the series MP4: {reason}")
+    finally:
+        await kill(proc)
 
 
 def converted_slot(slot: Slot, facts: ConvertedFacts, keys: Layout) -> Slot:

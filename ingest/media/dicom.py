@@ -14,8 +14,10 @@ Pixels, in DICOM's own order (PS3.3 C.11 / C.7.6.3):
    is converted to RGB by the decoder (pydicom's ``as_rgb``), planar configuration undone;
 2. grey: the modality LUT (RescaleSlope/RescaleIntercept, or a Modality LUT Sequence), then the
    VOI: the VOI LUT Sequence when present, else the first WindowCenter/WindowWidth pair (with
-   VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID), else **min/max of the slice** (documented
-   fallback: every slice of a series is stretched on its own); an enhanced multi-frame file's
+   VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID), else **min/max** (documented fallback),
+   PixelPaddingValue excluded: one range for a whole series from its headers'
+   Smallest/LargestImagePixelValue when every slice states them, else each slice's own
+   min/max (a first pass over a series would read every slice twice); an enhanced multi-frame file's
    per-frame / shared functional groups stand in for the top-level attributes
    (:func:`frame_dataset`); MONOCHROME1 is inverted last;
 3. colour: RGB kept, PALETTE COLOR through its palette, samples above 8 bits scaled down.
@@ -40,19 +42,30 @@ HEADER_TAGS: Final = (
     "InstanceNumber",
     "SliceLocation",
     "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SeriesInstanceUID",
     "Rows",
     "Columns",
     "NumberOfFrames",
     "SamplesPerPixel",
     "PhotometricInterpretation",
     "BitsAllocated",
+    "PixelRepresentation",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
     "CineRate",
     "RecommendedDisplayFrameRate",
     "FrameTime",
 )
+MAX_FRAMES: Final = 10_000  # frames per file or series, as the planner's MAX_DICOM_SLICES
 PNG_COMPRESS_LEVEL: Final = 1  # measured: level 6 is no smaller on CT noise, and slower
 
 T = TypeVar("T")
+
+
+class DicomRejected(MediaError):
+    """A header that says the file must not be decoded (too large, too many frames, more
+    pixels than bytes): final, and no longer read of the same header can change it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +81,9 @@ class SliceHeader:
     frames: int
     color: bool  # more than one sample per pixel, or a palette
     fps: float = 0.0  # stated by the file (CineRate, RecommendedDisplayFrameRate, FrameTime)
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (row, column cosines)
+    series_uid: str = ""  # SeriesInstanceUID
+    stored_range: tuple[float, float] | None = None  # Smallest/LargestImagePixelValue
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +99,30 @@ class SliceImage:
 # --- pure: order ---------------------------------------------------------------------------
 
 
-def _sort_key(h: SliceHeader, name: str) -> tuple[Any, ...]:
+def slice_normal(orientation: tuple[float, ...] | None) -> tuple[float, float, float] | None:
+    """The slice normal (row cosines x column cosines) of an ImageOrientationPatient, or None
+    when it is missing or degenerate."""
+    if orientation is None or len(orientation) != 6:
+        return None
+    r, c = orientation[:3], orientation[3:]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    return n if any(abs(v) > 1e-6 for v in n) else None
+
+
+def _position_key(
+    position: tuple[float, ...] | None, normal: tuple[float, float, float] | None
+) -> tuple[float, ...] | None:
+    """Where a slice lies along the series: its position projected on the slice normal (so an
+    oblique or sagittal series sorts by depth, not by x); the raw position when the series has
+    no orientation (the best there is)."""
+    if position is None or normal is None or len(position) != 3:
+        return position
+    return (sum(p * n for p, n in zip(position, normal, strict=True)),)
+
+
+def _sort_key(
+    h: SliceHeader, name: str, normal: tuple[float, float, float] | None = None
+) -> tuple[Any, ...]:
     """V7's order (SeriesNumber, InstanceNumber, SliceLocation, ImagePositionPatient, file
     name); a missing value sorts after every present one."""
 
@@ -94,7 +133,7 @@ def _sort_key(h: SliceHeader, name: str) -> tuple[Any, ...]:
         opt(h.series_number),
         opt(h.instance_number),
         opt(h.slice_location),
-        opt(h.position),
+        opt(_position_key(h.position, normal)),
         name,
     )
 
@@ -103,10 +142,14 @@ def series_order(
     headers: Sequence[SliceHeader], names: Sequence[str], *, ignore_layout: bool = False
 ) -> list[int]:
     """Indices of ``headers`` in the order V7 shows slices; the listing's order when
-    ``ignore_layout`` (``options.ignore_dicom_layout``). Stable, pure."""
+    ``ignore_layout`` (``options.ignore_dicom_layout``). Positions are compared along the
+    normal of the series' first valid orientation. Stable, pure."""
     if ignore_layout:
         return list(range(len(headers)))
-    return sorted(range(len(headers)), key=lambda i: _sort_key(headers[i], names[i]))
+    normal = next(
+        (n for n in (slice_normal(h.orientation) for h in headers) if n is not None), None
+    )
+    return sorted(range(len(headers)), key=lambda i: _sort_key(headers[i], names[i], normal))
 
 
 def size_problem(headers: Sequence[SliceHeader], names: Sequence[str]) -> str:
@@ -119,6 +162,67 @@ def size_problem(headers: Sequence[SliceHeader], names: Sequence[str]) -> str:
         return ""
     parts = [f"{w}x{h} ({len(ns)}, e.g. {ns[0]})" for (w, h), ns in sorted(sizes.items())]
     return ("slices of differing sizes in one series: " + ", ".join(parts))[:300]
+
+
+@dataclass(frozen=True, slots=True)
+class Members:
+    """Which files of a slot make its video (``kept``, object indices), which are left out
+    and why, and ``problem`` ("" or why no video can be made)."""
+
+    kept: list[int]
+    left_out: list[tuple[int, str]]
+    problem: str = ""
+
+
+def series_members(
+    headers: Sequence[SliceHeader], names: Sequence[str], *, ignore_layout: bool = False
+) -> Members:
+    """Pure: the files of a multi-file slot that form one video. A video has one frame size,
+    and a folder often holds a localizer (scout) of another size or a second series beside
+    the series, so the largest group of one SeriesInstanceUID and one size is the series and
+    the rest are left out, each with its reason (a tie: no video, ``problem`` names the sizes).
+    A multi-frame file is left out too (V7 gives it a slot of its own, never splices it)
+    unless ``ignore_layout`` (V7's ``ignore_dicom_layout``: every file is a slice of the
+    series; the series UID is then not looked at either)."""
+    left: list[tuple[int, str]] = []
+    rest: list[int] = []
+    for i, h in enumerate(headers):
+        if h.frames > 1 and not ignore_layout and len(headers) > 1:
+            left.append(
+                (
+                    i,
+                    f"a multi-frame file ({h.frames} frames) is not spliced into the series: "
+                    "V7 gives it a slot of its own (plan.dicom_series = false registers it alone)",
+                )
+            )
+        else:
+            rest.append(i)
+    groups: dict[tuple[str, int, int], list[int]] = {}
+    for i in rest:
+        h = headers[i]
+        groups.setdefault(("" if ignore_layout else h.series_uid, h.columns, h.rows), []).append(i)
+    if not groups:
+        return Members([], left, "every file is multi-frame: no series to convert")
+    ranked = sorted(groups.items(), key=lambda g: -len(g[1]))
+    if len(ranked) > 1 and len(ranked[0][1]) == len(ranked[1][1]):
+        tied = [i for _k, ids in ranked for i in ids]
+        return Members(
+            [],
+            left,
+            size_problem([headers[i] for i in tied], [names[i] for i in tied])
+            or "two series of as many slices in one folder: no majority series",
+        )
+    (_uid, width, height), kept = ranked[0]
+    for (other_uid, gw, gh), ids in ranked[1:]:
+        if (gw, gh) != (width, height):
+            why = f"{gw}x{gh} slice in a {width}x{height} series (a localizer?): left out"
+        else:
+            why = (
+                f"another series (SeriesInstanceUID {other_uid[:64]}) than the "
+                f"{len(kept)} slices converted"
+            )
+        left += [(i, why[:300]) for i in ids]
+    return Members(kept, sorted(left))
 
 
 # --- pure: pixels --------------------------------------------------------------------------
@@ -171,7 +275,7 @@ def _first(value: Any) -> float | None:
     return _first(value[0]) if len(value) else None
 
 
-def to_display(arr: Any, ds: Any) -> Any:
+def to_display(arr: Any, ds: Any, stored_range: tuple[float, float] | None = None) -> Any:
     """Decoded pixels of one frame (rows x columns [x samples]) to display-correct 8-bit:
     uint8 rows x columns (grey) or rows x columns x 3 (RGB). See the module docstring.
 
@@ -187,16 +291,34 @@ def to_display(arr: Any, ds: Any) -> Any:
         return _eight_bit_rgb(rgb, 16 if rgb.dtype.itemsize > 1 else 8)
     if arr.ndim == 3:
         return _eight_bit_rgb(arr, int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8))
+    fallback = stored_range or _unpadded_range(arr, ds)
     if arr.dtype.kind in "iu" and arr.size:
         lo, hi = int(arr.min()), int(arr.max())
         if hi - lo < arr.size:
-            lut = _grey_display(np.arange(lo, hi + 1, dtype=np.int64), ds, photometric)
+            lut = _grey_display(np.arange(lo, hi + 1, dtype=np.int64), ds, photometric, fallback)
             return lut[np.subtract(arr, lo, dtype=np.int64)]
-    return _grey_display(arr, ds, photometric)
+    return _grey_display(arr, ds, photometric, fallback)
 
 
-def _grey_display(values: Any, ds: Any, photometric: str) -> Any:
-    """Modality LUT, VOI (LUT, window or min/max), MONOCHROME1 inversion: stored -> 0..255."""
+def _unpadded_range(arr: Any, ds: Any) -> tuple[float, float] | None:
+    """min..max of the stored values that are not PixelPaddingValue (the air outside a CT
+    scan would else take the black end of the min/max fallback); None: no such values."""
+    import numpy as np
+
+    if not arr.size:
+        return None
+    pad = _float(_first(ds.get("PixelPaddingValue")))
+    values = arr if pad is None else arr[arr != pad]
+    if not values.size:
+        return None
+    return float(np.min(values)), float(np.max(values))
+
+
+def _grey_display(
+    values: Any, ds: Any, photometric: str, fallback: tuple[float, float] | None = None
+) -> Any:
+    """Modality LUT, VOI (LUT, window, or ``fallback``: a stored-value range stretched onto
+    0..255, default the values' min/max), MONOCHROME1 inversion: stored -> 0..255."""
     import numpy as np
     from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
@@ -211,8 +333,11 @@ def _grey_display(values: Any, ds: Any, photometric: str) -> Any:
         if function.upper() == "LINEAR" and width < 1:
             function = "LINEAR_EXACT"
         out = window(values, center, width, function)
+    elif fallback is not None:  # the series' range, or this frame's without padding
+        ends = np.asarray(apply_modality_lut(np.array(fallback), ds), dtype=np.float64)
+        out = stretch(values, float(ends.min()), float(ends.max()))
     else:
-        out = stretch(values)  # fallback: min/max of this frame
+        out = stretch(values)
     if photometric == "MONOCHROME1":
         out = np.subtract(255, out, dtype=np.uint8)
     return out
@@ -296,6 +421,22 @@ def _position(value: Any) -> tuple[float, ...] | None:
     return pos or None
 
 
+def _stored_range(ds: Any) -> tuple[float, float] | None:
+    lo = _float(_first(ds.get("SmallestImagePixelValue")))
+    hi = _float(_first(ds.get("LargestImagePixelValue")))
+    return (lo, hi) if lo is not None and hi is not None and hi > lo else None
+
+
+def series_range(headers: Sequence[SliceHeader]) -> tuple[float, float] | None:
+    """One stored-value range for every slice of a series without a window, so the min/max
+    fallback does not stretch each slice on its own (the series would flicker): from the
+    headers' Smallest/LargestImagePixelValue when every slice states them, else None."""
+    ranges = [h.stored_range for h in headers]
+    if not ranges or any(r is None for r in ranges):
+        return None
+    return min(r[0] for r in ranges if r), max(r[1] for r in ranges if r)
+
+
 def _stated_fps(ds: Any) -> float:
     for tag in ("CineRate", "RecommendedDisplayFrameRate"):
         v = _float(ds.get(tag))
@@ -321,33 +462,67 @@ def _check_decodable(ds: Any) -> None:
         raise MediaError(f"no decoder installed for transfer syntax: {uid.name}")
 
 
-def read_header(path: str) -> SliceHeader:
+def read_header(path: str, object_bytes: int = 0, max_pixels: int = 0) -> SliceHeader:
     """The header of ``path`` without its pixel data (``stop_before_pixels``). Raises
-    MediaError: not DICOM, no image (e.g. a structured report), a syntax we cannot decode."""
-    return _guard(lambda: _read_header(path))
+    MediaError: not DICOM, no image (e.g. a structured report), a syntax we cannot decode,
+    more than ``max_pixels`` per frame (0: no limit) or more than ``MAX_FRAMES`` frames, or
+    (uncompressed syntaxes, when ``object_bytes`` > 0 is the object's size) more pixel data
+    than the object holds. The header is untrusted: nothing is sized from it unchecked."""
+    return _guard(lambda: _read_header(path, object_bytes, max_pixels))
 
 
-def _read_header(path: str) -> SliceHeader:
+def _read_header(path: str, object_bytes: int = 0, max_pixels: int = 0) -> SliceHeader:
     import pydicom
 
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
     rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    if not rows or not columns:
+    if not rows or not columns or rows < 0 or columns < 0:
         raise MediaError("no pixel data (a DICOM file without an image)")
     _check_decodable(ds)
+    if max_pixels and rows * columns > max_pixels:
+        raise DicomRejected(
+            f"image too large: {columns} x {rows} (more than {max_pixels:,} pixels)"
+        )
+    frames = max(1, _int(ds.get("NumberOfFrames")) or 1)
+    if frames > MAX_FRAMES:
+        raise DicomRejected(f"too many frames: NumberOfFrames {frames:,} (at most {MAX_FRAMES:,})")
     samples = _int(ds.get("SamplesPerPixel")) or 1
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    per_pixel = 2 if photometric == "YBR_FULL_422" else max(1, samples)  # 4:2:2: Y Y Cb Cr
+    need = native_pixel_bytes(ds, rows * columns * frames * per_pixel)
+    if object_bytes and need > object_bytes:
+        raise DicomRejected(
+            f"truncated pixel data: {columns} x {rows} x {frames} frames need {need:,} bytes, "
+            f"the object has {object_bytes:,}"
+        )
     return SliceHeader(
         series_number=_int(ds.get("SeriesNumber")),
         instance_number=_int(ds.get("InstanceNumber")),
         slice_location=_float(ds.get("SliceLocation")),
         position=_position(ds.get("ImagePositionPatient")),
+        orientation=_position(ds.get("ImageOrientationPatient")),
+        series_uid=str(ds.get("SeriesInstanceUID") or ""),
+        stored_range=_stored_range(ds),
         rows=rows,
         columns=columns,
-        frames=max(1, _int(ds.get("NumberOfFrames")) or 1),
+        frames=frames,
         color=samples > 1 or photometric == "PALETTE COLOR",
         fps=_stated_fps(ds),
     )
+
+
+def native_pixel_bytes(ds: Any, samples: int) -> int:
+    """The pixel data an uncompressed (native, not deflated) syntax needs for ``samples``
+    samples; 0 for an encapsulated or deflated one (no size can be derived)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    uid = ds.file_meta.TransferSyntaxUID
+    if uid.is_encapsulated or uid == DeflatedExplicitVRLittleEndian:
+        return 0
+    bits = _int(ds.get("BitsAllocated")) or 8
+    if bits == 1:
+        return (samples + 7) // 8
+    return samples * ((bits + 7) // 8)
 
 
 def _decode(path: str, index: int | None) -> tuple[Any, Any]:
@@ -358,7 +533,9 @@ def _decode(path: str, index: int | None) -> tuple[Any, Any]:
     ds = Dataset()
     try:
         # A path: pydicom reads only the frame asked for, never the whole multi-frame file.
-        arr = pixel_array(path, ds_out=ds, index=index)
+        # It copies only the image pixel module (0028) to ``ds``; the functional groups an
+        # enhanced file keeps its rescale and window in must be asked for.
+        arr = pixel_array(path, ds_out=ds, index=index, specific_tags=list(_GROUP_TAGS))
     except AttributeError:
         # A deflated file cannot be read that way (the whole dataset is compressed).
         ds = pydicom.dcmread(path)
@@ -374,6 +551,10 @@ _FUNCTIONAL_GROUPS: Final = (
     ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
     ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
 )
+
+
+# SharedFunctionalGroupsSequence, PerFrameFunctionalGroupsSequence
+_GROUP_TAGS: Final = (0x52009229, 0x52009230)
 
 
 def frame_dataset(ds: Any, index: int) -> Any:
@@ -399,13 +580,16 @@ def frame_dataset(ds: Any, index: int) -> Any:
     return ds
 
 
-def convert_frame(path: str, index: int, rgb: bool) -> bytes:
+def convert_frame(
+    path: str, index: int, rgb: bool, stored_range: tuple[float, float] | None = None
+) -> bytes:
     """Frame ``index`` of ``path`` as raw 8-bit pixels (grey, or RGB24 when ``rgb``), rows x
-    columns: what the video encoder reads from its stdin."""
+    columns: what the video encoder reads from its stdin. ``stored_range``: the series'
+    range for the min/max fallback (``series_range``)."""
 
     def work() -> bytes:
         arr, ds = _decode(path, index)
-        out = to_display(arr, ds)
+        out = to_display(arr, ds, stored_range)
         return bytes((as_rgb(out) if rgb else _grey(out)).tobytes())
 
     return _guard(work)

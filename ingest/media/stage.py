@@ -140,7 +140,7 @@ class StageBucket:
         with _bucket_errors("cannot download the DICOM file"):
             await self._source.download(key, dest)
 
-    async def upload(self, key: str, data: bytes, content_type: str) -> None:
+    async def upload(self, key: str, data: bytes | Path, content_type: str) -> None:
         with _bucket_errors("cannot upload to the bucket"):
             await self._destination.upload(key, data, content_type)
 
@@ -203,6 +203,7 @@ class MediaStage:
                 fps=dicom.fps,
                 ignore_layout=dicom.ignore_layout,
                 temp_dir=temp_dir,
+                max_bytes=max_image_bytes,
             )
 
     async def prepare(self, item: Item) -> Item:

@@ -71,6 +71,7 @@ are not applied (the thumbnail is a preview).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import multiprocessing
@@ -444,7 +445,45 @@ class ThumbnailPool:
         ``fn`` must be a module-level function, its arguments and result picklable."""
         return await self._call(fn, *args)
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call_within(self, limit_s: float | None, fn: Callable[..., T], *args: Any) -> T:
+        """``call`` with a time limit: past ``limit_s`` the job is ``MediaError`` (not final)
+        and its worker process is killed, not left running (the pool is replaced; the other
+        jobs in flight are retried in the quarantine worker, as after a crash)."""
+        return await self._call(fn, *args, limit_s=limit_s)
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes now running (for tests and diagnostics)."""
+        executors = [e for e in (self._executor, self._quarantine) if e is not None]
+        procs = [p for e in executors for p in (getattr(e, "_processes", None) or {}).values()]
+        return [p.pid for p in procs if p.pid is not None]
+
+    async def _submit(
+        self, executor: ProcessPoolExecutor, limit_s: float | None, fn: Callable[..., T], *args: Any
+    ) -> T:
+        future = executor.submit(fn, *args)
+        try:
+            async with asyncio.timeout(limit_s):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            if not future.cancel():  # running: its worker must not go on
+                self._terminate(executor)
+            raise MediaError(
+                f"time limit: decoding took longer than {limit_s:g} s", final=False
+            ) from None
+
+    def _terminate(self, executor: ProcessPoolExecutor) -> None:
+        """Kill every worker of ``executor`` (which one runs a job is not known) and replace
+        it; its other jobs see a broken pool and are retried alone in the quarantine."""
+        for proc in list((getattr(executor, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError, ValueError):
+                proc.kill()
+        if executor is self._quarantine:
+            self._quarantine = None
+            executor.shutdown(wait=False, cancel_futures=True)
+        else:
+            self._replace(executor)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, limit_s: float | None = None) -> T:
         """Run a module-level ``fn(*args)`` in a worker; the crash-handling core."""
         async with self._sem:
             if self._closed:
@@ -453,7 +492,7 @@ class ThumbnailPool:
             assert executor is not None
             self._in_flight += 1
             try:
-                return await asyncio.wrap_future(executor.submit(fn, *args))
+                return await self._submit(executor, limit_s, fn, *args)
             except BrokenProcessPool:
                 self._replace(executor)
             finally:
@@ -467,7 +506,7 @@ class ThumbnailPool:
                 quarantine = self._quarantine
                 self._in_flight += 1
                 try:
-                    return await asyncio.wrap_future(quarantine.submit(fn, *args))
+                    return await self._submit(quarantine, limit_s, fn, *args)
                 except BrokenProcessPool:
                     self.crashes += 1
                     self._quarantine = None

@@ -457,7 +457,9 @@ def _pass_args(
                 (
                     "th",
                     f"select='eq(n\\,{plan.thumb_frame})',"
-                    f"scale=w={THUMB_W}:h={THUMB_H}:force_original_aspect_ratio=decrease[tn]",
+                    # fit inside 356x200, never enlarge (small DICOM frames are common)
+                    f"scale=w='min({THUMB_W},iw)':h='min({THUMB_H},ih)'"
+                    ":force_original_aspect_ratio=decrease[tn]",
                 )
             )
     head = "[0:v:0]" + ("showinfo=checksum=0," if frames else "")
@@ -929,7 +931,8 @@ class VideoPool:
             "-map",
             "0:v:0",
             "-vf",
-            f"scale=w={THUMB_W}:h={THUMB_H}:force_original_aspect_ratio=decrease",
+            f"scale=w='min({THUMB_W},iw)':h='min({THUMB_H},ih)'"
+            ":force_original_aspect_ratio=decrease",
             "-frames:v",
             "1",
             "-update",

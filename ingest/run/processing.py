@@ -109,12 +109,22 @@ class MediaWorkers:
         self._failed(reason)
 
 
+# A single .dcm larger than this goes to the video workers: a slice is ~0.5 MiB (CT) to a few
+# MiB (a radiograph), a multi-frame file (cine, ultrasound, enhanced CT) usually far larger,
+# and it is encoded under a video permit: waited for in an image worker, it would hold up
+# every image behind it.
+DICOM_VIDEO_QUEUE_BYTES = 4 * 1024 * 1024
+
+
 def _queue(item: Item) -> Media:
-    """Which workers take the item: videos and DICOM series (cut by ffmpeg) go to the video
-    workers; images, uploads of local files and single DICOM files (usually one slice: a PNG)
-    to the image workers."""
+    """Which workers take the item: videos, DICOM series and large single DICOM files (cut by
+    ffmpeg) go to the video workers; images, uploads of local files and small single DICOM
+    files (one slice: a PNG) to the image workers. Pure: decided from the listing alone,
+    before any header is read."""
     if item.media is Media.VIDEO:
         return Media.VIDEO
-    if item.media is Media.DICOM and any(len(s.objects) > 1 for s in item.slots):
+    if item.media is Media.DICOM and any(
+        len(s.objects) > 1 or s.obj.size > DICOM_VIDEO_QUEUE_BYTES for s in item.slots
+    ):
         return Media.VIDEO
     return Media.IMAGE
