@@ -60,7 +60,7 @@ from ingest.media.dicom import (
     series_order,
     series_range,
 )
-from ingest.media.ffmpeg import FFMPEG, kill, stderr_reason
+from ingest.media.ffmpeg import FFMPEG, kill, run_to_end, stderr_reason
 from ingest.media.thumbnail import thumbnail_key
 from ingest.model import ConvertedFacts, ImageFacts, ItemType, ObjectInfo, Slot, VideoFacts
 
@@ -566,19 +566,10 @@ async def encode_mp4(src: Path, out: Path) -> None:
         "-y",
         str(out),
     ]
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        _out, err = await proc.communicate()
-        if proc.returncode != 0:
-            reason = stderr_reason(err, f"exit {proc.returncode}")
-            raise MediaError(f"ffmpeg could not encode the series MP4: {reason}")
-    finally:
-        await kill(proc)
+    code, _out, err = await run_to_end(*args)
+    if code != 0:
+        reason = stderr_reason(err, f"exit {code}")
+        raise MediaError(f"ffmpeg could not encode the series MP4: {reason}")
 
 
 def converted_slot(slot: Slot, facts: ConvertedFacts, keys: Layout) -> Slot:

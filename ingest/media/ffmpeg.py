@@ -27,8 +27,9 @@ MIN_MAJOR = 5
 _VERSION_RE = re.compile(r"version\s+n?(\d+)\.?(\d*)")
 
 
-async def _run(*args: str, timeout_s: float | None = None) -> tuple[int, bytes, bytes]:
-    """Run a command to completion (killed on timeout or cancellation)."""
+async def run_to_end(*args: str, timeout_s: float | None = None) -> tuple[int, bytes, bytes]:
+    """Run a command to completion (killed on timeout or cancellation): exit code, stdout,
+    stderr."""
     proc = await asyncio.create_subprocess_exec(
         *args,
         stdin=asyncio.subprocess.DEVNULL,
@@ -65,7 +66,7 @@ async def check_ffmpeg() -> str:
     version = ""
     for tool in (FFMPEG, FFPROBE):
         try:
-            rc, out, _ = await _run(tool, "-hide_banner", "-version", timeout_s=30)
+            rc, out, _ = await run_to_end(tool, "-hide_banner", "-version", timeout_s=30)
         except FileNotFoundError:
             raise PreflightError(
                 f"{tool} not found on PATH: install ffmpeg {MIN_MAJOR} or newer "
@@ -171,7 +172,7 @@ async def probe(path: VideoSource) -> ProbeInfo:
         raise MediaError(f"cannot read the video file: {e.strerror}") from None
     if size == 0:
         raise MediaError("empty file (0 bytes)")
-    rc, out, err = await _run(
+    rc, out, err = await run_to_end(
         FFPROBE,
         "-v",
         "error",
@@ -230,7 +231,7 @@ async def probe(path: VideoSource) -> ProbeInfo:
 async def count_packets(path: VideoSource) -> int:
     """Video packets in the file (demux only, no decode): darwin-py's frame-count fallback for
     streams without an average frame rate."""
-    rc, out, err = await _run(
+    rc, out, err = await run_to_end(
         FFPROBE,
         "-v",
         "error",

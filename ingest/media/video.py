@@ -62,6 +62,8 @@ from ingest.media.ffmpeg import (
     input_args,
     kill,
     probe,
+    run_to_end,
+    stderr_reason,
     ts_video_frames,
 )
 from ingest.model import Rendition, VideoFacts
@@ -940,19 +942,10 @@ class VideoPool:
             "-y",
             str(out),
         ]
-        proc = await asyncio.create_subprocess_exec(
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            _, err = await proc.communicate()
-        finally:
-            await kill(proc)
-        if proc.returncode != 0 or not await asyncio.to_thread(out.exists):
-            reason = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no frame"]
-            raise MediaError(f"could not extract a thumbnail frame: {reason[0][:200]}")
+        code, _, err = await run_to_end(*args)
+        if code != 0 or not await asyncio.to_thread(out.exists):
+            reason = stderr_reason(err, "no frame")
+            raise MediaError(f"could not extract a thumbnail frame: {reason}")
 
 
 def low_rendition_height(h: int) -> int:
