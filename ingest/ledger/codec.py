@@ -11,6 +11,7 @@ item is stored (``media_done``). Old media-cache values decode through ``facts_f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -223,6 +224,21 @@ def item_to_bytes(item: Item) -> bytes:
 def is_current(payload: bytes) -> bool:
     """Written in our format (else a legacy V7 wire payload). Cheap: no full parse."""
     return payload[:6] == b'{"v":2'
+
+
+def with_columns(item: Item, path: str, name: str, media: str, readonly: bool) -> Item:
+    """A stored item with its row's columns applied: the columns are what SQL updates
+    (state changes, renames by the collision policy), so they win over the payload's copy."""
+    if (item.path, item.name, str(item.media), item.readonly_endpoint) == (
+        path,
+        name,
+        media,
+        readonly,
+    ):
+        return item
+    return dataclasses.replace(
+        item, path=path, name=name, media=Media(media), readonly_endpoint=readonly
+    )
 
 
 def item_from_bytes(payload: bytes) -> Item:

@@ -817,16 +817,7 @@ class PostgresLedger:
             raise LedgerError(
                 f"ledger {self.where}: item '{path.rstrip('/')}/{name}' cannot be read ({exc})"
             ) from None
-        if (item.path, item.name, str(item.media), item.readonly_endpoint) != (
-            path,
-            name,
-            media,
-            ro,
-        ):
-            item = dataclasses.replace(
-                item, path=path, name=name, media=Media(media), readonly_endpoint=ro
-            )
-        return item
+        return codec.with_columns(item, path, name, media, ro)
 
     # --- media ---------------------------------------------------------------------------------
 

@@ -801,17 +801,7 @@ class SqliteLedger:
             raise LedgerError(
                 f"ledger {self.path}: item '{path.rstrip('/')}/{name}' cannot be read ({exc})"
             ) from None
-        # The columns are what SQL updates: they win over the copy in the payload.
-        if (item.path, item.name, str(item.media), item.readonly_endpoint) != (
-            path,
-            name,
-            media,
-            readonly,
-        ):
-            item = dataclasses.replace(
-                item, path=path, name=name, media=Media(media), readonly_endpoint=readonly
-            )
-        return item
+        return codec.with_columns(item, path, name, media, readonly)
 
     # --- media (thumbnails, local video processing) ------------------------------------------
 
