@@ -592,8 +592,6 @@ def _validate_video_tuning(m: MediaConfig) -> None:
             f"config: media.video_x264_preset must be one of {', '.join(X264_PRESETS)}, "
             f"got {m.video_x264_preset!r}"
         )
-    if not 0 <= m.video_png_compression_level <= 9:
-        raise ConfigError("config: media.video_png_compression_level must be 0..9")
 
 
 SQS_QUEUE_URL = re.compile(r"^https?://[^/]+/[^/]+/[^/]+/?$")
