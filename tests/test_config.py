@@ -55,7 +55,7 @@ def test_video_speed_knobs_are_validated() -> None:
     assert (m.media.video_x264_preset, m.media.video_split_encoders) == ("veryfast", True)
     with pytest.raises(ConfigError, match=r"video_x264_preset must be one of .*got 'quick'"):
         config.load(None, ["media.video_x264_preset=quick"])
-    with pytest.raises(ConfigError, match=re.escape("video_png_compression_level = 10: must be <= 9")):
+    with pytest.raises(ConfigError, match=re.escape("compression_level = 10: must be <= 9")):
         config.load(None, ["media.video_png_compression_level=10"])
 
 
