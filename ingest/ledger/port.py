@@ -209,6 +209,12 @@ class LedgerPort(Protocol):
         one the ledger does not hold counts as a first attempt, 1)."""
         ...
 
+    async def keep_claims(self, items: Sequence[Item]) -> None:
+        """Right before each further request for items already marked SENT (a retry): our
+        claims on them, checked and extended by the lease, or ``ClaimLost`` naming those no
+        longer ours (expired or taken over) and nothing is sent. Trivial for SQLite."""
+        ...
+
     async def unmark_sent(self, items: Sequence[Item]) -> None:
         """The request never reached V7 (a graceful stop while it waited for its slot, or it
         was answered only with 429s): take the attempt back (once per occurrence in
@@ -296,9 +302,10 @@ class LedgerPort(Protocol):
         only work its ``roles`` allow, and fences its writes. Trivial for SQLite."""
         ...
 
-    async def renew_claims(self, now: float) -> int:
-        """Extend every live claim of ours (and our run's heartbeat) to ``now + ttl_s``;
-        returns how many claims were still ours."""
+    async def renew_claims(self) -> int:
+        """Extend every claim still ours (and our run's heartbeat) to the ledger's own clock
+        + ``ttl_s`` (never a machine's clock: machines disagree); returns how many claims
+        were still ours."""
         ...
 
     async def reap_claims(self, holder_dead: Callable[[str], bool]) -> int:

@@ -902,6 +902,9 @@ class SqliteLedger:
 
     # --- sending ---------------------------------------------------------------------------
 
+    async def keep_claims(self, items: Sequence[Item]) -> None:
+        return None  # one process per job: nothing to keep
+
     async def mark_sent(self, items: Sequence[Item]) -> list[int]:
         """Mark SENT and count the attempt; committed before returning (before the POST).
         Returns each item's attempt count, in order (the same item twice counts twice)."""
@@ -1388,7 +1391,7 @@ class SqliteLedger:
     async def join(self, holder: str, ttl_s: float, roles: frozenset[str] = ROLES) -> None:
         return None
 
-    async def renew_claims(self, now: float) -> int:
+    async def renew_claims(self) -> int:
         return 0
 
     async def reap_claims(self, holder_dead: Callable[[str], bool]) -> int:
