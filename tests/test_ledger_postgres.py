@@ -17,6 +17,7 @@ import pytest
 
 from ingest.errors import ClaimLost, LedgerError
 from ingest.ledger import open_ledger
+from ingest.ledger.port import UNLISTED_SHARD
 from ingest.ledger.postgres import SCHEMA_VERSION, PostgresLedger, mask_url
 from ingest.model import Media, Outcome, State
 from tests.conftest import seed_bucket
@@ -222,7 +223,7 @@ async def _all(gen: Any) -> list[Any]:
 async def test_an_expired_claim_is_taken_over_without_reaping(postgres_url: str) -> None:
     a, b = await _two(postgres_url, ttl_s=0.2)
     try:
-        (item,) = await record(a, ["y/1.jpg"])
+        (item,) = await record(a, ["y/1.jpg"], shard=UNLISTED_SHARD)
         deadline = time.monotonic() + 10
         taken: list[Any] = []
         while not taken and time.monotonic() < deadline:  # a condition with a deadline
@@ -244,6 +245,8 @@ async def test_roles_limit_what_a_process_claims(postgres_url: str) -> None:
         await media.join("M", 60, frozenset({"media"}))
         await sender.join("S", 60, frozenset({"send"}))
         await lister.start_run("run")
+        await lister.register_shards(["s"])
+        assert await lister.claim_shard() == ("s", "")
         plain = single("r/plain.jpg")
         thumb = replace(single("r/thumb.jpg"), media=Media.IMAGE)
         new = await lister.record_page("s", "", False, [], [plain, thumb], collide)
@@ -337,7 +340,7 @@ async def test_a_machine_clock_ahead_takes_no_live_claim(
 ) -> None:
     a, b = await _two(postgres_url, ttl_s=30)
     try:
-        (item,) = await record(a, ["skew/1.jpg"])
+        (item,) = await record(a, ["skew/1.jpg"], shard=UNLISTED_SHARD)
         real = time.time
         monkeypatch.setattr(time, "time", lambda: real() + 3600)  # B's clock an hour ahead
         assert await _all(b.pending()) == []
@@ -358,7 +361,9 @@ async def test_a_write_to_an_expired_claim_is_refused_even_before_a_takeover(
 ) -> None:
     a, b = await _two(postgres_url, ttl_s=0.5)
     try:
-        first, second, third = await record(a, ["exp/1.jpg", "exp/2.jpg", "exp/3.jpg"])
+        first, second, third = await record(
+            a, ["exp/1.jpg", "exp/2.jpg", "exp/3.jpg"], shard=UNLISTED_SHARD
+        )
         await a.mark_sent([first])  # the write extends the claim by the lease
         assert await _claim_left_s(postgres_url, first.name) > 0.3
         await _until_expired(postgres_url, second.name)
@@ -375,6 +380,36 @@ async def test_a_write_to_an_expired_claim_is_refused_even_before_a_takeover(
         assert {second.ident, third.ident} <= taken
         assert await b.mark_sent([second]) == [1]
         await b.keep_claims([second])
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_late_page_never_brings_back_a_completed_or_given_back_shard(
+    postgres_url: str,
+) -> None:
+    a, b = await _two(postgres_url, ttl_s=0.3)
+    try:
+        await a.register_shards(["R:p/"])
+        assert await a.claim_shard() == ("R:p/", "")
+        await record(a, ["p/1.jpg"], shard="R:p/", checkpoint="c1")
+        deadline = time.monotonic() + 10
+        while (got := await b.claim_shard()) is None:  # A's claim expires: B takes the shard
+            assert time.monotonic() < deadline
+        assert got == ("R:p/", "c1")
+        await record(b, ["p/2.jpg"], shard="R:p/", checkpoint="c2", done=True)
+        await b.mark_listing_complete()
+        assert await b.checkpoints() == {}
+        with pytest.raises(ClaimLost):  # A's late page: the row is gone, not A's
+            await record(a, ["p/9.jpg"], shard="R:p/", checkpoint="cX")
+        assert await b.checkpoints() == {}
+        # A shard given back (token 0) is nobody's until claimed again.
+        await a.register_shards(["R:q/"])
+        assert await a.claim_shard() == ("R:q/", "")
+        await a.release_claims()
+        with pytest.raises(ClaimLost):
+            await record(a, ["q/1.jpg"], shard="R:q/", checkpoint="q1")
+        assert (await a.checkpoints())["R:q/"] == ("", False)
     finally:
         await a.close()
         await b.close()

@@ -44,6 +44,11 @@ CollisionPolicy = Callable[[Item, tuple[str, ...]], list[Skip]]
 ROLES = frozenset(("list", "media", "send"))
 
 
+# The shard id of pages that are not the listing's (bucket events): no continuation is kept
+# for it, and a cooperative ledger records its pages without a shard claim.
+UNLISTED_SHARD = "events:"
+
+
 def role_for(item: Item) -> str:
     """The role that works on an item next: "media" while it needs media work, else "send"."""
     return "send" if item.media is Media.NONE else "media"

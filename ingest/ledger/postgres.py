@@ -78,6 +78,7 @@ from ingest.errors import ClaimLost, LedgerBusy, LedgerError
 from ingest.ledger import codec
 from ingest.ledger.port import (
     ROLES,
+    UNLISTED_SHARD,
     CollisionPolicy,
     Ident,
     Known,
@@ -651,16 +652,19 @@ class PostgresLedger:
 
         token, holder, ttl = self._token, self._holder, self._ttl()
         claimed = [bool(token) and role_for(it) in self._roles for it in items]
+        fenced = bool(token) and shard_id != UNLISTED_SHARD
 
         async def work(c: Any) -> list[Item]:
             now = time.time()
-            if token:
+            if fenced:
+                # Only the shard's owner records its pages: a row gone (the listing was
+                # completed by others) or given back (token 0) is not ours either.
                 owner = await c.fetchval(
                     "SELECT claim_token FROM listing WHERE job=$1 AND shard_id=$2 FOR UPDATE",
                     job,
                     shard_id,
                 )
-                if owner is not None and owner not in (0, token):
+                if owner != token:
                     raise self._lost(f"listing shard {shard_id}")
             if objs:
                 await _upsert_objects(c, job, objs)
@@ -737,7 +741,21 @@ class PostgresLedger:
                     [s[0] for s in all_skips],
                     [s[1] for s in all_skips],
                 )
-            if checkpoint or shard_done:
+            if fenced and (checkpoint or shard_done):
+                # The owner's continuation: an UPDATE of its claimed row, never an INSERT (a
+                # late page must not bring back a shard the others completed).
+                await c.execute(
+                    "UPDATE listing SET checkpoint = CASE WHEN $3 <> '' THEN $3 "
+                    "ELSE checkpoint END, done = $4, claim_expires = CASE WHEN $4 THEN 0 "
+                    f"ELSE {_DB_NOW} + $6 END WHERE job=$1 AND shard_id=$2 AND claim_token=$5",
+                    job,
+                    shard_id,
+                    checkpoint,
+                    shard_done,
+                    token,
+                    ttl,
+                )
+            elif not token and (checkpoint or shard_done):
                 await c.execute(
                     "INSERT INTO listing(job, shard_id, checkpoint, done) VALUES ($1,$2,$3,$4) "
                     "ON CONFLICT (job, shard_id) DO UPDATE SET "

@@ -32,7 +32,7 @@ from ingest.batch import BatchBuilder, run_batcher
 from ingest.config import Config
 from ingest.errors import ClaimLost
 from ingest.ledger import LedgerPort, ManifestItem
-from ingest.ledger.port import role_for
+from ingest.ledger.port import UNLISTED_SHARD, role_for
 from ingest.log import set_run_id
 from ingest.manifest import read_manifest
 from ingest.model import Item, Media, ObjectInfo, Skip
@@ -466,7 +466,7 @@ class Pipeline:
                 "events: files of multi-file items left to the next sync",
                 extra={"count": len(later), "example": later[0].key},
             )
-        sp = ShardPage(Shard("events:", recursive=True), Page(now, [], ""), last=True)
+        sp = ShardPage(Shard(UNLISTED_SHARD, recursive=True), Page(now, [], ""), last=True)
         plans, _cp = self.planning.plan_page(sp)
         self.stats.listed += len(now)
         await self._record("events", "", False, now, plans)
