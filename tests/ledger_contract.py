@@ -16,6 +16,7 @@ import pytest
 
 from ingest.ledger import Known, Lease, LedgerPort, ManifestItem
 from ingest.model import (
+    ConvertedFacts,
     Facts,
     ImageFacts,
     Item,
@@ -716,6 +717,20 @@ async def test_report_rows_stream_in_key_order_across_chunks(ledger: LedgerPort)
         "",
         "",
     )
+
+
+async def test_report_rows_say_what_read_only_dicom_was_converted_into(
+    ledger: LedgerPort,
+) -> None:
+    dcm = o("d/ct.dcm")
+    made = ConvertedFacts("conv/ct.png", ImageFacts(64, 32, "t/ct.jpg"))
+    slot = Slot("0", ItemType.IMAGE, (dcm,), "ct.png", facts=(made,))
+    item = Item("/d", "ct.dcm", (slot,), readonly_endpoint=True)
+    await ledger.record_page(
+        "s", "", False, [dcm, o("d/plain.jpg")], [item, single("d/plain.jpg")], collide
+    )
+    rows = {r.key: r.converted async for r in ledger.report_rows()}
+    assert rows == {"d/ct.dcm": "conv/ct.png", "d/plain.jpg": ""}
 
 
 async def test_status_counts(ledger: LedgerPort) -> None:

@@ -413,3 +413,26 @@ async def test_a_late_page_never_brings_back_a_completed_or_given_back_shard(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_two_engines_of_one_process_never_reap_each_other(postgres_url: str) -> None:
+    from ingest.engine import _dead_here, hold_lease
+
+    a = await PostgresLedger.open(postgres_url, "job", pool_max_size=2)
+    b = await PostgresLedger.open(postgres_url, "job", pool_max_size=2)
+    try:
+        async with (
+            hold_lease(a, 30, lambda: None) as holder_a,
+            hold_lease(b, 30, lambda: None) as holder_b,
+        ):
+            await a.start_run("run")
+            await b.start_run("run")
+            (item,) = await record(a, ["two/1.jpg"], shard=UNLISTED_SHARD)
+            assert not _dead_here(holder_a) and not _dead_here(holder_b)
+            assert await b.reap_claims(_dead_here) == 0  # A, same pid, lives
+            assert await _all(b.pending()) == []
+            assert await a.mark_sent([item]) == [1]
+        assert _dead_here(holder_a)  # gone: an earlier life of this pid
+    finally:
+        await a.close()
+        await b.close()

@@ -1582,22 +1582,27 @@ class PostgresLedger:
                 "ON CONFLICT (job) DO NOTHING",
                 job,
             )
+            # The database's clock, not ``now`` (machines' clocks disagree); a lease shown
+            # to the caller is translated to its clock.
             row = await c.fetchrow(
-                "SELECT holder, acquired_at, expires_at FROM leases WHERE job=$1 FOR UPDATE", job
+                f"SELECT holder, acquired_at, expires_at, {_DB_NOW} AS db_now FROM leases "
+                "WHERE job=$1 FOR UPDATE",
+                job,
             )
             if (
                 row["holder"]
                 and row["holder"] != holder
-                and row["expires_at"] > now
+                and row["expires_at"] > row["db_now"]
                 and not holder_dead(row["holder"])
             ):
-                return Lease(row["holder"], row["acquired_at"], row["expires_at"])
+                skew = now - row["db_now"]
+                return Lease(row["holder"], row["acquired_at"] + skew, row["expires_at"] + skew)
             await c.execute(
-                "UPDATE leases SET holder=$2, acquired_at=$3, expires_at=$4 WHERE job=$1",
+                f"UPDATE leases SET holder=$2, acquired_at={_DB_NOW}, "
+                f"expires_at={_DB_NOW} + $3 WHERE job=$1",
                 job,
                 holder,
-                now,
-                now + ttl_s,
+                ttl_s,
             )
             return None
 
@@ -1606,8 +1611,8 @@ class PostgresLedger:
     async def renew_lease(self, holder: str, ttl_s: float, now: float) -> bool:
         async def work(c: Any) -> bool:
             status = await c.execute(
-                "UPDATE leases SET expires_at=$1 WHERE job=$2 AND holder=$3",
-                now + ttl_s,
+                f"UPDATE leases SET expires_at={_DB_NOW} + $1 WHERE job=$2 AND holder=$3",
+                ttl_s,
                 self.job,
                 holder,
             )
