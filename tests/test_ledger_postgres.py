@@ -156,7 +156,8 @@ def test_run_on_a_postgresql_ledger_then_status_report_and_prune(
     assert pruned.returncode == 0, pruned.stderr
     assert "pruned 300 registered items" in pruned.stdout
     after = orjson.loads(run_cli("status", "--config", str(cfg), "--json", env=env).stdout)
-    assert after["objects_by_state"] == {"SKIPPED": 1}
+    assert after["objects_by_state"] == {"REGISTERED": 300, "SKIPPED": 1}  # tombstones
+    assert after["items_by_state"] == {}
 
 
 # --- claims: several processes, one job --------------------------------------------------------

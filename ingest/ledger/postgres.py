@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import asyncpg
 import orjson
 
-from ingest.errors import ClaimLost, LedgerBusy, LedgerError
+from ingest.errors import ClaimLost, LeaseHeld, LedgerBusy, LedgerError
 from ingest.ledger import codec
 from ingest.ledger.port import (
     ROLES,
@@ -98,6 +98,7 @@ T = TypeVar("T")
 
 POOL_MAX_SIZE = 10
 CONNECT_TIMEOUT_S = 10.0
+PRUNE_CHUNK = 5000  # rows deleted per statement (and transaction) by prune
 # Any 64-bit number of our own: the advisory lock migrations run under.
 MIGRATION_LOCK = 0x696E6765737431  # "ingest1"
 
@@ -651,7 +652,6 @@ class PostgresLedger:
         skips = [(p.obj.key, p.reason) for p in plans if isinstance(p, Skip)]
 
         token, holder, ttl = self._token, self._holder, self._ttl()
-        claimed = [bool(token) and role_for(it) in self._roles for it in items]
         fenced = bool(token) and shard_id != UNLISTED_SHARD
 
         async def work(c: Any) -> list[Item]:
@@ -668,8 +668,13 @@ class PostgresLedger:
                     raise self._lost(f"listing shard {shard_id}")
             if objs:
                 await _upsert_objects(c, job, objs)
+            todo = items
+            if items:  # an object pruned before (a tombstone) is not planned again
+                gone = await _tombstones(c, job, [k for it in items for k in it.keys])
+                todo = [it for it in items if not gone.intersection(it.keys)]
+            claimed = [bool(token) and role_for(it) in self._roles for it in todo]
             inserted: dict[Ident, int] = {}
-            if items:
+            if todo:
                 rows = await c.fetch(
                     "INSERT INTO items(job, path, name, payload, keys, state, run_id, "
                     "updated_at, media, readonly_endpoint, claim_holder, claim_token, "
@@ -688,12 +693,12 @@ class PostgresLedger:
                     _S[State.PLANNED],
                     run_id,
                     now,
-                    [it.path for it in items],
-                    [it.name for it in items],
-                    [codec.item_to_bytes(it) for it in items],
-                    [orjson.dumps(list(it.keys)).decode() for it in items],
-                    [str(it.media) for it in items],
-                    [it.readonly_endpoint for it in items],
+                    [it.path for it in todo],
+                    [it.name for it in todo],
+                    [codec.item_to_bytes(it) for it in todo],
+                    [orjson.dumps(list(it.keys)).decode() for it in todo],
+                    [str(it.media) for it in todo],
+                    [it.readonly_endpoint for it in todo],
                     claimed,
                     holder,
                     token,
@@ -703,7 +708,7 @@ class PostgresLedger:
             new: list[Item] = []
             known: list[Item] = []
             links: list[tuple[int, str]] = []
-            for it in items:
+            for it in todo:
                 item_id = inserted.pop(it.ident, None)
                 if item_id is None:
                     known.append(it)
@@ -1582,27 +1587,22 @@ class PostgresLedger:
                 "ON CONFLICT (job) DO NOTHING",
                 job,
             )
-            # The database's clock, not ``now`` (machines' clocks disagree); a lease shown
-            # to the caller is translated to its clock.
             row = await c.fetchrow(
-                f"SELECT holder, acquired_at, expires_at, {_DB_NOW} AS db_now FROM leases "
-                "WHERE job=$1 FOR UPDATE",
-                job,
+                "SELECT holder, acquired_at, expires_at FROM leases WHERE job=$1 FOR UPDATE", job
             )
             if (
                 row["holder"]
                 and row["holder"] != holder
-                and row["expires_at"] > row["db_now"]
+                and row["expires_at"] > now
                 and not holder_dead(row["holder"])
             ):
-                skew = now - row["db_now"]
-                return Lease(row["holder"], row["acquired_at"] + skew, row["expires_at"] + skew)
+                return Lease(row["holder"], row["acquired_at"], row["expires_at"])
             await c.execute(
-                f"UPDATE leases SET holder=$2, acquired_at={_DB_NOW}, "
-                f"expires_at={_DB_NOW} + $3 WHERE job=$1",
+                "UPDATE leases SET holder=$2, acquired_at=$3, expires_at=$4 WHERE job=$1",
                 job,
                 holder,
-                ttl_s,
+                now,
+                now + ttl_s,
             )
             return None
 
@@ -1611,8 +1611,8 @@ class PostgresLedger:
     async def renew_lease(self, holder: str, ttl_s: float, now: float) -> bool:
         async def work(c: Any) -> bool:
             status = await c.execute(
-                f"UPDATE leases SET expires_at={_DB_NOW} + $1 WHERE job=$2 AND holder=$3",
-                ttl_s,
+                "UPDATE leases SET expires_at=$1 WHERE job=$2 AND holder=$3",
+                now + ttl_s,
                 self.job,
                 holder,
             )
@@ -2004,26 +2004,68 @@ class PostgresLedger:
     # --- operations ------------------------------------------------------------------------------
 
     async def prune(self, state: State, before: float) -> int:
-        """Delete this job's items in ``state`` last updated before ``before`` (epoch s) and
-        their objects; returns how many items went."""
-        return await self._tx(lambda c: _prune(c, self.job, state, before))
+        """Delete this job's items in ``state`` last updated before ``before`` (epoch s), in
+        chunks of ``PRUNE_CHUNK`` (each its own short transaction, deleted on the server:
+        no id comes back to us); returns how many went. ``SKIPPED``: the skipped objects
+        (they have no time: ``before`` does not apply).
+
+        Their objects stay as tombstones (state kept, item link dropped): status still counts
+        them, and a later run does not plan them again (so never re-sends what V7 holds).
+        Refused (``LeaseHeld``) while a process holds the job: the lease, or live claims."""
+        job = self.job
+        await self._tx(self._refuse_if_running)
+        if state is State.SKIPPED:
+            sql = (
+                "WITH d AS (DELETE FROM objects WHERE job=$1 AND key IN (SELECT key FROM "
+                "objects WHERE job=$1 AND state=$2 AND item_id IS NULL AND $3::float8 = $3 "
+                "LIMIT $4) RETURNING 1) SELECT count(*) FROM d"
+            )
+        else:
+            sql = (
+                "WITH d AS (DELETE FROM items WHERE id IN (SELECT id FROM items WHERE "
+                "job=$1 AND state=$2 AND updated_at < $3 ORDER BY id LIMIT $4) RETURNING id), "
+                "t AS (UPDATE objects o SET item_id=NULL, state=$2 FROM d "
+                "WHERE o.job=$1 AND o.item_id=d.id) SELECT count(*) FROM d"
+            )
+
+        async def chunk(c: Any) -> int:
+            return int(await c.fetchval(sql, job, str(state), before, PRUNE_CHUNK))
+
+        n = 0
+        while True:
+            got = await self._tx(chunk, single=True)
+            n += got
+            if got < PRUNE_CHUNK:
+                return n
+
+    async def _refuse_if_running(self, c: Any) -> None:
+        row = await c.fetchrow(
+            # The job lease is written with the holder's clock (the port's ``now``).
+            "SELECT (SELECT holder FROM leases WHERE job=$1 AND holder <> '' "
+            "AND expires_at > $2) AS lease, (SELECT claim_holder FROM items "
+            f"WHERE job=$1 AND claim_token <> 0 AND claim_expires > {_DB_NOW} LIMIT 1) AS item, "
+            "(SELECT claim_holder FROM listing WHERE job=$1 AND claim_token <> 0 "
+            f"AND claim_expires > {_DB_NOW} LIMIT 1) AS shard",
+            self.job,
+            time.time(),
+        )
+        holder = row["lease"] or row["item"] or row["shard"]
+        if holder:
+            raise LeaseHeld(
+                f"job {self.job!r} is running ({holder}): prune it once no process works on it"
+            )
 
 
-async def _prune(c: Any, job: str, state: State, before: float) -> int:
-    ids = [
-        int(r["id"])
-        for r in await c.fetch(
-            "DELETE FROM items WHERE job=$1 AND state=$2 AND updated_at < $3 RETURNING id",
-            job,
-            str(state),
-            before,
-        )
-    ]
-    if ids:
-        await c.execute(
-            "DELETE FROM objects WHERE job=$1 AND item_id = ANY($2::bigint[])", job, ids
-        )
-    return len(ids)
+async def _tombstones(c: Any, job: str, keys: list[str]) -> set[str]:
+    """The keys whose item was pruned (``prune`` keeps the object, state and all, unlinked)."""
+    rows = await c.fetch(
+        "SELECT key FROM objects WHERE job=$1 AND key = ANY($2::text[]) AND item_id IS NULL "
+        "AND state <> ALL($3::text[])",
+        job,
+        keys,
+        [_S[State.DISCOVERED], _S[State.SKIPPED]],
+    )
+    return {r["key"] for r in rows}
 
 
 async def _converted(c: Any, item_ids: set[int]) -> dict[str, str]:
