@@ -271,10 +271,13 @@ async def test_listing_completes_only_when_every_shard_is_done(postgres_url: str
         assert await a.claim_shard() == ("R:p/", "")
         assert await b.claim_shard() == ("R:q/", "")
         await record(a, ["p/1.jpg"], shard="R:p/", checkpoint="p1", done=True)
-        await a.mark_listing_complete()  # B still lists q/
+        assert await a.mark_listing_complete() == []  # B still lists q/
         assert (await b.checkpoints())["R:q/"] == ("", False)
         await record(b, ["q/1.jpg"], shard="R:q/", checkpoint="q1", done=True)
-        await b.mark_listing_complete()
+        # The last to finish completes it, and it alone gets every process's shards (what a
+        # sync sweeps vanished folders from), once.
+        assert await b.mark_listing_complete() == ["R:p/", "R:q/"]
+        assert await a.mark_listing_complete() == []
         assert await b.checkpoints() == {}
         # Neither run was taken for interrupted by the other's start.
         runs = (await a.status()).last_runs

@@ -156,7 +156,11 @@ class LedgerPort(Protocol):
 
     async def finish_run(self, run_id: int, status: str, counts: dict[str, int]) -> None: ...
 
-    async def mark_listing_complete(self) -> None: ...
+    async def mark_listing_complete(self) -> list[str]:
+        """The listing is done. Cooperative: completed only by the last process to finish its
+        shards, and that call alone returns every shard id the processes listed (the union:
+        what a sync sweeps vanished folders from); else, and for SQLite, []."""
+        ...
 
     async def checkpoints(self) -> dict[str, tuple[str, bool]]:
         """shard id -> (continuation, done) of an interrupted listing."""

@@ -613,18 +613,22 @@ class PostgresLedger:
 
         await self._tx(work)
 
-    async def mark_listing_complete(self) -> None:
+    async def mark_listing_complete(self) -> list[str]:
         job = self.job
 
-        async def work(c: Any) -> None:
+        async def work(c: Any) -> list[str]:
+            # The job's row first: two processes finishing at once complete it one after the
+            # other, and only the first finds shard rows left to delete (and returns them).
+            await c.execute("SELECT 1 FROM jobs WHERE job=$1 FOR UPDATE", job)
             if self._token and await c.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM listing WHERE job=$1 AND NOT done)", job
             ):
-                return  # other processes still list their shards: the last one completes
+                return []  # other processes still list their shards: the last one completes
             await c.execute("UPDATE jobs SET listing_complete=TRUE WHERE job=$1", job)
-            await c.execute("DELETE FROM listing WHERE job=$1", job)
+            rows = await c.fetch("DELETE FROM listing WHERE job=$1 RETURNING shard_id", job)
+            return sorted(str(r[0]) for r in rows) if self._token else []
 
-        await self._tx(work)
+        return await self._tx(work)
 
     async def checkpoints(self) -> dict[str, tuple[str, bool]]:
         async def work(c: Any) -> dict[str, tuple[str, bool]]:

@@ -585,7 +585,7 @@ class SqliteLedger:
 
         await self._run(work)
 
-    async def mark_listing_complete(self) -> None:
+    async def mark_listing_complete(self) -> list[str]:
         job = self.job
 
         def work(db: sqlite3.Connection) -> None:
@@ -594,6 +594,7 @@ class SqliteLedger:
                 db.execute("DELETE FROM listing WHERE job=?", (job,))
 
         await self._run(work)
+        return []  # one process lists the whole job: it knows its shards
 
     async def checkpoints(self) -> dict[str, tuple[str, bool]]:
         def work(db: sqlite3.Connection) -> dict[str, tuple[str, bool]]:

@@ -79,6 +79,12 @@ def _empty() -> int:
     return 0
 
 
+def _shard_of(shard_id: str) -> Shard:
+    """The shard a listing row's id names ("R:<prefix>" recursive, "L:<prefix>" one level)."""
+    kind, _sep, prefix = shard_id.partition(":")
+    return Shard(prefix, recursive=kind != "L")
+
+
 class Background(Protocol):
     """A helper task that lives as long as the pass (fault log, id resolver)."""
 
@@ -215,7 +221,11 @@ class Pipeline:
             await self._run_stages(run.resume_listing, list_bucket, objects)
             result.stopped_early = self._stop.is_set()
             if list_bucket and not result.stopped_early:
-                await self.ledger.mark_listing_complete()
+                completed = await self.ledger.mark_listing_complete()
+                if self.cooperative and completed and self.merge is not None:
+                    # Once, by the process that completed the listing, from every process's
+                    # shards: one process's own discovery may have missed a folder.
+                    await self.merge.sweep_vanished_folders([_shard_of(s) for s in completed])
             status = "interrupted" if result.stopped_early else "completed"
             result.warnings = [] if result.stopped_early else list(self.warnings)
         except asyncio.CancelledError:
@@ -398,7 +408,7 @@ class Pipeline:
                     await self._plan_listed(page, resume.get(page.shard.id), manifest)
                     if self._stop.is_set():
                         return
-        if self.merge is not None:
+        if self.merge is not None and not self.cooperative:  # cooperative: see run()
             await self.merge.sweep_vanished_folders(shards)
         if manifest:
             await self._plan_manifest()
