@@ -246,6 +246,8 @@ async def test_roles_limit_what_a_process_claims(postgres_url: str) -> None:
         await media.join("M", 60, frozenset({"media"}))
         await sender.join("S", 60, frozenset({"send"}))
         await lister.start_run("run")
+        for lg in (media, sender):
+            await lg.start_run("run")
         await lister.register_shards(["s"])
         assert await lister.claim_shard() == ("s", "")
         plain = single("r/plain.jpg")
@@ -259,6 +261,14 @@ async def test_roles_limit_what_a_process_claims(postgres_url: str) -> None:
         # Media done by a process that does not send: the item is left for the senders.
         await media.media_done(thumb)
         assert [p.item.ident for p in await _all(sender.pending())] == [thumb.ident]
+        # The others gone, the lister waits for no work it cannot do (it is left to a later
+        # run); the sender still has its own to finish.
+        await record(lister, [], shard="s", done=True)
+        for lg in (media, sender):
+            await lg.finish_run(lg._run_id, "completed", {})
+        assert not await lister.outstanding()
+        await sender.release_claims()
+        assert await sender.outstanding()
     finally:
         for lg in (lister, media, sender):
             await lg.close()

@@ -277,7 +277,17 @@ def test_roles_split_listing_from_sending(
     cfg, keys = _job(tmp_path, moto_url, bucket_name, emulator, 800, 4)
     lister = _start(cfg, postgres_url, "worker.roles=list,media")
     sender = _start(cfg, postgres_url, "worker.roles=send")
-    codes = [p.wait(90) for p in (lister, sender)]
+    try:
+        codes = [p.wait(90) for p in (lister, sender)]
+    except subprocess.TimeoutExpired:  # say what was left and by whom, not only "timed out"
+        left = _query(
+            postgres_url,
+            "SELECT state, media <> '' AS media, claim_holder, count(*) FROM items "
+            "WHERE state IN ('PLANNED', 'PROCESSING', 'SENT') GROUP BY 1, 2, 3",
+        )
+        runs = _query(postgres_url, "SELECT id, status, alive_until FROM runs")
+        shards = _query(postgres_url, "SELECT shard_id, done, claim_holder FROM listing")
+        pytest.fail(f"hung: items left {left}; runs {runs}; shards {shards}")
     assert codes == [0, 0], [p.stderr.read()[-2000:] if p.stderr else "" for p in (lister, sender)]
     _exactly_once(emulator, postgres_url, keys)
     import orjson

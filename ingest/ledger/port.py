@@ -337,9 +337,12 @@ class LedgerPort(Protocol):
         ...
 
     async def outstanding(self) -> int:
-        """Unfinished work others hold or that our roles do not allow (shards not done,
-        items pending; a backend may stop counting at a bound): while it is not 0 a
-        cooperative pass waits to take over what a dead process leaves."""
+        """Nonzero while unfinished work (shards not done, items pending) is held by others or
+        left unclaimed that we may yet do (within our roles), or that another live process
+        may do (any role, while one runs): a cooperative pass waits meanwhile to take over
+        what a dead process leaves. Work no live process has the role for is left to a later
+        run (a lister never waits forever for a sender that has gone). Only ``== 0`` is
+        meaningful."""
         ...
 
     # --- reading -----------------------------------------------------------------------------

@@ -1785,20 +1785,31 @@ class PostgresLedger:
         return await self._tx(work)
 
     async def outstanding(self) -> int:
+        """1 while work is left that we may yet do (within our roles: a claim of a process
+        that dies comes to us) or that another live process may (any role: while one runs);
+        else 0. Work no live process has the role for is left to a later run, so a lister
+        never waits forever for a sender that has gone. EXISTS, not counts: polled every
+        second by every process, and only "none?" is asked."""
         if not self._token:
             return 0
-        job, me = self.job, self._holder
+        roles = self._roles
 
         async def work(c: Any) -> int:
-            # Polled every second by every process, and its callers only ask "none?": one
-            # EXISTS each (stops at the first row), never a count.
             some = await c.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM items WHERE job=$1 AND state = ANY($2::text[]) "
-                "AND claim_holder <> $3) OR EXISTS (SELECT 1 FROM listing WHERE job=$1 "
-                "AND NOT done AND claim_holder <> $3)",
-                job,
+                "WITH others AS (SELECT EXISTS (SELECT 1 FROM runs WHERE job=$1 "
+                f"AND status='running' AND alive_until > {_DB_NOW} AND id <> $4) AS alive) "
+                "SELECT EXISTS (SELECT 1 FROM items, others WHERE job=$1 "
+                "AND state = ANY($2::text[]) AND claim_holder <> $3 AND (others.alive "
+                "OR ($5 AND media <> '') OR ($6 AND media = ''))) "
+                "OR EXISTS (SELECT 1 FROM listing, others WHERE job=$1 AND NOT done "
+                "AND claim_holder <> $3 AND (others.alive OR $7))",
+                self.job,
                 _PENDING,
-                me,
+                self._holder,
+                self._run_id,
+                "media" in roles,
+                "send" in roles,
+                "list" in roles,
             )
             return int(bool(some))
 
