@@ -337,12 +337,11 @@ class LedgerPort(Protocol):
         ...
 
     async def outstanding(self) -> int:
-        """Nonzero while unfinished work (shards not done, items pending) is held by others or
-        left unclaimed that we may yet do (within our roles), or that another live process
-        may do (any role, while one runs): a cooperative pass waits meanwhile to take over
-        what a dead process leaves. Work no live process has the role for is left to a later
-        run (a lister never waits forever for a sender that has gone). Only ``== 0`` is
-        meaningful."""
+        """Nonzero while a shard is not listed to the end, or an item is pending that we may
+        yet do (within our roles) or another live process may (any role, while one runs): a
+        cooperative pass waits meanwhile to take over what a dead process leaves. An item no
+        live process has the role for is left to a later run (a lister never waits forever
+        for a sender that has gone). Only ``== 0`` is meaningful."""
         ...
 
     # --- reading -----------------------------------------------------------------------------

@@ -1785,11 +1785,12 @@ class PostgresLedger:
         return await self._tx(work)
 
     async def outstanding(self) -> int:
-        """1 while work is left that we may yet do (within our roles: a claim of a process
-        that dies comes to us) or that another live process may (any role: while one runs);
-        else 0. Work no live process has the role for is left to a later run, so a lister
-        never waits forever for a sender that has gone. EXISTS, not counts: polled every
-        second by every process, and only "none?" is asked."""
+        """1 while a shard is not listed to the end (its items are still to come, whoever
+        lists it), or an item is pending that we may yet do (within our roles: a claim of a
+        process that dies comes to us) or that another live process may (any role, while one
+        runs); else 0. An item no live process has the role for is left to a later run, so a
+        lister never waits forever for a sender that has gone. EXISTS, not counts: polled
+        every second by every process, and only "none?" is asked."""
         if not self._token:
             return 0
         roles = self._roles
@@ -1801,15 +1802,14 @@ class PostgresLedger:
                 "SELECT EXISTS (SELECT 1 FROM items, others WHERE job=$1 "
                 "AND state = ANY($2::text[]) AND claim_holder <> $3 AND (others.alive "
                 "OR ($5 AND media <> '') OR ($6 AND media = ''))) "
-                "OR EXISTS (SELECT 1 FROM listing, others WHERE job=$1 AND NOT done "
-                "AND claim_holder <> $3 AND (others.alive OR $7))",
+                "OR EXISTS (SELECT 1 FROM listing WHERE job=$1 AND NOT done "
+                "AND claim_holder <> $3)",
                 self.job,
                 _PENDING,
                 self._holder,
                 self._run_id,
                 "media" in roles,
                 "send" in roles,
-                "list" in roles,
             )
             return int(bool(some))
 
