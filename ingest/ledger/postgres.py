@@ -35,23 +35,44 @@ Several processes, one job (schema 2) — the ledger rows are the work queue:
   ``listing`` rows carry ``claim_holder``, ``claim_token``, ``claim_expires``; a claim lives
   ``ttl_s`` (``ledger.lease_ttl_s``) and the engine renews all of a process's claims in one
   statement per table every ttl/3 (``renew_claims``; a partial index on live tokens).
+- **Clock**: every claim expiry, and every comparison with one, is computed in SQL from the
+  database's clock (``_DB_NOW``: ``clock_timestamp()``), never a machine's: machines whose
+  clocks disagree still agree on when a claim ends. (The job lease of a process that holds a
+  job alone still takes the caller's ``now``, as the port has it.)
 - **Listing**: every process inserts the discovered shards (``register_shards``, ``ON
   CONFLICT DO NOTHING``) and claims one at a time (``claim_shard``: ``UPDATE … FROM (SELECT …
   FOR UPDATE SKIP LOCKED LIMIT 1)``) from its stored continuation; ``record_page`` locks the
-  shard's row and refuses the page (``ClaimLost``) when another token holds it, so a page's
-  objects, items and continuation commit only for the shard's current owner. A shard done
-  keeps its row until every shard is done (``mark_listing_complete`` waits for the last).
+  shard's row and refuses the page (``ClaimLost``) unless our token holds it (a row gone or
+  given back is not ours either), and writes the continuation as an UPDATE of that claimed
+  row, never an INSERT: a page's objects, items and continuation commit only for the shard's
+  current owner. Pages of bucket events (``UNLISTED_SHARD``) need no shard. A shard done keeps
+  its row until every shard is done (``mark_listing_complete`` waits for the last, and
+  returns every shard id to it alone: a sync sweeps vanished folders once, from the union).
 - **Items**: new items are inserted claimed by their planner (its fast path: it works them
   from memory), unless its roles do not cover the next step (``role_for``: media work or
   sending), then unclaimed. ``pending`` claims in chunks what no live process holds (expired
   or given back), within the roles, with ``SKIP LOCKED``. ``reap_claims`` expires at once the
   claims of holders known dead (same host, no such pid).
 - **Fencing**: ``mark_processing``, ``media_done``, ``media_failed``, ``mark_sent`` (all or
-  nothing), ``unmark_sent`` and ``record_outcomes`` (commits what is ours, names the rest)
-  only touch rows still claimed with our token; a refused write raises ``ClaimLost`` and the
-  caller drops that work, so a process paused past its claims records nothing twice. An
-  outcome (or a media failure) ends the claim. A handle that never joined (``status``, tests
-  of the single-process contract) is not fenced.
+  nothing), ``keep_claims`` and ``record_outcomes`` (commits what is ours, names the rest)
+  only touch rows still claimed with our token AND not expired by the database's clock (an
+  expired claim may be taken any moment), and extend the claim by the lease; a refused write
+  raises ``ClaimLost`` (our own expired claims among the refused are given back, so anyone,
+  us too, may take them at once) and the caller drops that work, so a process paused past
+  its claims records nothing twice. The registrar calls ``keep_claims`` before every further
+  request of a batch (a retry, a bisected half): a process whose claims went sends nothing
+  more. What remains: a request that passed its check just before its process was paused
+  still leaves when it wakes (a check in the ledger and a POST to V7 are not one step); the
+  item then reaches V7 twice, the taker's attempt counts 2 (``ALREADY_EXISTS`` is ours) and
+  the late outcome is refused. An outcome (or a media failure) ends the claim.
+  ``unmark_sent`` needs only our token. A handle that never joined (``status``, tests of the
+  single-process contract) is not fenced.
+- **Lock order**: rows are locked in id order by every multi-row writer (``ORDER BY id FOR
+  UPDATE``); renewals skip rows locked right now (``SKIP LOCKED``); an aborted transaction
+  (deadlock, serialization) is run again.
+- **Waiting**: ``outstanding`` (EXISTS, polled every second) keeps a pass waiting while a
+  shard is unlisted or an item is pending that it may do, or another live run may; an item
+  no live process has the role for is left to a later run.
 - **Stalls**: ``idle_in_transaction_session_timeout`` (``ledger.idle_in_transaction_timeout_s``)
   makes the server end the session of a process paused inside a transaction, so its row
   locks do not hold the others up; a call whose session was lost before COMMIT is retried
@@ -1158,7 +1179,10 @@ class PostgresLedger:
                 "state=CASE WHEN i.attempts - u.n <= 0 THEN $1 ELSE i.state END, updated_at=$2 "
                 "FROM unnest($4::text[], $5::text[], $6::int[]) AS u(path, name, n) "
                 "WHERE i.job=$3 AND i.path=u.path AND i.name=u.name AND i.state=$7 "
-                f"AND {_fence(8).replace('claim_token', 'i.claim_token')}",
+                # Our token only, expired or not: while nobody took the item, taking back an
+                # attempt that never reached V7 is right (else a later ALREADY_EXISTS would
+                # pass for ours).
+                "AND ($8 = 0 OR i.claim_token + 0 = $8)",
                 _S[State.PLANNED],
                 time.time(),
                 self.job,
