@@ -454,3 +454,21 @@ async def test_two_engines_of_one_process_never_reap_each_other(postgres_url: st
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_driver_usage_error_is_not_retried_as_a_lost_connection(postgres_url: str) -> None:
+    # asyncpg.InterfaceError also means "misused" (e.g. another operation in progress): a
+    # programming error, raised once, never run again as if the session had been lost.
+    lg = await PostgresLedger.open(postgres_url, "job", pool_max_size=3)
+    calls: list[int] = []
+
+    async def misuse(_c: Any) -> None:
+        calls.append(1)
+        raise asyncpg.InterfaceError("cannot perform operation: another operation is in progress")
+
+    try:
+        with pytest.raises(LedgerError):
+            await lg._tx(misuse)
+        assert calls == [1]
+    finally:
+        await lg.close()
