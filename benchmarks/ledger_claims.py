@@ -78,8 +78,12 @@ def _no_collision(_item: Item, _keys: tuple[str, ...]) -> list[Any]:
 
 async def _fill(lg: LedgerPort, pages: list[tuple[list[ObjectInfo], list[Item]]]) -> None:
     await lg.start_run("run")
+    # A joined handle records only pages of shards it holds, as a listing process does.
+    await lg.register_shards([f"s{n:05d}" for n in range(len(pages))])
     for n, (objs, items) in enumerate(pages):
-        await lg.record_page(f"s{n}", "", False, objs, list(items), _no_collision)
+        if lg.cooperative:
+            assert await lg.claim_shard() == (f"s{n:05d}", "")
+        await lg.record_page(f"s{n:05d}", "", False, objs, list(items), _no_collision)
 
 
 async def _drain(lg: LedgerPort) -> list[tuple[str, str]]:

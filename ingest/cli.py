@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="`ingest ledger migrate` applies the ledger's schema migrations and prints "
         "the version (for databases where the engine's role may not create tables); "
         "`ingest ledger prune --state registered [--older-than-days N]` deletes this job's "
-        "finished items and their objects (a later run lists them as new again).",
+        "finished items; their objects stay as tombstones, so a later run does not send them "
+        "again (--state skipped: the skipped objects). Refused while the job runs.",
         parents=[names],
     )
     p.add_argument("action", choices=["migrate", "prune"])

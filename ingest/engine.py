@@ -145,11 +145,24 @@ async def hold_lease(
     A cooperative ledger (PostgreSQL) has no such lease unless ``alone``: the process joins the
     job beside the others (``roles``), its claims are renewed every ttl/3 and given back at
     the end."""
-    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}:{_pid_space()}"
-    if ledger.cooperative and not alone:
-        async with _hold_claims(ledger, holder, ttl_s, roles) as joined:
-            yield joined
-        return
+    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}:{_pid_space()}"
+    _HOLDERS_HERE.add(holder)
+    try:
+        if ledger.cooperative and not alone:
+            async with _hold_claims(ledger, holder, ttl_s, roles) as joined:
+                yield joined
+            return
+        async with _hold_job_lease(ledger, holder, ttl_s, on_lost) as held:
+            yield held
+    finally:
+        _HOLDERS_HERE.discard(holder)
+
+
+@contextlib.asynccontextmanager
+async def _hold_job_lease(
+    ledger: LedgerPort, holder: str, ttl_s: float, on_lost: Callable[[], None]
+) -> AsyncIterator[str]:
+    """The job's single lease (SQLite, or a process that holds the job alone)."""
     other = await ledger.acquire_lease(holder, ttl_s, time.time(), _dead_here)
     if other is not None:
         left = max(0.0, other.expires_at - time.time())
@@ -197,7 +210,7 @@ async def _hold_claims(
         while True:
             await asyncio.sleep(ttl_s / 3)
             try:
-                await ledger.renew_claims(time.time())
+                await ledger.renew_claims()
             except LedgerError as e:
                 log.warning("could not renew our claims; trying again", extra={"error": e})
 
@@ -224,6 +237,11 @@ def _pid_space() -> str:
         return "unknown"
 
 
+# The holders (leases, claims) of the engines alive in this process: one process may run
+# several engines, which must never reap each other.
+_HOLDERS_HERE: set[str] = set()
+
+
 def _dead_here(holder: str) -> bool:
     """A lease holder in this very PID namespace whose process is gone (killed -9, OOM): no
     need to wait for its lease to expire. Anywhere else: wait for it."""
@@ -235,8 +253,10 @@ def _dead_here(holder: str) -> bool:
         return False
     if space == "unknown" or space != _pid_space():
         return False
-    if int(pid) == os.getpid():  # an earlier life of this very process slot (a container's pid 1)
-        return True
+    if int(pid) == os.getpid():
+        # Our own pid: another engine of this very process (its random part is one of ours,
+        # alive), or an earlier life of this process slot (a container's pid 1).
+        return holder not in _HOLDERS_HERE
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

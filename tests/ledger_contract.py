@@ -16,6 +16,7 @@ import pytest
 
 from ingest.ledger import Known, Lease, LedgerPort, ManifestItem
 from ingest.model import (
+    ConvertedFacts,
     Facts,
     ImageFacts,
     Item,
@@ -721,6 +722,20 @@ async def test_report_rows_stream_in_key_order_across_chunks(ledger: LedgerPort)
     )
 
 
+async def test_report_rows_say_what_read_only_dicom_was_converted_into(
+    ledger: LedgerPort,
+) -> None:
+    dcm = o("d/ct.dcm")
+    made = ConvertedFacts("conv/ct.png", ImageFacts(64, 32, "t/ct.jpg"))
+    slot = Slot("0", ItemType.IMAGE, (dcm,), "ct.png", facts=(made,))
+    item = Item("/d", "ct.dcm", (slot,), readonly_endpoint=True)
+    await ledger.record_page(
+        "s", "", False, [dcm, o("d/plain.jpg")], [item, single("d/plain.jpg")], collide
+    )
+    rows = {r.key: r.converted async for r in ledger.report_rows()}
+    assert rows == {"d/ct.dcm": "conv/ct.png", "d/plain.jpg": ""}
+
+
 async def test_status_counts(ledger: LedgerPort) -> None:
     items = await record(ledger, ["x/1.jpg", "x/2.jpg", "x/3.jpg", "x/4.txt"])
     await ledger.record_page("s", "", False, [o("x/held.dcm")], [], collide)
@@ -806,9 +821,36 @@ async def test_prune_deletes_finished_items_of_this_job_only(ledger_factory: Fac
     # Nothing older than a minute ago.
     assert await lg.prune(State.REGISTERED, time.time() - 60) == 0
     assert await lg.prune(State.REGISTERED, time.time() + 1) == 2
-    assert await report(lg) == {"p/c.jpg": ("PLANNED", "")}
+    assert await report(lg) == {
+        "p/a.jpg": ("REGISTERED", ""),
+        "p/b.jpg": ("REGISTERED", ""),
+        "p/c.jpg": ("PLANNED", ""),
+    }
     assert (await lg.status()).items_by_state == {"PLANNED": 1}
     assert await state(other, x) is State.REGISTERED  # another job's rows stay
     assert await state(lg, c) is State.PLANNED
-    # Forgotten: listed again, the object is new.
-    assert [it.ident for it in await record(lg, ["p/a.jpg"])] == [a.ident]
+    # Their objects stay, REGISTERED, as tombstones: listed again, they are not planned
+    # (never sent twice), and status still counts them.
+    assert await record(lg, ["p/a.jpg", "p/new.jpg"]) == [single("p/new.jpg")]
+    assert (await lg.status()).objects_by_state == {"REGISTERED": 2, "PLANNED": 2}
+    assert (await report(lg))["p/a.jpg"] == ("REGISTERED", "")
+
+
+async def test_prune_skipped_objects_and_never_while_the_job_runs(
+    ledger_factory: Factory,
+) -> None:
+    import time
+
+    from ingest.errors import LeaseHeld
+
+    lg = await ledger_factory()
+    await lg.start_run("run")
+    await record(lg, ["k/a.jpg", "k/notes.txt", "k/more.txt"])  # .txt: skipped
+    assert (await lg.status()).objects_by_state == {"PLANNED": 1, "SKIPPED": 2}
+    assert await lg.prune(State.SKIPPED, time.time()) == 2
+    assert (await lg.status()).objects_by_state == {"PLANNED": 1}
+    assert await lg.acquire_lease("H", 60, time.time(), lambda _h: False) is None
+    with pytest.raises(LeaseHeld):
+        await lg.prune(State.REGISTERED, time.time())
+    await lg.release_lease("H")
+    assert await lg.prune(State.REGISTERED, time.time()) == 0

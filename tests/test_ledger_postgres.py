@@ -17,6 +17,7 @@ import pytest
 
 from ingest.errors import ClaimLost, LedgerError
 from ingest.ledger import open_ledger
+from ingest.ledger.port import UNLISTED_SHARD
 from ingest.ledger.postgres import SCHEMA_VERSION, PostgresLedger, mask_url
 from ingest.model import Media, Outcome, State
 from tests.conftest import seed_bucket
@@ -155,7 +156,8 @@ def test_run_on_a_postgresql_ledger_then_status_report_and_prune(
     assert pruned.returncode == 0, pruned.stderr
     assert "pruned 300 registered items" in pruned.stdout
     after = orjson.loads(run_cli("status", "--config", str(cfg), "--json", env=env).stdout)
-    assert after["objects_by_state"] == {"SKIPPED": 1}
+    assert after["objects_by_state"] == {"REGISTERED": 300, "SKIPPED": 1}  # tombstones
+    assert after["items_by_state"] == {}
 
 
 # --- claims: several processes, one job --------------------------------------------------------
@@ -183,7 +185,7 @@ async def test_items_a_process_plans_are_its_own_until_its_claims_go(postgres_ur
         assert await b.claim_shard() is None  # no two processes list the same range
         items = await record(a, [f"x/{n}.jpg" for n in range(5)], shard="R:x/", checkpoint="c1")
         assert [p async for p in b.pending()] == []  # claimed by A, which lives
-        assert await b.outstanding() == 6  # five items and a shard, held by A
+        assert await b.outstanding()  # five items and a shard, held by A
         # B cannot record a page of A's shard.
         with pytest.raises(ClaimLost):
             await record(b, ["x/9.jpg"], shard="R:x/", checkpoint="c2")
@@ -207,9 +209,9 @@ async def test_items_a_process_plans_are_its_own_until_its_claims_go(postgres_ur
         # B's writes go through; an outcome ends B's claim.
         assert await b.mark_sent(items[:2]) == [1, 1]
         await b.record_outcomes([Outcome(it.path, it.name, State.REGISTERED) for it in items[:2]])
-        assert await b.renew_claims(time.time()) == 4  # three items and the shard
+        assert await b.renew_claims() == 4  # three items and the shard
         await record(b, [], shard="R:x/", checkpoint="c4", done=True)
-        assert await a.outstanding() == 3
+        assert await a.outstanding()
     finally:
         await a.close()
         await b.close()
@@ -222,14 +224,14 @@ async def _all(gen: Any) -> list[Any]:
 async def test_an_expired_claim_is_taken_over_without_reaping(postgres_url: str) -> None:
     a, b = await _two(postgres_url, ttl_s=0.2)
     try:
-        (item,) = await record(a, ["y/1.jpg"])
+        (item,) = await record(a, ["y/1.jpg"], shard=UNLISTED_SHARD)
         deadline = time.monotonic() + 10
         taken: list[Any] = []
         while not taken and time.monotonic() < deadline:  # a condition with a deadline
             taken = await _all(b.pending())
         assert [p.item.ident for p in taken] == [item.ident]
-        assert await b.renew_claims(time.time()) == 1
-        assert await a.renew_claims(time.time()) == 0  # A's renewal came too late
+        assert await b.renew_claims() == 1
+        assert await a.renew_claims() == 0  # A's renewal came too late
     finally:
         await a.close()
         await b.close()
@@ -244,17 +246,29 @@ async def test_roles_limit_what_a_process_claims(postgres_url: str) -> None:
         await media.join("M", 60, frozenset({"media"}))
         await sender.join("S", 60, frozenset({"send"}))
         await lister.start_run("run")
+        for lg in (media, sender):
+            await lg.start_run("run")
+        await lister.register_shards(["s"])
+        assert await lister.claim_shard() == ("s", "")
         plain = single("r/plain.jpg")
         thumb = replace(single("r/thumb.jpg"), media=Media.IMAGE)
         new = await lister.record_page("s", "", False, [], [plain, thumb], collide)
         assert len(new) == 2
-        assert await lister.outstanding() == 2  # neither is the lister's to work on
+        assert await lister.outstanding()  # neither is the lister's to work on
         assert await media.claim_shard() is None  # no "list" role
         assert [p.item.ident for p in await _all(media.pending())] == [thumb.ident]
         assert [p.item.ident for p in await _all(sender.pending())] == [plain.ident]
         # Media done by a process that does not send: the item is left for the senders.
         await media.media_done(thumb)
         assert [p.item.ident for p in await _all(sender.pending())] == [thumb.ident]
+        # The others gone, the lister waits for no work it cannot do (it is left to a later
+        # run); the sender still has its own to finish.
+        await record(lister, [], shard="s", done=True)
+        for lg in (media, sender):
+            await lg.finish_run(lg._run_id, "completed", {})
+        assert not await lister.outstanding()
+        await sender.release_claims()
+        assert await sender.outstanding()
     finally:
         for lg in (lister, media, sender):
             await lg.close()
@@ -267,10 +281,13 @@ async def test_listing_completes_only_when_every_shard_is_done(postgres_url: str
         assert await a.claim_shard() == ("R:p/", "")
         assert await b.claim_shard() == ("R:q/", "")
         await record(a, ["p/1.jpg"], shard="R:p/", checkpoint="p1", done=True)
-        await a.mark_listing_complete()  # B still lists q/
+        assert await a.mark_listing_complete() == []  # B still lists q/
         assert (await b.checkpoints())["R:q/"] == ("", False)
         await record(b, ["q/1.jpg"], shard="R:q/", checkpoint="q1", done=True)
-        await b.mark_listing_complete()
+        # The last to finish completes it, and it alone gets every process's shards (what a
+        # sync sweeps vanished folders from), once.
+        assert await b.mark_listing_complete() == ["R:p/", "R:q/"]
+        assert await a.mark_listing_complete() == []
         assert await b.checkpoints() == {}
         # Neither run was taken for interrupted by the other's start.
         runs = (await a.status()).last_runs
@@ -278,3 +295,180 @@ async def test_listing_completes_only_when_every_shard_is_done(postgres_url: str
     finally:
         await a.close()
         await b.close()
+
+
+def test_mask_url_masks_every_form_of_password() -> None:
+    assert mask_url(f"postgresql://u@h/db?password={SECRET}&sslmode=require") == (
+        "postgresql://u@h/db?sslmode=require"
+    )
+    for url in (
+        f"postgresql://u:{SECRET}/x#y?z@h:5432/db",  # unencoded / # ? in the password
+        f"postgresql://u:{SECRET}@h:99999/db",  # a port out of range
+        f"postgresql://u@h/db?sslpassword={SECRET}",
+        f"postgresql://u@h/db?passfile=/run/{SECRET}",
+    ):
+        assert SECRET not in mask_url(url), url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u:{SECRET}@127.0.0.1:99999/db",
+        f"postgresql://u:{SECRET}/x#y@127.0.0.1:1/db",
+        f"postgresql://u@127.0.0.1:1/db?password={SECRET}",
+    ],
+)
+async def test_a_bad_url_is_one_line_without_the_password(url: str) -> None:
+    with pytest.raises(LedgerError) as err:
+        await PostgresLedger.open(url, "job", connect_timeout_s=2)
+    assert SECRET not in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# --- claims follow the database's clock, and a write needs a claim still running -------------
+
+
+async def _claim_left_s(url: str, name: str) -> float:
+    """Seconds left on an item's claim, by the database's clock."""
+    conn = await asyncpg.connect(url)
+    try:
+        return float(
+            await conn.fetchval(
+                "SELECT claim_expires - extract(epoch from clock_timestamp()) FROM items "
+                "WHERE name=$1",
+                name,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _until_expired(url: str, name: str) -> None:
+    deadline = time.monotonic() + 10
+    while await _claim_left_s(url, name) > 0:  # a condition with a deadline
+        assert time.monotonic() < deadline
+
+
+async def test_a_machine_clock_ahead_takes_no_live_claim(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await _two(postgres_url, ttl_s=30)
+    try:
+        (item,) = await record(a, ["skew/1.jpg"], shard=UNLISTED_SHARD)
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 3600)  # B's clock an hour ahead
+        assert await _all(b.pending()) == []
+        assert await b.reap_claims(lambda _h: False) == 0
+        await b.register_shards(["R:skew/"])
+        assert await b.claim_shard() == ("R:skew/", "")
+        monkeypatch.setattr(time, "time", lambda: real() - 3600)  # A's clock an hour behind
+        assert await a.claim_shard() is None  # B's fresh shard claim is B's
+        assert await a.mark_sent([item]) == [1]
+        assert 25 < await _claim_left_s(postgres_url, item.name) <= 30
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_write_to_an_expired_claim_is_refused_even_before_a_takeover(
+    postgres_url: str,
+) -> None:
+    a, b = await _two(postgres_url, ttl_s=1.0)
+    try:
+        first, second, third = await record(
+            a, ["exp/1.jpg", "exp/2.jpg", "exp/3.jpg"], shard=UNLISTED_SHARD
+        )
+        left = await _claim_left_s(postgres_url, second.name)
+        await a.mark_sent([first])  # the write extends the claim by the lease
+        assert await _claim_left_s(postgres_url, first.name) > left
+        await _until_expired(postgres_url, second.name)
+        with pytest.raises(ClaimLost):
+            await a.mark_sent([second])  # nobody took it yet, but anybody may now
+        with pytest.raises(ClaimLost):
+            await a.mark_processing(third)
+        with pytest.raises(ClaimLost):
+            await a.record_outcomes([Outcome(third.path, third.name, State.REGISTERED)])
+        with pytest.raises(ClaimLost):
+            await a.keep_claims([second])
+        # B takes them over and sends: only one process ever marks an item. A SENT item
+        # taken over counts a second attempt: V7's ALREADY_EXISTS for it is then ours (the
+        # registrar's sent_before), not somebody else's.
+        await _until_expired(postgres_url, first.name)
+        taken = {p.item.ident for p in await _all(b.pending())}
+        assert taken == {first.ident, second.ident, third.ident}
+        assert await b.mark_sent([second, first]) == [1, 2]
+        await b.keep_claims([second, first])
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_late_page_never_brings_back_a_completed_or_given_back_shard(
+    postgres_url: str,
+) -> None:
+    a, b = await _two(postgres_url, ttl_s=0.3)
+    try:
+        await a.register_shards(["R:p/"])
+        assert await a.claim_shard() == ("R:p/", "")
+        await record(a, ["p/1.jpg"], shard="R:p/", checkpoint="c1")
+        deadline = time.monotonic() + 10
+        while (got := await b.claim_shard()) is None:  # A's claim expires: B takes the shard
+            assert time.monotonic() < deadline
+        assert got == ("R:p/", "c1")
+        await record(b, ["p/2.jpg"], shard="R:p/", checkpoint="c2", done=True)
+        await b.mark_listing_complete()
+        assert await b.checkpoints() == {}
+        with pytest.raises(ClaimLost):  # A's late page: the row is gone, not A's
+            await record(a, ["p/9.jpg"], shard="R:p/", checkpoint="cX")
+        assert await b.checkpoints() == {}
+        # A shard given back (token 0) is nobody's until claimed again.
+        await a.register_shards(["R:q/"])
+        assert await a.claim_shard() == ("R:q/", "")
+        await a.release_claims()
+        with pytest.raises(ClaimLost):
+            await record(a, ["q/1.jpg"], shard="R:q/", checkpoint="q1")
+        assert (await a.checkpoints())["R:q/"] == ("", False)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_two_engines_of_one_process_never_reap_each_other(postgres_url: str) -> None:
+    from ingest.engine import _dead_here, hold_lease
+
+    a = await PostgresLedger.open(postgres_url, "job", pool_max_size=2)
+    b = await PostgresLedger.open(postgres_url, "job", pool_max_size=2)
+    try:
+        async with (
+            hold_lease(a, 30, lambda: None) as holder_a,
+            hold_lease(b, 30, lambda: None) as holder_b,
+        ):
+            await a.start_run("run")
+            await b.start_run("run")
+            (item,) = await record(a, ["two/1.jpg"], shard=UNLISTED_SHARD)
+            assert not _dead_here(holder_a) and not _dead_here(holder_b)
+            assert await b.reap_claims(_dead_here) == 0  # A, same pid, lives
+            assert await _all(b.pending()) == []
+            assert await a.mark_sent([item]) == [1]
+        assert _dead_here(holder_a)  # gone: an earlier life of this pid
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_driver_usage_error_is_not_retried_as_a_lost_connection(postgres_url: str) -> None:
+    # asyncpg.InterfaceError also means "misused" (e.g. another operation in progress): a
+    # programming error, raised once, never run again as if the session had been lost.
+    lg = await PostgresLedger.open(postgres_url, "job", pool_max_size=3)
+    calls: list[int] = []
+
+    async def misuse(_c: Any) -> None:
+        calls.append(1)
+        raise asyncpg.InterfaceError("cannot perform operation: another operation is in progress")
+
+    try:
+        with pytest.raises(LedgerError):
+            await lg._tx(misuse)
+        assert calls == [1]
+    finally:
+        await lg.close()

@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from ingest.errors import AuthError, Interrupted, NotFoundError, QuotaError
+from ingest.errors import AuthError, ClaimLost, Interrupted, NotFoundError, QuotaError
 from ingest.model import Item, ItemType, ObjectInfo, Outcome, Slot, State
 from ingest.registrar import wire
 from ingest.registrar.client import V7Client
@@ -72,6 +72,8 @@ class FakeSending:
     clock: Callable[[], float] = lambda: 0.0
     attempts: dict[tuple[str, str], int] = field(default_factory=dict)
     calls: list[tuple[str, list[str], float]] = field(default_factory=list)
+    kept: list[list[str]] = field(default_factory=list)  # keep_claims calls, in order
+    lost: bool = False  # our claims were taken over: keep_claims refuses
 
     def sent_before(self, *names: str, path: str = "/") -> FakeSending:
         for n in names:
@@ -86,6 +88,12 @@ class FakeSending:
             self.attempts[i.ident] = self.attempts.get(i.ident, 0) + 1
             out.append(self.attempts[i.ident])
         return out
+
+    async def keep_claims(self, items: Sequence[Item]) -> None:
+        self.kept.append([i.name for i in items])
+        await asyncio.sleep(0)
+        if self.lost:
+            raise ClaimLost("claim lost", [i.ident for i in items])
 
     async def unmark_sent(self, items: Sequence[Item]) -> None:
         self.calls.append(("unmark", [i.name for i in items], self.clock()))
@@ -453,6 +461,27 @@ async def test_5xx_is_retried(rig: Rig) -> None:
     assert states(out) == [State.REGISTERED] * 4
     assert (rig.stats.requests, rig.stats.retries, rig.stats.server_errors) == (3, 2, 2)
     assert rig.controller.cuts == 0  # a 5xx is not a rate signal
+
+
+async def test_every_retry_first_keeps_our_claims(rig: Rig) -> None:
+    rig.v7.script = ["500", "503"]
+    sending = rig.sending()
+    out = await rig.registrar().register(plans(2), sending)
+    assert states(out) == [State.REGISTERED] * 2
+    assert sending.kept == [["img_00.jpg", "img_01.jpg"]] * 2  # once before each retry
+
+
+async def test_a_claim_lost_before_a_retry_stops_the_sending(rig: Rig) -> None:
+    """Another process took the items over while we waited to retry: never POSTed again."""
+    rig.v7.script = ["503"]
+    sending = rig.sending()
+
+    registrar = rig.registrar()
+    sending.lost = True
+    with pytest.raises(ClaimLost):
+        await registrar.register(plans(2), sending)
+    assert len(rig.v7.requests) == 1  # the first attempt only
+    assert sending.kept == [["img_00.jpg", "img_01.jpg"]]
 
 
 async def test_commit_then_502_ends_registered_not_blocked(rig: Rig) -> None:

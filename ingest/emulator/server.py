@@ -146,6 +146,9 @@ class Emulator:
         self.faults: collections.Counter[str] = collections.Counter()
         self.blocked: collections.Counter[str] = collections.Counter()
         self.register_requests = 0
+        # POSTs per item ("path/name") that reached the register handler (past the API key
+        # and the rate limit), whatever came of them: shows an item sent by two processes.
+        self.item_posts: collections.Counter[str] = collections.Counter()
         self.rate_limited = 0
         self.items_registered = 0
         self.items_received = 0
@@ -164,6 +167,7 @@ class Emulator:
                 "items_blocked": dict(self.blocked),
                 "faults": dict(self.faults),
                 "requests": dict(self.requests),
+                "item_posts": dict(self.item_posts),
             },
             "timeline": list(self.timeline),
             "rate_changes": list(self.rate_changes),
@@ -282,6 +286,7 @@ class Emulator:
         raw = await request.read()
         if len(raw) > self.cfg.max_body_bytes:
             return self._error(413, "PAYLOAD_TOO_LARGE", "request body too large")
+        self._count_posts(raw)
         if self.cfg.quota_exceeded:
             return self._error(429, "INSUFFICIENT_REMAINING_STORAGE", "storage quota exceeded")
         fault = self._fault()
@@ -321,6 +326,17 @@ class Emulator:
         if fault == "commit_then_fail":
             return self._error(502, "BAD_GATEWAY", "injected failure after commit")
         return self._json(result)
+
+    def _count_posts(self, raw: bytes) -> None:
+        try:
+            entries = orjson.loads(raw).get("items") or []
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        for e in entries:
+            if isinstance(e, dict) and isinstance(e.get("name"), str):
+                path = e.get("path")
+                folder = path.rstrip("/") if isinstance(path, str) else ""
+                self.item_posts[f"{folder}/{e['name']}"] += 1
 
     def _fault(self) -> str | None:
         if self.fault_queue:

@@ -44,6 +44,11 @@ CollisionPolicy = Callable[[Item, tuple[str, ...]], list[Skip]]
 ROLES = frozenset(("list", "media", "send"))
 
 
+# The shard id of pages that are not the listing's (bucket events): no continuation is kept
+# for it, and a cooperative ledger records its pages without a shard claim.
+UNLISTED_SHARD = "events:"
+
+
 def role_for(item: Item) -> str:
     """The role that works on an item next: "media" while it needs media work, else "send"."""
     return "send" if item.media is Media.NONE else "media"
@@ -151,7 +156,11 @@ class LedgerPort(Protocol):
 
     async def finish_run(self, run_id: int, status: str, counts: dict[str, int]) -> None: ...
 
-    async def mark_listing_complete(self) -> None: ...
+    async def mark_listing_complete(self) -> list[str]:
+        """The listing is done. Cooperative: completed only by the last process to finish its
+        shards, and that call alone returns every shard id the processes listed (the union:
+        what a sync sweeps vanished folders from); else, and for SQLite, []."""
+        ...
 
     async def checkpoints(self) -> dict[str, tuple[str, bool]]:
         """shard id -> (continuation, done) of an interrupted listing."""
@@ -207,6 +216,12 @@ class LedgerPort(Protocol):
         """SENT and one more attempt each, committed before returning (before the POST).
         Returns each item's attempt count, in order (an item twice in the batch counts twice;
         one the ledger does not hold counts as a first attempt, 1)."""
+        ...
+
+    async def keep_claims(self, items: Sequence[Item]) -> None:
+        """Right before each further request for items already marked SENT (a retry): our
+        claims on them, checked and extended by the lease, or ``ClaimLost`` naming those no
+        longer ours (expired or taken over) and nothing is sent. Trivial for SQLite."""
         ...
 
     async def unmark_sent(self, items: Sequence[Item]) -> None:
@@ -302,9 +317,10 @@ class LedgerPort(Protocol):
         only work its ``roles`` allow, and fences its writes. Trivial for SQLite."""
         ...
 
-    async def renew_claims(self, now: float) -> int:
-        """Extend every live claim of ours (and our run's heartbeat) to ``now + ttl_s``;
-        returns how many claims were still ours."""
+    async def renew_claims(self) -> int:
+        """Extend every claim still ours (and our run's heartbeat) to the ledger's own clock
+        + ``ttl_s`` (never a machine's clock: machines disagree); returns how many claims
+        were still ours."""
         ...
 
     async def reap_claims(self, holder_dead: Callable[[str], bool]) -> int:
@@ -327,9 +343,11 @@ class LedgerPort(Protocol):
         ...
 
     async def outstanding(self) -> int:
-        """Unfinished work others hold or that our roles do not allow (shards not done,
-        items pending; a backend may stop counting at a bound): while it is not 0 a
-        cooperative pass waits to take over what a dead process leaves."""
+        """Nonzero while a shard is not listed to the end, or an item is pending that we may
+        yet do (within our roles) or another live process may (any role, while one runs): a
+        cooperative pass waits meanwhile to take over what a dead process leaves. An item no
+        live process has the role for is left to a later run (a lister never waits forever
+        for a sender that has gone). Only ``== 0`` is meaningful."""
         ...
 
     # --- reading -----------------------------------------------------------------------------

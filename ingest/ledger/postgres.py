@@ -35,23 +35,44 @@ Several processes, one job (schema 2) — the ledger rows are the work queue:
   ``listing`` rows carry ``claim_holder``, ``claim_token``, ``claim_expires``; a claim lives
   ``ttl_s`` (``ledger.lease_ttl_s``) and the engine renews all of a process's claims in one
   statement per table every ttl/3 (``renew_claims``; a partial index on live tokens).
+- **Clock**: every claim expiry, and every comparison with one, is computed in SQL from the
+  database's clock (``_DB_NOW``: ``clock_timestamp()``), never a machine's: machines whose
+  clocks disagree still agree on when a claim ends. (The job lease of a process that holds a
+  job alone still takes the caller's ``now``, as the port has it.)
 - **Listing**: every process inserts the discovered shards (``register_shards``, ``ON
   CONFLICT DO NOTHING``) and claims one at a time (``claim_shard``: ``UPDATE … FROM (SELECT …
   FOR UPDATE SKIP LOCKED LIMIT 1)``) from its stored continuation; ``record_page`` locks the
-  shard's row and refuses the page (``ClaimLost``) when another token holds it, so a page's
-  objects, items and continuation commit only for the shard's current owner. A shard done
-  keeps its row until every shard is done (``mark_listing_complete`` waits for the last).
+  shard's row and refuses the page (``ClaimLost``) unless our token holds it (a row gone or
+  given back is not ours either), and writes the continuation as an UPDATE of that claimed
+  row, never an INSERT: a page's objects, items and continuation commit only for the shard's
+  current owner. Pages of bucket events (``UNLISTED_SHARD``) need no shard. A shard done keeps
+  its row until every shard is done (``mark_listing_complete`` waits for the last, and
+  returns every shard id to it alone: a sync sweeps vanished folders once, from the union).
 - **Items**: new items are inserted claimed by their planner (its fast path: it works them
   from memory), unless its roles do not cover the next step (``role_for``: media work or
   sending), then unclaimed. ``pending`` claims in chunks what no live process holds (expired
   or given back), within the roles, with ``SKIP LOCKED``. ``reap_claims`` expires at once the
   claims of holders known dead (same host, no such pid).
 - **Fencing**: ``mark_processing``, ``media_done``, ``media_failed``, ``mark_sent`` (all or
-  nothing), ``unmark_sent`` and ``record_outcomes`` (commits what is ours, names the rest)
-  only touch rows still claimed with our token; a refused write raises ``ClaimLost`` and the
-  caller drops that work, so a process paused past its claims records nothing twice. An
-  outcome (or a media failure) ends the claim. A handle that never joined (``status``, tests
-  of the single-process contract) is not fenced.
+  nothing), ``keep_claims`` and ``record_outcomes`` (commits what is ours, names the rest)
+  only touch rows still claimed with our token AND not expired by the database's clock (an
+  expired claim may be taken any moment), and extend the claim by the lease; a refused write
+  raises ``ClaimLost`` (our own expired claims among the refused are given back, so anyone,
+  us too, may take them at once) and the caller drops that work, so a process paused past
+  its claims records nothing twice. The registrar calls ``keep_claims`` before every further
+  request of a batch (a retry, a bisected half): a process whose claims went sends nothing
+  more. What remains: a request that passed its check just before its process was paused
+  still leaves when it wakes (a check in the ledger and a POST to V7 are not one step); the
+  item then reaches V7 twice, the taker's attempt counts 2 (``ALREADY_EXISTS`` is ours) and
+  the late outcome is refused. An outcome (or a media failure) ends the claim.
+  ``unmark_sent`` needs only our token. A handle that never joined (``status``, tests of the
+  single-process contract) is not fenced.
+- **Lock order**: rows are locked in id order by every multi-row writer (``ORDER BY id FOR
+  UPDATE``); renewals skip rows locked right now (``SKIP LOCKED``); an aborted transaction
+  (deadlock, serialization) is run again.
+- **Waiting**: ``outstanding`` (EXISTS, polled every second) keeps a pass waiting while a
+  shard is unlisted or an item is pending that it may do, or another live run may; an item
+  no live process has the role for is left to a later run.
 - **Stalls**: ``idle_in_transaction_session_timeout`` (``ledger.idle_in_transaction_timeout_s``)
   makes the server end the session of a process paused inside a transaction, so its row
   locks do not hold the others up; a call whose session was lost before COMMIT is retried
@@ -70,15 +91,15 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 
-from ingest.errors import ClaimLost, LedgerBusy, LedgerError
+from ingest.errors import ClaimLost, LeaseHeld, LedgerBusy, LedgerError
 from ingest.ledger import codec
 from ingest.ledger.port import (
     ROLES,
+    UNLISTED_SHARD,
     CollisionPolicy,
     Ident,
     Known,
@@ -97,8 +118,8 @@ from ingest.model import Facts, Item, Media, ObjectInfo, Outcome, Skip, State
 T = TypeVar("T")
 
 POOL_MAX_SIZE = 10
-OUTSTANDING_COUNT_MAX = 1000  # outstanding() counts items up to this many
 CONNECT_TIMEOUT_S = 10.0
+PRUNE_CHUNK = 5000  # rows deleted per statement (and transaction) by prune
 # Any 64-bit number of our own: the advisory lock migrations run under.
 MIGRATION_LOCK = 0x696E6765737431  # "ingest1"
 
@@ -205,12 +226,22 @@ _PENDING = [str(State.PLANNED.value), str(State.PROCESSING.value), str(State.SEN
 # while the row is still claimed with our token. "+ 0" keeps the planner from reading the
 # token's index (every row of ours matches it) instead of the (job, path, name) key of the
 # rows being written: measured 30 ms instead of 0.5 per batch of 10 on a fresh table.
-_FENCE = "($TOK = 0 OR claim_token + 0 = $TOK)"
+#
+# Every claim time is the DATABASE's clock (``_DB_NOW``), never a machine's: two machines whose
+# clocks disagree still agree on when a claim ends. A write to a claim that has expired is
+# refused even when nobody took it yet (it may be taken any moment).
+_DB_NOW = "extract(epoch from clock_timestamp())::float8"
+_FENCE = f"($TOK = 0 OR (claim_token + 0 = $TOK AND claim_expires > {_DB_NOW}))"
 _UNCLAIM = "claim_holder='', claim_token=0, claim_expires=0"
 
 
 def _fence(param: int) -> str:
     return _FENCE.replace("$TOK", f"${param}")
+
+
+def _extend(tok: int, ttl: int, column: str = "claim_expires") -> str:
+    """SQL for a fenced write's new expiry: a write to our claim extends it by the lease."""
+    return f"CASE WHEN ${tok} = 0 THEN {column} ELSE {_DB_NOW} + ${ttl}::float8 END"
 
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -221,7 +252,8 @@ _LOST_CONNECTION = (
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.IdleInTransactionSessionTimeoutError,
     asyncpg.AdminShutdownError,
-    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionFailureError,
     asyncpg.exceptions._base.InternalClientError,  # the protocol's state after a lost session
     ConnectionError,
 )
@@ -238,20 +270,37 @@ _NOT_COMMITTED = (
 _ABORTED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
+_SECRET_PARAMS = frozenset({"password", "passfile", "sslpassword"})
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``: safe to print or log."""
+    """The URL with its credentials masked (``***``): safe to print or log, whatever it holds.
+
+    Not parsed with ``urlsplit`` (an unencoded ``/ # ?`` in a password ends its netloc
+    early, and a bad port raises): everything between ``//`` and the LAST ``@`` before the
+    host is the userinfo; the user name is kept, the rest masked. Query parameters that
+    carry a secret (``password``, ``passfile``, ``sslpassword``) are dropped."""
     try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    except ValueError:  # unparsable: show only the scheme
-        return url.split("://", 1)[0] + "://***"
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            return "***" if "@" in url or "password" in url.lower() else url
+        at = rest.rfind("@")
+        if at >= 0:
+            user = rest[:at].split(":", 1)[0]
+            masked = f"{user}:***" if ":" in rest[:at] else user
+            rest = f"{masked}@{rest[at + 1 :]}"
+        base, qsep, query = rest.partition("?")
+        if qsep:
+            query, fsep, fragment = query.partition("#")
+            kept = [
+                kv
+                for kv in query.split("&")
+                if kv and kv.split("=", 1)[0].lower() not in _SECRET_PARAMS
+            ]
+            rest = base + ("?" + "&".join(kept) if kept else "") + (fsep + fragment)
+        return f"{scheme}://{rest}"
+    except Exception:  # never a reason to show the URL
+        return "postgresql://***"
 
 
 def _error(where: str, exc: BaseException) -> LedgerError:
@@ -347,8 +396,9 @@ class PostgresLedger:
         self._ttl_s = 0.0
         self._roles: frozenset[str] = ROLES
 
-    def _expires(self) -> float:
-        return time.time() + self._ttl_s if self._token else 0.0
+    def _ttl(self) -> float:
+        """The lease a new claim gets, added to the database's clock in SQL."""
+        return self._ttl_s if self._token else 0.0
 
     def _lost(self, what: str, idents: list[Ident] | None = None) -> ClaimLost:
         return ClaimLost(
@@ -390,8 +440,14 @@ class PostgresLedger:
             )
         except (TimeoutError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             raise _error(where, exc) from None
-        except ValueError as exc:  # a malformed URL
-            raise LedgerError(f"ledger {where}: not a valid PostgreSQL URL ({exc})") from None
+        except (ValueError, OverflowError, TypeError) as exc:  # a malformed URL, a bad port
+            # The driver's message may quote the URL's parts (a password): not shown.
+            raise LedgerError(
+                f"ledger {where}: not a valid PostgreSQL URL ({type(exc).__name__}): check "
+                "the host, the port (1-65535) and percent-encode the password"
+            ) from None
+        except Exception as exc:  # anything else the driver raises: one line, never a trace
+            raise LedgerError(f"ledger {where}: cannot open ({type(exc).__name__})") from None
         lg = cls(url, job, pool)
         try:
             version = await lg._schema_version()
@@ -535,7 +591,7 @@ class PostgresLedger:
             resume = False
             await c.execute(  # a run of another live process is not interrupted
                 "UPDATE runs SET status='interrupted', finished_at=$1 "
-                "WHERE job=$2 AND status='running' AND alive_until < $1",
+                f"WHERE job=$2 AND status='running' AND alive_until < {_DB_NOW}",
                 now,
                 job,
             )
@@ -553,11 +609,12 @@ class PostgresLedger:
                 )
             run_id = await c.fetchval(
                 "INSERT INTO runs(job, kind, started_at, status, alive_until) "
-                "VALUES ($1,$2,$3,'running',$4) RETURNING id",
+                f"VALUES ($1,$2,$3,'running',CASE WHEN $4::float8 > 0 THEN {_DB_NOW} + $4 "
+                "ELSE 0 END) RETURNING id",
                 job,
                 kind,
                 now,
-                self._expires(),
+                self._ttl(),
             )
             return RunInfo(int(run_id), resume)
 
@@ -577,18 +634,22 @@ class PostgresLedger:
 
         await self._tx(work)
 
-    async def mark_listing_complete(self) -> None:
+    async def mark_listing_complete(self) -> list[str]:
         job = self.job
 
-        async def work(c: Any) -> None:
+        async def work(c: Any) -> list[str]:
+            # The job's row first: two processes finishing at once complete it one after the
+            # other, and only the first finds shard rows left to delete (and returns them).
+            await c.execute("SELECT 1 FROM jobs WHERE job=$1 FOR UPDATE", job)
             if self._token and await c.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM listing WHERE job=$1 AND NOT done)", job
             ):
-                return  # other processes still list their shards: the last one completes
+                return []  # other processes still list their shards: the last one completes
             await c.execute("UPDATE jobs SET listing_complete=TRUE WHERE job=$1", job)
-            await c.execute("DELETE FROM listing WHERE job=$1", job)
+            rows = await c.fetch("DELETE FROM listing WHERE job=$1 RETURNING shard_id", job)
+            return sorted(str(r[0]) for r in rows) if self._token else []
 
-        await self._tx(work)
+        return await self._tx(work)
 
     async def checkpoints(self) -> dict[str, tuple[str, bool]]:
         async def work(c: Any) -> dict[str, tuple[str, bool]]:
@@ -615,23 +676,30 @@ class PostgresLedger:
         items = [p for p in plans if isinstance(p, Item)]
         skips = [(p.obj.key, p.reason) for p in plans if isinstance(p, Skip)]
 
-        token, holder, expires = self._token, self._holder, self._expires()
-        claimed = [bool(token) and role_for(it) in self._roles for it in items]
+        token, holder, ttl = self._token, self._holder, self._ttl()
+        fenced = bool(token) and shard_id != UNLISTED_SHARD
 
         async def work(c: Any) -> list[Item]:
             now = time.time()
-            if token:
+            if fenced:
+                # Only the shard's owner records its pages: a row gone (the listing was
+                # completed by others) or given back (token 0) is not ours either.
                 owner = await c.fetchval(
                     "SELECT claim_token FROM listing WHERE job=$1 AND shard_id=$2 FOR UPDATE",
                     job,
                     shard_id,
                 )
-                if owner is not None and owner not in (0, token):
+                if owner != token:
                     raise self._lost(f"listing shard {shard_id}")
             if objs:
                 await _upsert_objects(c, job, objs)
+            todo = items
+            if items:  # an object pruned before (a tombstone) is not planned again
+                gone = await _tombstones(c, job, [k for it in items for k in it.keys])
+                todo = [it for it in items if not gone.intersection(it.keys)]
+            claimed = [bool(token) and role_for(it) in self._roles for it in todo]
             inserted: dict[Ident, int] = {}
-            if items:
+            if todo:
                 rows = await c.fetch(
                     "INSERT INTO items(job, path, name, payload, keys, state, run_id, "
                     "updated_at, media, readonly_endpoint, claim_holder, claim_token, "
@@ -640,7 +708,7 @@ class PostgresLedger:
                     "ARRAY(SELECT jsonb_array_elements_text(u.keys::jsonb)), $2, $3, $4, "
                     "u.media, u.ro, CASE WHEN u.mine THEN $12 ELSE '' END, "
                     "CASE WHEN u.mine THEN $13::bigint ELSE 0 END, "
-                    "CASE WHEN u.mine THEN $14::float8 ELSE 0 END "
+                    f"CASE WHEN u.mine THEN {_DB_NOW} + $14::float8 ELSE 0 END "
                     "FROM unnest($5::text[], $6::text[], $7::bytea[], "
                     "$8::text[], $9::text[], $10::bool[], $11::bool[]) "
                     "WITH ORDINALITY AS u(path, name, payload, keys, media, ro, mine, n) "
@@ -650,22 +718,22 @@ class PostgresLedger:
                     _S[State.PLANNED],
                     run_id,
                     now,
-                    [it.path for it in items],
-                    [it.name for it in items],
-                    [codec.item_to_bytes(it) for it in items],
-                    [orjson.dumps(list(it.keys)).decode() for it in items],
-                    [str(it.media) for it in items],
-                    [it.readonly_endpoint for it in items],
+                    [it.path for it in todo],
+                    [it.name for it in todo],
+                    [codec.item_to_bytes(it) for it in todo],
+                    [orjson.dumps(list(it.keys)).decode() for it in todo],
+                    [str(it.media) for it in todo],
+                    [it.readonly_endpoint for it in todo],
                     claimed,
                     holder,
                     token,
-                    expires,
+                    ttl,
                 )
                 inserted = {(r["path"], r["name"]): int(r["id"]) for r in rows}
             new: list[Item] = []
             known: list[Item] = []
             links: list[tuple[int, str]] = []
-            for it in items:
+            for it in todo:
                 item_id = inserted.pop(it.ident, None)
                 if item_id is None:
                     known.append(it)
@@ -703,7 +771,21 @@ class PostgresLedger:
                     [s[0] for s in all_skips],
                     [s[1] for s in all_skips],
                 )
-            if checkpoint or shard_done:
+            if fenced and (checkpoint or shard_done):
+                # The owner's continuation: an UPDATE of its claimed row, never an INSERT (a
+                # late page must not bring back a shard the others completed).
+                await c.execute(
+                    "UPDATE listing SET checkpoint = CASE WHEN $3 <> '' THEN $3 "
+                    "ELSE checkpoint END, done = $4, claim_expires = CASE WHEN $4 THEN 0 "
+                    f"ELSE {_DB_NOW} + $6 END WHERE job=$1 AND shard_id=$2 AND claim_token=$5",
+                    job,
+                    shard_id,
+                    checkpoint,
+                    shard_done,
+                    token,
+                    ttl,
+                )
+            elif not token and (checkpoint or shard_done):
                 await c.execute(
                     "INSERT INTO listing(job, shard_id, checkpoint, done) VALUES ($1,$2,$3,$4) "
                     "ON CONFLICT (job, shard_id) DO UPDATE SET "
@@ -779,20 +861,21 @@ class PostgresLedger:
                 # Joined: claim what no live process holds (SKIP LOCKED: rows another process
                 # is claiming right now are left to it), within our roles, in one statement.
                 rows = await c.fetch(
-                    "UPDATE items SET claim_holder=$2, claim_token=$3, claim_expires=$4 "
+                    "UPDATE items SET claim_holder=$2, claim_token=$3, "
+                    f"claim_expires={_DB_NOW} + $4 "
                     "WHERE id IN (SELECT id FROM items WHERE job=$1 AND state = ANY($5::text[]) "
-                    "AND id > $6 AND id <= $7 AND claim_expires < $8 AND claim_holder <> $2 "
-                    "AND (($9 AND media <> '') OR ($10 AND media = '')) "
-                    "ORDER BY id LIMIT $11 FOR UPDATE SKIP LOCKED) "
+                    f"AND id > $6 AND id <= $7 AND claim_expires < {_DB_NOW} "
+                    "AND claim_holder <> $2 "
+                    "AND (($8 AND media <> '') OR ($9 AND media = '')) "
+                    "ORDER BY id LIMIT $10 FOR UPDATE SKIP LOCKED) "
                     "RETURNING id, path, name, payload, attempts, media, readonly_endpoint",
                     job,
                     self._holder,
                     self._token,
-                    self._expires(),
+                    self._ttl(),
                     _PENDING,
                     last,
                     int(top),
-                    time.time(),
                     "media" in self._roles,
                     "send" in self._roles,
                     CHUNK,
@@ -822,33 +905,35 @@ class PostgresLedger:
     # --- media ---------------------------------------------------------------------------------
 
     async def mark_processing(self, item: Item) -> None:
-        async def work(c: Any) -> None:
+        async def work(c: Any) -> int:
             n = await c.execute(
-                "UPDATE items SET state=$1, updated_at=$2 WHERE job=$3 AND path=$4 AND name=$5 "
-                f"AND {_fence(6)}",
+                f"UPDATE items SET state=$1, updated_at=$2, claim_expires={_extend(6, 7)} "
+                f"WHERE job=$3 AND path=$4 AND name=$5 AND {_fence(6)}",
                 _S[State.PROCESSING],
                 time.time(),
                 self.job,
                 item.path,
                 item.name,
                 self._token,
+                self._ttl(),
             )
-            if self._token and _rowcount(n) == 0:
-                raise self._lost(f"item {item.name}", [item.ident])
+            return _rowcount(n)
 
-        await self._tx(work, single=True)
+        if not await self._tx(work, single=True) and self._token:
+            await self._drop_expired([item.ident])
+            raise self._lost(f"item {item.name}", [item.ident])
 
     async def media_done(self, item: Item) -> None:
         done = dataclasses.replace(item, media=Media.NONE)
 
         keep = not self._token or "send" in self._roles  # else the senders take it from here
 
-        async def work(c: Any) -> None:
+        async def work(c: Any) -> int:
             n = await c.execute(
                 "UPDATE items SET state=$1, payload=$2, media='', updated_at=$3, "
                 "claim_holder = CASE WHEN $8 THEN claim_holder ELSE '' END, "
                 "claim_token = CASE WHEN $8 THEN claim_token ELSE 0 END, "
-                "claim_expires = CASE WHEN $8 THEN claim_expires ELSE 0 END "
+                f"claim_expires = CASE WHEN $8 THEN {_extend(7, 9)} ELSE 0 END "
                 f"WHERE job=$4 AND path=$5 AND name=$6 AND {_fence(7)}",
                 _S[State.PLANNED],
                 codec.item_to_bytes(done),
@@ -858,14 +943,16 @@ class PostgresLedger:
                 item.name,
                 self._token,
                 keep,
+                self._ttl(),
             )
-            if self._token and _rowcount(n) == 0:
-                raise self._lost(f"item {item.name}", [item.ident])
+            return _rowcount(n)
 
-        await self._tx(work, single=True)
+        if not await self._tx(work, single=True) and self._token:
+            await self._drop_expired([item.ident])
+            raise self._lost(f"item {item.name}", [item.ident])
 
     async def media_failed(self, item: Item, reason: str, *, final: bool) -> None:
-        async def work(c: Any) -> None:
+        async def work(c: Any) -> int:
             n = await c.execute(
                 "UPDATE items SET state=$1, reason=$2, updated_at=$3, failures=failures+1, "
                 f"final=$4, {_UNCLAIM} WHERE job=$5 AND path=$6 AND name=$7 AND {_fence(8)}",
@@ -878,10 +965,11 @@ class PostgresLedger:
                 item.name,
                 self._token,
             )
-            if self._token and _rowcount(n) == 0:
-                raise self._lost(f"item {item.name}", [item.ident])
+            return _rowcount(n)
 
-        await self._tx(work, single=True)
+        if not await self._tx(work, single=True) and self._token:
+            await self._drop_expired([item.ident])
+            raise self._lost(f"item {item.name}", [item.ident])
 
     async def cached_facts(self, bucket: str, obj: ObjectInfo, kind: str) -> Facts | None:
         if not obj.etag:
@@ -936,12 +1024,16 @@ class PostgresLedger:
             async def one(c: Any) -> list[Any]:
                 return list(
                     await c.fetch(
-                        "WITH t AS (SELECT i.id, i.claim_token FROM items i JOIN "
-                        "unnest($4::text[], $5::text[]) AS u(path, name) ON i.job=$3 "
-                        "AND i.path=u.path AND i.name=u.name FOR UPDATE OF i) "
-                        "UPDATE items i SET state=$1, attempts=i.attempts+1, updated_at=$2 "
+                        # Rows locked in id order (every writer does: no deadlock); all of
+                        # them still ours and unexpired, or none is marked.
+                        "WITH t AS (SELECT i.id, i.claim_token, i.claim_expires FROM items i "
+                        "JOIN unnest($4::text[], $5::text[]) AS u(path, name) ON i.job=$3 "
+                        "AND i.path=u.path AND i.name=u.name ORDER BY i.id FOR UPDATE OF i) "
+                        "UPDATE items i SET state=$1, attempts=i.attempts+1, updated_at=$2, "
+                        f"claim_expires={_extend(6, 7, 'i.claim_expires')} "
                         "FROM t WHERE i.id = t.id AND ($6 = 0 OR NOT EXISTS "
-                        "(SELECT 1 FROM t WHERE t.claim_token <> $6)) "
+                        "(SELECT 1 FROM t WHERE t.claim_token <> $6 "
+                        f"OR t.claim_expires <= {_DB_NOW})) "
                         "RETURNING i.path, i.name, i.attempts",
                         _S[State.SENT],
                         time.time(),
@@ -949,6 +1041,7 @@ class PostgresLedger:
                         paths,
                         names,
                         token,
+                        self._ttl(),
                     )
                 )
 
@@ -962,26 +1055,33 @@ class PostgresLedger:
             now = time.time()
             if token:  # all or nothing
                 rows = await c.fetch(
-                    "SELECT i.path, i.name, i.claim_token FROM items i JOIN "
-                    "unnest($2::text[], $3::text[]) AS u(path, name) "
-                    "ON i.job=$1 AND i.path=u.path AND i.name=u.name FOR UPDATE OF i",
+                    f"SELECT i.path, i.name, i.claim_token, i.claim_expires > {_DB_NOW} AS live "
+                    "FROM items i JOIN unnest($2::text[], $3::text[]) AS u(path, name) "
+                    "ON i.job=$1 AND i.path=u.path AND i.name=u.name ORDER BY i.id FOR UPDATE OF i",
                     job,
                     [p for p, _ in idents],
                     [n for _, n in idents],
                 )
-                lost = [(r["path"], r["name"]) for r in rows if r["claim_token"] != token]
+                lost = [
+                    (r["path"], r["name"])
+                    for r in rows
+                    if r["claim_token"] != token or not r["live"]
+                ]
                 if lost:
-                    raise self._lost(f"{len(lost)} items of a batch", lost)
+                    raise self._lost(f"{len(lost)} items of a batch", lost)  # rolled back
             out: list[int] = []  # the same item twice: each attempt, in order
             for path, name in idents:
                 n = await c.fetchval(
-                    "UPDATE items SET state=$1, attempts=attempts+1, updated_at=$2 "
+                    "UPDATE items SET state=$1, attempts=attempts+1, updated_at=$2, "
+                    f"claim_expires={_extend(6, 7)} "
                     "WHERE job=$3 AND path=$4 AND name=$5 RETURNING attempts",
                     _S[State.SENT],
                     now,
                     job,
                     path,
                     name,
+                    token,
+                    self._ttl(),
                 )
                 out.append(int(n) if n is not None else 1)
             return out
@@ -996,7 +1096,7 @@ class PostgresLedger:
             rows = await c.fetch(
                 "SELECT i.path, i.name FROM items i JOIN unnest($2::text[], $3::text[]) AS "
                 "u(path, name) ON i.job=$1 AND i.path=u.path AND i.name=u.name "
-                "WHERE i.claim_token + 0 <> $4",
+                f"WHERE i.claim_token + 0 <> $4 OR i.claim_expires <= {_DB_NOW}",
                 self.job,
                 paths,
                 names,
@@ -1006,7 +1106,58 @@ class PostgresLedger:
 
         lost = await self._tx(work, single=True)
         if lost:
+            await self._drop_expired(lost)
             raise self._lost(f"{len(lost)} items of a batch", lost)
+
+    async def _drop_expired(self, idents: Sequence[Ident]) -> None:
+        """Our claims among these that expired (a write of ours was refused for it) are given
+        back: any process, this one too, may take the items again at once. Claims another
+        process took are left alone."""
+
+        async def work(c: Any) -> None:
+            await c.execute(
+                f"UPDATE items i SET {_UNCLAIM} FROM unnest($3::text[], $4::text[]) AS "
+                "u(path, name) WHERE i.job=$1 AND i.path=u.path AND i.name=u.name "
+                f"AND i.claim_token + 0 = $2 AND i.claim_expires <= {_DB_NOW}",
+                self.job,
+                self._token,
+                [p for p, _ in idents],
+                [n for _, n in idents],
+            )
+
+        if idents and self._token:
+            await self._tx(work, single=True)
+
+    async def keep_claims(self, items: Sequence[Item]) -> None:
+        """Before a further request for items we marked SENT: each claim still ours and
+        running (by the database's clock) is extended by the lease; any other and nothing is
+        sent (``ClaimLost`` names them)."""
+        wanted = list(dict.fromkeys(it.ident for it in items))
+        if not self._token or not wanted:
+            return
+        paths, names = [p for p, _ in wanted], [n for _, n in wanted]
+
+        async def work(c: Any) -> list[Any]:
+            return list(
+                await c.fetch(
+                    f"UPDATE items i SET claim_expires={_DB_NOW} + $3 FROM (SELECT i.id FROM "
+                    "items i JOIN unnest($4::text[], $5::text[]) AS u(path, name) ON "
+                    "i.job=$1 AND i.path=u.path AND i.name=u.name WHERE i.claim_token + 0 = $2 "
+                    f"AND i.claim_expires > {_DB_NOW} ORDER BY i.id FOR UPDATE OF i) t "
+                    "WHERE i.id = t.id RETURNING i.path, i.name",
+                    self.job,
+                    self._token,
+                    self._ttl_s,
+                    paths,
+                    names,
+                )
+            )
+
+        kept = {(r["path"], r["name"]) for r in await self._tx(work, single=True)}
+        lost = [ident for ident in wanted if ident not in kept]
+        if lost:
+            await self._drop_expired(lost)
+            raise self._lost(f"{len(lost)} items of a batch being sent", lost)
 
     async def unmark_sent(self, items: Sequence[Item]) -> None:
         counts = list(Counter(it.ident for it in items).items())
@@ -1019,7 +1170,10 @@ class PostgresLedger:
                 "state=CASE WHEN i.attempts - u.n <= 0 THEN $1 ELSE i.state END, updated_at=$2 "
                 "FROM unnest($4::text[], $5::text[], $6::int[]) AS u(path, name, n) "
                 "WHERE i.job=$3 AND i.path=u.path AND i.name=u.name AND i.state=$7 "
-                f"AND {_fence(8).replace('claim_token', 'i.claim_token')}",
+                # Our token only, expired or not: while nobody took the item, taking back an
+                # attempt that never reached V7 is right (else a later ALREADY_EXISTS would
+                # pass for ours).
+                "AND ($8 = 0 OR i.claim_token + 0 = $8)",
                 _S[State.PLANNED],
                 time.time(),
                 self.job,
@@ -1064,13 +1218,18 @@ class PostgresLedger:
                         refused.append((o.path, o.name))
                 return refused if token else []
             rows = await c.fetch(
+                # Rows locked in id order first, as every writer locks them: no deadlock.
+                "WITH u AS (SELECT * FROM unnest($4::text[], $5::text[], $6::text[], "
+                "$7::text[], $8::text[], $9::bool[]) AS u(state, v7_id, reason, path, name, "
+                "final)), t AS (SELECT i.id FROM items i JOIN u ON i.job=$1 AND i.path=u.path "
+                "AND i.name=u.name ORDER BY i.id FOR UPDATE OF i) "
                 "UPDATE items i SET state=u.state, v7_id=u.v7_id, reason=u.reason, "
                 "failures=i.failures+(CASE WHEN u.state=$3 THEN 1 ELSE 0 END), final=u.final, "
                 "updated_at=$2, claim_holder='', claim_token=0, claim_expires=0 "
-                "FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], "
-                "$8::text[], $9::bool[]) AS u(state, v7_id, reason, path, name, final) "
-                "WHERE i.job=$1 AND i.path=u.path AND i.name=u.name "
-                "AND ($10 = 0 OR i.claim_token + 0 = $10) RETURNING i.path, i.name",
+                "FROM u, t WHERE t.id = i.id "
+                "AND i.job=$1 AND i.path=u.path AND i.name=u.name "
+                f"AND ($10 = 0 OR (i.claim_token + 0 = $10 AND i.claim_expires > {_DB_NOW})) "
+                "RETURNING i.path, i.name",
                 job,
                 now,
                 _S[State.FAILED],
@@ -1090,6 +1249,7 @@ class PostgresLedger:
         duplicates = len({(o.path, o.name) for o in outcomes}) < len(outcomes)
         refused = await self._tx(work, single=not duplicates)
         if refused:
+            await self._drop_expired(refused)
             raise self._lost(f"{len(refused)} items whose outcomes came late", refused)
 
     async def set_v7_ids(self, ids: Sequence[tuple[Ident, str]]) -> None:
@@ -1372,7 +1532,8 @@ class PostgresLedger:
             item_id = await c.fetchval(
                 "INSERT INTO items(job, path, name, payload, keys, state, run_id, updated_at, "
                 "media, readonly_endpoint, claim_holder, claim_token, claim_expires) "
-                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) "
+                f"VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,CASE WHEN $13::float8 > 0 "
+                f"THEN {_DB_NOW} + $13 ELSE 0 END) "
                 "ON CONFLICT (job, path, name) DO NOTHING RETURNING id",
                 job,
                 item.path,
@@ -1386,7 +1547,7 @@ class PostgresLedger:
                 item.readonly_endpoint,
                 self._holder if mine else "",
                 self._token if mine else 0,
-                self._expires() if mine else 0.0,
+                self._ttl() if mine else 0.0,
             )
             created = item_id is not None
             if item_id is None:
@@ -1495,53 +1656,54 @@ class PostgresLedger:
         self._token = await self._tx(work)
         self._holder, self._ttl_s, self._roles = holder, ttl_s, frozenset(roles)
 
-    async def renew_claims(self, now: float) -> int:
+    async def renew_claims(self) -> int:
         if not self._token:
             return 0
-        job, token, until = self.job, self._token, now + self._ttl_s
+        job, token, ttl = self.job, self._token, self._ttl_s
 
         async def work(c: Any) -> int:
             # SKIP LOCKED: a row one of our writes holds right now is renewed next time
             # (two more before it can expire), never waited for (no deadlock with it).
             n = _rowcount(
                 await c.execute(
-                    "UPDATE items SET claim_expires=$3 WHERE id IN (SELECT id FROM items "
-                    "WHERE claim_token=$2 AND job=$1 FOR UPDATE SKIP LOCKED)",
+                    f"UPDATE items SET claim_expires={_DB_NOW} + $3 WHERE id IN (SELECT id "
+                    "FROM items WHERE claim_token=$2 AND job=$1 ORDER BY id "
+                    "FOR UPDATE SKIP LOCKED)",
                     job,
                     token,
-                    until,
+                    ttl,
                 )
             )
             n += _rowcount(
                 await c.execute(
-                    "UPDATE listing l SET claim_expires=$3 FROM (SELECT shard_id FROM listing "
-                    "WHERE job=$1 AND claim_token=$2 AND NOT done FOR UPDATE SKIP LOCKED) s "
-                    "WHERE l.job=$1 AND l.shard_id=s.shard_id",
+                    f"UPDATE listing l SET claim_expires={_DB_NOW} + $3 FROM (SELECT shard_id "
+                    "FROM listing WHERE job=$1 AND claim_token=$2 AND NOT done "
+                    "FOR UPDATE SKIP LOCKED) s WHERE l.job=$1 AND l.shard_id=s.shard_id",
                     job,
                     token,
-                    until,
+                    ttl,
                 )
             )
             if self._run_id:
                 await c.execute(
-                    "UPDATE runs SET alive_until=$2 WHERE id=$1 AND status='running'",
+                    f"UPDATE runs SET alive_until={_DB_NOW} + $2 WHERE id=$1 AND status='running'",
                     self._run_id,
-                    until,
+                    ttl,
                 )
             return n
 
         return await self._tx(work)
 
     async def reap_claims(self, holder_dead: Callable[[str], bool]) -> int:
-        job, now = self.job, time.time()
+        job = self.job
 
         async def holders(c: Any) -> list[str]:
             rows = await c.fetch(
                 "SELECT DISTINCT claim_holder FROM items WHERE claim_token <> 0 AND job=$1 "
-                "AND claim_expires >= $2 UNION SELECT DISTINCT claim_holder FROM listing "
-                "WHERE job=$1 AND claim_token <> 0 AND claim_expires >= $2 AND NOT done",
+                f"AND claim_expires >= {_DB_NOW} UNION SELECT DISTINCT claim_holder FROM "
+                f"listing WHERE job=$1 AND claim_token <> 0 AND claim_expires >= {_DB_NOW} "
+                "AND NOT done",
                 job,
-                now,
             )
             return [str(r[0]) for r in rows]
 
@@ -1622,41 +1784,49 @@ class PostgresLedger:
 
         async def work(c: Any) -> tuple[str, str] | None:
             row = await c.fetchrow(
-                "UPDATE listing l SET claim_holder=$2, claim_token=$3, claim_expires=$4 "
+                "UPDATE listing l SET claim_holder=$2, claim_token=$3, "
+                f"claim_expires={_DB_NOW} + $4 "
                 "FROM (SELECT shard_id FROM listing WHERE job=$1 AND NOT done "
-                "AND claim_expires < $5 AND claim_holder <> $2 ORDER BY shard_id LIMIT 1 "
-                "FOR UPDATE SKIP LOCKED) s WHERE l.job=$1 AND l.shard_id=s.shard_id "
+                f"AND claim_expires < {_DB_NOW} AND claim_holder <> $2 ORDER BY shard_id "
+                "LIMIT 1 FOR UPDATE SKIP LOCKED) s WHERE l.job=$1 AND l.shard_id=s.shard_id "
                 "RETURNING l.shard_id, l.checkpoint",
                 self.job,
                 self._holder,
                 self._token,
-                self._expires(),
-                time.time(),
+                self._ttl(),
             )
             return None if row is None else (str(row["shard_id"]), str(row["checkpoint"]))
 
         return await self._tx(work)
 
     async def outstanding(self) -> int:
+        """1 while a shard is not listed to the end (its items are still to come, whoever
+        lists it), or an item is pending that we may yet do (within our roles: a claim of a
+        process that dies comes to us) or that another live process may (any role, while one
+        runs); else 0. An item no live process has the role for is left to a later run, so a
+        lister never waits forever for a sender that has gone. EXISTS, not counts: polled
+        every second by every process, and only "none?" is asked."""
         if not self._token:
             return 0
-        job, me = self.job, self._holder
+        roles = self._roles
 
         async def work(c: Any) -> int:
-            items = await c.fetchval(  # counted up to a bound: polled every second
-                "SELECT count(*) FROM (SELECT 1 FROM items WHERE job=$1 "
-                "AND state = ANY($2::text[]) AND claim_holder <> $3 LIMIT $4) AS s",
-                job,
+            some = await c.fetchval(
+                "WITH others AS (SELECT EXISTS (SELECT 1 FROM runs WHERE job=$1 "
+                f"AND status='running' AND alive_until > {_DB_NOW} AND id <> $4) AS alive) "
+                "SELECT EXISTS (SELECT 1 FROM items, others WHERE job=$1 "
+                "AND state = ANY($2::text[]) AND claim_holder <> $3 AND (others.alive "
+                "OR ($5 AND media <> '') OR ($6 AND media = ''))) "
+                "OR EXISTS (SELECT 1 FROM listing WHERE job=$1 AND NOT done "
+                "AND claim_holder <> $3)",
+                self.job,
                 _PENDING,
-                me,
-                OUTSTANDING_COUNT_MAX,
+                self._holder,
+                self._run_id,
+                "media" in roles,
+                "send" in roles,
             )
-            shards = await c.fetchval(
-                "SELECT count(*) FROM listing WHERE job=$1 AND NOT done AND claim_holder <> $2",
-                job,
-                me,
-            )
-            return int(items) + int(shards)
+            return int(bool(some))
 
         return await self._tx(work)
 
@@ -1756,7 +1926,7 @@ class PostgresLedger:
                     "THEN o.reason ELSE COALESCE(i.reason,'') END, o.etag, o.size, "
                     "CASE WHEN o.vanished_at>0 THEN 'vanished' WHEN o.changed AND "
                     "o.changed_etag<>'' THEN 'changed (etag ' || o.changed_etag || ')' "
-                    "WHEN o.changed THEN 'changed' ELSE '' END FROM objects o "
+                    "WHEN o.changed THEN 'changed' ELSE '' END, o.item_id FROM objects o "
                     "LEFT JOIN items i ON i.id = o.item_id WHERE o.job=$1 AND o.key >= $2 "
                     "AND ($3 OR o.key > $2) ORDER BY o.key LIMIT $4",
                     job,
@@ -1764,8 +1934,12 @@ class PostgresLedger:
                     first,
                     CHUNK,
                 )
+                converted = await _converted(c, {r[9] for r in rows if r[9] is not None})
                 return [
-                    ReportRow(*(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7]), r[8]))
+                    ReportRow(
+                        *(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7]), r[8]),
+                        converted=converted.get(r[0], ""),
+                    )
                     for r in rows
                 ]
 
@@ -1871,26 +2045,84 @@ class PostgresLedger:
     # --- operations ------------------------------------------------------------------------------
 
     async def prune(self, state: State, before: float) -> int:
-        """Delete this job's items in ``state`` last updated before ``before`` (epoch s) and
-        their objects; returns how many items went."""
-        return await self._tx(lambda c: _prune(c, self.job, state, before))
+        """Delete this job's items in ``state`` last updated before ``before`` (epoch s), in
+        chunks of ``PRUNE_CHUNK`` (each its own short transaction, deleted on the server:
+        no id comes back to us); returns how many went. ``SKIPPED``: the skipped objects
+        (they have no time: ``before`` does not apply).
+
+        Their objects stay as tombstones (state kept, item link dropped): status still counts
+        them, and a later run does not plan them again (so never re-sends what V7 holds).
+        Refused (``LeaseHeld``) while a process holds the job: the lease, or live claims."""
+        job = self.job
+        await self._tx(self._refuse_if_running)
+        if state is State.SKIPPED:
+            sql = (
+                "WITH d AS (DELETE FROM objects WHERE job=$1 AND key IN (SELECT key FROM "
+                "objects WHERE job=$1 AND state=$2 AND item_id IS NULL AND $3::float8 = $3 "
+                "LIMIT $4) RETURNING 1) SELECT count(*) FROM d"
+            )
+        else:
+            sql = (
+                "WITH d AS (DELETE FROM items WHERE id IN (SELECT id FROM items WHERE "
+                "job=$1 AND state=$2 AND updated_at < $3 ORDER BY id LIMIT $4) RETURNING id), "
+                "t AS (UPDATE objects o SET item_id=NULL, state=$2 FROM d "
+                "WHERE o.job=$1 AND o.item_id=d.id) SELECT count(*) FROM d"
+            )
+
+        async def chunk(c: Any) -> int:
+            return int(await c.fetchval(sql, job, str(state), before, PRUNE_CHUNK))
+
+        n = 0
+        while True:
+            got = await self._tx(chunk, single=True)
+            n += got
+            if got < PRUNE_CHUNK:
+                return n
+
+    async def _refuse_if_running(self, c: Any) -> None:
+        row = await c.fetchrow(
+            # The job lease is written with the holder's clock (the port's ``now``).
+            "SELECT (SELECT holder FROM leases WHERE job=$1 AND holder <> '' "
+            "AND expires_at > $2) AS lease, (SELECT claim_holder FROM items "
+            f"WHERE job=$1 AND claim_token <> 0 AND claim_expires > {_DB_NOW} LIMIT 1) AS item, "
+            "(SELECT claim_holder FROM listing WHERE job=$1 AND claim_token <> 0 "
+            f"AND claim_expires > {_DB_NOW} LIMIT 1) AS shard",
+            self.job,
+            time.time(),
+        )
+        holder = row["lease"] or row["item"] or row["shard"]
+        if holder:
+            raise LeaseHeld(
+                f"job {self.job!r} is running ({holder}): prune it once no process works on it"
+            )
 
 
-async def _prune(c: Any, job: str, state: State, before: float) -> int:
-    ids = [
-        int(r["id"])
-        for r in await c.fetch(
-            "DELETE FROM items WHERE job=$1 AND state=$2 AND updated_at < $3 RETURNING id",
-            job,
-            str(state),
-            before,
-        )
-    ]
-    if ids:
-        await c.execute(
-            "DELETE FROM objects WHERE job=$1 AND item_id = ANY($2::bigint[])", job, ids
-        )
-    return len(ids)
+async def _tombstones(c: Any, job: str, keys: list[str]) -> set[str]:
+    """The keys whose item was pruned (``prune`` keeps the object, state and all, unlinked)."""
+    rows = await c.fetch(
+        "SELECT key FROM objects WHERE job=$1 AND key = ANY($2::text[]) AND item_id IS NULL "
+        "AND state <> ALL($3::text[])",
+        job,
+        keys,
+        [_S[State.DISCOVERED], _S[State.SKIPPED]],
+    )
+    return {r["key"] for r in rows}
+
+
+async def _converted(c: Any, item_ids: set[int]) -> dict[str, str]:
+    """Provider key -> what it was converted into, for the items of a report chunk that hold
+    converted DICOM (each such item decoded once, however many slices it has)."""
+    if not item_ids:
+        return {}
+    out: dict[str, str] = {}
+    for r in await c.fetch(
+        "SELECT payload FROM items WHERE id = ANY($1::bigint[]) AND position($2 in payload) > 0",
+        sorted(item_ids),
+        codec.CONVERTED_MARK,
+    ):
+        with contextlib.suppress(codec.CodecError):
+            out.update(codec.converted_by_key(codec.item_from_bytes(bytes(r["payload"]))))
+    return out
 
 
 async def _upsert_objects(c: Any, job: str, objs: Sequence[ObjectInfo]) -> None:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from ingest.errors import LedgerBusy, LedgerError
+from ingest.errors import LeaseHeld, LedgerBusy, LedgerError
 from ingest.ledger import codec
 from ingest.ledger.port import (
     ROLES,
@@ -181,6 +181,9 @@ def prefix_end(prefix: str) -> str | None:
     if 0xD800 <= nxt <= 0xDFFF:  # surrogates cannot be encoded: next real code point
         nxt = 0xE000
     return p[:-1] + chr(nxt)
+
+
+PRUNE_CHUNK = 5000  # items (or skipped objects) deleted per transaction by prune
 
 
 def _chunks(seq: Sequence[T], n: int = _ROWS_PER_INSERT) -> Iterator[Sequence[T]]:
@@ -582,7 +585,7 @@ class SqliteLedger:
 
         await self._run(work)
 
-    async def mark_listing_complete(self) -> None:
+    async def mark_listing_complete(self) -> list[str]:
         job = self.job
 
         def work(db: sqlite3.Connection) -> None:
@@ -591,6 +594,7 @@ class SqliteLedger:
                 db.execute("DELETE FROM listing WHERE job=?", (job,))
 
         await self._run(work)
+        return []  # one process lists the whole job: it knows its shards
 
     async def checkpoints(self) -> dict[str, tuple[str, bool]]:
         def work(db: sqlite3.Connection) -> dict[str, tuple[str, bool]]:
@@ -621,6 +625,9 @@ class SqliteLedger:
         def work(db: sqlite3.Connection) -> list[Item]:
             now = time.time()
             items = [p for p in plans if isinstance(p, Item)]
+            if items:  # an object pruned before (a tombstone) is not planned again
+                gone = _tombstones(db, job, [k for it in items for k in it.keys])
+                items = [it for it in items if not gone.intersection(it.keys)]
             skips = [(p.reason, job, p.obj.key) for p in plans if isinstance(p, Skip)]
             new: list[Item] = []
             links: list[tuple[int, str, str]] = []
@@ -891,6 +898,9 @@ class SqliteLedger:
         await self._run(work)
 
     # --- sending ---------------------------------------------------------------------------
+
+    async def keep_claims(self, items: Sequence[Item]) -> None:
+        return None  # one process per job: nothing to keep
 
     async def mark_sent(self, items: Sequence[Item]) -> list[int]:
         """Mark SENT and count the attempt; committed before returning (before the POST).
@@ -1390,7 +1400,7 @@ class SqliteLedger:
     async def join(self, holder: str, ttl_s: float, roles: frozenset[str] = ROLES) -> None:
         return None
 
-    async def renew_claims(self, now: float) -> int:
+    async def renew_claims(self) -> int:
         return 0
 
     async def reap_claims(self, holder_dead: Callable[[str], bool]) -> int:
@@ -1593,24 +1603,73 @@ class SqliteLedger:
     # --- operations ------------------------------------------------------------------------
 
     async def prune(self, state: State, before: float) -> int:
-        """Delete this job's items in ``state`` last updated before ``before`` and their
-        objects, in one transaction; returns how many items went."""
+        """Delete this job's items in ``state`` last updated before ``before``, in chunks of
+        ``PRUNE_CHUNK`` (short transactions: a writer waits for one chunk at most); returns
+        how many went. ``SKIPPED``: the skipped objects (they have no time: ``before`` does
+        not apply). Their objects stay as tombstones (state kept, item link dropped): status
+        still counts them, and a later run does not plan them again (never re-sends what V7
+        holds). Refused (``LeaseHeld``) while a process holds the job's lease."""
         job = self.job
 
-        def work(db: sqlite3.Connection) -> int:
-            with _tx(db):
-                db.execute(
-                    "DELETE FROM objects WHERE job=? AND item_id IN (SELECT id FROM items "
-                    "WHERE job=? AND state=? AND updated_at < ?)",
-                    (job, job, str(state), before),
+        def refuse(db: sqlite3.Connection) -> None:
+            row = db.execute(
+                "SELECT holder FROM leases WHERE job=? AND holder != '' AND expires_at > ?",
+                (job, time.time()),
+            ).fetchone()
+            if row:
+                raise LeaseHeld(
+                    f"job {job!r} is running ({row[0]}): prune it once no process works on it"
                 )
-                n = db.execute(
-                    "DELETE FROM items WHERE job=? AND state=? AND updated_at < ?",
-                    (job, str(state), before),
-                ).rowcount
-            return int(n)
 
-        return await self._run(work)
+        def chunk(db: sqlite3.Connection) -> int:
+            with _tx(db):
+                refuse(db)
+                if state is State.SKIPPED:
+                    return int(
+                        db.execute(
+                            "DELETE FROM objects WHERE job=? AND key IN (SELECT key FROM "
+                            "objects WHERE job=? AND state=? AND item_id IS NULL LIMIT ?)",
+                            (job, job, str(state), PRUNE_CHUNK),
+                        ).rowcount
+                    )
+                rows = db.execute(
+                    "SELECT id, keys FROM items WHERE job=? AND state=? AND updated_at < ? "
+                    "ORDER BY id LIMIT ?",
+                    (job, str(state), before, PRUNE_CHUNK),
+                ).fetchall()
+                # Objects found by key (their primary key), not by item id (no index).
+                db.executemany(
+                    "UPDATE objects SET item_id=NULL, state=? WHERE job=? AND key=? AND item_id=?",
+                    [
+                        (str(state), job, key, int(item_id))
+                        for item_id, keys in rows
+                        for key in codec.legacy_keys(_blob(keys))
+                    ],
+                )
+                db.executemany("DELETE FROM items WHERE id=?", [(int(r[0]),) for r in rows])
+                return len(rows)
+
+        n = 0
+        while True:
+            got = await self._run(chunk)
+            n += got
+            if got < PRUNE_CHUNK:
+                return n
+
+
+def _tombstones(db: sqlite3.Connection, job: str, keys: Sequence[str]) -> set[str]:
+    """The keys whose item was pruned (``prune`` keeps the object, state and all, unlinked)."""
+    out: set[str] = set()
+    for part in _chunks(list(dict.fromkeys(keys))):
+        out.update(
+            str(r[0])
+            for r in db.execute(
+                f"SELECT key FROM objects WHERE job=? AND key IN ({','.join('?' * len(part))}) "
+                "AND item_id IS NULL AND state NOT IN (?, ?)",
+                (job, *part, str(State.DISCOVERED), str(State.SKIPPED)),
+            )
+        )
+    return out
 
 
 def _object_infos(db: sqlite3.Connection, job: str, keys: Sequence[str]) -> dict[str, ObjectInfo]:

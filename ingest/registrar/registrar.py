@@ -77,6 +77,7 @@ class Sending(Protocol):
     """The ledger's side of sending (``ingest.ledger.LedgerPort`` implements it)."""
 
     async def mark_sent(self, items: Sequence[Item]) -> list[int]: ...
+    async def keep_claims(self, items: Sequence[Item]) -> None: ...
     async def unmark_sent(self, items: Sequence[Item]) -> None: ...
 
 
@@ -85,6 +86,9 @@ class DrySending:
 
     async def mark_sent(self, items: Sequence[Item]) -> list[int]:
         return [1] * len(items)
+
+    async def keep_claims(self, items: Sequence[Item]) -> None:
+        return None
 
     async def unmark_sent(self, items: Sequence[Item]) -> None:
         return None
@@ -183,9 +187,14 @@ class Registrar:
         return out
 
     async def _mark(self, call: _Call, indices: list[int]) -> None:
-        """SENT, once per item and call, right before its first request leaves. The commit
-        is shielded: cancelled meanwhile, the items it marked are still known as marked (and
-        taken back, since they never left)."""
+        """SENT, once per item and call, right before its first request leaves; before every
+        further request (a retry, a half of a bisected batch) our claims on the items already
+        marked are checked and extended (``keep_claims``: ClaimLost stops the send, another
+        process has them now). The commit is shielded: cancelled meanwhile, the items it
+        marked are still known as marked (and taken back, since they never left)."""
+        held = [call.items[i] for i in indices if i in call.marked]
+        if held:
+            await call.sending.keep_claims(held)
         fresh = [i for i in indices if i not in call.marked]
         if not fresh:
             return

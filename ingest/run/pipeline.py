@@ -32,7 +32,7 @@ from ingest.batch import BatchBuilder, run_batcher
 from ingest.config import Config
 from ingest.errors import ClaimLost
 from ingest.ledger import LedgerPort, ManifestItem
-from ingest.ledger.port import role_for
+from ingest.ledger.port import UNLISTED_SHARD, role_for
 from ingest.log import set_run_id
 from ingest.manifest import read_manifest
 from ingest.model import Item, Media, ObjectInfo, Skip
@@ -77,6 +77,12 @@ def cooperates(cfg: Config, ledger: LedgerPort) -> bool:
 
 def _empty() -> int:
     return 0
+
+
+def _shard_of(shard_id: str) -> Shard:
+    """The shard a listing row's id names ("R:<prefix>" recursive, "L:<prefix>" one level)."""
+    kind, _sep, prefix = shard_id.partition(":")
+    return Shard(prefix, recursive=kind != "L")
 
 
 class Background(Protocol):
@@ -215,7 +221,11 @@ class Pipeline:
             await self._run_stages(run.resume_listing, list_bucket, objects)
             result.stopped_early = self._stop.is_set()
             if list_bucket and not result.stopped_early:
-                await self.ledger.mark_listing_complete()
+                completed = await self.ledger.mark_listing_complete()
+                if self.cooperative and completed and self.merge is not None:
+                    # Once, by the process that completed the listing, from every process's
+                    # shards: one process's own discovery may have missed a folder.
+                    await self.merge.sweep_vanished_folders([_shard_of(s) for s in completed])
             status = "interrupted" if result.stopped_early else "completed"
             result.warnings = [] if result.stopped_early else list(self.warnings)
         except asyncio.CancelledError:
@@ -398,7 +408,7 @@ class Pipeline:
                     await self._plan_listed(page, resume.get(page.shard.id), manifest)
                     if self._stop.is_set():
                         return
-        if self.merge is not None:
+        if self.merge is not None and not self.cooperative:  # cooperative: see run()
             await self.merge.sweep_vanished_folders(shards)
         if manifest:
             await self._plan_manifest()
@@ -466,7 +476,7 @@ class Pipeline:
                 "events: files of multi-file items left to the next sync",
                 extra={"count": len(later), "example": later[0].key},
             )
-        sp = ShardPage(Shard("events:", recursive=True), Page(now, [], ""), last=True)
+        sp = ShardPage(Shard(UNLISTED_SHARD, recursive=True), Page(now, [], ""), last=True)
         plans, _cp = self.planning.plan_page(sp)
         self.stats.listed += len(now)
         await self._record("events", "", False, now, plans)
