@@ -436,7 +436,8 @@ async def _ledger_command(cfg: config.Config, action: str, state: str, days: flo
     from ingest.model import State
 
     if action == "migrate":
-        from ingest.ledger.postgres import PostgresLedger, mask_url
+        from ingest.ledger.postgres import PostgresLedger
+        from ingest.log import mask_url
 
         if not cfg.ledger.url:
             print("the SQLite ledger migrates itself when opened: nothing to do")

@@ -53,6 +53,39 @@ def without_userinfo(url: str) -> str:
     return _BARE_USERINFO.sub(f"{REDACTED}@", url)
 
 
+_SECRET_PARAMS = frozenset({"password", "passfile", "sslpassword"})
+
+
+def mask_url(url: str) -> str:
+    """The URL with its credentials masked (``***``): safe to print or log, whatever it holds.
+
+    Not parsed with ``urlsplit`` (an unencoded ``/ # ?`` in a password ends its netloc
+    early, and a bad port raises): everything between ``//`` and the LAST ``@`` before the
+    host is the userinfo; the user name is kept, the rest masked. Query parameters that
+    carry a secret (``password``, ``passfile``, ``sslpassword``) are dropped."""
+    try:
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            return "***" if "@" in url or "password" in url.lower() else url
+        at = rest.rfind("@")
+        if at >= 0:
+            user = rest[:at].split(":", 1)[0]
+            masked = f"{user}:***" if ":" in rest[:at] else user
+            rest = f"{masked}@{rest[at + 1 :]}"
+        base, qsep, query = rest.partition("?")
+        if qsep:
+            query, fsep, fragment = query.partition("#")
+            kept = [
+                kv
+                for kv in query.split("&")
+                if kv and kv.split("=", 1)[0].lower() not in _SECRET_PARAMS
+            ]
+            rest = base + ("?" + "&".join(kept) if kept else "") + (fsep + fragment)
+        return f"{scheme}://{rest}"
+    except Exception:  # never a reason to show the URL
+        return "postgresql://***"
+
+
 def redact(text: str) -> str:
     """Registered secrets and the userinfo of any URL in ``text`` replaced."""
     for secret in _SECRETS:

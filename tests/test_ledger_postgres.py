@@ -18,7 +18,8 @@ import pytest
 from ingest.errors import ClaimLost, LedgerError
 from ingest.ledger import open_ledger
 from ingest.ledger.port import UNLISTED_SHARD
-from ingest.ledger.postgres import SCHEMA_VERSION, PostgresLedger, mask_url
+from ingest.ledger.postgres import SCHEMA_VERSION, PostgresLedger
+from ingest.log import mask_url
 from ingest.model import Media, Outcome, State
 from tests.conftest import seed_bucket
 from tests.ledger_contract import collide, record, single
@@ -373,7 +374,7 @@ async def test_a_machine_clock_ahead_takes_no_live_claim(
 async def test_a_write_to_an_expired_claim_is_refused_even_before_a_takeover(
     postgres_url: str,
 ) -> None:
-    a, b = await _two(postgres_url, ttl_s=1.0)
+    a, b = await _two(postgres_url, ttl_s=3.0)
     try:
         first, second, third = await record(
             a, ["exp/1.jpg", "exp/2.jpg", "exp/3.jpg"], shard=UNLISTED_SHARD

@@ -31,7 +31,6 @@ from ingest.registrar.shared_rate import (
     open_budget,
     rate_limited,
     rate_limited_sql,
-    redact_url,
     slot_times,
 )
 
@@ -209,6 +208,8 @@ def test_which_budget_is_used() -> None:
 
 
 def test_a_url_is_shown_without_its_password() -> None:
+    from ingest.log import mask_url as redact_url
+
     shown = redact_url("postgresql://ingest:hunter2@db:5432/ingest")
     assert "hunter2" not in shown and shown == "postgresql://ingest:***@db:5432/ingest"
     assert redact_url("postgresql://db/ingest") == "postgresql://db/ingest"

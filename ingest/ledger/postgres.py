@@ -113,6 +113,7 @@ from ingest.ledger.port import (
     role_for,
 )
 from ingest.ledger.sqlite import CHUNK, MAX_ID_LOOKUPS, prefix_end
+from ingest.log import mask_url
 from ingest.model import Facts, Item, Media, ObjectInfo, Outcome, Skip, State
 
 T = TypeVar("T")
@@ -270,37 +271,6 @@ _NOT_COMMITTED = (
 _ABORTED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
-_SECRET_PARAMS = frozenset({"password", "passfile", "sslpassword"})
-
-
-def mask_url(url: str) -> str:
-    """The URL with its credentials masked (``***``): safe to print or log, whatever it holds.
-
-    Not parsed with ``urlsplit`` (an unencoded ``/ # ?`` in a password ends its netloc
-    early, and a bad port raises): everything between ``//`` and the LAST ``@`` before the
-    host is the userinfo; the user name is kept, the rest masked. Query parameters that
-    carry a secret (``password``, ``passfile``, ``sslpassword``) are dropped."""
-    try:
-        scheme, sep, rest = url.partition("://")
-        if not sep:
-            return "***" if "@" in url or "password" in url.lower() else url
-        at = rest.rfind("@")
-        if at >= 0:
-            user = rest[:at].split(":", 1)[0]
-            masked = f"{user}:***" if ":" in rest[:at] else user
-            rest = f"{masked}@{rest[at + 1 :]}"
-        base, qsep, query = rest.partition("?")
-        if qsep:
-            query, fsep, fragment = query.partition("#")
-            kept = [
-                kv
-                for kv in query.split("&")
-                if kv and kv.split("=", 1)[0].lower() not in _SECRET_PARAMS
-            ]
-            rest = base + ("?" + "&".join(kept) if kept else "") + (fsep + fragment)
-        return f"{scheme}://{rest}"
-    except Exception:  # never a reason to show the URL
-        return "postgresql://***"
 
 
 def _error(where: str, exc: BaseException) -> LedgerError:

@@ -18,7 +18,8 @@ then acks the deliveries: at-least-once (``events.py`` says more).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -114,3 +115,23 @@ class EventSource(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+CHUNK_BYTES = 1024 * 1024  # one read of a download stream
+
+
+async def read_chunks(read: Callable[[int], Awaitable[bytes]]) -> AsyncIterator[bytes]:
+    """A download stream's ``read(n)`` as chunks of ``CHUNK_BYTES`` until it returns b""."""
+    while chunk := await read(CHUNK_BYTES):
+        yield chunk
+
+
+async def write_chunks(chunks: AsyncIterable[bytes], dest: Path) -> None:
+    """A download into ``dest``, rewritten from the start (a retry downloads it all again);
+    the file I/O runs off the event loop. Every provider's ``download`` ends here."""
+    f = await asyncio.to_thread(dest.open, "wb")
+    try:
+        async for chunk in chunks:
+            await asyncio.to_thread(f.write, chunk)
+    finally:
+        await asyncio.to_thread(f.close)

@@ -23,9 +23,7 @@ from pathlib import Path
 from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError
 from ingest.model import ObjectInfo
-from ingest.providers import Page, Shard
-
-CHUNK_BYTES = 1024 * 1024
+from ingest.providers import CHUNK_BYTES, Page, Shard
 
 
 class LocalSource:

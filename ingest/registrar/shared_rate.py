@@ -52,9 +52,10 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ingest.errors import Interrupted, PreflightError, RateLimited
+from ingest.log import mask_url
 
 if TYPE_CHECKING:
     import asyncpg
@@ -270,17 +271,6 @@ def budget_url(shared: str, shared_url: str, ledger_url: str) -> str | None:
 
 def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password (for errors and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}{host}{port}"))
 
 
 # --- SQL (the same decisions, one statement each) ---------------------------------------------
@@ -853,7 +843,7 @@ async def open_budget(
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         raise PreflightError(
-            f"rate.shared: cannot connect to {redact_url(url)} ({type(e).__name__})"
+            f"rate.shared: cannot connect to {mask_url(url)} ({type(e).__name__})"
         ) from None
     try:
         budget = SharedBudget(pool, key_id, tuning=tuning)
@@ -861,7 +851,7 @@ async def open_budget(
             await budget.ensure(cfg)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise PreflightError(
-                f"rate.shared: cannot set up the rate budget in {redact_url(url)} "
+                f"rate.shared: cannot set up the rate budget in {mask_url(url)} "
                 f"({type(e).__name__}: {_scrub(str(e), url)})"
             ) from None
         limiter = SharedLimiter(budget, cfg.max_in_flight, burst=cfg.burst)

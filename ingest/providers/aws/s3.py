@@ -26,7 +26,7 @@ from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
 from ingest.log import redact, without_userinfo
 from ingest.model import ObjectInfo
-from ingest.providers import Page, Shard
+from ingest.providers import Page, Shard, read_chunks, write_chunks
 from ingest.providers.aws import s3_xml
 from ingest.providers.aws.client import AwsClient, ClientSpec, credentials_problem
 from ingest.providers.aws.s3_xml import fast_timestamp
@@ -40,7 +40,6 @@ READ_TIMEOUT_S = 60
 MAX_ATTEMPTS = 5  # botocore's "standard" retries: attempts in all, the first included
 MULTIPART_THRESHOLD_BYTES = 64 * 1024 * 1024
 PART_BYTES = 16 * 1024 * 1024
-CHUNK_BYTES = 1024 * 1024
 _NOT_FOUND = {"NoSuchBucket", "404", "NotFound"}
 _DENIED = {
     "AccessDenied",
@@ -244,12 +243,7 @@ class S3Source:
         """The whole object again on a retry: ``dest`` is rewritten from the start."""
         resp = await s3.get_object(Bucket=self.bucket, Key=key)
         async with resp["Body"] as body:
-            f = await asyncio.to_thread(dest.open, "wb")
-            try:
-                while chunk := await _body(body.read(CHUNK_BYTES)):
-                    await asyncio.to_thread(f.write, chunk)
-            finally:
-                await asyncio.to_thread(f.close)
+            await write_chunks(read_chunks(lambda n: _body(body.read(n))), dest)
 
     async def upload(
         self,

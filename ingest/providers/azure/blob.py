@@ -43,7 +43,7 @@ from ingest.errors import (
     SourceRetryable,
 )
 from ingest.model import ObjectInfo
-from ingest.providers import Page, Shard
+from ingest.providers import Page, Shard, write_chunks
 from ingest.providers.azure.auth import AccountAuth, connection_string_env
 from ingest.providers.cap import RequestCap
 
@@ -231,12 +231,7 @@ class AzureSource:
         cc = await self._cc()
         try:
             stream = await cc.download_blob(key, decompress=False)
-            f = await asyncio.to_thread(dest.open, "wb")
-            try:
-                async for chunk in stream.chunks():
-                    await asyncio.to_thread(f.write, chunk)
-            finally:
-                await asyncio.to_thread(f.close)
+            await write_chunks(stream.chunks(), dest)
         except AzureError as e:
             raise self._map(e, f"download '{key}'") from None
 

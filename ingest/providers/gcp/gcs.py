@@ -29,12 +29,11 @@ from ingest.config import SourceConfig
 from ingest.errors import AccessDenied, BucketNotFound, ObjectNotFound, SourceError, SourceRetryable
 from ingest.log import without_userinfo
 from ingest.model import ObjectInfo
-from ingest.providers import Page, Shard
+from ingest.providers import Page, Shard, read_chunks, write_chunks
 from ingest.providers.cap import RequestCap
 from ingest.providers.transient import retry_transient
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
-CHUNK_BYTES = 1024 * 1024
 # Above this a file goes up as one resumable upload streamed from disk; below, in one request.
 STREAM_UPLOAD_BYTES = 5 * 1024 * 1024
 REQUEST_TIMEOUT_S = 60
@@ -328,12 +327,7 @@ class GCSSource:
             self.bucket, key, headers=dict(_RAW), timeout=REQUEST_TIMEOUT_S
         )
         async with stream:
-            f = await asyncio.to_thread(dest.open, "wb")
-            try:
-                while chunk := await stream.read(CHUNK_BYTES):
-                    await asyncio.to_thread(f.write, chunk)
-            finally:
-                await asyncio.to_thread(f.close)
+            await write_chunks(read_chunks(stream.read), dest)
 
     async def upload(
         self,
